@@ -1,0 +1,150 @@
+"""``flowdapt-nb run`` and ``flowdapt-nb validate``: the same YAML, headless."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import ConfigError, RunTimeoutError, StageError
+
+
+def parse_assignments(pairs: list[str] | None, what: str = "--input") -> dict:
+    """``["n=3", "name=x", "xs=[1,2]"]`` -> {"n": 3, "name": "x", "xs": [1, 2]} (values read as YAML)."""
+    import yaml
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not key.strip().isidentifier():
+            raise ConfigError(f"{what} takes key=value with a Python identifier as key, got {pair!r}",
+                              key=what, hint="e.g. --input n=10 --input name=squares")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def _jsonable(value) -> str:
+    try:
+        return json.dumps(value, default=_fallback)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _fallback(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError
+
+
+def _kind_of(path: str) -> str:
+    from .yamlsrc import read_source
+    data = read_source(path).data
+    if isinstance(data, dict) and (str(data.get("kind", "")).lower() == "workflow" or "stages" in data
+                                   or "spec" in data):
+        return "workflow"
+    return "config"
+
+
+def cmd_validate(args) -> int:
+    from .config import executor_from_config
+    from .workflow import load_workflow
+    status = 0
+    for path in args.files:
+        try:
+            if not Path(path).is_file():
+                raise ConfigError(f"file not found: {path}")
+            kind = _kind_of(path)
+            if kind == "workflow":
+                wf = load_workflow(path)
+                if args.resolve:
+                    wf.resolve()
+                print(f"{path}: ok (workflow '{wf.name}', {len(wf.stages)} stage(s))")
+            else:
+                ex = executor_from_config(path)
+                print(f"{path}: ok ({ex.kind} executor config)")
+        except ConfigError as exc:
+            print(f"{path}: {exc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def cmd_run(args) -> int:
+    from .config import executor_from_config
+    from .executors.local import LocalExecutor
+    from .workflow import load_workflow
+    if args.path:
+        for extra in args.path:
+            sys.path.insert(0, str(Path(extra).resolve()))
+    sys.path.insert(0, str(Path(args.workflow).resolve().parent))
+    try:
+        run_input = parse_assignments(args.input)
+        if args.input_json:
+            try:
+                loaded = json.loads(args.input_json)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"--input-json is not valid JSON: {exc}", key="--input-json") from None
+            if not isinstance(loaded, dict):
+                raise ConfigError("--input-json must be a JSON object", key="--input-json")
+            run_input = {**loaded, **run_input}
+        wf = load_workflow(args.workflow)
+        ex = executor_from_config(args.config) if args.config else LocalExecutor()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with ex:
+            run = ex.run(wf, input=run_input, namespace=args.namespace, timeout=args.timeout)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StageError as exc:
+        print(f"error: run failed: {exc}", file=sys.stderr)
+        return 1
+    except RunTimeoutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: cancelled", file=sys.stderr)
+        return 130
+    for f in run.failures:
+        print(f"warning: stage '{f.stage}' dropped item {f.item}: {f.error}", file=sys.stderr)
+    print(_jsonable(run.result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowdapt-nb", description="Run Flowdapt workflows headless.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a workflow and print its result (JSON where it can)")
+    run.add_argument("workflow", help="workflow resource YAML file")
+    run.add_argument("--config", "-c", help="executor config YAML (default: local executor)")
+    run.add_argument("--input", "-i", action="append", metavar="KEY=VALUE", help="run input (repeatable)")
+    run.add_argument("--input-json", help="run input as a JSON object")
+    run.add_argument("--namespace", "-n", default=None)
+    run.add_argument("--timeout", type=float, default=None, help="seconds before the run is failed")
+    run.add_argument("--path", action="append", help="extra folder to import stage targets from")
+    run.set_defaults(func=cmd_run)
+    val = sub.add_parser("validate", help="check config and workflow files")
+    val.add_argument("files", nargs="+")
+    val.add_argument("--resolve", action="store_true", help="also import every stage target")
+    val.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception:  # pragma: no cover - an internal fault still says what happened
+        traceback.print_exc()
+        return 3
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

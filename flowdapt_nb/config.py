@@ -1,0 +1,325 @@
+"""Executor configuration: Flowdapt-compatible pydantic models, and ``executor_from_config``.
+
+Every Flowdapt 0.1.52 field loads; each is honoured or, where it means nothing here, named in a
+warning. An unknown key is an error naming it, its YAML line and the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import warnings
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .units import parse_bytes
+from .yamlsrc import Source, read_source
+
+Auto = Literal["auto"]
+EXECUTOR_PATH = ("services", "compute", "executor")
+
+
+def _str_map(value):
+    """env_vars: YAML gives ``OMP_NUM_THREADS: 1``; environment values are strings."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of NAME: value")
+    return {str(k): ("true" if v is True else "false" if v is False else str(v)) for k, v in value.items()}
+
+
+def _size_or_auto(value):
+    if value is None or value == "auto":
+        return value
+    parse_bytes(value)  # raises ValueError with a clear message
+    return value
+
+
+def _resource_map(value):
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of resource name to amount, e.g. {hamster_wheels: 2}")
+    out = {}
+    for name, amount in value.items():
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise ValueError(f"resource '{name}' needs a non-negative number, got {amount!r}")
+        out[str(name)] = amount
+    return out
+
+
+class ExecutorFields(BaseModel):
+    """Fields every executor takes, beyond Flowdapt's own."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    history_limit: int = Field(100, ge=1, description="runs kept in ex.history")
+    sample_interval: float = Field(1.0, gt=0, description="seconds between resource samples")
+    resource_history_limit: int = Field(600, ge=1, description="samples kept per worker")
+
+    # Fields accepted for Flowdapt compatibility that have no effect here, with the reason.
+    _inert: dict = {}
+
+    def inert_fields_set(self) -> dict:
+        return {name: why for name, why in self._inert.items() if name in self.model_fields_set
+                and getattr(self, name) not in (None, [], {}, False)}
+
+
+class ClusterMemoryActor(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    num_cpus: float = Field(0, ge=0)
+    max_concurrency: int = Field(1000, ge=1)
+    resources: dict = {}
+
+    _v_resources = field_validator("resources", mode="before")(_resource_map)
+
+
+class LocalConfig(ExecutorFields):
+    use_processes: bool = True
+    cpus: Union[Auto, int] = "auto"
+    cluster_memory_socket_path: str | None = None
+
+    _inert = {"cluster_memory_socket_path": "cluster memory is served by the executor itself"}
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("cpus must be 'auto' or a whole number >= 1")
+        return v
+
+
+class _ClusterFields(ExecutorFields):
+    cluster_address: str | None = None
+    cpus: Union[Auto, int] = "auto"
+    gpus: Union[Literal["disabled", "auto"], int] = "disabled"
+    memory: Union[Auto, str, int] = "auto"
+    resources: dict = {}
+    env_vars: dict = {}
+    pip: list[str] = []
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to reach a cluster_address")
+
+    _v_env = field_validator("env_vars", mode="before")(_str_map)
+    _v_res = field_validator("resources", mode="before")(_resource_map)
+    _v_mem = field_validator("memory", mode="before")(_size_or_auto)
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("cpus must be 'auto' or a whole number >= 1")
+        return v
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError("gpus must be 'disabled', 'auto' or a whole number >= 0")
+        return v
+
+
+class DaskConfig(_ClusterFields):
+    threads: Union[Auto, int] = "auto"
+    adaptive: bool = False
+    scheduler_host: str = "127.0.0.1"
+    scheduler_port: int = Field(0, ge=0, le=65535)
+    dashboard_port: int | None = Field(None, ge=0, le=65535)
+    scheduler_scheme: str = "tcp"
+    upload_plugins: list = []
+
+    _inert = {"upload_plugins": "Flowdapt plugins are not used by flowdapt_nb",
+              "pip": "install packages into the environment the workers run in"}
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("threads must be 'auto' or a whole number >= 1")
+        return v
+
+
+class RayConfig(_ClusterFields):
+    object_store_memory: Union[str, int, None] = None
+    log_to_driver: bool = True
+    logging_level: Union[str, int] = "warning"
+    working_dir: str | None = None
+    py_modules: list[str] = []
+    conda: Any = None
+    container: Any = None
+    runtime_env_config: dict | None = None
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int | None = Field(None, ge=0, le=65535)
+    include_dashboard: bool = True
+    cluster_memory_actor: ClusterMemoryActor | None = None
+    strategy: str | None = None
+    mapper_actor: Any = None
+    tasks_per_worker: int | None = None
+    upload_plugins: list = []
+    connection_monitor_interval: float | None = None
+    max_reconnect_retries: int | None = None
+    base_reconnect_delay: float | None = None
+    max_reconnect_delay: float | None = None
+    ping_timeout: float | None = None
+    ping_failure_threshold: int | None = None
+
+    _inert = {
+        "strategy": "tasks are placed by Ray's default scheduling",
+        "mapper_actor": "parameterized stages fan out as plain Ray tasks",
+        "tasks_per_worker": "parameterized stages fan out as plain Ray tasks",
+        "upload_plugins": "Flowdapt plugins are not used by flowdapt_nb",
+        "connection_monitor_interval": "the connection is checked by Ray itself",
+        "max_reconnect_retries": "the connection is checked by Ray itself",
+        "base_reconnect_delay": "the connection is checked by Ray itself",
+        "max_reconnect_delay": "the connection is checked by Ray itself",
+        "ping_timeout": "the connection is checked by Ray itself",
+        "ping_failure_threshold": "the connection is checked by Ray itself",
+    }
+
+    _v_osm = field_validator("object_store_memory", mode="before")(_size_or_auto)
+
+    @field_validator("logging_level")
+    @classmethod
+    def _level(cls, v):
+        names = ("debug", "info", "warning", "error", "critical")
+        if isinstance(v, str) and v.lower() not in names:
+            raise ValueError(f"logging_level must be one of {', '.join(names)}")
+        return v
+
+
+# --- executor targets ---------------------------------------------------------------------------
+
+_SHORT_NAMES = {
+    "local": "flowdapt_nb.executors.local.LocalExecutor",
+    "dask": "flowdapt_nb.executors.dask.DaskExecutor",
+    "ray": "flowdapt_nb.executors.ray.RayExecutor",
+}
+_ALIASES = {
+    "flowdapt.compute.executor.local.LocalExecutor": "local",
+    "flowdapt.compute.executor.dask.DaskExecutor": "dask",
+    "flowdapt.compute.executor.ray.RayExecutor": "ray",
+    "flowdapt_nb.LocalExecutor": "local",
+    "flowdapt_nb.DaskExecutor": "dask",
+    "flowdapt_nb.RayExecutor": "ray",
+}
+
+
+def resolve_executor_class(target: str, line: int | None = None):
+    """Map a target (short name, Flowdapt class path or our own dotted path) to a class."""
+    from .executors.base import Executor
+
+    if not isinstance(target, str) or not target:
+        raise ConfigError("'target' must name an executor: local, dask, ray, or a class path",
+                          key="target", line=line)
+    name = _ALIASES.get(target, target)
+    path = _SHORT_NAMES.get(name.lower(), name)
+    module_name, _, attr = path.rpartition(".")
+    valid = "local, dask, ray, or a class path such as flowdapt.compute.executor.ray.RayExecutor"
+    if not module_name:
+        near = difflib.get_close_matches(target.lower(), list(_SHORT_NAMES), n=1)
+        hint = f"did you mean '{near[0]}'?" if near else f"valid: {valid}"
+        raise ConfigError(f"unknown executor target '{target}'", key="target", line=line, hint=hint)
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"executor target '{target}' does not import ({exc})", key="target",
+                          line=line, hint=f"valid: {valid}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Executor)):
+        raise ConfigError(f"executor target '{target}' is not a flowdapt_nb Executor class",
+                          key="target", line=line, hint=f"valid: {valid}")
+    return cls
+
+
+def validate_fields(model_cls, data: dict, source: Source | None = None, prefix=()):
+    """Validate executor fields into ``model_cls``; unknown keys name their nearest valid key."""
+    source = source or Source(data)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of executor fields, got {type(data).__name__}",
+                          line=source.line_of(prefix))
+    valid = list(model_cls.model_fields)
+    for key in data:
+        if key not in valid:
+            near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+            hint = f"did you mean '{near[0]}'?" if near else "valid keys: " + ", ".join(valid)
+            raise ConfigError(f"unknown key '{key}'", key=str(key), line=source.line_of(prefix + (key,)),
+                              hint=hint)
+    try:
+        model = model_cls(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parent = model_cls
+            msg = f"unknown key '{loc[-1]}'"
+        raise ConfigError(f"'{key}': {msg} (got {err.get('input')!r})" if err["type"] != "extra_forbidden"
+                          else msg, key=key, line=source.line_of(prefix + loc)) from None
+    for name, why in model.inert_fields_set().items():
+        warnings.warn(f"executor field '{name}' is accepted for Flowdapt compatibility but has no "
+                      f"effect here: {why}", UserWarning, stacklevel=3)
+    return model
+
+
+def split_config(src) -> tuple[Source, tuple, dict]:
+    """Find the executor mapping in a whole Flowdapt config or take the mapping itself.
+
+    Returns the source, the key path of the executor mapping, and the compute settings around it.
+    """
+    source = read_source(src, "config")
+    data = source.data
+    if data is None:
+        raise ConfigError("the config is empty; give an executor mapping with a 'target', e.g. "
+                          "{target: local}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping, not {type(data).__name__}", line=source.line_of(()))
+    compute: dict = {}
+    if "services" in data:
+        prefix: tuple = ()
+        node: Any = data
+        for key in EXECUTOR_PATH:
+            if not isinstance(node, dict) or key not in node:
+                raise ConfigError(f"a Flowdapt config needs '{'.'.join(EXECUTOR_PATH)}'; "
+                                  f"'{'.'.join(prefix + (key,))}' is missing", key=key,
+                                  line=source.line_of(prefix))
+            if key == "executor" and isinstance(node, dict):
+                compute = {k: v for k, v in node.items() if k != "executor"}
+            node = node[key]
+            prefix += (key,)
+        storage = data["services"].get("storage") if isinstance(data["services"], dict) else None
+        if storage is not None:
+            compute["storage"] = storage
+        return source, prefix, compute
+    return source, (), compute
+
+
+def executor_from_config(src, **overrides):
+    """Build an executor (not started) from YAML text, a path, or a dict.
+
+    ``src`` is a whole Flowdapt config (``services.compute.executor``) or the executor mapping:
+
+    >>> ex = executor_from_config("target: local\\nuse_processes: false\\ncpus: 2")
+    >>> ex.kind
+    'local'
+    """
+    source, prefix, compute = split_config(src)
+    mapping = source.sub(prefix).data if prefix else source.data
+    if not isinstance(mapping, dict):
+        raise ConfigError("the executor config must be a mapping with a 'target'",
+                          line=source.line_of(prefix))
+    mapping = {**mapping, **overrides}
+    if "target" in mapping and "__target__" in mapping:
+        raise ConfigError("give 'target' or '__target__', not both", key="target",
+                          line=source.line_of(prefix + ("__target__",)))
+    key = "target" if "target" in mapping else "__target__"
+    if key not in mapping:
+        raise ConfigError("the executor config has no 'target'", key="target", line=source.line_of(prefix),
+                          hint="valid: local, dask, ray, or flowdapt.compute.executor.<kind>.<Kind>Executor")
+    cls = resolve_executor_class(mapping[key], line=source.line_of(prefix + (key,)))
+    fields = {k: v for k, v in mapping.items() if k != key}
+    model = validate_fields(cls.Config, fields, source, prefix)
+    return cls(_config=model, _compute=compute)

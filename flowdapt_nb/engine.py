@@ -1,0 +1,378 @@
+"""One run loop for every executor.
+
+The loop keeps a dependency map and launches each stage the moment its dependencies are done
+(not group by group), fans parameterized stages out item by item, and collects results and
+failures as backends report completions on a queue. Backends only submit, split, fetch and cancel;
+everything about workflow semantics lives here, so all executors behave alike.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import ConfigError, RunTimeoutError, StageError
+from .events import RunEvent, TaskEvent
+from .run import WorkflowRun
+from .workflow import Stage, Workflow, root_kwargs
+from .worker import TaskInfo
+
+
+@dataclass
+class Outcome:
+    """What a backend reports when a task ends."""
+
+    ok: bool
+    value: Any = None  # a backend handle (the value itself for local)
+    error: BaseException | None = None
+    start: float | None = None
+    end: float | None = None
+    worker: str | None = None
+
+
+@dataclass
+class Value:
+    """A simple stage's output: one backend handle."""
+
+    handle: Any
+
+
+@dataclass
+class Gathered:
+    """A parameterized stage's output: item handles in item order (failed items dropped)."""
+
+    handles: list
+
+
+@dataclass
+class _StageRun:
+    stage: Stage
+    fn_handle: Any = None
+    total: int | None = None
+    done: int = 0
+    results: dict = field(default_factory=dict)
+    launched_at: float | None = None
+    finished: bool = False
+
+
+@dataclass
+class _Pending:
+    stage: str
+    info: TaskInfo
+    flat: list
+    need: float
+
+
+class Backend:
+    """What an executor provides to the engine. Handles are opaque: values (local), Dask futures,
+    or Ray object refs."""
+
+    kind = "base"
+    capacity: int | None = None  # slots the engine must respect itself (local); None: the engine's own
+
+    def put_context(self, ctx) -> Any:
+        return ctx
+
+    def put_function(self, fn) -> Any:
+        return fn
+
+    def submit(self, fn_handle, ctx_handle, info: TaskInfo, flat_args: list, resources: dict,
+               on_done: Callable[[Outcome], None]) -> Any:
+        raise NotImplementedError
+
+    def split(self, handle) -> list[tuple[tuple, Any]]:
+        """Items of a dependency output as (layout entry, flat argument) pairs."""
+        raise NotImplementedError
+
+    def fetch(self, handle) -> Any:
+        raise NotImplementedError
+
+    def fetch_many(self, handles: list) -> list:
+        return [self.fetch(h) for h in handles]
+
+    def cancel(self, task_refs: list) -> None:
+        pass
+
+    def slots_needed(self, stage: Stage) -> float:
+        return float(stage.resources.get("cpus", 1) or 0)
+
+
+def items_of(value, stage_name: str, source: str) -> list:
+    """The list a parameterized stage maps over: a dict maps over its keys."""
+    if isinstance(value, dict):
+        return list(value.keys())
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"stage '{stage_name}' maps over {source}, which is a {type(value).__name__}, "
+                        f"not a list, tuple or dict")
+    return list(value)
+
+
+class Engine:
+    """Runs one workflow run on a backend. Used by every executor through ``Executor.submit``."""
+
+    def __init__(self, backend: Backend, publish: Callable, run: WorkflowRun, fns: dict, ctx,
+                 cancel_event, timeout: float | None = None):
+        self.backend = backend
+        self.publish = publish
+        self.run = run
+        self.wf: Workflow = run.definition
+        self.fns = fns
+        self.ctx = ctx
+        self.cancel_event = cancel_event
+        self.deadline = time.monotonic() + timeout if timeout else None
+        self.timeout = timeout
+        self.completions: queue.Queue = queue.Queue()
+        self.outputs: dict[str, Any] = {}
+        self.stage_runs: dict[str, _StageRun] = {}
+        self.inflight: dict[tuple, tuple] = {}  # (stage, item) -> (task ref, slots)
+        self.waiting: deque[_Pending] = deque()
+        self.free_slots = backend.capacity
+        self.remaining_deps = {s.name: set(s.depends_on) for s in self.wf.stages}
+        self.consumers = {s.name: 0 for s in self.wf.stages}
+        for s in self.wf.stages:
+            for d in s.depends_on:
+                self.consumers[d] += 1
+        self.terminal = [s.name for s in self.wf.terminal_stages()]
+
+    # --- events ---
+    def _task_event(self, stage, item, state, t=None, worker=None, error=None, start=None, end=None):
+        t = t or time.time()
+        self.run._record(stage, item, state, t, worker=worker, error=error, start=start, end=end)
+        self.publish(TaskEvent(self.run.uid, stage, item, state, t, worker, error))
+
+    def _run_event(self, state, error=None):
+        self.publish(RunEvent(self.run.uid, self.run.workflow, state, time.time(), error))
+
+    # --- the loop ---
+    def execute(self) -> None:
+        run = self.run
+        run._set_state("running")
+        self._run_event("running")
+        try:
+            self.ctx_handle = self.backend.put_context(self.ctx)
+            for stage in self.wf.stages:
+                self.stage_runs[stage.name] = _StageRun(stage, self.backend.put_function(self.fns[stage.name]))
+            for stage in self.wf.stages:
+                if not stage.depends_on:
+                    self._launch(stage)
+            self._pump()
+            while not all(sr.finished for sr in self.stage_runs.values()):
+                self._check_limits()
+                try:
+                    key, outcome = self.completions.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                self._complete(key, outcome)
+                while True:  # drain what else is ready before pumping
+                    try:
+                        key, outcome = self.completions.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._complete(key, outcome)
+                self._pump()
+            results = self._collect()
+            run.result = results
+            run._set_state("finished")
+            self._run_event("finished")
+        except _Cancelled:
+            self._abort("cancelled", "cancelled by the user")
+        except (StageError, RunTimeoutError) as exc:
+            run.exception = exc
+            self._abort("failed", str(exc).split("\n\n")[0])
+        except BaseException as exc:  # an engine or backend fault: the run record is kept
+            run.exception = exc
+            self._abort("failed", f"{type(exc).__name__}: {exc}")
+
+    def _check_limits(self):
+        if self.cancel_event.is_set():
+            raise _Cancelled()
+        now = time.monotonic()
+        if self.deadline and now > self.deadline:
+            raise RunTimeoutError(f"run {self.run.name} timed out after {self.timeout} s", run=self.run)
+        for sr in self.stage_runs.values():
+            limit = sr.stage.timeout
+            if limit and sr.launched_at and not sr.finished and now - sr.launched_at > limit:
+                raise RunTimeoutError(f"stage '{sr.stage.name}' timed out after {limit} s "
+                                      f"(options.timeout)", run=self.run, stage=sr.stage.name)
+
+    def _abort(self, state: str, message: str) -> None:
+        refs = [ref for ref, _ in self.inflight.values()]
+        try:
+            self.backend.cancel(refs)
+        except Exception:
+            pass
+        for (stage, item) in list(self.inflight):
+            self._task_event(stage, item, "cancelled")
+        for pending in self.waiting:
+            self._task_event(pending.stage, pending.info.item, "cancelled")
+        self.inflight.clear()
+        self.waiting.clear()
+        self.outputs.clear()
+        if state == "failed" and self.run.failed_stage is None and isinstance(self.run.exception, RunTimeoutError):
+            self.run.failed_stage = self.run.exception.stage
+        self.run._set_state(state, message)
+        self._run_event(state, message)
+
+    # --- launching ---
+    def _launch(self, stage: Stage) -> None:
+        sr = self.stage_runs[stage.name]
+        sr.launched_at = time.monotonic()
+        dep_outputs = [self.outputs[d] for d in stage.depends_on]
+        kwargs = root_kwargs(stage, self.fns[stage.name], self.run.input) if not stage.depends_on else {}
+        if stage.type == "simple":
+            layout, flat = self._layout(dep_outputs)
+            sr.total = 1
+            self._enqueue(stage, TaskInfo(self.run.uid, stage.name, None, tuple(layout), kwargs), flat)
+        else:
+            if stage.depends_on:
+                first, rest = dep_outputs[0], dep_outputs[1:]
+                try:
+                    if isinstance(first, Gathered):
+                        items = [(("v",), h) for h in first.handles]
+                    else:
+                        items = self.backend.split(first.handle)
+                except Exception as exc:
+                    source = f"the output of '{stage.depends_on[0]}'"
+                    if isinstance(exc, TypeError) and "maps over" not in str(exc):
+                        exc = TypeError(f"stage '{stage.name}' maps over {source}: {exc}")
+                    self._fail_stage(stage, None, exc)
+                    return
+            else:
+                key = stage.map_on
+                if key not in self.run.input:
+                    raise StageError(stage.name, self.run, KeyError(
+                        f"options.map_on is '{key}' but the run input has no such key "
+                        f"(input keys: {', '.join(sorted(self.run.input)) or 'none'})"))
+                try:
+                    values = items_of(self.run.input[key], stage.name, f"input['{key}']")
+                except TypeError as exc:
+                    raise StageError(stage.name, self.run, exc) from exc
+                items, rest = [(("c", v), None) for v in values], []
+            rest_layout, rest_flat = self._layout(rest)
+            sr.total = len(items)
+            for index, (entry, arg) in enumerate(items):
+                flat = ([] if entry[0] == "c" else [arg]) + rest_flat
+                info = TaskInfo(self.run.uid, stage.name, index, (entry, *rest_layout), kwargs)
+                self._enqueue(stage, info, flat)
+            if not items:
+                self._finish_stage(stage)
+        for dep in stage.depends_on:  # release outputs nobody else needs (Ray refs, Dask futures)
+            self.consumers[dep] -= 1
+            if self.consumers[dep] == 0 and dep not in self.terminal:
+                self.outputs.pop(dep, None)
+
+    @staticmethod
+    def _layout(outputs: list) -> tuple[list, list]:
+        layout, flat = [], []
+        for out in outputs:
+            if isinstance(out, Gathered):
+                layout.append(("g", len(out.handles)))
+                flat.extend(out.handles)
+            else:
+                layout.append(("v",))
+                flat.append(out.handle)
+        return layout, flat
+
+    def _enqueue(self, stage: Stage, info: TaskInfo, flat: list) -> None:
+        need = self.backend.slots_needed(stage) if self.free_slots is not None else 0
+        self.waiting.append(_Pending(stage.name, info, flat, need))
+        self._task_event(stage.name, info.item, "queued")
+
+    def _pump(self) -> None:
+        """Submit waiting tasks; with a slot capacity (local), only as many as fit."""
+        while self.waiting:
+            pending = self.waiting[0]
+            if self.free_slots is not None:
+                if pending.need > self.free_slots and self.inflight:
+                    return
+                self.free_slots -= pending.need
+            self.waiting.popleft()
+            stage = self.stage_runs[pending.stage].stage
+            key = (pending.stage, pending.info.item)
+            ref = self.backend.submit(self.stage_runs[pending.stage].fn_handle, self.ctx_handle, pending.info,
+                                      pending.flat, stage.resources,
+                                      lambda outcome, key=key: self.completions.put((key, outcome)))
+            self.inflight[key] = (ref, pending.need)
+
+    # --- completions ---
+    def _complete(self, key, outcome: Outcome) -> None:
+        if key not in self.inflight:
+            return  # already cancelled
+        _, need = self.inflight.pop(key)
+        if self.free_slots is not None:
+            self.free_slots += need
+        stage_name, item = key
+        sr = self.stage_runs[stage_name]
+        stage = sr.stage
+        if outcome.ok:
+            self._task_event(stage_name, item, "finished", outcome.end, outcome.worker,
+                             start=outcome.start, end=outcome.end)
+            sr.results[item] = outcome.value
+        else:
+            exc = outcome.error
+            summary = f"{type(exc).__name__}: {exc}"
+            self._task_event(stage_name, item, "failed", outcome.end, outcome.worker, summary,
+                             start=outcome.start, end=outcome.end)
+            if stage.type == "parameterized" and stage.allow_partial_failure:
+                self.run._add_failure(stage_name, item, exc)
+            else:
+                self._fail_stage(stage, item, exc)
+        sr.done += 1
+        if sr.done == sr.total:
+            self._finish_stage(stage)
+
+    def _fail_stage(self, stage: Stage, item, exc: BaseException):
+        self.run.failed_stage = stage.name
+        error = StageError(stage.name, self.run, exc, item=item)
+        error.__cause__ = exc
+        raise error
+
+    def _finish_stage(self, stage: Stage) -> None:
+        sr = self.stage_runs[stage.name]
+        sr.finished = True
+        if stage.type == "simple":
+            self.outputs[stage.name] = Value(sr.results.get(None))
+        else:
+            self.outputs[stage.name] = Gathered([sr.results[i] for i in sorted(sr.results)])
+        sr.results = {}
+        for other in self.wf.stages:
+            deps = self.remaining_deps[other.name]
+            if stage.name in deps:
+                deps.discard(stage.name)
+                if not deps:
+                    self._launch(other)
+
+    def _collect(self):
+        values = []
+        for name in self.terminal:
+            out = self.outputs[name]
+            if isinstance(out, Gathered):
+                values.append(self.backend.fetch_many(out.handles))
+            else:
+                values.append(self.backend.fetch(out.handle))
+        self.outputs.clear()
+        return values[0] if len(values) == 1 else values
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def check_root_inputs(wf: Workflow, fns: dict, run_input: dict) -> None:
+    """Before the run: every root stage gets its required input (a ConfigError names it)."""
+    for stage in wf.stages:
+        if not stage.depends_on:
+            root_kwargs(stage, fns[stage.name], run_input)
+            if stage.type == "parameterized":
+                if stage.map_on not in (run_input or {}):
+                    raise ConfigError(f"options.map_on is '{stage.map_on}' but the run input has no such "
+                                      f"key (input keys: {', '.join(sorted(run_input or {})) or 'none'})",
+                                      stage=stage.name, key="options.map_on")
+                items_check = run_input[stage.map_on]
+                if isinstance(items_check, (str, bytes)) or not hasattr(items_check, "__iter__"):
+                    raise ConfigError(f"maps over input['{stage.map_on}'], which is a "
+                                      f"{type(items_check).__name__}, not a list, tuple or dict",
+                                      stage=stage.name, key="options.map_on")

@@ -1,0 +1,72 @@
+"""Exceptions raised to users: one clear message naming what is wrong and what is valid."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A bad executor config or workflow.
+
+    The message names the key (or stage) and, when the input was YAML, its line.
+
+    >>> raise ConfigError("unknown key 'cpu'", key="cpu", line=3, hint="did you mean 'cpus'?")
+    Traceback (most recent call last):
+    ...
+    flowdapt_nb.errors.ConfigError: line 3: unknown key 'cpu'; did you mean 'cpus'?
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, line: int | None = None,
+                 stage: str | None = None, hint: str | None = None):
+        self.key = key
+        self.line = line
+        self.stage = stage
+        self.hint = hint
+        self.message = message
+        text = message
+        if stage is not None and f"stage '{stage}'" not in message:
+            text = f"stage '{stage}': {text}"
+        if line is not None:
+            text = f"line {line}: {text}"
+        if hint:
+            text = f"{text}; {hint}"
+        super().__init__(text)
+
+
+class StageError(RuntimeError):
+    """A stage of a workflow run failed.
+
+    ``.stage`` names the stage, ``.run`` is the :class:`WorkflowRun` (state ``failed``), and the
+    original exception is chained as ``__cause__`` (with ``remote_traceback`` holding the worker's
+    formatted traceback).
+    """
+
+    def __init__(self, stage: str, run, cause: BaseException | None = None, item: int | None = None):
+        self.stage = stage
+        self.run = run
+        self.item = item
+        where = f"stage '{stage}'" + (f" (item {item})" if item is not None else "")
+        if cause is not None:
+            detail = f"{type(cause).__name__}: {cause}"
+            tb = getattr(cause, "remote_traceback", None)
+        else:
+            detail, tb = "failed", None
+        message = f"{where} failed: {detail}"
+        if tb:
+            message += "\n\nTraceback from the worker:\n" + tb.rstrip()
+        super().__init__(message)
+
+
+class RunTimeoutError(TimeoutError):
+    """A workflow run exceeded its ``timeout`` (or a stage its ``options.timeout``)."""
+
+    def __init__(self, message: str, run=None, stage: str | None = None):
+        self.run = run
+        self.stage = stage
+        super().__init__(message)
+
+
+class RemoteError(Exception):
+    """Stands in for a worker exception that could not be pickled back to the driver."""
+
+    def __init__(self, type_name: str, message: str):
+        self.type_name = type_name
+        super().__init__(f"{type_name}: {message}")

@@ -1,0 +1,1 @@
+"""Executors: local (concurrent.futures), Dask and Ray, all on the one engine."""

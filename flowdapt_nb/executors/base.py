@@ -1,0 +1,279 @@
+"""What every executor shares: lifecycle, run/submit on the engine, history, telemetry hooks."""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections import deque
+from typing import Any
+
+from ..config import ExecutorFields, validate_fields
+from ..context import RunContext, RunInfo
+from ..engine import Backend, Engine, check_root_inputs
+from ..errors import ConfigError
+from ..events import EventBus, TaskEvent
+from ..run import RunHandle, WorkflowRun
+from ..workflow import Workflow, load_workflow
+
+_current: "Executor | None" = None
+_live: "weakref.WeakSet[Executor]" = weakref.WeakSet()
+
+
+def current_executor() -> "Executor | None":
+    """The executor started most recently that is still running."""
+    if _current is not None and _current.running:
+        return _current
+    for ex in list(_live):
+        if ex.running:
+            return ex
+    return None
+
+
+class Executor:
+    """Base of LocalExecutor, DaskExecutor and RayExecutor.
+
+    >>> import flowdapt_nb as fnb
+    >>> with fnb.LocalExecutor(use_processes=False, cpus=2) as ex:   # doctest: +SKIP
+    ...     run = ex.run(workflow, input={"n": 3})
+    """
+
+    kind = "base"
+    Config: type[ExecutorFields] = ExecutorFields
+
+    def __init__(self, _config: ExecutorFields | None = None, _compute: dict | None = None, **fields):
+        self.config = _config if _config is not None else validate_fields(self.Config, fields)
+        compute = _compute or {}
+        self.default_namespace = str(compute.get("default_namespace") or "default")
+        self.storage = compute.get("storage")
+        self.events = EventBus()
+        self._backend: Backend | None = None
+        self._history: deque[WorkflowRun] = deque(maxlen=self.config.history_limit)
+        self._active: dict[str, tuple[RunHandle, Engine | None]] = {}
+        self._lock = threading.RLock()
+        self._sampler = None
+        self._started_at: float | None = None
+
+    # --- lifecycle ---
+    @property
+    def running(self) -> bool:
+        return self._backend is not None
+
+    @property
+    def owns_cluster(self) -> bool:
+        """True when this executor started its cluster (and so stops it on close)."""
+        return getattr(self.config, "cluster_address", None) in (None, "local")
+
+    def start(self) -> "Executor":
+        """Start (or attach to) the engine; returns self. Starting twice is a no-op."""
+        global _current
+        with self._lock:
+            if self.running:
+                return self
+            backend = self._open()
+            self._backend = backend
+            self._started_at = time.time()
+            _current = self
+            _live.add(self)
+            self._start_sampler()
+        return self
+
+    def close(self) -> None:
+        """Cancel active runs, stop samplers, and shut down what this executor started."""
+        global _current
+        with self._lock:
+            if not self.running:
+                return
+            for handle, _ in list(self._active.values()):
+                handle.cancel()
+            for handle, _ in list(self._active.values()):
+                handle._finished.wait(10)
+            self._stop_sampler()
+            try:
+                self._shutdown()
+            finally:
+                self._backend = None
+                if _current is self:
+                    _current = None
+                self.events.close()
+
+    def __enter__(self) -> "Executor":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # a forgotten executor must not leave its cluster behind
+        try:
+            if self.running:
+                self.close()
+        except Exception:
+            pass
+
+    # --- subclass hooks ---
+    def _open(self) -> Backend:
+        raise NotImplementedError
+
+    def _shutdown(self) -> None:
+        raise NotImplementedError
+
+    def _dashboard_url(self) -> str | None:
+        return None
+
+    def _address(self) -> str | None:
+        return None
+
+    def _workers(self) -> list[dict]:
+        return []
+
+    @property
+    def memory_store(self):
+        """The cluster memory store of this executor (a running executor only)."""
+        raise NotImplementedError
+
+    # --- info ---
+    def info(self) -> dict:
+        """kind, state, address, dashboard_url, workers and resource totals."""
+        workers = self._workers() if self.running else []
+        totals: dict[str, float] = {}
+        for w in workers:
+            for name, amount in (w.get("resources") or {}).items():
+                totals[name] = totals.get(name, 0) + amount
+        return {"kind": self.kind, "state": "running" if self.running else "stopped",
+                "address": self._address() if self.running else None,
+                "owns_cluster": self.owns_cluster,
+                "dashboard_url": self._dashboard_url() if self.running else None,
+                "workers": workers, "resources": totals,
+                "runs": len(self._history), "active_runs": len(self._active)}
+
+    @property
+    def history(self) -> list[WorkflowRun]:
+        """Runs of this executor, newest last (bounded by ``history_limit``)."""
+        return list(self._history)
+
+    # --- runs ---
+    def _validate_run(self, workflow, run_input):
+        wf = load_workflow(workflow)
+        if run_input is not None and not isinstance(run_input, dict):
+            raise ConfigError(f"run input must be a dict of keyword arguments, not {type(run_input).__name__}",
+                              key="input")
+        fns = wf.resolve()
+        check_root_inputs(wf, fns, run_input or {})
+        for stage in wf.stages:
+            self._check_stage_resources(stage)
+        return wf, fns
+
+    def _check_stage_resources(self, stage) -> None:
+        """A stage resource request no worker can ever satisfy is a ConfigError (subclasses)."""
+
+    def submit(self, workflow, input: dict | None = None, namespace: str | None = None,
+               timeout: float | None = None) -> RunHandle:
+        """Start a run and return at once with its handle (``wait``, ``cancel``, ``done``, ``run``).
+
+        >>> handle = ex.submit(wf, input={"n": 10})   # doctest: +SKIP
+        >>> run = handle.wait()                        # doctest: +SKIP
+        """
+        if not self.running:
+            self.start()
+        wf, fns = self._validate_run(workflow, input)
+        if timeout is not None and (isinstance(timeout, bool) or timeout <= 0):
+            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}", key="timeout")
+        namespace = namespace or self.default_namespace
+        run = WorkflowRun(wf, input, namespace, self.kind)
+        handle = RunHandle(run, self)
+        ctx = RunContext(input=dict(input or {}), namespace=namespace, executor=self.kind,
+                         run=RunInfo(run.uid, run.name, run.workflow), definition=wf.to_dict(),
+                         config=self.config_dict(), memory=self._worker_memory_handle(),
+                         artifacts=self.storage)
+        engine = Engine(self._backend, self.events.publish, run, fns, ctx, handle._cancel, timeout)
+        with self._lock:
+            self._history.append(run)
+            self._active[run.uid] = (handle, engine)
+
+        def drive():
+            try:
+                engine.execute()
+            finally:
+                with self._lock:
+                    self._active.pop(run.uid, None)
+                handle._finished.set()
+
+        handle._thread = threading.Thread(target=drive, name=f"flowdapt-nb-run-{run.uid[:8]}", daemon=True)
+        handle._thread.start()
+        return handle
+
+    def run(self, workflow, input: dict | None = None, namespace: str | None = None,
+            timeout: float | None = None) -> WorkflowRun:
+        """Run a workflow and block until it ends. A failing stage raises ``StageError``;
+        Ctrl-C cancels the run (remote tasks too) and records it as cancelled.
+
+        >>> run = ex.run(wf, input={"n": 10}); run.result   # doctest: +SKIP
+        """
+        handle = self.submit(workflow, input=input, namespace=namespace, timeout=timeout)
+        try:
+            while not handle._finished.wait(0.05):
+                pass
+        except KeyboardInterrupt:
+            handle.cancel()
+            handle._finished.wait(30)
+            raise
+        return handle.wait()
+
+    def config_dict(self) -> dict:
+        return {"target": self.kind, **self.config.model_dump(mode="json")}
+
+    def _worker_memory_handle(self) -> Any:
+        return None
+
+    def _on_worker_event(self, event: dict) -> None:
+        """A task reported from its worker (running, or finished with its own timings)."""
+        entry = self._active.get(event.get("run"))
+        if entry is None:
+            return
+        handle, _ = entry
+        state = event["state"]
+        handle.run._record(event["stage"], event["item"], state, event["time"], worker=event.get("worker"),
+                           start=event.get("start"), end=event.get("end"))
+        if state == "running":
+            self.events.publish(TaskEvent(handle.run.uid, event["stage"], event["item"], state,
+                                          event["time"], event.get("worker")))
+
+    # --- telemetry (filled in by flowdapt_nb.telemetry) ---
+    def _start_sampler(self) -> None:
+        from ..telemetry import ResourceSampler
+        self._sampler = ResourceSampler(self, self.config.sample_interval, self.config.resource_history_limit)
+        self._sampler.start()
+
+    def _stop_sampler(self) -> None:
+        if self._sampler is not None:
+            self._sampler.stop()
+            self._sampler = None
+
+    def _sample(self) -> list:
+        """One resource sample per worker (subclasses)."""
+        return []
+
+    def resources(self):
+        """pandas DataFrame, one row per worker/node now: cpu, memory, gpu, logical resources."""
+        import pandas as pd
+        if not self.running:
+            return pd.DataFrame()
+        samples = self._sample()
+        return pd.DataFrame([s.to_row() for s in samples])
+
+    def resource_history(self):
+        """Recent resource samples (bounded), one row per worker per sample."""
+        import pandas as pd
+        if self._sampler is None:
+            return pd.DataFrame()
+        return self._sampler.history_frame()
+
+    # --- display ---
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        addr = f" at {self._address()}" if self.running and self._address() else ""
+        return f"<{type(self).__name__} {state}{addr}>"
+
+    def _repr_html_(self) -> str:
+        from ..render import executor_html
+        return executor_html(self)

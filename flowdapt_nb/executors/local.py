@@ -1,0 +1,257 @@
+"""LocalExecutor: a concurrent.futures pool of threads or processes on this machine."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from multiprocessing.managers import SyncManager
+
+import cloudpickle
+import psutil
+
+from ..config import LocalConfig
+from ..engine import Backend, Outcome, items_of
+from ..errors import ConfigError
+from ..events import ResourceSample
+from ..memory_store import MemoryStore
+from ..units import auto_cpus, parse_bytes
+from ..worker import TaskInfo, execute
+from .base import Executor
+
+
+# --- process workers ----------------------------------------------------------------------------
+
+_worker_events = None  # set in each pool process by _init_process
+_loaded: dict[str, object] = {}
+
+
+def _init_process(events) -> None:
+    global _worker_events
+    _worker_events = events
+
+
+def _loads_cached(blob: bytes):
+    digest = hashlib.blake2b(blob, digest_size=16).hexdigest()
+    obj = _loaded.get(digest)
+    if obj is None:
+        if len(_loaded) > 256:
+            _loaded.clear()
+        obj = _loaded[digest] = cloudpickle.loads(blob)
+    return obj
+
+
+def _process_task(fn_blob: bytes, ctx_blob: bytes, info: TaskInfo, args_blob: bytes) -> bytes:
+    fn, ctx = _loads_cached(fn_blob), _loads_cached(ctx_blob)
+    flat = cloudpickle.loads(args_blob)
+    report = _worker_events.put if _worker_events is not None else None
+    meta, value = execute(ctx, fn, info, flat, report)
+    try:
+        return cloudpickle.dumps((meta, value))
+    except Exception as exc:
+        from ..worker import portable_error
+        meta["ok"], meta["error"] = False, portable_error(
+            TypeError(f"the stage's result ({type(value).__name__}) can't be pickled back: {exc}"), "")
+        return cloudpickle.dumps((meta, None))
+
+
+class _StoreManager(SyncManager):
+    pass
+
+
+_StoreManager.register("MemoryStore", MemoryStore,
+                       exposed=("put", "get", "lookup", "exists", "delete", "clear", "listing"))
+
+
+# --- the backend --------------------------------------------------------------------------------
+
+class _LocalBackend(Backend):
+    kind = "local"
+
+    def __init__(self, executor: "LocalExecutor", cpus: int, use_processes: bool):
+        self.executor = executor
+        self.capacity = cpus
+        self.use_processes = use_processes
+        if use_processes:
+            ctx = multiprocessing.get_context("spawn")  # fork is unsafe beside Ray/Dask threads
+            self.events = ctx.Queue()
+            self.pool = cf.ProcessPoolExecutor(max_workers=cpus, mp_context=ctx, initializer=_init_process,
+                                               initargs=(self.events,))
+            self._drain = threading.Thread(target=self._drain_events, name="flowdapt-nb-local-events",
+                                           daemon=True)
+            self._drain.start()
+        else:
+            self.pool = cf.ThreadPoolExecutor(max_workers=cpus, thread_name_prefix="flowdapt-nb-local")
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                event = self.events.get()
+            except (EOFError, OSError, ValueError):
+                return
+            if event is None:
+                return
+            self.executor._on_worker_event(event)
+
+    def put_context(self, ctx):
+        return cloudpickle.dumps(ctx) if self.use_processes else ctx
+
+    def put_function(self, fn):
+        if not self.use_processes:
+            return fn
+        try:
+            return cloudpickle.dumps(fn)
+        except Exception as exc:
+            raise ConfigError(f"function {getattr(fn, '__name__', fn)!r} can't be sent to a worker process "
+                              f"({exc}); use LocalExecutor(use_processes=False)", key="target") from None
+
+    def submit(self, fn_handle, ctx_handle, info, flat_args, resources, on_done):
+        if self.use_processes:
+            future = self.pool.submit(_process_task, fn_handle, ctx_handle, info, cloudpickle.dumps(flat_args))
+        else:
+            future = self.pool.submit(execute, ctx_handle, fn_handle, info, flat_args,
+                                      self.executor._on_worker_event, f"thread:{os.getpid()}")
+
+        def done(f: cf.Future):
+            if f.cancelled():
+                return
+            try:
+                result = f.result()
+                meta, value = cloudpickle.loads(result) if self.use_processes else result
+            except BaseException as exc:  # a dead pool process, an unpicklable argument
+                on_done(Outcome(False, error=exc, end=time.time()))
+                return
+            on_done(Outcome(meta["ok"], value, meta["error"], meta["start"], meta["end"], meta["worker"]))
+
+        future.add_done_callback(done)
+        return future
+
+    def split(self, handle):
+        return [(("v",), item) for item in items_of(handle, "?", "its dependency's output")]
+
+    def fetch(self, handle):
+        return handle
+
+    def cancel(self, task_refs):
+        for f in task_refs:
+            f.cancel()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.use_processes:
+            self.events.put(None)
+            self._drain.join(timeout=5)
+            self.events.close()
+            self.events.join_thread()
+
+
+class LocalExecutor(Executor):
+    """Runs stages in a local pool of threads (``use_processes=False``) or processes (default).
+
+    ``cpus="auto"`` is usable cores - 1 (at least 1). A stage's ``resources.cpus`` is how many of
+    the pool's slots each of its tasks takes, so it limits how many run at once.
+
+    >>> with LocalExecutor(use_processes=False, cpus=2) as ex:   # doctest: +SKIP
+    ...     print(ex.run(wf).result)
+    """
+
+    kind = "local"
+    Config = LocalConfig
+
+    def __init__(self, _config=None, _compute=None, **fields):
+        super().__init__(_config, _compute, **fields)
+        self.cpus = auto_cpus() if self.config.cpus == "auto" else int(self.config.cpus)
+        self._manager: _StoreManager | None = None
+        self._store = None
+
+    def _open(self):
+        if self.config.use_processes:
+            self._manager = _StoreManager(ctx=multiprocessing.get_context("spawn"))
+            self._manager.start()
+            self._store = self._manager.MemoryStore()
+        else:
+            self._store = MemoryStore()
+        return _LocalBackend(self, self.cpus, self.config.use_processes)
+
+    def _shutdown(self):
+        backend, self._backend = self._backend, None
+        try:
+            backend.close()
+        finally:
+            if self._manager is not None:
+                self._manager.shutdown()
+                self._manager = None
+            self._store = None
+
+    @property
+    def memory_store(self):
+        if self._store is None:
+            raise RuntimeError("the executor is not running; start it to use cluster memory")
+        return self._store
+
+    def _worker_memory_handle(self):
+        return self._store
+
+    def _address(self):
+        return f"local {'processes' if self.config.use_processes else 'threads'} x{self.cpus}"
+
+    def _check_stage_resources(self, stage):
+        for name, amount in stage.resources.items():
+            if name == "cpus":
+                if amount > self.cpus:
+                    raise ConfigError(f"asks for cpus: {amount} but the local executor has {self.cpus} "
+                                      f"slot(s); ask for at most {self.cpus} or give the executor more cpus",
+                                      stage=stage.name, key="resources.cpus")
+            elif name == "memory":
+                total = psutil.virtual_memory().total
+                if parse_bytes(amount) > total:
+                    raise ConfigError(f"asks for memory: {amount} but this machine has {total / 1e9:.1f} GB",
+                                      stage=stage.name, key="resources.memory")
+            elif amount:
+                raise ConfigError(f"asks for resource '{name}': {amount}, which the local executor doesn't "
+                                  f"have (it offers: cpus {self.cpus}); use a Dask or Ray executor with "
+                                  f"resources: {{{name}: N}}", stage=stage.name, key=f"resources.{name}")
+
+    def _workers(self):
+        return [{"name": w, "resources": {"cpus": self.cpus} if i == 0 else {}}
+                for i, w in enumerate(self._worker_ids())]
+
+    def _worker_ids(self):
+        if self.config.use_processes and self._backend is not None:
+            procs = getattr(self._backend.pool, "_processes", None) or {}
+            return [f"pid:{pid}" for pid in sorted(procs)] or ["local"]
+        return ["local"]
+
+    def _sample(self):
+        now = time.time()
+        backend = self._backend
+        if backend is None:
+            return []
+        mem = psutil.virtual_memory()
+        proc = psutil.Process()
+        procs = [proc]
+        if self.config.use_processes:
+            procs += [psutil.Process(pid) for pid in (getattr(backend.pool, "_processes", None) or {})
+                      if psutil.pid_exists(pid)]
+        cpu, rss = 0.0, 0
+        for p in procs:
+            try:
+                cpu += p.cpu_percent(None)
+                rss += p.memory_info().rss
+            except psutil.Error:
+                pass
+        free = self._free_slots()
+        return [ResourceSample("local", now, cpu_percent=cpu, memory_used=rss, memory_limit=mem.total,
+                               resources_total={"cpus": self.cpus},
+                               resources_available={"cpus": free})]
+
+    def _free_slots(self) -> float:
+        used = 0.0
+        for _, engine in list(self._active.values()):
+            if engine is not None and engine.free_slots is not None:
+                used += self.cpus - engine.free_slots
+        return max(0.0, self.cpus - used)

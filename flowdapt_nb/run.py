@@ -1,0 +1,221 @@
+"""The record of one workflow run, and the handle of a run in progress."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from .events import state_advances
+
+RUN_STATES = ("pending", "running", "finished", "failed", "cancelled")
+TASK_COLUMNS = ["stage", "item", "state", "worker", "queued", "start", "end", "duration", "error"]
+
+
+class Failure(dict):
+    """An item dropped under ``allow_partial_failure``: ``stage``, ``item``, ``error``,
+    ``error_type`` and ``traceback``, readable as keys or attributes."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _ts(t: float | None):
+    return datetime.fromtimestamp(t, tz=timezone.utc) if t is not None else None
+
+
+class WorkflowRun:
+    """One run of a workflow: state, result, timings, and per-task records.
+
+    ``state`` is one of pending, running, finished, failed, cancelled.
+    """
+
+    def __init__(self, workflow, input: dict | None, namespace: str, executor: str):
+        self.uid = uuid.uuid4().hex
+        self.workflow = workflow.name
+        self.name = f"{workflow.name}-{self.uid[:8]}"
+        self.definition = workflow
+        self.input = dict(input or {})
+        self.namespace = namespace
+        self.executor = executor
+        self.state = "pending"
+        self.result: Any = None
+        self.error: str | None = None
+        self.exception: BaseException | None = None
+        self.failed_stage: str | None = None
+        self._started: float | None = None
+        self._finished: float | None = None
+        self._tasks: dict[tuple, dict] = {}
+        self._failures: list[Failure] = []
+        self._lock = threading.Lock()
+
+    # --- timings ---
+    @property
+    def started_at(self) -> datetime | None:
+        return _ts(self._started)
+
+    @property
+    def finished_at(self) -> datetime | None:
+        return _ts(self._finished)
+
+    @property
+    def duration(self) -> float | None:
+        if self._started is None:
+            return None
+        return (self._finished or time.time()) - self._started
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("finished", "failed", "cancelled")
+
+    # --- updates from the engine ---
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        self.state = state
+        if state == "running" and self._started is None:
+            self._started = time.time()
+        if state in ("finished", "failed", "cancelled"):
+            self._finished = time.time()
+        if error:
+            self.error = error
+
+    def _record(self, stage: str, item: int | None, state: str, time_: float, worker=None, error=None,
+                start=None, end=None) -> None:
+        with self._lock:
+            row = self._tasks.setdefault((stage, item), {"stage": stage, "item": item, "state": None,
+                                                         "worker": None, "queued": None, "start": None,
+                                                         "end": None, "error": None})
+            if state == "queued" and row["queued"] is None:
+                row["queued"] = time_
+            if state == "running" and row["start"] is None:
+                row["start"] = time_
+            if start is not None:
+                row["start"] = start
+            if end is not None:
+                row["end"] = end
+            elif state in ("finished", "failed", "cancelled") and row["end"] is None:
+                row["end"] = time_
+            if worker:
+                row["worker"] = worker
+            if error:
+                row["error"] = error
+            if state_advances(row["state"], state):
+                row["state"] = state
+
+    def _add_failure(self, stage: str, item: int | None, exc: BaseException) -> None:
+        self._failures.append(Failure(stage=stage, item=item, error=f"{type(exc).__name__}: {exc}",
+                                      error_type=type(exc).__name__,
+                                      traceback=getattr(exc, "remote_traceback", None), exception=exc))
+
+    # --- tables ---
+    @property
+    def failures(self) -> list[Failure]:
+        """Items dropped under allow_partial_failure (never silently)."""
+        return list(self._failures)
+
+    @property
+    def tasks(self):
+        """pandas DataFrame, one row per task: stage, item, state, worker, queued, start, end, ..."""
+        import pandas as pd
+        with self._lock:
+            rows = [dict(r) for r in self._tasks.values()]
+        for r in rows:
+            r["duration"] = (r["end"] - r["start"]) if r["start"] and r["end"] else None
+            for k in ("queued", "start", "end"):
+                r[k] = _ts(r[k])
+        frame = pd.DataFrame(rows, columns=TASK_COLUMNS)
+        frame["item"] = frame["item"].astype("Int64")
+        return frame
+
+    @property
+    def stages(self):
+        """pandas DataFrame, one row per stage: state, task counts, timings, throughput."""
+        import pandas as pd
+        with self._lock:
+            rows = [dict(r) for r in self._tasks.values()]
+        out = []
+        for stage in self.definition.stages:
+            mine = [r for r in rows if r["stage"] == stage.name]
+            counts = {s: sum(1 for r in mine if r["state"] == s) for s in
+                      ("queued", "running", "finished", "failed", "cancelled")}
+            starts = [r["start"] for r in mine if r["start"]]
+            ends = [r["end"] for r in mine if r["end"]]
+            begin, finish = (min(starts) if starts else None), (max(ends) if ends else None)
+            active = counts["queued"] + counts["running"]
+            if not mine:
+                state = "pending" if not self.done else ("cancelled" if self.state == "cancelled" else "skipped")
+            elif active:
+                state = "running" if counts["running"] or counts["finished"] else "queued"
+            elif counts["failed"] and (self.failed_stage == stage.name or not counts["finished"]):
+                state = "failed"
+            elif counts["cancelled"]:
+                state = "cancelled"
+            else:
+                state = "finished"
+            duration = (finish - begin) if begin and finish and not active else None
+            out.append({"stage": stage.name, "type": stage.type, "state": state, "tasks": len(mine),
+                        **counts, "started": _ts(begin), "finished_at": _ts(finish) if not active else None,
+                        "duration": duration,
+                        "throughput": (counts["finished"] / duration) if duration else None})
+        return pd.DataFrame(out)
+
+    # --- display ---
+    def summary(self) -> dict:
+        return {"uid": self.uid, "name": self.name, "workflow": self.workflow, "state": self.state,
+                "executor": self.executor, "namespace": self.namespace,
+                "started_at": self.started_at, "finished_at": self.finished_at,
+                "duration": self.duration, "error": self.error, "failures": len(self._failures)}
+
+    def __repr__(self) -> str:
+        dur = f"{self.duration:.2f}s" if self.duration is not None else "-"
+        extra = f", error={self.error!r}" if self.error else ""
+        fails = f", {len(self._failures)} dropped item(s)" if self._failures else ""
+        return f"<WorkflowRun {self.name} {self.state} on {self.executor} in {dur}{fails}{extra}>"
+
+    def _repr_html_(self) -> str:
+        from .render import run_html
+        return run_html(self)
+
+
+class RunHandle:
+    """A run in progress, returned by ``ex.submit``: ``wait``, ``cancel``, ``done``, ``run``."""
+
+    def __init__(self, run: WorkflowRun, executor):
+        self.run = run
+        self._executor = executor
+        self._finished = threading.Event()
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def cancel(self) -> bool:
+        """Ask the run to stop; its remote tasks are cancelled. True if it was still going."""
+        if self.done():
+            return False
+        self._cancel.set()
+        return True
+
+    def wait(self, timeout: float | None = None) -> WorkflowRun:
+        """Block until the run ends; raise StageError if a stage failed, TimeoutError if
+        ``timeout`` passes first (the run goes on)."""
+        from .errors import RunTimeoutError, StageError
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"run {self.run.name} still {self.run.state} after {timeout} s")
+        run = self.run
+        if run.state == "failed" and run.exception is not None:
+            if isinstance(run.exception, (StageError, RunTimeoutError)):
+                raise run.exception
+            raise run.exception
+        return run
+
+    def __repr__(self) -> str:
+        return f"<RunHandle {self.run.name} {self.run.state}>"
+
+    def _repr_html_(self) -> str:
+        return self.run._repr_html_()

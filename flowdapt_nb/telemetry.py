@@ -1,0 +1,70 @@
+"""Resource sampling: a thread per executor that samples its workers at a set interval,
+keeps a bounded history, and publishes each sample on the executor's event stream."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+log = logging.getLogger("flowdapt_nb")
+
+
+class ResourceSampler:
+    """Samples ``executor._sample()`` every ``interval`` seconds on a daemon thread."""
+
+    def __init__(self, executor, interval: float, history_limit: int):
+        self.executor = executor
+        self.interval = interval
+        self.history_limit = history_limit
+        self._history: dict[str, deque] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.enabled = True
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="flowdapt-nb-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=max(5.0, self.interval * 2))
+        self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            if not self.enabled:
+                continue
+            self.sample_once()
+
+    def sample_once(self) -> list:
+        try:
+            samples = self.executor._sample()
+        except Exception as exc:  # a cluster going away mid-sample is not fatal for the sampler
+            log.debug("resource sample failed: %s", exc)
+            return []
+        with self._lock:
+            for s in samples:
+                self._history.setdefault(s.worker, deque(maxlen=self.history_limit)).append(s)
+        for s in samples:
+            self.executor.events.publish(s)
+        return samples
+
+    def history_frame(self):
+        import pandas as pd
+        with self._lock:
+            rows = [s.to_row() for q in self._history.values() for s in q]
+        frame = pd.DataFrame(rows)
+        if not frame.empty:
+            frame = frame.sort_values(["time", "worker"]).reset_index(drop=True)
+        return frame
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(q) for q in self._history.values())
