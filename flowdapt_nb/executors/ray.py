@@ -1,0 +1,458 @@
+"""RayExecutor: start a local Ray, or attach to a running cluster by ``cluster_address``."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import threading
+import time
+import uuid
+
+import psutil
+
+from ..config import RayConfig
+from ..engine import Backend, Outcome, items_of
+from ..errors import ConfigError
+from ..events import ResourceSample
+from ..memory_store import MemoryStore
+from ..units import parse_bytes, usable_cores
+from ..worker import execute
+from .base import Executor
+from .cluster import check_resource_request, ensure_reachable, gpu_count
+
+_remote: dict = {}  # the remote functions/actors, made on first use (import ray lazily)
+
+
+# --- on the worker ------------------------------------------------------------------------------
+
+class _EventBuffer:
+    """Per worker process: batch 'running' events and push them to the sink actor every 0.1 s,
+    so telemetry costs one actor call per batch, not per task."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pending: list = []
+        self.sink = None
+        self.thread: threading.Thread | None = None
+
+    def add(self, sink, event) -> None:
+        with self.lock:
+            self.sink = sink
+            self.pending.append(event)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._flush_loop, daemon=True)
+                self.thread.start()
+
+    def _flush_loop(self) -> None:
+        while True:
+            time.sleep(0.1)
+            with self.lock:
+                batch, self.pending = self.pending, []
+                sink = self.sink
+            if batch and sink is not None:
+                try:
+                    sink.push.remote(batch)
+                except Exception:
+                    pass
+
+
+_buffer = _EventBuffer()
+
+
+def _ray_task(fn, ctx, sink, info, *flat):
+    import ray
+    worker = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
+    report = (lambda event: _buffer.add(sink, event)) if sink is not None else None
+    meta, value = execute(ctx, fn, info, flat, report, worker)
+    if not meta["ok"]:
+        return meta, None
+    return meta, value
+
+
+def _ray_split(value):
+    """Yield a header (count, or the error) and then each item as its own object."""
+    try:
+        items = items_of(value, "?", "its dependency's output")
+    except Exception as exc:
+        yield ("error", exc)
+        return
+    yield ("ok", len(items))
+    for item in items:
+        yield item
+
+
+class _EventSink:
+    def __init__(self):
+        self.events: list = []
+
+    def push(self, batch):
+        self.events.extend(batch)
+
+    def drain(self):
+        out, self.events = self.events, []
+        return out
+
+
+def _remotes():
+    if not _remote:
+        import ray
+        _remote["task"] = ray.remote(_ray_task)
+        _remote["split"] = ray.remote(_ray_split)
+        _remote["sink"] = ray.remote(_EventSink)
+        _remote["store"] = ray.remote(MemoryStore)
+    return _remote
+
+
+class _RayMemory:
+    """Cluster memory in the configured actor; the same calls as MemoryStore, blocking."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def __getattr__(self, name):
+        if name.startswith("_") or name == "actor":
+            raise AttributeError(name)
+        import ray
+        method = getattr(self.actor, name)
+        return lambda *args: ray.get(method.remote(*args))
+
+
+# --- the backend --------------------------------------------------------------------------------
+
+class _RayBackend(Backend):
+    kind = "ray"
+
+    def __init__(self, executor: "RayExecutor", sink):
+        import ray
+        self.ray = ray
+        self.executor = executor
+        self.sink = sink
+        self._pending: dict = {}  # meta ref -> (value ref, on_done)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._waiter = threading.Thread(target=self._wait_loop, name="flowdapt-nb-ray-waiter", daemon=True)
+        self._waiter.start()
+        self._poller = threading.Thread(target=self._poll_events, name="flowdapt-nb-ray-events", daemon=True)
+        self._poller.start()
+
+    def put_context(self, ctx):
+        return self.ray.put(ctx)
+
+    def put_function(self, fn):
+        return self.ray.put(fn)
+
+    def submit(self, fn_handle, ctx_handle, info, flat_args, resources, on_done):
+        options = self.executor._task_options(resources)
+        meta_ref, value_ref = _remotes()["task"].options(num_returns=2, **options).remote(
+            fn_handle, ctx_handle, self.sink, info, *flat_args)
+        with self._lock:
+            self._pending[meta_ref] = (value_ref, on_done)
+        self._wake.set()
+        return meta_ref
+
+    def _wait_loop(self) -> None:
+        ray = self.ray
+        while not self._stop.is_set():
+            with self._lock:
+                refs = list(self._pending)
+            if not refs:
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            try:
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.02, fetch_local=True)
+            except Exception:
+                if self._stop.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            if not ready:
+                continue
+            with self._lock:
+                entries = [(ref, self._pending.pop(ref, None)) for ref in ready]
+            try:
+                metas = ray.get(ready)
+                pairs = zip(entries, metas, [None] * len(ready))
+            except Exception:  # one of them failed at the system level: fetch one by one
+                results = []
+                for ref in ready:
+                    try:
+                        results.append((ray.get(ref), None))
+                    except Exception as exc:
+                        results.append((None, exc))
+                pairs = ((e, m, err) for e, (m, err) in zip(entries, results))
+            for (ref, entry), meta, err in pairs:
+                if entry is None:
+                    continue
+                value_ref, on_done = entry
+                if err is not None:
+                    on_done(Outcome(False, error=_unwrap(err), end=time.time()))
+                elif meta["ok"]:
+                    on_done(Outcome(True, value_ref, None, meta["start"], meta["end"], meta["worker"]))
+                else:
+                    on_done(Outcome(False, None, meta["error"], meta["start"], meta["end"], meta["worker"]))
+
+    def _poll_events(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                events = self.ray.get(self.sink.drain.remote(), timeout=5)
+            except Exception:
+                continue
+            for event in events:
+                self.executor._on_worker_event(event)
+
+    def split(self, handle):
+        gen = _remotes()["split"].options(num_cpus=0).remote(handle)
+        header = self.ray.get(next(gen))
+        if header[0] == "error":
+            raise header[1]
+        return [(("v",), next(gen)) for _ in range(header[1])]
+
+    def fetch(self, handle):
+        return self.ray.get(handle)
+
+    def fetch_many(self, handles):
+        return self.ray.get(list(handles))
+
+    def cancel(self, task_refs):
+        for ref in task_refs:
+            try:
+                self.ray.cancel(ref, force=False, recursive=True)
+            except Exception:
+                pass
+        with self._lock:
+            for ref in task_refs:
+                self._pending.pop(ref, None)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._waiter.join(timeout=5)
+        self._poller.join(timeout=5)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Ray wraps errors; keep the original type and the worker's traceback."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        cause.remote_traceback = getattr(exc, "traceback_str", None) or str(exc)
+        return cause
+    return exc
+
+
+class RayExecutor(Executor):
+    """Runs stages as Ray tasks: a local Ray it starts, or a cluster (``cluster_address``).
+
+    Stage resources become task options (``num_cpus``, ``num_gpus``, ``memory``, custom), the
+    ``cluster_memory_actor`` holds cluster memory, and data stays in Ray's object store between
+    stages.
+
+    >>> ex = RayExecutor(cpus=2).start()     # doctest: +SKIP
+    """
+
+    kind = "ray"
+    Config = RayConfig
+
+    def __init__(self, _config=None, _compute=None, **fields):
+        super().__init__(_config, _compute, **fields)
+        self._ctx = None
+        self._memory = None
+        self._sink = None
+        self._memory_actor_name = None
+
+    # --- lifecycle ---
+    def _runtime_env(self) -> dict:
+        c = self.config
+        env: dict = {}
+        if c.env_vars:
+            env["env_vars"] = dict(c.env_vars)
+        if c.working_dir:
+            env["working_dir"] = c.working_dir
+        if c.py_modules:
+            env["py_modules"] = list(c.py_modules)
+        if c.pip:
+            env["pip"] = list(c.pip)
+        if c.conda:
+            env["conda"] = c.conda
+        if c.container:
+            env["container"] = c.container
+        if c.runtime_env_config:
+            env["config"] = c.runtime_env_config
+        return env
+
+    def _node_resources_planned(self) -> dict:
+        c = self.config
+        cpus = usable_cores() if c.cpus == "auto" else int(c.cpus)
+        gpus = {"disabled": 0, "auto": gpu_count()}.get(c.gpus, c.gpus)
+        return {"CPU": cpus, "GPU": gpus, **c.resources}
+
+    def _check_memory_actor(self, offered: dict) -> None:
+        actor = self.config.cluster_memory_actor
+        if actor is None:
+            return
+        names = sorted(offered)
+        for name, amount in actor.resources.items():
+            if name not in offered:
+                near = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+                hint = f"the nearest the cluster has is '{near[0]}'" if near else \
+                    f"the cluster offers: {', '.join(names)}"
+                raise ConfigError(f"cluster_memory_actor.resources asks for '{name}', which no Ray node has; "
+                                  f"the actor could never start", key=f"cluster_memory_actor.resources.{name}",
+                                  hint=hint)
+            if amount > offered[name]:
+                raise ConfigError(f"cluster_memory_actor.resources asks for {name}: {amount} but the cluster "
+                                  f"has {offered[name]:g}", key=f"cluster_memory_actor.resources.{name}")
+        if actor.num_cpus > offered.get("CPU", 0):
+            raise ConfigError(f"cluster_memory_actor.num_cpus is {actor.num_cpus} but the cluster has "
+                              f"{offered.get('CPU', 0):g} CPU", key="cluster_memory_actor.num_cpus")
+
+    def _open(self):
+        import ray
+        c = self.config
+        if ray.is_initialized():
+            raise RuntimeError("Ray is already initialized in this process (another RayExecutor or "
+                               "ray.init()); close it first: one Ray connection per process")
+        init_kwargs = dict(log_to_driver=c.log_to_driver, logging_level=_level(c.logging_level),
+                           runtime_env=self._runtime_env() or None, namespace="flowdapt_nb",
+                           configure_logging=True)
+        if self.owns_cluster:
+            planned = self._node_resources_planned()
+            self._check_memory_actor({k: v for k, v in planned.items() if v} | {"CPU": planned["CPU"]})
+            init_kwargs.update(num_cpus=planned["CPU"], num_gpus=planned["GPU"],
+                               resources=dict(c.resources) or None, include_dashboard=c.include_dashboard,
+                               dashboard_host=c.dashboard_host)
+            if c.dashboard_port is not None:
+                init_kwargs["dashboard_port"] = c.dashboard_port
+            if c.memory != "auto":
+                init_kwargs["_memory"] = parse_bytes(c.memory)
+            if c.object_store_memory not in (None, "auto"):
+                init_kwargs["object_store_memory"] = parse_bytes(c.object_store_memory)
+        else:
+            ensure_reachable("Ray", c.cluster_address, 6379, c.connect_timeout)
+            init_kwargs["address"] = c.cluster_address
+        try:
+            self._ctx = ray.init(**init_kwargs)
+            if not self.owns_cluster:
+                self._check_memory_actor(ray.cluster_resources())
+            remotes = _remotes()
+            self._sink = remotes["sink"].options(num_cpus=0, name=f"flowdapt_nb_events_{uuid.uuid4().hex[:8]}").remote()
+            self._memory = _RayMemory(self._start_memory_actor(remotes["store"]))
+        except BaseException:
+            self._memory = self._sink = None
+            if ray.is_initialized():
+                ray.shutdown()
+            raise
+        return _RayBackend(self, self._sink)
+
+    def _start_memory_actor(self, store_cls):
+        import ray
+        spec = self.config.cluster_memory_actor
+        if spec is None:
+            opts = dict(num_cpus=0, max_concurrency=1000, name=f"flowdapt_nb_memory_{uuid.uuid4().hex[:8]}")
+        else:
+            opts = dict(num_cpus=spec.num_cpus, max_concurrency=spec.max_concurrency, name=spec.name,
+                        resources=dict(spec.resources) or None, get_if_exists=True)
+        self._memory_actor_name = opts["name"]
+        actor = store_cls.options(**opts).remote()
+        try:
+            ray.get(actor.exists.remote("", ""), timeout=60)
+        except Exception as exc:
+            raise RuntimeError(f"the cluster memory actor '{opts['name']}' did not start within 60 s: {exc}") from exc
+        return actor
+
+    def _shutdown(self):
+        import ray
+        backend = self._backend
+        if backend is not None:
+            backend.close()
+        if not self.owns_cluster:  # leave nothing of ours on a cluster we only visited
+            for handle in (self._memory.actor if self._memory else None, self._sink):
+                if handle is not None:
+                    try:
+                        ray.kill(handle)
+                    except Exception:
+                        pass
+        self._memory = self._sink = self._ctx = None
+        ray.shutdown()
+
+    # --- resources ---
+    def _nodes(self) -> list[dict]:
+        import ray
+        return [n for n in ray.nodes() if n.get("Alive")]
+
+    def _check_stage_resources(self, stage):
+        offered = []
+        for node in self._nodes():
+            res = dict(node.get("Resources") or {})
+            mapped = {"cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0), "memory": res.get("memory", 0)}
+            mapped.update({k: v for k, v in res.items() if k not in ("CPU", "GPU", "memory",
+                                                                       "object_store_memory")
+                           and not k.startswith("node:") and not k.startswith("accelerator_type")})
+            offered.append(mapped)
+        check_resource_request(stage, offered, "Ray")
+
+    def _task_options(self, resources: dict) -> dict:
+        opts: dict = {"num_cpus": resources.get("cpus", 1)}
+        if resources.get("gpus"):
+            opts["num_gpus"] = resources["gpus"]
+        if resources.get("memory"):
+            opts["memory"] = parse_bytes(resources["memory"])
+        custom = {k: v for k, v in resources.items() if k not in ("cpus", "gpus", "memory") and v}
+        if custom:
+            opts["resources"] = custom
+        return opts
+
+    # --- info ---
+    @property
+    def memory_store(self):
+        if self._memory is None:
+            raise RuntimeError("the executor is not running; start it to use cluster memory")
+        return self._memory
+
+    def _worker_memory_handle(self):
+        return self._memory
+
+    def _address(self):
+        if self._ctx is None:
+            return None
+        return self._ctx.address_info.get("gcs_address") or self._ctx.address_info.get("address")
+
+    def _dashboard_url(self):
+        url = getattr(self._ctx, "dashboard_url", None) if self._ctx is not None else None
+        if not url:
+            return None
+        return url if url.startswith("http") else f"http://{url}"
+
+    def _workers(self):
+        return [{"name": n["NodeID"][:12], "address": n.get("NodeManagerAddress"),
+                 "resources": {k: v for k, v in (n.get("Resources") or {}).items() if not k.startswith("node:")}}
+                for n in self._nodes()]
+
+    def _sample(self):
+        import ray
+        from ray._private import state as ray_state
+        now = time.time()
+        try:
+            available = ray_state.available_resources_per_node()
+        except Exception:
+            available = {}
+        local_ip = ray.util.get_node_ip_address()
+        out = []
+        for node in self._nodes():
+            total = {k: v for k, v in (node.get("Resources") or {}).items() if not k.startswith("node:")
+                     and k != "object_store_memory"}
+            avail = available.get(node["NodeID"], {})
+            sample = ResourceSample(node["NodeID"][:12], now, resources_total=total,
+                                    resources_available={k: avail.get(k, 0.0) for k in total})
+            if node.get("NodeManagerAddress") == local_ip:  # this machine: measure it directly
+                vm = psutil.virtual_memory()
+                sample.cpu_percent = psutil.cpu_percent(None)
+                sample.memory_used, sample.memory_limit = vm.total - vm.available, vm.total
+            out.append(sample)
+        return out
+
+
+def _level(level) -> int:
+    return level if isinstance(level, int) else getattr(logging, str(level).upper(), logging.WARNING)
