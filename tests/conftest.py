@@ -1,0 +1,137 @@
+"""Shared fixtures: one Dask and one Ray cluster per test session, on 127.0.0.1, and the
+same behaviour tests parametrized over four executors (threads, processes, Dask, Ray)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import psutil
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+ROOT = TESTS_DIR.parent
+
+# Worker processes (spawned pools, Dask nannies, Ray workers) import stage functions from tests/.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+# Ray gets its own temp dir so it never meets another Ray on this machine.
+_RAY_TMP = tempfile.mkdtemp(prefix="fnb-ray-")
+os.environ.setdefault("RAY_TMPDIR", _RAY_TMP)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+EXECUTOR_KINDS = ["threads", "processes", "dask", "ray"]
+OUTPUT_DIR = ROOT / "test-output"
+
+
+class SharedCluster:
+    """A session-wide executor that a test may close (e.g. to attach elsewhere); the next user
+    gets it started again."""
+
+    def __init__(self, factory):
+        self.factory = factory
+        self.executor = None
+
+    def get(self):
+        if self.executor is None or not self.executor.running:
+            self.executor = self.factory()
+            self.executor.start()
+        return self.executor
+
+    def close(self):
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
+
+
+def _dask():
+    import flowdapt_nb as fnb
+    return fnb.DaskExecutor(cpus=2, threads=1, resources={"hamster_wheels": 2}, env_vars={"FNB_TEST_ENV": "dask"})
+
+
+def _ray():
+    import flowdapt_nb as fnb
+    return fnb.RayExecutor(cpus=2, resources={"hamster_wheels": 2}, env_vars={"FNB_TEST_ENV": "ray"},
+                           logging_level="error", include_dashboard=True)
+
+
+_shared = {"dask": SharedCluster(_dask), "ray": SharedCluster(_ray)}
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    return _shared["dask"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    return _shared["ray"]
+
+
+@pytest.fixture
+def dask_executor(dask_cluster):
+    return dask_cluster.get()
+
+
+@pytest.fixture
+def ray_executor(ray_cluster):
+    return ray_cluster.get()
+
+
+def make_executor(kind: str):
+    """A started executor of ``kind``; local ones are fresh, Dask/Ray are the session's."""
+    import flowdapt_nb as fnb
+    if kind == "threads":
+        return fnb.LocalExecutor(use_processes=False, cpus=2).start()
+    if kind == "processes":
+        return fnb.LocalExecutor(use_processes=True, cpus=2).start()
+    return _shared[kind].get()
+
+
+@pytest.fixture(params=EXECUTOR_KINDS)
+def executor(request):
+    """Each behaviour test runs on all four executors."""
+    ex = make_executor(request.param)
+    yield ex
+    if request.param in ("threads", "processes"):
+        ex.close()
+
+
+@pytest.fixture(scope="session")
+def output_dir():
+    OUTPUT_DIR.mkdir(exist_ok=True)
+    return OUTPUT_DIR
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for shared in _shared.values():
+        try:
+            shared.close()
+        except Exception as exc:  # pragma: no cover
+            warnings.warn(f"closing a shared cluster failed: {exc}")
+    # Nothing we started may outlive the suite: Ray, Dask, Jupyter or pool processes.
+    leftovers = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.wait(timeout=10)
+        except psutil.TimeoutExpired:
+            leftovers.append(child)
+        except psutil.Error:
+            pass
+    if leftovers:
+        names = ", ".join(f"{p.pid} {' '.join(p.cmdline()[:3])}" for p in leftovers if p.is_running())
+        session.config._fnb_leftovers = names
+        for p in leftovers:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        if names:
+            print(f"\nERROR: processes left behind by the test suite: {names}", file=sys.stderr)
+            session.exitstatus = 1

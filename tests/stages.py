@@ -1,0 +1,47 @@
+"""Importable stage functions used by the behaviour tests (workers import them by path)."""
+
+import os
+import time
+
+import flowdapt_nb as fnb
+
+
+def numbers(n=5):
+    return list(range(n))
+
+
+def square(x):
+    return x * x
+
+
+def total(xs):
+    return sum(xs)
+
+
+def add(a, b):
+    return a + b
+
+
+def fail_on_three(x):
+    if x == 3:
+        raise ValueError(f"item {x} is bad")
+    return x
+
+
+def boom(*args):
+    raise KeyError("boom happened")
+
+
+def slow(x, delay=0.3):
+    time.sleep(delay)
+    return x
+
+
+def env_value(name="FNB_TEST_ENV"):
+    return os.environ.get(name)
+
+
+def context_info():
+    ctx = fnb.get_run_context()
+    return {"namespace": ctx.namespace, "executor": ctx.executor, "run": str(ctx.run),
+            "input": dict(ctx.input), "stage": ctx.stage, "workflow": ctx.definition["metadata"]["name"]}
