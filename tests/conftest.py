@@ -91,7 +91,7 @@ def make_executor(kind: str):
         return fnb.LocalExecutor(use_processes=False, cpus=2).start()
     if kind == "processes":
         return fnb.LocalExecutor(use_processes=True, cpus=2).start()
-    return _shared[kind].get()
+    return _shared[kind].get().make_current()
 
 
 @pytest.fixture(params=EXECUTOR_KINDS)
@@ -119,6 +119,9 @@ def pytest_sessionfinish(session, exitstatus):
     leftovers = []
     for child in psutil.Process().children(recursive=True):
         try:
+            if "resource_tracker" in " ".join(child.cmdline()):
+                continue  # multiprocessing's own helper: it ends with this interpreter
+
             child.wait(timeout=10)
         except psutil.TimeoutExpired:
             leftovers.append(child)

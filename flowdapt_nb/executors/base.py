@@ -78,6 +78,13 @@ class Executor:
             self._start_sampler()
         return self
 
+    def make_current(self) -> "Executor":
+        """Make this the executor that notebook-level ``cluster_memory`` calls use (starting or
+        running an executor does this too)."""
+        global _current
+        _current = self
+        return self
+
     def close(self) -> None:
         """Cancel active runs, stop samplers, and shut down what this executor started."""
         global _current
@@ -173,8 +180,10 @@ class Executor:
         >>> handle = ex.submit(wf, input={"n": 10})   # doctest: +SKIP
         >>> run = handle.wait()                        # doctest: +SKIP
         """
+        global _current
         if not self.running:
             self.start()
+        _current = self  # cluster memory from the notebook means the executor used last
         wf, fns = self._validate_run(workflow, input)
         if timeout is not None and (isinstance(timeout, bool) or timeout <= 0):
             raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}", key="timeout")
