@@ -1,0 +1,227 @@
+"""A run's progress as the task dashboard and the stage mapper draw it, kept up to date from the
+event stream (never by polling the cluster, never by computing anything of the workflow)."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from ..events import TASK_STATES, state_advances
+
+COUNT_KEYS = ("done", "running", "failed", "queued", "cancelled")
+_KEY_OF = {"finished": "done", "running": "running", "failed": "failed", "queued": "queued",
+           "cancelled": "cancelled"}
+
+
+class RunTracker:
+    """Per-task states of one run, and per-stage counts, timings, throughput and ETA.
+
+    Seeded from the run's record when created (so a dashboard opened mid-run is right), then fed
+    the run's task events; states only move forward, so out-of-order and repeated events are
+    harmless.
+    """
+
+    def __init__(self, run, recent: int = 200):
+        self.run = run
+        self.uid = run.uid
+        wf = run.definition
+        self.stage_names = [s.name for s in wf.stages]
+        self.types = {s.name: s.type for s in wf.stages}
+        self.deps = {s.name: list(s.depends_on) for s in wf.stages}
+        self.tasks: dict[tuple, dict] = {}
+        self.counts = {s: dict.fromkeys(TASK_STATES, 0) for s in self.stage_names}
+        self.first_start: dict[str, float] = {}
+        self.last_end: dict[str, float] = {}
+        self.recent: OrderedDict[tuple, float] = OrderedDict()
+        self.recent_limit = recent
+        self.failed: OrderedDict[tuple, str | None] = OrderedDict()
+        self._seed()
+
+    def _seed(self) -> None:
+        lock = getattr(self.run, "_lock", None)
+        records = getattr(self.run, "_tasks", {})
+        if lock is not None:
+            with lock:
+                rows = [dict(r) for r in records.values()]
+        else:  # pragma: no cover
+            rows = [dict(r) for r in records.values()]
+        rows.sort(key=lambda r: r.get("end") or r.get("start") or r.get("queued") or 0)
+        for r in rows:
+            if r.get("state") is None:
+                continue
+            self._update(r["stage"], r["item"], r["state"], r.get("end") or r.get("start") or r.get("queued"),
+                         worker=r.get("worker"), error=r.get("error"), queued=r.get("queued"),
+                         start=r.get("start"), end=r.get("end"))
+
+    # --- feeding ---
+    def apply(self, event) -> bool:
+        """Take one TaskEvent of this run; True if anything changed."""
+        if getattr(event, "kind", None) != "task" or event.run != self.uid:
+            return False
+        start = event.time if event.state == "running" else None
+        end = event.time if event.state in ("finished", "failed", "cancelled") else None
+        queued = event.time if event.state == "queued" else None
+        return self._update(event.stage, event.item, event.state, event.time, worker=event.worker,
+                            error=event.error, queued=queued, start=start, end=end)
+
+    def _update(self, stage, item, state, t, worker=None, error=None, queued=None, start=None, end=None) -> bool:
+        if stage not in self.counts:
+            return False
+        key = (stage, item)
+        row = self.tasks.get(key)
+        if row is None:
+            row = self.tasks[key] = {"stage": stage, "item": item, "state": None, "worker": None,
+                                     "queued": None, "start": None, "end": None, "error": None}
+        changed = False
+        old = row["state"]
+        if state in _KEY_OF and state_advances(old, state) and old != state:
+            if old is not None:
+                self.counts[stage][old] -= 1
+            self.counts[stage][state] += 1
+            row["state"] = state
+            changed = True
+        if queued is not None and row["queued"] is None:
+            row["queued"] = queued
+        if start is not None and (row["start"] is None or start < row["start"]):
+            row["start"] = start
+            changed = True
+        if end is not None and row["end"] is None:
+            row["end"] = end
+        if worker and row["worker"] != worker:
+            row["worker"] = worker
+            changed = True
+        if error and row["error"] != error:
+            row["error"] = error
+            changed = True
+        if row["start"] is not None:
+            first = self.first_start.get(stage)
+            if first is None or row["start"] < first:
+                self.first_start[stage] = row["start"]
+        if row["end"] is not None and row["state"] in ("finished", "failed"):
+            if row["end"] > self.last_end.get(stage, 0):
+                self.last_end[stage] = row["end"]
+        if row["state"] == "failed":
+            self.failed[key] = row["error"]
+        if changed:
+            self.recent[key] = t or time.time()
+            self.recent.move_to_end(key)
+            while len(self.recent) > self.recent_limit:
+                self.recent.popitem(last=False)
+        return changed
+
+    # --- reading ---
+    @property
+    def state(self) -> str:
+        return self.run.state
+
+    def stage_counts(self) -> dict:
+        """{stage: {done, running, failed, queued, cancelled, total}} (the bars' values)."""
+        out = {}
+        for stage, c in self.counts.items():
+            row = {_KEY_OF[k]: v for k, v in c.items()}
+            row["total"] = sum(c.values())
+            out[stage] = row
+        return out
+
+    def stage_state(self, stage: str) -> str:
+        c = self.counts[stage]
+        total = sum(c.values())
+        if not total:
+            if self.run.done:
+                return "cancelled" if self.run.state == "cancelled" else "skipped"
+            return "pending"
+        if c["queued"] or c["running"]:
+            return "running" if c["running"] or c["finished"] else "queued"
+        if c["failed"] and (self.run.failed_stage == stage or not c["finished"]):
+            return "failed"
+        if c["cancelled"]:
+            return "cancelled"
+        return "finished"
+
+    def stage_states(self) -> dict:
+        return {s: self.stage_state(s) for s in self.stage_names}
+
+    def throughput(self, stage: str, now: float | None = None) -> float | None:
+        """Finished tasks per second since the stage's first task started."""
+        done = self.counts[stage]["finished"]
+        first = self.first_start.get(stage)
+        if not done or first is None:
+            return None
+        active = self.counts[stage]["queued"] + self.counts[stage]["running"]
+        until = (now or time.time()) if active else self.last_end.get(stage, now or time.time())
+        span = until - first
+        return done / span if span > 0 else None
+
+    def eta(self, stage: str, now: float | None = None) -> float | None:
+        """Seconds until the stage's remaining tasks are done at its current throughput."""
+        c = self.counts[stage]
+        remaining = c["queued"] + c["running"]
+        if not remaining:
+            return 0.0 if c["finished"] + c["failed"] else None
+        rate = self.throughput(stage, now)
+        return remaining / rate if rate else None
+
+    def elapsed(self, stage: str, now: float | None = None) -> float | None:
+        first = self.first_start.get(stage)
+        if first is None:
+            return None
+        c = self.counts[stage]
+        if c["queued"] or c["running"]:
+            return (now or time.time()) - first
+        return self.last_end.get(stage, first) - first
+
+    def mean_duration(self, stage: str) -> float | None:
+        durations = [r["end"] - r["start"] for (s, _), r in self.tasks.items()
+                     if s == stage and r["state"] == "finished" and r["start"] and r["end"]]
+        return sum(durations) / len(durations) if durations else None
+
+    def recent_tasks(self, limit: int = 10) -> list[dict]:
+        """The tasks that changed most recently, newest first."""
+        keys = list(self.recent)[-limit:][::-1]
+        return [self._row(k) for k in keys]
+
+    def failed_tasks(self) -> list[dict]:
+        return [self._row(k) for k in self.failed]
+
+    def _row(self, key) -> dict:
+        r = self.tasks[key]
+        duration = (r["end"] - r["start"]) if r["start"] and r["end"] else None
+        return {"stage": r["stage"], "item": r["item"], "state": r["state"], "worker": r["worker"],
+                "start": r["start"], "end": r["end"], "duration": duration, "error": r["error"],
+                "changed": self.recent.get(key)}
+
+    def totals(self) -> dict:
+        out = dict.fromkeys(COUNT_KEYS, 0)
+        for c in self.counts.values():
+            for k, v in c.items():
+                out[_KEY_OF[k]] += v
+        out["total"] = sum(out[k] for k in COUNT_KEYS)
+        return out
+
+
+def task_label(stage: str, item) -> str:
+    return f"{stage}[{item}]" if item is not None else stage
+
+
+def traceback_of(run, stage: str, item) -> str | None:
+    """The worker's traceback of a failed task: from ``run.failures`` (items dropped under
+    allow_partial_failure), the run's StageError, or at least its error text from ``run.tasks``."""
+    for f in run.failures:
+        if f.get("stage") == stage and f.get("item") == item:
+            return f.get("traceback") or f.get("error")
+    exc = getattr(run, "exception", None)
+    if exc is not None and getattr(exc, "stage", None) == stage and getattr(exc, "item", None) == item:
+        cause = exc.__cause__ or exc
+        tb = getattr(cause, "remote_traceback", None)
+        if tb:
+            return tb
+        import traceback
+        return "".join(traceback.format_exception(cause)).rstrip()
+    lock = getattr(run, "_lock", None)
+    records = getattr(run, "_tasks", {})
+    if lock is not None:
+        with lock:
+            rec = dict(records.get((stage, item)) or {})
+        if rec.get("error"):
+            return rec["error"]
+    return None

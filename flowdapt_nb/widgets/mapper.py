@@ -1,0 +1,878 @@
+"""StageMapper: map notebook functions (or import paths) onto workflow stages, see the DAG drawn
+as the mapping changes, validate as you go, then Run, Export YAML, or Load an existing workflow.
+
+Everything the widget does is reachable from code too (``add_stage``, ``load``, ``workflow``,
+``export_yaml``, ``run``), so a notebook can build a workflow with it and test it.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import ipywidgets as widgets
+import yaml
+from traitlets import Dict, List, Unicode
+
+from ..dag import dag_svg
+from ..errors import ConfigError
+from ..workflow import NAME_PATTERN, Stage, Workflow, _check_resources, load_workflow, resolve_target, user_namespace
+from ._common import CSS, FeedWidget, badge, esc, fmt_duration, html_widget, style_widget
+from ._tracker import RunTracker
+
+_ROW_CSS = """
+<style>
+.fnb-stage-row{border:1px solid var(--jp-border-color2,#e0e3e7);border-left:4px solid #90a4ae;border-radius:6px;
+ padding:4px 6px;margin:3px 0;background:var(--jp-layout-color1,#fff)}
+.fnb-stage-row.fnb-invalid{border-left-color:#e53935;background:var(--jp-layout-color1,#fff)}
+.fnb-stage-row.fnb-valid{border-left-color:#43a047}
+.fnb-mapper-side{border-left:1px solid var(--jp-border-color2,#e0e3e7);padding-left:10px}
+</style>
+"""
+
+_PLACEHOLDER_INPUT = "run input, e.g. {'n': 10}"
+
+
+def _signature(fn) -> str:
+    try:
+        return f"{fn.__name__}{inspect.signature(fn)}"
+    except (TypeError, ValueError):
+        return getattr(fn, "__name__", repr(fn))
+
+
+def parse_resources(text: str) -> dict:
+    """``"cpus=1, memory=1GB"`` (or ``{cpus: 1}``) -> ``{"cpus": 1, "memory": "1GB"}``."""
+    text = (text or "").strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError("resources must be a mapping like {cpus: 1}")
+        return {str(k): v for k, v in data.items()}
+    out = {}
+    for part in re.split(r"[,;]\s*|\s+(?=[A-Za-z_][\w-]*\s*[=:])", text):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, value = part.partition("=") if "=" in part else part.partition(":")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ValueError(f"resources: can't read {part!r}; write name=amount, e.g. cpus=1, memory=1GB")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = value
+    return out
+
+
+def format_resources(resources: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (resources or {}).items())
+
+
+def parse_input(text: str) -> dict:
+    """The run input typed in the mapper: a Python or JSON dict, or ``k=v`` pairs."""
+    text = (text or "").strip()
+    if not text:
+        return {}
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+            pairs = {}
+            for part in re.split(r"[,\s]+", text):
+                if "=" not in part:
+                    break
+                k, _, v = part.partition("=")
+                try:
+                    pairs[k] = ast.literal_eval(v)
+                except (ValueError, SyntaxError):
+                    pairs[k] = v
+            else:
+                value = pairs
+    if not isinstance(value, dict):
+        raise ValueError("the run input must be a dict, e.g. {'n': 10} or n=10")
+    return value
+
+
+class _StageRow(widgets.VBox):
+    """The editor of one stage."""
+
+    def __init__(self, mapper: "StageMapper", name: str, target: str, type: str, depends_on: list,
+                 map_on: str, resources: str, allow_partial_failure: bool, extra_options: dict,
+                 extra: dict, explicit_partial: bool):
+        self.mapper = mapper
+        self.extra_options = dict(extra_options)
+        self.extra = dict(extra)
+        self.explicit_partial = explicit_partial
+        self.state_w = widgets.HTML(layout=widgets.Layout(width="78px"))
+        self.name_w = widgets.Text(value=name, placeholder="stage name", continuous_update=False,
+                                   layout=widgets.Layout(width="150px"))
+        self.target_w = widgets.Combobox(value=target, options=mapper.functions, ensure_option=False,
+                                         placeholder="function or import path", continuous_update=False,
+                                         layout=widgets.Layout(flex="1 1 200px", width="auto"))
+        self.type_w = widgets.Dropdown(options=["simple", "parameterized"], value=type,
+                                       layout=widgets.Layout(width="125px"))
+        self.remove_w = widgets.Button(icon="trash", tooltip="remove this stage",
+                                       layout=widgets.Layout(width="36px"))
+        self.deps_w = widgets.TagsInput(value=[], allowed_tags=[], allow_duplicates=False,
+                                        placeholder="depends on…", layout=widgets.Layout(flex="1 1 200px", width="auto"))
+        self.map_on_w = widgets.Text(value=map_on, placeholder="map_on: input key", continuous_update=False,
+                                     layout=widgets.Layout(width="150px"))
+        self.resources_w = widgets.Text(value=resources, placeholder="resources: cpus=1, memory=1GB",
+                                        continuous_update=False, layout=widgets.Layout(width="210px"))
+        self.partial_w = widgets.Checkbox(value=allow_partial_failure, description="allow partial failure",
+                                          indent=False, layout=widgets.Layout(width="170px"))
+        self.error_w = widgets.HTML()
+        self.deps_w.allowed_tags = sorted(set(depends_on) | set(mapper.stage_names()))
+        self.deps_w.value = list(depends_on)
+        super().__init__([
+            widgets.HBox([self.state_w, self.name_w, self.target_w, self.type_w, self.remove_w]),
+            widgets.HBox([widgets.HTML('<span class="fnb fnb-muted" style="font-size:11px">depends on</span>',
+                                       layout=widgets.Layout(width="78px")),
+                          self.deps_w, self.map_on_w, self.partial_w, self.resources_w]),
+            self.error_w])
+        self.add_class("fnb-stage-row")
+        self._show_type_fields()
+        for w in (self.name_w, self.target_w, self.type_w, self.deps_w, self.map_on_w, self.resources_w,
+                  self.partial_w):
+            w.observe(self._changed, names="value")
+        self.remove_w.on_click(lambda _: mapper.remove_stage(self))
+        self._last_name = name
+
+    def _show_type_fields(self) -> None:
+        param = self.type_w.value == "parameterized"
+        self.map_on_w.layout.display = "" if param and not self.deps_w.value else "none"
+        self.partial_w.layout.display = "" if param else "none"
+
+    def _changed(self, change) -> None:
+        owner = change["owner"]
+        if owner is self.name_w:
+            old, new = self._last_name, change["new"].strip()
+            self._last_name = new
+            self.mapper._renamed(self, old, new)
+        self._show_type_fields()
+        self.mapper._changed()
+
+    @property
+    def name(self) -> str:
+        return self.name_w.value.strip()
+
+    def set_error(self, message: str | None) -> None:
+        if message:
+            self.error_w.value = f'<div class="fnb fnb-stage-error">⚠ {esc(message)}</div>'
+            self.remove_class("fnb-valid")
+            self.add_class("fnb-invalid")
+        else:
+            self.error_w.value = ""
+            self.remove_class("fnb-invalid")
+            self.add_class("fnb-valid")
+
+    def set_state(self, state: str | None) -> None:
+        self.state_w.value = f'<div class="fnb">{badge(state)}</div>' if state else ""
+
+    def fields(self) -> dict:
+        """This stage as the keyword arguments of ``add_stage``."""
+        return {"name": self.name, "target": self.target_w.value.strip(), "type": self.type_w.value,
+                "depends_on": list(self.deps_w.value), "map_on": self.map_on_w.value.strip() or None,
+                "resources": self.resources_w.value.strip(), "allow_partial_failure": self.partial_w.value}
+
+
+class StageMapper(FeedWidget):
+    """Build a workflow from notebook functions, watch its DAG, run it, export it.
+
+    >>> mapper = StageMapper()                                   # doctest: +SKIP
+    >>> mapper.add_stage("numbers", "numbers")                   # doctest: +SKIP
+    >>> mapper.add_stage("square", "square", type="parameterized", depends_on=["numbers"])  # doctest: +SKIP
+    >>> mapper.workflow.to_yaml()                                # doctest: +SKIP
+    >>> mapper.run(ex, input={"n": 10}).wait()                   # doctest: +SKIP
+
+    ``namespace`` is where function names resolve (None: the notebook's). Validation problems are
+    shown on their stage and kept in ``errors`` ({stage: message}) and ``workflow_error``; they are
+    raised (as ConfigError) only when code asks for ``workflow``, ``export_yaml`` or ``run``.
+    Traits: ``name``, ``functions``, ``errors``, ``workflow_error``, ``stage_states``, ``yaml``,
+    ``status``, ``run_state``, ``svg``.
+    """
+
+    name = Unicode("workflow")
+    functions = List()
+    errors = Dict()
+    workflow_error = Unicode("")
+    stage_states = Dict()
+    yaml = Unicode("")
+    status = Unicode("")
+    run_state = Unicode("")
+    svg = Unicode("")
+
+    def __init__(self, namespace: dict | None = None, *, executor=None, workflow=None, name: str = "workflow",
+                 **kwargs):
+        super().__init__(**kwargs)
+        self._namespace = namespace
+        self._callables: dict[str, Callable] = {}
+        self.executor = executor
+        self._own_executor = None
+        self._watched = None
+        self._tracker: RunTracker | None = None
+        self._handle = None
+        self._rows: list[_StageRow] = []
+        self._hold = 0
+        self._built: Workflow | None = None
+        self.name = name
+
+        # --- toolbar ---
+        self.name_w = widgets.Text(value=name, description="workflow", continuous_update=False,
+                                   style={"description_width": "62px"}, layout=widgets.Layout(width="230px"))
+        self.add_w = widgets.Button(description="Add stage", icon="plus", layout=widgets.Layout(width="110px"))
+        self.run_w = widgets.Button(description="Run", icon="play", button_style="success",
+                                    layout=widgets.Layout(width="90px"))
+        self.export_w = widgets.Button(description="Export YAML", icon="download", layout=widgets.Layout(width="125px"))
+        self.load_w = widgets.Button(description="Load…", icon="upload", layout=widgets.Layout(width="90px"))
+        self.input_w = widgets.Text(placeholder=_PLACEHOLDER_INPUT, continuous_update=False,
+                                    layout=widgets.Layout(flex="1 1 160px", width="auto"))
+        self.status_w = html_widget()
+        # --- stages and DAG ---
+        self.rows_box = widgets.VBox(layout=widgets.Layout(flex="3 1 0%", min_width="520px"))
+        self.empty_w = widgets.HTML('<div class="fnb fnb-empty">No stages yet: pick a function on the right '
+                                    'and press “Add as stage”, or Load a workflow.</div>')
+        self.dag_w = widgets.HTML(layout=widgets.Layout(width="100%"))
+        self.functions_w = widgets.Select(options=[], rows=7, layout=widgets.Layout(width="100%"))
+        self.add_fn_w = widgets.Button(description="Add as stage", icon="plus-circle",
+                                       layout=widgets.Layout(width="130px"))
+        self.refresh_w = widgets.Button(icon="refresh", tooltip="look for new notebook functions",
+                                        layout=widgets.Layout(width="36px"))
+        side = widgets.VBox([
+            widgets.HTML('<div class="fnb fnb-sub">DAG</div>'), self.dag_w,
+            widgets.HTML('<div class="fnb fnb-sub">Notebook functions</div>'), self.functions_w,
+            widgets.HBox([self.add_fn_w, self.refresh_w])],
+            layout=widgets.Layout(flex="2 1 0%", min_width="260px"))
+        side.add_class("fnb-mapper-side")
+        # --- export / load panels ---
+        self.yaml_w = widgets.Textarea(layout=widgets.Layout(width="100%", height="180px"))
+        self.save_path_w = widgets.Text(placeholder="file name, e.g. workflow.yaml", continuous_update=False,
+                                        layout=widgets.Layout(width="280px"))
+        self.save_w = widgets.Button(description="Save", icon="save", layout=widgets.Layout(width="80px"))
+        self.export_box = widgets.VBox([widgets.HTML('<div class="fnb fnb-sub">Workflow YAML</div>'), self.yaml_w,
+                                        widgets.HBox([self.save_path_w, self.save_w])],
+                                       layout=widgets.Layout(display="none"))
+        self.load_pick_w = widgets.Dropdown(description="from", options=[], style={"description_width": "40px"},
+                                            layout=widgets.Layout(width="320px"))
+        self.load_text_w = widgets.Textarea(placeholder="…or paste a workflow's YAML, or a path to one",
+                                            layout=widgets.Layout(width="100%", height="120px"))
+        self.load_go_w = widgets.Button(description="Load", icon="check", button_style="primary",
+                                        layout=widgets.Layout(width="90px"))
+        self.load_box = widgets.VBox([widgets.HTML('<div class="fnb fnb-sub">Load a workflow</div>'),
+                                      self.load_pick_w, self.load_text_w, self.load_go_w],
+                                     layout=widgets.Layout(display="none"))
+
+        self.children = [
+            style_widget(), widgets.HTML(_ROW_CSS, layout=widgets.Layout(display="none")),
+            widgets.HTML('<div class="fnb"><div class="fnb-head" style="margin:0"><span class="fnb-title">'
+                         'Stage mapper</span><span class="fnb-muted">functions → stages → workflow</span>'
+                         '</div></div>'),
+            widgets.HBox([self.name_w, self.add_w, self.run_w, self.export_w, self.load_w, self.input_w]),
+            self.status_w,
+            widgets.HBox([widgets.VBox([self.empty_w, self.rows_box], layout=widgets.Layout(flex="3 1 0%")), side],
+                         layout=widgets.Layout(width="100%", align_items="flex-start")),
+            self.export_box, self.load_box]
+        self.add_class("fnb-stage-mapper")
+
+        self.name_w.observe(self._on_name, names="value")
+        self.add_w.on_click(lambda _: self._ui(self._add_from_ui, None))
+        self.add_fn_w.on_click(lambda _: self._ui(self._add_from_ui, self.functions_w.value))
+        self.refresh_w.on_click(lambda _: self.refresh_functions())
+        self.run_w.on_click(lambda _: self._ui(self._run_from_ui))
+        self.export_w.on_click(lambda _: self._ui(self._export_from_ui))
+        self.save_w.on_click(lambda _: self._ui(self._save_from_ui))
+        self.load_w.on_click(lambda _: self._ui(self._toggle_load))
+        self.load_go_w.on_click(lambda _: self._ui(self._load_from_ui))
+
+        self._hook_registered = False
+        if namespace is None:
+            self._register_hook()
+        self.refresh_functions()
+        if workflow is not None:
+            self.load(workflow)
+        else:
+            self._changed()
+
+    # --- the namespace ---
+    def _ns(self) -> dict:
+        ns = dict(user_namespace() if self._namespace is None else self._namespace)
+        ns.update(self._callables)
+        return ns
+
+    def refresh_functions(self, *_) -> list[str]:
+        """Look for functions in the namespace again (done after every notebook cell)."""
+        ns = self._ns()
+        names = sorted(k for k, v in ns.items() if not k.startswith("_") and
+                       (inspect.isfunction(v) or k in self._callables))
+        if names != list(self.functions):
+            self.functions = names
+            current = self.functions_w.value
+            self.functions_w.options = [(_signature(ns[n]), n) for n in names]
+            if current in names:
+                self.functions_w.value = current
+            for row in self._rows:
+                row.target_w.options = names
+        return names
+
+    def _register_hook(self) -> None:
+        try:
+            from IPython import get_ipython
+        except ImportError:  # pragma: no cover
+            return
+        ip = get_ipython()
+        if ip is not None and hasattr(ip, "events"):
+            ip.events.register("post_run_cell", self._post_run_cell)
+            self._hook_registered = True
+
+    def _post_run_cell(self, *_):
+        if not self._closed:
+            self.refresh_functions()
+            self._changed()
+
+    # --- stages from code ---
+    def stage_names(self) -> list[str]:
+        return [r.name for r in getattr(self, "_rows", [])]
+
+    @property
+    def stages(self) -> dict[str, _StageRow]:
+        """The stage editors by name (``mapper.stages['square'].deps_w.value = [...]``)."""
+        return {r.name: r for r in self._rows}
+
+    def add_stage(self, name: str | None = None, target: Any = None, *, type: str = "simple",
+                  depends_on=None, map_on: str | None = None, resources=None, options: dict | None = None,
+                  allow_partial_failure: bool | None = None, **extra) -> _StageRow:
+        """Add a stage. ``target`` is a function's name, an import path, or a callable.
+        Problems are shown on the stage (and in ``errors``), never raised."""
+        target_text = self._target_text(target)
+        if name is None:
+            base = target_text.rpartition(".")[2] or "stage"
+            name = base
+            n = 2
+            while name in self.stage_names():
+                name = f"{base}_{n}"
+                n += 1
+        if isinstance(depends_on, str):
+            depends_on = [depends_on]
+        options = dict(options or {})
+        map_on = map_on if map_on is not None else options.pop("map_on", None)
+        options.pop("map_on", None)
+        explicit = "allow_partial_failure" in options or allow_partial_failure is not None
+        partial = allow_partial_failure if allow_partial_failure is not None else options.pop(
+            "allow_partial_failure", True)
+        options.pop("allow_partial_failure", None)
+        res_text = resources if isinstance(resources, str) else format_resources(resources or {})
+        row = _StageRow(self, name, target_text, type if type in ("simple", "parameterized") else "simple",
+                        list(depends_on or []), map_on or "", res_text, bool(partial), options,
+                        {k: v for k, v in extra.items() if v is not None}, explicit)
+        if type not in ("simple", "parameterized"):
+            row.extra["_bad_type"] = type
+        self._rows.append(row)
+        self.rows_box.children = tuple(self._rows)
+        self._changed()
+        return row
+
+    def _target_text(self, target) -> str:
+        if target is None:
+            return ""
+        if callable(target) and not isinstance(target, str):
+            label = Stage("x", target).target_name()
+            ns = self._ns()
+            if ns.get(label) is not target and "." not in label:
+                self._callables[label] = target
+                self.refresh_functions()
+            return label
+        return str(target)
+
+    def set_stage(self, name: str, **fields) -> _StageRow:
+        """Change a stage's fields (name, target, type, depends_on, map_on, resources,
+        allow_partial_failure) as if edited in the widget."""
+        row = self.stages[name]
+        self._hold += 1
+        try:
+            for key, value in fields.items():
+                if key == "name":
+                    row.name_w.value = value
+                elif key == "target":
+                    row.target_w.value = self._target_text(value)
+                elif key == "type":
+                    row.type_w.value = value
+                elif key == "depends_on":
+                    value = [value] if isinstance(value, str) else list(value)
+                    row.deps_w.allowed_tags = sorted(set(row.deps_w.allowed_tags) | set(value))
+                    row.deps_w.value = value
+                elif key == "map_on":
+                    row.map_on_w.value = value or ""
+                elif key == "resources":
+                    row.resources_w.value = value if isinstance(value, str) else format_resources(value)
+                elif key == "allow_partial_failure":
+                    row.explicit_partial = True
+                    row.partial_w.value = bool(value)
+                else:
+                    raise TypeError(f"set_stage() got an unknown field {key!r}")
+        finally:
+            self._hold -= 1
+        self._changed()
+        return row
+
+    def remove_stage(self, stage) -> None:
+        """Remove a stage (by name or its editor); stages depending on it show the error."""
+        row = stage if isinstance(stage, _StageRow) else self.stages[stage]
+        self._rows.remove(row)
+        self.rows_box.children = tuple(self._rows)
+        row.close()
+        self._changed()
+
+    def clear(self) -> None:
+        for row in list(self._rows):
+            row.close()
+        self._rows = []
+        self.rows_box.children = ()
+        self._changed()
+
+    def load(self, workflow) -> Workflow:
+        """Load an existing workflow (a Workflow, YAML text, a path, or a dict) into the mapper."""
+        wf = load_workflow(workflow)
+        self._hold += 1
+        try:
+            self.clear()
+            self.name_w.value = wf.name
+            for s in wf.stages:
+                extra = {k: getattr(s, k) for k in ("description", "version", "priority")}
+                self.add_stage(s.name, s.target, type=s.type, depends_on=list(s.depends_on),
+                               resources=dict(s.resources), options=dict(s.options), **extra)
+        finally:
+            self._hold -= 1
+        self._reset_run()
+        self._changed()
+        return wf
+
+    # --- building and validating ---
+    def _on_name(self, change) -> None:
+        self.name = change["new"].strip()
+        self._changed()
+
+    def _renamed(self, row, old: str, new: str) -> None:
+        if not old or old == new:
+            return
+        self._hold += 1
+        try:
+            for other in self._rows:
+                if other is not row and old in other.deps_w.value:
+                    other.deps_w.allowed_tags = sorted(set(other.deps_w.allowed_tags) | {new})
+                    other.deps_w.value = [new if d == old else d for d in other.deps_w.value]
+        finally:
+            self._hold -= 1
+
+    def _changed(self) -> None:
+        if self._hold or not hasattr(self, "dag_w"):
+            return
+        with self._draw_lock:
+            names = self.stage_names()
+            for row in self._rows:
+                allowed = sorted((set(names) - {row.name}) | set(row.deps_w.value))
+                if list(row.deps_w.allowed_tags) != allowed:
+                    row.deps_w.allowed_tags = allowed
+            if self._tracker is not None and self._tracker.run.done:
+                self._reset_run()
+            self._validate()
+            self._redraw()
+
+    def _spec(self, row: _StageRow, ns: dict) -> dict:
+        f = row.fields()
+        target: Any = f["target"]
+        if target in self._callables:
+            target = self._callables[target]
+        elif target in ns and callable(ns[target]):
+            target = ns[target]
+        options = dict(row.extra_options)
+        if f["type"] == "parameterized":
+            if f["map_on"] and not f["depends_on"]:
+                options["map_on"] = f["map_on"]
+            if not f["allow_partial_failure"] or row.explicit_partial:
+                options["allow_partial_failure"] = f["allow_partial_failure"]
+        spec = {"name": f["name"], "target": target, "type": f["type"], "depends_on": f["depends_on"],
+                "options": options, "resources": parse_resources(f["resources"])}
+        spec.update({k: v for k, v in row.extra.items() if not k.startswith("_")})
+        return spec
+
+    def _validate(self) -> dict:
+        ns = self._ns()
+        rows = self._rows
+        names = [r.name for r in rows]
+        counts = Counter(names)
+        problems: dict[int, list[str]] = {i: [] for i in range(len(rows))}
+        specs: list[dict | None] = []
+        for i, row in enumerate(rows):
+            name = names[i]
+            msgs = problems[i]
+            f = row.fields()
+            if not name:
+                msgs.append("give the stage a name")
+            elif not NAME_PATTERN.match(name):
+                msgs.append(f"name {name!r} is not valid: use letters, digits, '_' and '-'")
+            elif counts[name] > 1:
+                msgs.append(f"another stage is also named '{name}'; stage names must be unique")
+            if "_bad_type" in row.extra:
+                msgs.append(f"type {row.extra['_bad_type']!r} is not valid; use simple or parameterized")
+            for dep in f["depends_on"]:
+                if dep == name:
+                    msgs.append("depends on itself")
+                elif dep not in names:
+                    import difflib
+                    near = difflib.get_close_matches(dep, [n for n in names if n], n=1)
+                    msgs.append(f"depends on unknown stage '{dep}'" + (f"; did you mean '{near[0]}'?" if near else ""))
+            if f["type"] == "parameterized" and not f["depends_on"] and not f["map_on"]:
+                msgs.append("is parameterized with no dependency: set map_on to the input key whose list "
+                            "it maps over")
+            try:
+                spec = self._spec(row, ns)
+            except (ValueError, yaml.YAMLError) as exc:
+                msgs.append(str(exc))
+                specs.append(None)
+                continue
+            specs.append(spec)
+            try:
+                stage = Stage(**{**spec, "name": name or "stage"})
+            except Exception as exc:
+                msgs.append(str(exc).splitlines()[0])
+                continue
+            try:
+                _check_resources(stage, None)
+            except ConfigError as exc:
+                msgs.append(exc.message)
+            if not f["target"]:
+                msgs.append("pick a function (or type an import path)")
+            else:
+                try:
+                    resolve_target(stage, ns)
+                except ConfigError as exc:
+                    msgs.append(exc.message + (f"; {exc.hint}" if exc.hint else ""))
+        # cycles (every one of them, each marked on its stages)
+        known = {n: [d for d in rows[i].deps_w.value if d in counts and d != n] for i, n in enumerate(names) if n}
+        for cycle in _cycles(known):
+            text = "dependency cycle " + " -> ".join(cycle)
+            for i, n in enumerate(names):
+                if n in cycle[:-1] and text not in problems[i]:
+                    problems[i].append(text)
+        workflow_error = ""
+        if not NAME_PATTERN.match(self.name or ""):
+            workflow_error = f"workflow name {self.name!r} is not valid: use letters, digits, '_' and '-'"
+        elif not rows:
+            workflow_error = "add at least one stage"
+        built = None
+        if not workflow_error and not any(problems.values()):
+            try:
+                built = Workflow(self.name, stages=[Stage(**s) for s in specs])
+            except ConfigError as exc:
+                if exc.stage in names:
+                    problems[names.index(exc.stage)].append(exc.message)
+                else:
+                    workflow_error = str(exc)
+            except Exception as exc:
+                workflow_error = f"{type(exc).__name__}: {exc}"
+        errors = {}
+        for i, row in enumerate(rows):
+            message = "; ".join(problems[i])
+            row.set_error(message)
+            if message:
+                errors[names[i] or f"stage {i + 1}"] = message
+        self.errors = errors
+        self.workflow_error = workflow_error
+        self._built = built
+        self.yaml = built.to_yaml() if built is not None else ""
+        return errors
+
+    def validate(self) -> dict:
+        """Check the mapping now; returns ``errors`` ({stage: message}), also shown on the stages."""
+        with self._draw_lock:
+            return self._validate()
+
+    @property
+    def valid(self) -> bool:
+        return self._built is not None
+
+    @property
+    def workflow(self) -> Workflow:
+        """The workflow as mapped (a ``fnb.Workflow``); ConfigError if the mapping has problems."""
+        with self._draw_lock:
+            self._validate()
+            if self._built is None:
+                if self.workflow_error:
+                    raise ConfigError(self.workflow_error)
+                stage, message = next(iter(self.errors.items()))
+                raise ConfigError(message, stage=stage)
+            return self._built
+
+    def export_yaml(self, path: str | Path | None = None) -> str:
+        """The workflow resource as YAML (``load_workflow`` and Flowdapt read it); written to
+        ``path`` when given."""
+        text = self.workflow.to_yaml()
+        self.yaml_w.value = text
+        self.export_box.layout.display = ""
+        if path is not None:
+            Path(path).write_text(text)
+            self._say(f"saved {esc(path)}", ok=True)
+        return text
+
+    # --- running ---
+    def _executor_for(self, executor):
+        if executor is not None:
+            return executor
+        if self.executor is not None and self.executor.running:
+            return self.executor
+        from ..executors.base import current_executor
+        ex = current_executor()
+        if ex is not None:
+            return ex
+        if self._own_executor is None or not self._own_executor.running:
+            from ..executors.local import LocalExecutor
+            self._own_executor = LocalExecutor(use_processes=False).start()
+        return self._own_executor
+
+    def run(self, executor=None, input: dict | None = None, namespace: str | None = None):
+        """Submit the workflow as mapped and return its RunHandle at once; the DAG shows the
+        stages' states as it runs (``handle.wait()`` blocks until it ends)."""
+        wf = self.workflow
+        ex = self._executor_for(executor)
+        self.executor = ex
+        with self._draw_lock:
+            self._watch(ex)
+            handle = ex.submit(wf, input=input, namespace=namespace)
+            self._handle = handle
+            self._tracker = RunTracker(handle.run)
+            self._redraw()
+        return handle
+
+    def _watch(self, ex) -> None:
+        if self._watched is ex:
+            return
+        self._unsubscribe_all()
+        self._subscribe(ex, kinds=("task", "run"))
+        self._watched = ex
+
+    def _on_events(self, batch: list) -> None:
+        tracker = self._tracker
+        if tracker is None:
+            return
+        changed = False
+        for event in batch:
+            if event.kind == "task":
+                changed = tracker.apply(event) or changed
+            elif event.kind == "run" and event.run == tracker.uid:
+                changed = True
+        if changed:
+            self._redraw()
+
+    def _reset_run(self) -> None:
+        self._tracker = None
+        self._handle = None
+
+    # --- drawing ---
+    def _redraw(self) -> None:
+        tracker = self._tracker
+        states = tracker.stage_states() if tracker is not None else {}
+        self.stage_states = states
+        self.run_state = tracker.run.state if tracker is not None else ""
+        for row in self._rows:
+            row.set_state(states.get(row.name))
+        self.svg = self._svg(states)
+        self.dag_w.value = f'<div class="fnb fnb-dag">{self.svg}</div>'
+        self.empty_w.layout.display = "none" if self._rows else ""
+        running = tracker is not None and not tracker.run.done
+        self.run_w.description = "Cancel" if running else "Run"
+        self.run_w.icon = "stop" if running else "play"
+        self.run_w.button_style = "warning" if running else "success"
+        self.status_w.value = '<div class="fnb">' + self._status_html() + "</div>"
+
+    def _svg(self, states: dict) -> str:
+        seen = set()
+        stages = []
+        for i, row in enumerate(self._rows):
+            name = row.name or f"stage {i + 1}"
+            if name in seen:
+                continue
+            seen.add(name)
+            stages.append(SimpleNamespace(name=name, depends_on=list(row.deps_w.value), type=row.type_w.value))
+        if not stages:
+            return ('<svg xmlns="http://www.w3.org/2000/svg" width="220" height="60" font-family="sans-serif" '
+                    'font-size="12"><rect x="1" y="1" width="218" height="58" rx="6" fill="none" stroke="#b0bec5" '
+                    'stroke-dasharray="4,3"/><text x="110" y="34" text-anchor="middle" fill="#78909c">'
+                    'no stages yet</text></svg>')
+        return dag_svg(SimpleNamespace(stages=stages), states, self.errors)
+
+    def _status_html(self) -> str:
+        parts = []
+        tracker = self._tracker
+        if tracker is not None:
+            run = tracker.run
+            totals = tracker.totals()
+            parts.append(f'{badge(run.state)} <span class="fnb-mono">{esc(run.name)}</span> · '
+                         f'<span class="fnb-mapper-done">{totals["done"]}/{totals["total"]}</span> tasks'
+                         + (f' · <span class="fnb-err">{totals["failed"]} failed</span>' if totals["failed"] else "")
+                         + f' · {fmt_duration(run.duration)}')
+            if run.state == "finished":
+                text = repr(run.result)
+                parts.append(f'<span class="fnb-muted">result:</span> <span class="fnb-mono">'
+                             f'{esc(text[:160] + ("…" if len(text) > 160 else ""))}</span>')
+            elif run.error:
+                parts.append(f'<span class="fnb-err">{esc(run.error)}</span>')
+        if self.workflow_error:
+            parts.append(f'<span class="fnb-err">⚠ {esc(self.workflow_error)}</span>')
+        elif self.errors:
+            n = len(self.errors)
+            parts.append(f'<span class="fnb-err">⚠ {n} stage{"s" if n > 1 else ""} need'
+                         f'{"" if n > 1 else "s"} attention (marked in red)</span>')
+        elif self._built is not None and tracker is None:
+            parts.append(f'<span class="fnb-ok">✓ valid: {len(self._rows)} stage'
+                         f'{"s" if len(self._rows) != 1 else ""}</span>')
+        if self.status:
+            parts.append(self.status)
+        return '<div style="margin:4px 2px">' + " &nbsp;·&nbsp; ".join(parts) + "</div>"
+
+    def _say(self, message_html: str, ok: bool = False) -> None:
+        self.status = f'<span class="{"fnb-ok" if ok else "fnb-err"}">{message_html}</span>'
+        self.status_w.value = '<div class="fnb">' + self._status_html() + "</div>"
+
+    # --- buttons ---
+    def _ui(self, fn, *args) -> None:
+        """Run a button's action; a mistake is shown in the status line, never raised."""
+        self.status = ""
+        try:
+            fn(*args)
+        except ConfigError as exc:
+            self._say(esc(str(exc)))
+        except Exception as exc:
+            self._say(esc(f"{type(exc).__name__}: {exc}"))
+
+    def _add_from_ui(self, target) -> None:
+        names = self.stage_names()
+        depends = [names[-1]] if names and names[-1] else []
+        self.add_stage(None if target else f"stage{len(names) + 1}", target, depends_on=depends)
+
+    def _run_from_ui(self) -> None:
+        if self._handle is not None and not self._handle.done():
+            self._handle.cancel()
+            self._say("cancelling…", ok=True)
+            return
+        self.run(input=parse_input(self.input_w.value))
+
+    def _export_from_ui(self) -> None:
+        if self.export_box.layout.display == "" and self.yaml_w.value:
+            self.export_box.layout.display = "none"
+            return
+        self.export_yaml()
+        if not self.save_path_w.value:
+            self.save_path_w.value = f"{self.name}.yaml"
+
+    def _save_from_ui(self) -> None:
+        path = self.save_path_w.value.strip()
+        if not path:
+            raise ValueError("give a file name to save to")
+        self.export_yaml(path)
+
+    def _toggle_load(self) -> None:
+        if self.load_box.layout.display == "":
+            self.load_box.layout.display = "none"
+            return
+        found = [(k, v) for k, v in self._ns().items() if isinstance(v, Workflow) and not k.startswith("_")]
+        self.load_pick_w.options = [("(paste YAML below)", None)] + [(f"{k} ({v.name})", k) for k, v in found]
+        self.load_box.layout.display = ""
+
+    def _load_from_ui(self) -> None:
+        key = self.load_pick_w.value
+        src = self._ns()[key] if key else self.load_text_w.value.strip()
+        if not src:
+            raise ValueError("pick a workflow, or paste its YAML (or a path to it)")
+        wf = self.load(src)
+        self.load_box.layout.display = "none"
+        self._say(f"loaded {esc(wf.name)}: {len(wf.stages)} stages", ok=True)
+
+    # --- lifecycle and views ---
+    def close(self) -> None:
+        if self._hook_registered:
+            try:
+                from IPython import get_ipython
+                get_ipython().events.unregister("post_run_cell", self._post_run_cell)
+            except Exception:
+                pass
+            self._hook_registered = False
+        for row in self._rows:
+            row.close()
+        super().close()
+        if self._own_executor is not None:
+            self._own_executor.close()
+            self._own_executor = None
+
+    def _static_html(self) -> str:
+        rows = []
+        for i, row in enumerate(self._rows):
+            f = row.fields()
+            err = self.errors.get(row.name or f"stage {i + 1}")
+            rows.append(f'<tr><td><b>{esc(f["name"])}</b></td><td class="fnb-mono">{esc(f["target"])}</td>'
+                        f'<td>{esc(f["type"])}</td><td>{esc(", ".join(f["depends_on"]))}</td>'
+                        f'<td>{esc(f["map_on"] or "")}</td><td class="fnb-mono">{esc(f["resources"])}</td>'
+                        f'<td class="fnb-err" style="white-space:normal">{esc(err or "")}</td></tr>')
+        table = ('<table class="fnb-table"><tr><th>stage</th><th>target</th><th>type</th><th>depends on</th>'
+                 '<th>map_on</th><th>resources</th><th>problem</th></tr>' + "".join(rows) + "</table>")
+        werr = f'<div class="fnb-err">{esc(self.workflow_error)}</div>' if self.workflow_error else ""
+        return (f'<div class="fnb-panel"><div class="fnb-head"><span class="fnb-title">Stage mapper: '
+                f'{esc(self.name)}</span></div>{werr}<div class="fnb-dag">{self._svg(self.stage_states)}</div>'
+                f'{table}</div>')
+
+    def __repr__(self) -> str:
+        lines = [f"StageMapper {self.name!r}: {len(self._rows)} stage(s)"
+                 + (f", run {self.run_state}" if self.run_state else "")]
+        for i, row in enumerate(self._rows):
+            f = row.fields()
+            deps = f" <- {', '.join(f['depends_on'])}" if f["depends_on"] else ""
+            kind = " [*]" if f["type"] == "parameterized" else ""
+            state = self.stage_states.get(f["name"])
+            lines.append(f"  {f['name'] or '?'}{kind}: {f['target'] or '?'}{deps}" + (f"  ({state})" if state else ""))
+            err = self.errors.get(row.name or f"stage {i + 1}")
+            if err:
+                lines.append(f"    ! {err}")
+        if self.workflow_error:
+            lines.append(f"  ! {self.workflow_error}")
+        return "\n".join(lines)
+
+
+def _cycles(deps: dict[str, list[str]]) -> list[list[str]]:
+    """Every elementary cycle found by depth-first search (each reported once, as a -> b -> a)."""
+    found: list[list[str]] = []
+    keys: set[frozenset] = set()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        stack.append(node)
+        for dep in deps.get(node, []):
+            if state.get(dep) == 1:
+                cycle = stack[stack.index(dep):] + [dep]
+                key = frozenset(cycle)
+                if key not in keys:
+                    keys.add(key)
+                    found.append(cycle)
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for node in deps:
+        if node not in state:
+            visit(node)
+    return found
