@@ -139,9 +139,16 @@ class Engine:
 
     # --- events ---
     def _task_event(self, stage, item, state, t=None, worker=None, error=None, start=None, end=None):
+        """Record and publish a task's new state. A task that ends before its worker's 'running'
+        report arrived gets its running event first (with the worker's own start time), so every
+        task's events reach subscribers in order: queued, running, then how it ended."""
         t = t or time.time()
-        self.run._record(stage, item, state, t, worker=worker, error=error, start=start, end=end)
-        self.publish(TaskEvent(self.run.uid, stage, item, state, t, worker, error))
+        with self.run._event_lock:
+            if state in ("finished", "failed") and self.run._task_state(stage, item) == "queued":
+                if self.run._record(stage, item, "running", start or t, worker=worker):
+                    self.publish(TaskEvent(self.run.uid, stage, item, "running", start or t, worker))
+            if self.run._record(stage, item, state, t, worker=worker, error=error, start=start, end=end):
+                self.publish(TaskEvent(self.run.uid, stage, item, state, t, worker, error))
 
     def _run_event(self, state, error=None):
         self.publish(RunEvent(self.run.uid, self.run.workflow, state, time.time(), error))

@@ -53,6 +53,7 @@ class WorkflowRun:
         self._tasks: dict[tuple, dict] = {}
         self._failures: list[Failure] = []
         self._lock = threading.Lock()
+        self._event_lock = threading.RLock()  # record + publish as one step: events stay in order
 
     # --- timings ---
     @property
@@ -83,8 +84,9 @@ class WorkflowRun:
         if error:
             self.error = error
 
-    def _record(self, stage: str, item: int | None, state: str, time_: float, worker=None, error=None,
-                start=None, end=None) -> None:
+    def _record(self, stage: str, item: int | None, state: str | None, time_: float, worker=None, error=None,
+                start=None, end=None) -> bool:
+        """Update a task's row; ``state=None`` updates timings only. True if the state advanced."""
         with self._lock:
             row = self._tasks.setdefault((stage, item), {"stage": stage, "item": item, "state": None,
                                                          "worker": None, "queued": None, "start": None,
@@ -103,8 +105,15 @@ class WorkflowRun:
                 row["worker"] = worker
             if error:
                 row["error"] = error
-            if state_advances(row["state"], state):
+            if state is not None and state != row["state"] and state_advances(row["state"], state):
                 row["state"] = state
+                return True
+            return False
+
+    def _task_state(self, stage: str, item: int | None) -> str | None:
+        with self._lock:
+            row = self._tasks.get((stage, item))
+            return row["state"] if row else None
 
     def _add_failure(self, stage: str, item: int | None, exc: BaseException) -> None:
         self._failures.append(Failure(stage=stage, item=item, error=f"{type(exc).__name__}: {exc}",

@@ -10,6 +10,33 @@ from collections import deque
 log = logging.getLogger("flowdapt_nb")
 
 
+def gpu_stats():
+    """(utilization %, memory used, memory total) over this machine's GPUs via pynvml, or None
+    when pynvml is missing or there is no GPU (neither is an error)."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+        if not count:
+            return None
+        util = used = total = 0
+        for i in range(count):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            util += pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            used += mem.used
+            total += mem.total
+        return util / count, used, total
+    except Exception:
+        return None
+
+
+def add_gpu(sample) -> None:
+    stats = gpu_stats()
+    if stats is not None:
+        sample.gpu_percent, sample.gpu_memory_used, sample.gpu_memory_limit = stats
+
+
 class ResourceSampler:
     """Samples ``executor._sample()`` every ``interval`` seconds on a daemon thread."""
 

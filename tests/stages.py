@@ -45,3 +45,11 @@ def context_info():
     ctx = fnb.get_run_context()
     return {"namespace": ctx.namespace, "executor": ctx.executor, "run": str(ctx.run),
             "input": dict(ctx.input), "stage": ctx.stage, "workflow": ctx.definition["metadata"]["name"]}
+
+
+def pid_then_sleep(path, delay=4.0):
+    """Write this worker's pid to ``path``, then work for a while (a worker-death target)."""
+    with open(path, "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+    time.sleep(delay)
+    return os.getpid()

@@ -240,12 +240,16 @@ class Executor:
         if entry is None:
             return
         handle, _ = entry
-        state = event["state"]
-        handle.run._record(event["stage"], event["item"], state, event["time"], worker=event.get("worker"),
-                           start=event.get("start"), end=event.get("end"))
-        if state == "running":
-            self.events.publish(TaskEvent(handle.run.uid, event["stage"], event["item"], state,
-                                          event["time"], event.get("worker")))
+        run = handle.run
+        stage, item, state = event["stage"], event["item"], event["state"]
+        with run._event_lock:
+            if state == "running":
+                if run._record(stage, item, "running", event["time"], worker=event.get("worker")):
+                    self.events.publish(TaskEvent(run.uid, stage, item, "running", event["time"],
+                                                  event.get("worker")))
+            else:  # the engine publishes how a task ended; the worker's report adds its timings
+                run._record(stage, item, None, event["time"], worker=event.get("worker"),
+                            start=event.get("start"), end=event.get("end"))
 
     # --- telemetry (filled in by flowdapt_nb.telemetry) ---
     def _start_sampler(self) -> None:

@@ -57,6 +57,13 @@ def check_resource_request(stage, offered: list[dict], where: str, soft: dict | 
                               stage=stage.name, key=f"resources.{name}")
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def apply_env(env: dict) -> None:
     """Set the executor's env_vars in this worker process (cheap when already set)."""
     for key, value in env.items():

@@ -285,7 +285,11 @@ class DaskExecutor(Executor):
             used = metrics.get("resources_used") or {}  # not every version reports it
             executing = metrics.get("task_counts", {}).get("executing", metrics.get("executing", 0)) or 0
             available = {k: max(0, v - used.get(k, executing if k == "cpus" else 0)) for k, v in total.items()}
+            gpu = w.get("gpu") or {}
             out.append(ResourceSample(addr, now, cpu_percent=metrics.get("cpu"), memory_used=metrics.get("memory"),
                                       memory_limit=w.get("memory_limit"), resources_total=total,
-                                      resources_available=available))
+                                      resources_available=available,
+                                      gpu_percent=metrics.get("gpu_utilization"),
+                                      gpu_memory_used=metrics.get("gpu_memory_used"),
+                                      gpu_memory_limit=gpu.get("memory-total")))
         return out

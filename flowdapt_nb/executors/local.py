@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
 import hashlib
 import multiprocessing
 import os
@@ -77,10 +78,9 @@ class _LocalBackend(Backend):
         self.capacity = cpus
         self.use_processes = use_processes
         if use_processes:
-            ctx = multiprocessing.get_context("spawn")  # fork is unsafe beside Ray/Dask threads
-            self.events = ctx.Queue()
-            self.pool = cf.ProcessPoolExecutor(max_workers=cpus, mp_context=ctx, initializer=_init_process,
-                                               initargs=(self.events,))
+            # spawn, not fork: forking beside Ray/Dask/sampler threads can deadlock the child
+            self.events = multiprocessing.get_context("spawn").Queue()
+            self.pool = self._new_process_pool()
             self._drain = threading.Thread(target=self._drain_events, name="flowdapt-nb-local-events",
                                            daemon=True)
             self._drain.start()
@@ -109,8 +109,16 @@ class _LocalBackend(Backend):
             raise ConfigError(f"function {getattr(fn, '__name__', fn)!r} can't be sent to a worker process "
                               f"({exc}); use LocalExecutor(use_processes=False)", key="target") from None
 
+    def _new_process_pool(self):
+        ctx = multiprocessing.get_context("spawn")
+        return cf.ProcessPoolExecutor(max_workers=self.capacity, mp_context=ctx, initializer=_init_process,
+                                      initargs=(self.events,))
+
     def submit(self, fn_handle, ctx_handle, info, flat_args, resources, on_done):
         if self.use_processes:
+            if getattr(self.pool, "_broken", False):  # a worker process died: later runs get a new pool
+                old, self.pool = self.pool, self._new_process_pool()
+                old.shutdown(wait=False, cancel_futures=True)
             future = self.pool.submit(_process_task, fn_handle, ctx_handle, info, cloudpickle.dumps(flat_args))
         else:
             future = self.pool.submit(execute, ctx_handle, fn_handle, info, flat_args,
@@ -122,7 +130,11 @@ class _LocalBackend(Backend):
             try:
                 result = f.result()
                 meta, value = cloudpickle.loads(result) if self.use_processes else result
-            except BaseException as exc:  # a dead pool process, an unpicklable argument
+            except BrokenProcessPool as exc:
+                on_done(Outcome(False, error=RuntimeError(f"a local worker process died while running "
+                                                          f"this task ({exc})"), end=time.time()))
+                return
+            except BaseException as exc:  # an unpicklable argument
                 on_done(Outcome(False, error=exc, end=time.time()))
                 return
             on_done(Outcome(meta["ok"], value, meta["error"], meta["start"], meta["end"], meta["worker"]))
@@ -244,10 +256,12 @@ class LocalExecutor(Executor):
                 rss += p.memory_info().rss
             except psutil.Error:
                 pass
-        free = self._free_slots()
-        return [ResourceSample("local", now, cpu_percent=cpu, memory_used=rss, memory_limit=mem.total,
-                               resources_total={"cpus": self.cpus},
-                               resources_available={"cpus": free})]
+        from ..telemetry import add_gpu
+        sample = ResourceSample("local", now, cpu_percent=cpu, memory_used=rss, memory_limit=mem.total,
+                                resources_total={"cpus": self.cpus},
+                                resources_available={"cpus": self._free_slots()})
+        add_gpu(sample)
+        return [sample]
 
     def _free_slots(self) -> float:
         used = 0.0

@@ -19,7 +19,7 @@ from ..memory_store import MemoryStore
 from ..units import parse_bytes, usable_cores
 from ..worker import execute
 from .base import Executor
-from .cluster import check_resource_request, ensure_reachable, gpu_count
+from .cluster import check_resource_request, ensure_reachable, free_port, gpu_count
 
 _remote: dict = {}  # the remote functions/actors, made on first use (import ray lazily)
 
@@ -323,8 +323,8 @@ class RayExecutor(Executor):
             init_kwargs.update(num_cpus=planned["CPU"], num_gpus=planned["GPU"],
                                resources=dict(c.resources) or None, include_dashboard=c.include_dashboard,
                                dashboard_host=c.dashboard_host)
-            if c.dashboard_port is not None:
-                init_kwargs["dashboard_port"] = c.dashboard_port
+            # Ray's fixed default port would collide with any other Ray on the machine.
+            init_kwargs["dashboard_port"] = c.dashboard_port if c.dashboard_port is not None else free_port()
             if c.memory != "auto":
                 init_kwargs["_memory"] = parse_bytes(c.memory)
             if c.object_store_memory not in (None, "auto"):
@@ -341,8 +341,7 @@ class RayExecutor(Executor):
             self._memory = _RayMemory(self._start_memory_actor(remotes["store"]))
         except BaseException:
             self._memory = self._sink = None
-            if ray.is_initialized():
-                ray.shutdown()
+            ray.shutdown()  # also stops node processes a failed ray.init had started
             raise
         return _RayBackend(self, self._sink)
 
@@ -450,6 +449,8 @@ class RayExecutor(Executor):
                 vm = psutil.virtual_memory()
                 sample.cpu_percent = psutil.cpu_percent(None)
                 sample.memory_used, sample.memory_limit = vm.total - vm.available, vm.total
+                from ..telemetry import add_gpu
+                add_gpu(sample)
             out.append(sample)
         return out
 
