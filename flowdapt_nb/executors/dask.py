@@ -91,11 +91,13 @@ class _DaskBackend(Backend):
         self.executor = executor
         self.client = client
 
+    # Broadcast: scattered data held by one worker alone would be lost with it, and every task
+    # needing it would wait forever; replicas let Dask reschedule work after a worker dies.
     def put_context(self, ctx):
-        return self.client.scatter(ctx, broadcast=False, hash=False)
+        return self.client.scatter(ctx, broadcast=True, hash=False)
 
     def put_function(self, fn):
-        return self.client.scatter(fn, hash=False)
+        return self.client.scatter(fn, broadcast=True, hash=False)
 
     def submit(self, fn_handle, ctx_handle, info, flat_args, resources, on_done):
         worker_resources = self.executor._task_resources(resources)

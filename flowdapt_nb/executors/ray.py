@@ -21,6 +21,7 @@ from ..worker import execute
 from .base import Executor
 from .cluster import check_resource_request, ensure_reachable, free_port, gpu_count
 
+log = logging.getLogger("flowdapt_nb")
 _remote: dict = {}  # the remote functions/actors, made on first use (import ray lazily)
 
 
@@ -332,8 +333,9 @@ class RayExecutor(Executor):
         else:
             ensure_reachable("Ray", c.cluster_address, 6379, c.connect_timeout)
             init_kwargs["address"] = c.cluster_address
+        children_before = _child_pids()
         try:
-            self._ctx = ray.init(**init_kwargs)
+            self._ctx = self._init_with_retry(init_kwargs, children_before)
             if not self.owns_cluster:
                 self._check_memory_actor(ray.cluster_resources())
             remotes = _remotes()
@@ -341,9 +343,22 @@ class RayExecutor(Executor):
             self._memory = _RayMemory(self._start_memory_actor(remotes["store"]))
         except BaseException:
             self._memory = self._sink = None
-            ray.shutdown()  # also stops node processes a failed ray.init had started
+            _shutdown_and_reap(children_before)  # never leave a half-started Ray behind
             raise
         return _RayBackend(self, self._sink)
+
+    def _init_with_retry(self, init_kwargs: dict, children_before: set[int]):
+        """ray.init; a local start that timed out (Ray waits a fixed 30 s for its raylet, too short
+        on a busy machine) is cleaned up and tried once more."""
+        import ray
+        try:
+            return ray.init(**init_kwargs)
+        except Exception as exc:
+            if not self.owns_cluster or "timed out during startup" not in str(exc):
+                raise
+            log.warning("Ray start-up timed out on a busy machine; trying once more")
+            _shutdown_and_reap(children_before)
+            return ray.init(**init_kwargs)
 
     def _start_memory_actor(self, store_cls):
         import ray
@@ -453,6 +468,35 @@ class RayExecutor(Executor):
                 add_gpu(sample)
             out.append(sample)
         return out
+
+
+def _child_pids() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _shutdown_and_reap(children_before: set[int]) -> None:
+    """ray.shutdown(), then end any process our own failed ray.init started (ray.shutdown
+    doesn't know a node whose start-up timed out)."""
+    import ray
+    try:
+        ray.shutdown()
+    except Exception:
+        pass
+    ours = []
+    for proc in psutil.Process().children(recursive=True):
+        if proc.pid not in children_before:
+            ours.append(proc)
+    for proc in ours:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(ours, timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
 
 
 def _level(level) -> int:
