@@ -484,8 +484,11 @@ def _shutdown_and_reap(children_before: set[int]) -> None:
         pass
     ours = []
     for proc in psutil.Process().children(recursive=True):
-        if proc.pid not in children_before:
-            ours.append(proc)
+        try:
+            if proc.pid not in children_before and "ray" in " ".join(proc.cmdline()):
+                ours.append(proc)
+        except psutil.Error:
+            pass
     for proc in ours:
         try:
             proc.terminate()
