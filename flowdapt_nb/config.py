@@ -50,6 +50,15 @@ def _resource_map(value):
     return out
 
 
+def _count_or_auto(name: str):
+    """A validator: ``auto`` or a whole number >= 1."""
+    def check(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError(f"{name} must be 'auto' or a whole number >= 1")
+        return v
+    return field_validator(name)(classmethod(check))
+
+
 class ExecutorFields(BaseModel):
     """Fields every executor takes, beyond Flowdapt's own."""
 
@@ -84,12 +93,7 @@ class LocalConfig(ExecutorFields):
 
     _inert = {"cluster_memory_socket_path": "cluster memory is served by the executor itself"}
 
-    @field_validator("cpus")
-    @classmethod
-    def _cpus(cls, v):
-        if v != "auto" and v < 1:
-            raise ValueError("cpus must be 'auto' or a whole number >= 1")
-        return v
+    _v_cpus = _count_or_auto("cpus")
 
 
 class _ClusterFields(ExecutorFields):
@@ -106,12 +110,7 @@ class _ClusterFields(ExecutorFields):
     _v_res = field_validator("resources", mode="before")(_resource_map)
     _v_mem = field_validator("memory", mode="before")(_size_or_auto)
 
-    @field_validator("cpus")
-    @classmethod
-    def _cpus(cls, v):
-        if v != "auto" and v < 1:
-            raise ValueError("cpus must be 'auto' or a whole number >= 1")
-        return v
+    _v_cpus = _count_or_auto("cpus")
 
     @field_validator("gpus")
     @classmethod
@@ -133,12 +132,7 @@ class DaskConfig(_ClusterFields):
     _inert = {"upload_plugins": "Flowdapt plugins are not used by flowdapt_nb",
               "pip": "install packages into the environment the workers run in"}
 
-    @field_validator("threads")
-    @classmethod
-    def _threads(cls, v):
-        if v != "auto" and v < 1:
-            raise ValueError("threads must be 'auto' or a whole number >= 1")
-        return v
+    _v_threads = _count_or_auto("threads")
 
 
 class RayConfig(_ClusterFields):
@@ -291,10 +285,19 @@ def split_config(src) -> tuple[Source, tuple, dict]:
             node = node[key]
             prefix += (key,)
         storage = data["services"].get("storage") if isinstance(data["services"], dict) else None
+        where: tuple = ("services", "storage")
+        if "artifacts" in compute:  # our key beside the executor wins over Flowdapt's services.storage
+            storage, where = compute.pop("artifacts"), prefix[:-1] + ("artifacts",)
         if storage is not None:
-            compute["storage"] = storage
+            compute["storage"] = _storage_setting(storage, source, where)
         return source, prefix, compute
     return source, (), compute
+
+
+def _storage_setting(setting, source: Source, path: tuple):
+    """Check a storage setting (URL or mapping) where the config gives it; local paths absolute."""
+    from .artifacts import normalize_setting
+    return normalize_setting(setting, key=".".join(map(str, path)), line=source.line_of(path))
 
 
 def executor_from_config(src, **overrides):
@@ -312,6 +315,8 @@ def executor_from_config(src, **overrides):
         raise ConfigError("the executor config must be a mapping with a 'target'",
                           line=source.line_of(prefix))
     mapping = {**mapping, **overrides}
+    if "artifacts" in mapping:  # storage for object_store artifacts, given beside the executor fields
+        compute["storage"] = _storage_setting(mapping.pop("artifacts"), source, prefix + ("artifacts",))
     if "target" in mapping and "__target__" in mapping:
         raise ConfigError("give 'target' or '__target__', not both", key="target",
                           line=source.line_of(prefix + ("__target__",)))

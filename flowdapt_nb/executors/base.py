@@ -52,6 +52,7 @@ class Executor:
         self._active: dict[str, tuple[RunHandle, Engine | None]] = {}
         self._lock = threading.RLock()
         self._sampler = None
+        self._memory = None  # the cluster memory store (or a handle to it) while running
         self._started_at: float | None = None
 
     # --- lifecycle ---
@@ -136,7 +137,9 @@ class Executor:
     @property
     def memory_store(self):
         """The cluster memory store of this executor (a running executor only)."""
-        raise NotImplementedError
+        if self._memory is None:
+            raise RuntimeError("the executor is not running; start it to use cluster memory")
+        return self._memory
 
     # --- info ---
     def info(self) -> dict:
@@ -232,7 +235,8 @@ class Executor:
         return {"target": self.kind, **self.config.model_dump(mode="json")}
 
     def _worker_memory_handle(self) -> Any:
-        return None
+        """What a stage's cluster_memory calls reach: picklable for process/cluster workers."""
+        return self._memory
 
     def _on_worker_event(self, event: dict) -> None:
         """A task reported from its worker (running, or finished with its own timings)."""

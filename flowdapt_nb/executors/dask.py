@@ -253,15 +253,6 @@ class DaskExecutor(Executor):
         return self._advertised
 
     # --- info ---
-    @property
-    def memory_store(self):
-        if self._memory is None:
-            raise RuntimeError("the executor is not running; start it to use cluster memory")
-        return self._memory
-
-    def _worker_memory_handle(self):
-        return self._memory
-
     def _address(self):
         return self.client.scheduler.address if self.client is not None else None
 

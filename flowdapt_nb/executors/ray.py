@@ -419,15 +419,6 @@ class RayExecutor(Executor):
         return opts
 
     # --- info ---
-    @property
-    def memory_store(self):
-        if self._memory is None:
-            raise RuntimeError("the executor is not running; start it to use cluster memory")
-        return self._memory
-
-    def _worker_memory_handle(self):
-        return self._memory
-
     def _address(self):
         if self._ctx is None:
             return None
