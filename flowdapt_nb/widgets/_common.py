@@ -20,8 +20,10 @@ CSS = """
 .fnb{font-family:var(--jp-ui-font-family,-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif);
  font-size:12.5px;line-height:1.45;color:var(--jp-ui-font-color1,#1f2328);white-space:normal}
 .fnb *{box-sizing:border-box}
-.fnb-panel{border:1px solid var(--jp-border-color2,#e0e3e7);border-radius:8px;padding:10px 14px;
- background:var(--jp-layout-color1,#fff);margin:2px 0}
+.fnb-panel,.fnb-box{border:1px solid var(--jp-border-color2,#e0e3e7);border-radius:8px;padding:10px 14px;
+ background:var(--jp-layout-color1,#fff);margin:4px 0;min-width:0;overflow-x:auto}
+.fnb-box .widget-html-content{line-height:1.45}
+.fnb-box > .widget-hbox{margin:2px 0}
 .fnb-head{display:flex;align-items:center;gap:10px;flex-wrap:wrap;margin-bottom:8px}
 .fnb-title{font-weight:600;font-size:14px}
 .fnb-sub{font-weight:600;font-size:11px;text-transform:uppercase;letter-spacing:.05em;
@@ -62,7 +64,8 @@ CSS = """
  overflow:hidden;flex:none}
 .fnb-gauge-fill{position:absolute;left:0;top:0;bottom:0;border-radius:4px}
 .fnb-gauge-text{font-variant-numeric:tabular-nums;min-width:86px}
-.fnb-spark{display:block}
+.fnb-spark{display:block;margin-top:3px}
+.fnb-cell{display:flex;flex-direction:column}
 .fnb-res{display:inline-flex;align-items:center;gap:4px;margin-right:10px}
 .fnb-kv{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px}
 .fnb-kv span:nth-child(odd){color:var(--jp-ui-font-color2,#6a737d)}
@@ -137,11 +140,11 @@ def level_colour(frac: float | None) -> str:
     return "#e53935"
 
 
-def gauge(frac: float | None, text: str) -> str:
-    """A small horizontal gauge with its value as text."""
+def gauge(frac: float | None, text: str, colour: str | None = None) -> str:
+    """A small horizontal gauge with its value as text (coloured by level unless ``colour``)."""
     width = 0 if frac is None else max(0.0, min(1.0, frac)) * 100
     return (f'<div class="fnb-gauge"><div class="fnb-gauge-track"><div class="fnb-gauge-fill" '
-            f'style="width:{width:.1f}%;background:{level_colour(frac)}"></div></div>'
+            f'style="width:{width:.1f}%;background:{colour or level_colour(frac)}"></div></div>'
             f'<span class="fnb-gauge-text">{esc(text)}</span></div>')
 
 
@@ -266,7 +269,11 @@ class FeedWidget(widgets.VBox):
     def _repr_html_(self) -> str:
         return CSS + '<div class="fnb">' + self._static_html() + "</div>"
 
-    def _static_html(self) -> str:  # pragma: no cover - subclasses
+    def _static_html(self) -> str:
+        """The widget as static HTML (for nbconvert, nbviewer): its inner HTML in a panel."""
+        return '<div class="fnb-panel">' + self._inner_html() + "</div>"
+
+    def _inner_html(self) -> str:  # pragma: no cover - subclasses
         return ""
 
 

@@ -34,10 +34,11 @@ class ExecutorCard(FeedWidget):
     error = Unicode("")
 
     def __init__(self, executor, **kwargs):
+        kwargs.setdefault("layout", widgets.Layout(max_width="640px"))
         super().__init__(**kwargs)
         self.executor = executor
         self._body = html_widget()
-        self.stop_button = widgets.Button(description="Stop", icon="stop", button_style="danger",
+        self.stop_button = widgets.Button(description="Stop", icon="stop", button_style="",
                                           tooltip="Close the executor (and the cluster it started)",
                                           layout=widgets.Layout(width="90px"))
         self.stop_button.on_click(lambda _: self.stop())
@@ -47,6 +48,7 @@ class ExecutorCard(FeedWidget):
         self.children = [style_widget(), self._body,
                          widgets.HBox([self.stop_button, self.refresh_button])]
         self.add_class("fnb-executor-card")
+        self.add_class("fnb-box")
         self._info: dict = {}
         self.refresh()
         if executor.running:
@@ -129,11 +131,11 @@ class ExecutorCard(FeedWidget):
         return thread
 
     def _redraw(self) -> None:
-        self._body.value = '<div class="fnb">' + self._static_html() + "</div>"
+        self._body.value = '<div class="fnb">' + self._inner_html() + "</div>"
         self.stop_button.disabled = self.state != "running"
         self.refresh_button.disabled = self.state == "stopping"
 
-    def _static_html(self) -> str:
+    def _inner_html(self) -> str:
         title = _KIND_TITLES.get(self.kind, f"{self.kind} executor")
         state_colour = {"running": "finished", "stopping": "cancelled", "stopped": "skipped"}.get(self.state, "failed")
         dash = (f'<a class="fnb-link" href="{esc(self.dashboard_url)}" target="_blank" rel="noopener">'
@@ -144,7 +146,7 @@ class ExecutorCard(FeedWidget):
             f'<span class="fnb-res"><span class="fnb-mono">{esc(k)}</span> <b>{fmt_amount(k, v)}</b></span>'
             for k, v in sorted(self.resources.items()) if k != "object_store_memory") or '<span class="fnb-muted">–</span>'
         err = f'<div class="fnb-err" style="margin-top:6px">{esc(self.error)}</div>' if self.error else ""
-        return (f'<div class="fnb-panel fnb-card"><div class="fnb-head"><span class="fnb-title">{esc(title)}</span>'
+        return (f'<div class="fnb-card"><div class="fnb-head"><span class="fnb-title">{esc(title)}</span>'
                 f'{badge(state_colour, self.state)}<span class="fnb-muted">{esc(type(self.executor).__name__)}'
                 f'{" · " + where if where and self.state == "running" else ""}</span></div>'
                 '<div class="fnb-kv">'

@@ -59,7 +59,7 @@ class Dashboard(FeedWidget):
         super().close()
 
     def _static_html(self) -> str:
-        return (self._header_html() + self.tasks._static_html() + self.resources._static_html())
+        return self._header_html() + self.tasks._static_html() + self.resources._static_html()
 
     def __repr__(self) -> str:
         head = f"Dashboard ({self.executor.kind})" + (f" · {self.dashboard_url}" if self.dashboard_url else "")

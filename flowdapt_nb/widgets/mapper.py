@@ -7,10 +7,7 @@ Everything the widget does is reachable from code too (``add_stage``, ``load``, 
 
 from __future__ import annotations
 
-import ast
 import inspect
-import json
-import re
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,172 +20,10 @@ from traitlets import Dict, List, Unicode
 from ..dag import dag_svg
 from ..errors import ConfigError
 from ..workflow import NAME_PATTERN, Stage, Workflow, _check_resources, load_workflow, resolve_target, user_namespace
-from ._common import CSS, FeedWidget, badge, esc, fmt_duration, html_widget, style_widget
+from ._common import FeedWidget, badge, esc, fmt_duration, html_widget, style_widget
+from ._stage_row import _ROW_CSS, _PLACEHOLDER_INPUT, _StageRow, _internal, _shell_hidden, _signature, \
+    format_resources, parse_input, parse_resources
 from ._tracker import RunTracker
-
-_ROW_CSS = """
-<style>
-.fnb-stage-row{border:1px solid var(--jp-border-color2,#e0e3e7);border-left:4px solid #90a4ae;border-radius:6px;
- padding:4px 6px;margin:3px 0;background:var(--jp-layout-color1,#fff)}
-.fnb-stage-row.fnb-invalid{border-left-color:#e53935;background:var(--jp-layout-color1,#fff)}
-.fnb-stage-row.fnb-valid{border-left-color:#43a047}
-.fnb-mapper-side{border-left:1px solid var(--jp-border-color2,#e0e3e7);padding-left:10px}
-</style>
-"""
-
-_PLACEHOLDER_INPUT = "run input, e.g. {'n': 10}"
-
-
-def _signature(fn) -> str:
-    try:
-        return f"{fn.__name__}{inspect.signature(fn)}"
-    except (TypeError, ValueError):
-        return getattr(fn, "__name__", repr(fn))
-
-
-def parse_resources(text: str) -> dict:
-    """``"cpus=1, memory=1GB"`` (or ``{cpus: 1}``) -> ``{"cpus": 1, "memory": "1GB"}``."""
-    text = (text or "").strip()
-    if not text:
-        return {}
-    if text.startswith("{"):
-        data = yaml.safe_load(text)
-        if not isinstance(data, dict):
-            raise ValueError("resources must be a mapping like {cpus: 1}")
-        return {str(k): v for k, v in data.items()}
-    out = {}
-    for part in re.split(r"[,;]\s*|\s+(?=[A-Za-z_][\w-]*\s*[=:])", text):
-        part = part.strip()
-        if not part:
-            continue
-        key, sep, value = part.partition("=") if "=" in part else part.partition(":")
-        key, value = key.strip(), value.strip()
-        if not sep or not key or not value:
-            raise ValueError(f"resources: can't read {part!r}; write name=amount, e.g. cpus=1, memory=1GB")
-        try:
-            out[key] = int(value)
-        except ValueError:
-            try:
-                out[key] = float(value)
-            except ValueError:
-                out[key] = value
-    return out
-
-
-def format_resources(resources: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in (resources or {}).items())
-
-
-def parse_input(text: str) -> dict:
-    """The run input typed in the mapper: a Python or JSON dict, or ``k=v`` pairs."""
-    text = (text or "").strip()
-    if not text:
-        return {}
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = None
-            pairs = {}
-            for part in re.split(r"[,\s]+", text):
-                if "=" not in part:
-                    break
-                k, _, v = part.partition("=")
-                try:
-                    pairs[k] = ast.literal_eval(v)
-                except (ValueError, SyntaxError):
-                    pairs[k] = v
-            else:
-                value = pairs
-    if not isinstance(value, dict):
-        raise ValueError("the run input must be a dict, e.g. {'n': 10} or n=10")
-    return value
-
-
-class _StageRow(widgets.VBox):
-    """The editor of one stage."""
-
-    def __init__(self, mapper: "StageMapper", name: str, target: str, type: str, depends_on: list,
-                 map_on: str, resources: str, allow_partial_failure: bool, extra_options: dict,
-                 extra: dict, explicit_partial: bool):
-        self.mapper = mapper
-        self.extra_options = dict(extra_options)
-        self.extra = dict(extra)
-        self.explicit_partial = explicit_partial
-        self.state_w = widgets.HTML(layout=widgets.Layout(width="78px"))
-        self.name_w = widgets.Text(value=name, placeholder="stage name", continuous_update=False,
-                                   layout=widgets.Layout(width="150px"))
-        self.target_w = widgets.Combobox(value=target, options=mapper.functions, ensure_option=False,
-                                         placeholder="function or import path", continuous_update=False,
-                                         layout=widgets.Layout(flex="1 1 200px", width="auto"))
-        self.type_w = widgets.Dropdown(options=["simple", "parameterized"], value=type,
-                                       layout=widgets.Layout(width="125px"))
-        self.remove_w = widgets.Button(icon="trash", tooltip="remove this stage",
-                                       layout=widgets.Layout(width="36px"))
-        self.deps_w = widgets.TagsInput(value=[], allowed_tags=[], allow_duplicates=False,
-                                        placeholder="depends on…", layout=widgets.Layout(flex="1 1 200px", width="auto"))
-        self.map_on_w = widgets.Text(value=map_on, placeholder="map_on: input key", continuous_update=False,
-                                     layout=widgets.Layout(width="150px"))
-        self.resources_w = widgets.Text(value=resources, placeholder="resources: cpus=1, memory=1GB",
-                                        continuous_update=False, layout=widgets.Layout(width="210px"))
-        self.partial_w = widgets.Checkbox(value=allow_partial_failure, description="allow partial failure",
-                                          indent=False, layout=widgets.Layout(width="170px"))
-        self.error_w = widgets.HTML()
-        self.deps_w.allowed_tags = sorted(set(depends_on) | set(mapper.stage_names()))
-        self.deps_w.value = list(depends_on)
-        super().__init__([
-            widgets.HBox([self.state_w, self.name_w, self.target_w, self.type_w, self.remove_w]),
-            widgets.HBox([widgets.HTML('<span class="fnb fnb-muted" style="font-size:11px">depends on</span>',
-                                       layout=widgets.Layout(width="78px")),
-                          self.deps_w, self.map_on_w, self.partial_w, self.resources_w]),
-            self.error_w])
-        self.add_class("fnb-stage-row")
-        self._show_type_fields()
-        for w in (self.name_w, self.target_w, self.type_w, self.deps_w, self.map_on_w, self.resources_w,
-                  self.partial_w):
-            w.observe(self._changed, names="value")
-        self.remove_w.on_click(lambda _: mapper.remove_stage(self))
-        self._last_name = name
-
-    def _show_type_fields(self) -> None:
-        param = self.type_w.value == "parameterized"
-        self.map_on_w.layout.display = "" if param and not self.deps_w.value else "none"
-        self.partial_w.layout.display = "" if param else "none"
-
-    def _changed(self, change) -> None:
-        owner = change["owner"]
-        if owner is self.name_w:
-            old, new = self._last_name, change["new"].strip()
-            self._last_name = new
-            self.mapper._renamed(self, old, new)
-        self._show_type_fields()
-        self.mapper._changed()
-
-    @property
-    def name(self) -> str:
-        return self.name_w.value.strip()
-
-    def set_error(self, message: str | None) -> None:
-        if message:
-            self.error_w.value = f'<div class="fnb fnb-stage-error">⚠ {esc(message)}</div>'
-            self.remove_class("fnb-valid")
-            self.add_class("fnb-invalid")
-        else:
-            self.error_w.value = ""
-            self.remove_class("fnb-invalid")
-            self.add_class("fnb-valid")
-
-    def set_state(self, state: str | None) -> None:
-        self.state_w.value = f'<div class="fnb">{badge(state)}</div>' if state else ""
-
-    def fields(self) -> dict:
-        """This stage as the keyword arguments of ``add_stage``."""
-        return {"name": self.name, "target": self.target_w.value.strip(), "type": self.type_w.value,
-                "depends_on": list(self.deps_w.value), "map_on": self.map_on_w.value.strip() or None,
-                "resources": self.resources_w.value.strip(), "allow_partial_failure": self.partial_w.value}
-
 
 class StageMapper(FeedWidget):
     """Build a workflow from notebook functions, watch its DAG, run it, export it.
@@ -247,7 +82,7 @@ class StageMapper(FeedWidget):
         self.empty_w = widgets.HTML('<div class="fnb fnb-empty">No stages yet: pick a function on the right '
                                     'and press “Add as stage”, or Load a workflow.</div>')
         self.dag_w = widgets.HTML(layout=widgets.Layout(width="100%"))
-        self.functions_w = widgets.Select(options=[], rows=7, layout=widgets.Layout(width="100%"))
+        self.functions_w = widgets.Select(options=[], rows=7, layout=widgets.Layout(width="auto"))
         self.add_fn_w = widgets.Button(description="Add as stage", icon="plus-circle",
                                        layout=widgets.Layout(width="130px"))
         self.refresh_w = widgets.Button(icon="refresh", tooltip="look for new notebook functions",
@@ -287,6 +122,7 @@ class StageMapper(FeedWidget):
                          layout=widgets.Layout(width="100%", align_items="flex-start")),
             self.export_box, self.load_box]
         self.add_class("fnb-stage-mapper")
+        self.add_class("fnb-box")
 
         self.name_w.observe(self._on_name, names="value")
         self.add_w.on_click(lambda _: self._ui(self._add_from_ui, None))
@@ -316,8 +152,9 @@ class StageMapper(FeedWidget):
     def refresh_functions(self, *_) -> list[str]:
         """Look for functions in the namespace again (done after every notebook cell)."""
         ns = self._ns()
-        names = sorted(k for k, v in ns.items() if not k.startswith("_") and
-                       (inspect.isfunction(v) or k in self._callables))
+        hidden = _shell_hidden() if self._namespace is None else {}
+        names = sorted(k for k, v in ns.items() if not k.startswith("_") and hidden.get(k) is not v and
+                       ((inspect.isfunction(v) and not _internal(v)) or k in self._callables))
         if names != list(self.functions):
             self.functions = names
             current = self.functions_w.value

@@ -49,6 +49,7 @@ class ResourceDashboard(FeedWidget):
         self._body = html_widget()
         self.children = [style_widget(), self._body]
         self.add_class("fnb-resource-dashboard")
+        self.add_class("fnb-box")
         self._subscribe(executor, kinds=("sample",))
         with self._draw_lock:
             self._seed()
@@ -92,7 +93,7 @@ class ResourceDashboard(FeedWidget):
         self.workers = sorted(self._series)
         self.latest = {w: self._row(q[-1]) for w, q in self._series.items()}
         self.samples = sum(len(q) for q in self._series.values())
-        self._body.value = '<div class="fnb">' + self._static_html(now) + "</div>"
+        self._body.value = '<div class="fnb">' + self._inner_html(now) + "</div>"
         self.redraws += 1
 
     @staticmethod
@@ -106,64 +107,65 @@ class ResourceDashboard(FeedWidget):
         return row
 
     # --- drawing ---
-    def _static_html(self, now: float | None = None) -> str:
+    def _inner_html(self, now: float | None = None) -> str:
         now = now or time.time()
-        t0 = now - self.window
         title = (f'<div class="fnb-head"><span class="fnb-title">Resources</span>'
                  f'<span class="fnb-muted">{len(self._series)} worker{"s" if len(self._series) != 1 else ""}'
                  f' · last {self._window_text()}</span><span class="fnb-spacer"></span>')
         if not self._series:
-            return (f'<div class="fnb-panel fnb-resources">{title}</div>'
+            return (f'<div class="fnb-resources">{title}</div>'
                     '<div class="fnb-empty">Waiting for the first resource sample…</div></div>')
         newest = max(q[-1].time for q in self._series.values())
+        oldest = min(q[0].time for q in self._series.values())
+        t0 = max(now - self.window, min(oldest, now - 2))  # young series fill the width as they grow
         title += f'<span class="fnb-muted fnb-sampled">sampled {ago(newest, now)}</span></div>'
         latest = {w: q[-1] for w, q in self._series.items()}
         summary = self._summary(latest)
         has_gpu = any(s.gpu_percent is not None or any(_is_gpu(k) for k in s.resources_total)
                       for s in latest.values())
-        head = ('<tr><th>worker</th><th>cpu</th><th></th><th>memory</th><th></th>'
-                + ('<th>gpu</th>' if has_gpu else '') + '<th>logical resources (used / total)</th></tr>')
+        head = ('<tr><th>worker</th><th>cpu</th><th>memory</th>' + ('<th>gpu</th>' if has_gpu else '')
+                + '<th>logical resources in use</th></tr>')
         rows = []
         for worker in sorted(self._series):
             q = self._series[worker]
             s = q[-1]
-            cpu_pts = [(x.time, x.cpu_percent) for x in q]
-            mem_pts = [(x.time, x.memory_used) for x in q]
             if s.cpu_percent is not None:
-                cpu_cell = gauge(s.cpu_percent / 100, f"{s.cpu_percent:.0f}%")
-                cpu_spark = sparkline(cpu_pts, t0, now, vmax=max(100.0, max(v or 0 for _, v in cpu_pts)),
-                                      colour="#1e88e5")
+                pts = [(x.time, x.cpu_percent) for x in q]
+                top = max(100.0, max(v or 0 for _, v in pts))
+                cpu_cell = (gauge(s.cpu_percent / top, f"{s.cpu_percent:.0f}%")
+                            + sparkline(pts, t0, now, vmax=top, width=170, height=24, colour="#1e88e5"))
             else:
-                cpu_cell, cpu_spark = '<span class="fnb-muted">not measured</span>', ""
+                cpu_cell = '<span class="fnb-muted">not measured here</span>'
             if s.memory_used is not None:
                 frac = s.memory_used / s.memory_limit if s.memory_limit else None
-                text = fmt_bytes(s.memory_used) + (f" / {fmt_bytes(s.memory_limit)}" if s.memory_limit else "")
-                mem_cell = gauge(frac, text)
-                mem_spark = sparkline(mem_pts, t0, now, vmax=s.memory_limit or None, colour="#8e24aa")
+                text = fmt_bytes(s.memory_used) + (f" of {fmt_bytes(s.memory_limit)}" if s.memory_limit else "")
+                used = [(x.time, x.memory_used) for x in q]
+                top = max(v or 0 for _, v in used) * 1.25 or None  # the trend, not the limit, fills the height
+                mem_cell = gauge(frac, text) + sparkline(used, t0, now, vmax=top, width=170, height=24,
+                                                          colour="#8e24aa")
             else:
-                mem_cell, mem_spark = '<span class="fnb-muted">not measured</span>', ""
-            gpu_cell = ""
-            if has_gpu:
-                gpu_cell = f"<td>{self._gpu_cell(s, q, t0, now)}</td>"
+                mem_cell = '<span class="fnb-muted">not measured here</span>'
+            gpu_cell = f'<td><div class="fnb-cell">{self._gpu_cell(s, q, t0, now)}</div></td>' if has_gpu else ""
             res = []
             for name in sorted(s.resources_total):
                 if name in _HIDDEN or (has_gpu and _is_gpu(name)):
                     continue
                 total = s.resources_total[name]
-                used = _used(s, name)
-                frac = (used / total) if total and used is not None else None
+                used_now = _used(s, name)
+                frac = (used_now / total) if total and used_now is not None else None
                 pts = [(x.time, _used(x, name)) for x in q]
-                res.append(f'<div class="fnb-res" title="{esc(name)}: {fmt_amount(name, used)} of '
-                           f'{fmt_amount(name, total)} in use"><span class="fnb-mono">{esc(name)}</span>'
-                           f'{gauge(frac, f"{fmt_amount(name, used)} / {fmt_amount(name, total)}")}'
-                           f'{sparkline(pts, t0, now, vmax=total or None, width=60, height=18, colour="#00897b")}'
+                res.append(f'<div class="fnb-res" title="{esc(name)}: {fmt_amount(name, used_now)} of '
+                           f'{fmt_amount(name, total)} in use"><span class="fnb-mono" style="min-width:90px">'
+                           f'{esc(name)}</span>{gauge(frac, f"{fmt_amount(name, used_now)} / {fmt_amount(name, total)}", "#00897b")}'
+                           f'{sparkline(pts, t0, now, vmax=total or None, width=70, height=16, colour="#00897b")}'
                            f'</div>')
-            rows.append(f'<tr data-worker="{esc(worker)}"><td class="fnb-mono" title="{esc(worker)}">'
-                        f'{esc(_short(worker))}</td><td>{cpu_cell}</td><td>{cpu_spark}</td><td>{mem_cell}</td>'
-                        f'<td>{mem_spark}</td>{gpu_cell}<td style="white-space:normal">'
-                        f'{"".join(res) or "<span class=fnb-muted>none declared</span>"}</td></tr>')
+            rows.append(f'<tr data-worker="{esc(worker)}"><td class="fnb-mono" title="{esc(worker)}" '
+                        f'style="vertical-align:top">{esc(_short(worker))}</td>'
+                        f'<td><div class="fnb-cell">{cpu_cell}</div></td><td><div class="fnb-cell">{mem_cell}</div></td>'
+                        f'{gpu_cell}<td style="white-space:normal"><div class="fnb-cell">'
+                        f'{"".join(res) or "<span class=fnb-muted>none declared</span>"}</div></td></tr>')
         table = f'<table class="fnb-table fnb-workers">{head}{"".join(rows)}</table>'
-        return f'<div class="fnb-panel fnb-resources">{title}{summary}{table}</div>'
+        return f'<div class="fnb-resources">{title}{summary}{table}</div>'
 
     def _summary(self, latest: dict) -> str:
         cpus = [s.cpu_percent for s in latest.values() if s.cpu_percent is not None]
@@ -196,7 +198,7 @@ class ResourceDashboard(FeedWidget):
             if s.gpu_memory_used is not None and s.gpu_memory_limit:
                 text += f" · {fmt_bytes(s.gpu_memory_used)}"
             return (gauge(s.gpu_percent / 100, text)
-                    + sparkline([(x.time, x.gpu_percent) for x in q], t0, now, vmax=100, width=80, height=18,
+                    + sparkline([(x.time, x.gpu_percent) for x in q], t0, now, vmax=100, width=150, height=24,
                                 colour="#f4511e"))
         for name, total in s.resources_total.items():
             if _is_gpu(name):

@@ -48,15 +48,18 @@ class TaskDashboard(FeedWidget):
         self._pinned = run is not None
         self._tracker: RunTracker | None = None
         self._body = html_widget()
-        self._picker = widgets.Dropdown(description="Run", layout=widgets.Layout(width="auto", min_width="320px"),
-                                        style={"description_width": "30px"})
-        self._failed_pick = widgets.Dropdown(description="Traceback",
-                                             layout=widgets.Layout(width="auto", min_width="360px"),
-                                             style={"description_width": "70px"})
+        self._picker = widgets.Dropdown(description="run", layout=widgets.Layout(width="340px"),
+                                        style={"description_width": "28px"})
+        self._picker_row = widgets.HBox([self._picker], layout=widgets.Layout(justify_content="flex-end",
+                                                                               display="none"))
+        self._failed_pick = widgets.Dropdown(description="traceback of",
+                                             layout=widgets.Layout(width="auto", min_width="420px"),
+                                             style={"description_width": "82px"})
         self._traceback = html_widget()
         self._failed_box = widgets.VBox([self._failed_pick, self._traceback],
                                         layout=widgets.Layout(display="none"))
-        self.children = [style_widget(), self._picker, self._body, self._failed_box]
+        self.children = [style_widget(), self._picker_row, self._body, self._failed_box]
+        self.add_class("fnb-box")
         self.add_class("fnb-task-dashboard")
         self._updating_picker = False
         self._subscribe(executor, kinds=("task", "run", "sample"))
@@ -157,7 +160,7 @@ class TaskDashboard(FeedWidget):
             self._picker.value = value
         finally:
             self._updating_picker = False
-        self._picker.layout.display = "" if len(options) > 1 else "none"
+        self._picker_row.layout.display = "" if len(options) > 2 else "none"
 
     def _on_pick(self, change) -> None:
         if self._updating_picker:
@@ -184,8 +187,7 @@ class TaskDashboard(FeedWidget):
         run = self.run
         text = (traceback_of(run, stage, item) if run is not None else None) or "no traceback recorded"
         self.traceback_text = text
-        self._traceback.value = (f'<div class="fnb"><div class="fnb-sub">{esc(task_label(stage, item))}</div>'
-                                 f'<div class="fnb-pre">{esc(text)}</div></div>')
+        self._traceback.value = (f'<div class="fnb"><div class="fnb-pre">{esc(_user_frames(text))}</div></div>')
         return text
 
     def _redraw(self) -> None:
@@ -204,7 +206,7 @@ class TaskDashboard(FeedWidget):
             self.recent_tasks = tracker.recent_tasks(self.recent_limit)
             self.failed_tasks = tracker.failed_tasks()
             self.run_id, self.run_name, self.run_state = run.uid, run.name, run.state
-        self._body.value = '<div class="fnb">' + self._static_html(now) + "</div>"
+        self._body.value = '<div class="fnb">' + self._inner_html(now) + "</div>"
         self._draw_failed()
         self.redraws += 1
 
@@ -223,45 +225,54 @@ class TaskDashboard(FeedWidget):
             self._failed_pick.value = current if current in [v for _, v in options] else _NO_TRACEBACK
         self._failed_box.layout.display = ""
 
-    def _static_html(self, now: float | None = None) -> str:
+    def _inner_html(self, now: float | None = None) -> str:
         now = now or time.time()
         tracker = self._tracker
         if tracker is None:
-            return ('<div class="fnb-panel fnb-tasks"><div class="fnb-head"><span class="fnb-title">Tasks</span>'
+            return ('<div class="fnb-tasks"><div class="fnb-head"><span class="fnb-title">Tasks</span>'
                     f'{badge("pending", "idle")}</div><div class="fnb-empty">No runs yet on this '
                     f'{esc(self.executor.kind)} executor: submit one (<code>ex.submit(wf, input)</code>) '
                     'and it shows up here.</div></div>')
         run = tracker.run
         totals = tracker.totals()
-        total = totals["total"]
-        duration = run.duration
+        expected, open_ended = totals["total"], False
+        for stage in tracker.stage_names:  # stages not launched yet: one task each if simple
+            if not sum(tracker.counts[stage].values()) and not run.done:
+                if tracker.types[stage] == "simple":
+                    expected += 1
+                else:
+                    open_ended = True
         error = (f'<div class="fnb-err fnb-run-error" style="margin:0 0 6px">{esc(run.error)}</div>'
                  if run.error else "")
         head = (f'<div class="fnb-head"><span class="fnb-title">{esc(run.workflow)}</span>'
                 f'{badge(run.state)}<span class="fnb-muted fnb-mono">{esc(run.name)}</span>'
-                f'<span class="fnb-spacer"></span><span class="fnb-muted">on {esc(run.executor)}</span></div>')
+                f'<span class="fnb-spacer"></span><span class="fnb-muted">{esc(run.executor)} executor'
+                f'{" · namespace " + esc(run.namespace) if run.namespace != "default" else ""}</span></div>')
+        failed_colour = "#e53935" if totals["failed"] else "inherit"
         stats = ('<div class="fnb-stats">'
-                 f'<div class="fnb-stat"><b class="fnb-run-done">{totals["done"]}/{total}</b><span>tasks done</span></div>'
+                 f'<div class="fnb-stat"><b class="fnb-run-done">{totals["done"]}/{expected}{"+" if open_ended else ""}'
+                 '</b><span>tasks done</span></div>'
                  f'<div class="fnb-stat"><b class="fnb-run-running" style="color:#1e88e5">{totals["running"]}</b>'
-                 f'<span>running</span></div>'
-                 f'<div class="fnb-stat"><b class="fnb-run-failed" style="color:{"#e53935" if totals["failed"] else "inherit"}">'
-                 f'{totals["failed"]}</b><span>failed</span></div>'
+                 '<span>running</span></div>'
                  f'<div class="fnb-stat"><b class="fnb-run-queued">{totals["queued"]}</b><span>queued</span></div>'
-                 f'<div class="fnb-stat"><b class="fnb-run-elapsed">{fmt_duration(duration)}</b><span>elapsed</span></div>'
-                 '</div>')
+                 f'<div class="fnb-stat"><b class="fnb-run-failed" style="color:{failed_colour}">{totals["failed"]}'
+                 '</b><span>failed</span></div>'
+                 f'<div class="fnb-stat"><b class="fnb-run-elapsed">{fmt_duration(run.duration)}</b>'
+                 '<span>elapsed</span></div></div>')
         rows = []
         for stage in tracker.stage_names:
             c = self._counts_row(tracker, stage)
             state = tracker.stage_state(stage)
-            eta = tracker.eta(stage, now)
             if state in ("running", "queued"):
-                eta_text = f"~{fmt_duration(eta)}" if eta is not None else "–"
+                eta = tracker.eta(stage, now)
+                time_text = f"~{fmt_duration(eta)} left" if eta is not None else "–"
             elif state == "pending":
                 waiting = [d for d in tracker.deps[stage] if tracker.stage_state(d) != "finished"]
-                eta_text = f'<span class="fnb-muted">after {esc(", ".join(waiting))}</span>' if waiting else "–"
+                time_text = f'<span class="fnb-muted">after {esc(", ".join(waiting))}</span>' if waiting else "–"
             else:
-                eta_text = fmt_duration(tracker.elapsed(stage, now))
-            kind = " <span class='fnb-muted' title='parameterized'>[*]</span>" if tracker.types[stage] == "parameterized" else ""
+                time_text = fmt_duration(tracker.elapsed(stage, now))
+            param = tracker.types[stage] == "parameterized"
+            kind = " <span class='fnb-muted' title='parameterized: one task per item'>[*]</span>" if param else ""
             extra = []
             if c["running"]:
                 extra.append(f'<span style="color:#1e88e5">{c["running"]} running</span>')
@@ -269,39 +280,43 @@ class TaskDashboard(FeedWidget):
                 extra.append(f'<span class="fnb-err">{c["failed"]} failed</span>')
             if c["cancelled"]:
                 extra.append(f'<span style="color:#fb8c00">{c["cancelled"]} cancelled</span>')
+            rate = fmt_rate(tracker.throughput(stage, now)) if param else "–"
             rows.append(
                 f'<tr data-stage="{esc(stage)}"><td><b>{esc(stage)}</b>{kind}</td><td>{badge(state)}</td>'
-                f'<td style="width:40%">{stacked_bar(c, c["total"])}</td>'
+                f'<td style="width:45%;min-width:180px">{stacked_bar(c, c["total"])}</td>'
                 f'<td class="fnb-num fnb-count">{c["done"]}/{c["total"] if c["total"] else "?"}</td>'
                 f'<td>{" · ".join(extra)}</td>'
-                f'<td class="fnb-num">{fmt_rate(tracker.throughput(stage, now))}</td>'
-                f'<td class="fnb-num">{eta_text}</td></tr>')
+                f'<td class="fnb-num">{rate}</td><td class="fnb-num">{time_text}</td></tr>')
         stages = ('<table class="fnb-table fnb-stages"><tr><th>stage</th><th>state</th><th>progress</th>'
                   '<th class="fnb-num">done</th><th></th><th class="fnb-num">throughput</th>'
-                  '<th class="fnb-num">eta / time</th></tr>' + "".join(rows) + "</table>" + legend())
+                  '<th class="fnb-num">time</th></tr>' + "".join(rows) + "</table>" + legend())
         recent = tracker.recent_tasks(self.recent_limit)
         if recent:
             trs = []
             for r in recent:
-                err = (r["error"] or "").splitlines()[0][:120] if r["error"] else ""
+                err = (r["error"] or "").splitlines()[0][:140] if r["error"] else ""
                 trs.append(f'<tr><td class="fnb-muted">{ago(r["changed"], now)}</td>'
                            f'<td class="fnb-mono">{esc(task_label(r["stage"], r["item"]))}</td>'
                            f'<td>{badge(r["state"])}</td><td class="fnb-mono fnb-muted">{esc(r["worker"] or "–")}</td>'
                            f'<td class="fnb-num">{fmt_duration(r["duration"]) if r["duration"] is not None else "–"}</td>'
                            f'<td class="fnb-err fnb-mono" style="white-space:normal">{esc(err)}</td></tr>')
-            recent_html = ('<div class="fnb-sub">Recent tasks</div><table class="fnb-table fnb-recent"><tr><th>when</th>'
-                           '<th>task</th><th>state</th><th>worker</th><th class="fnb-num">duration</th><th>error</th></tr>'
-                           + "".join(trs) + "</table>")
+            recent_html = ('<div class="fnb-sub">Recent tasks</div><table class="fnb-table fnb-recent"><tr>'
+                           '<th>when</th><th>task</th><th>state</th><th>worker</th><th class="fnb-num">duration</th>'
+                           '<th>error</th></tr>' + "".join(trs) + "</table>")
         else:
             recent_html = '<div class="fnb-empty">No tasks yet.</div>'
         failures = ""
         if tracker.failed:
             dropped = len(run.failures)
-            note = (f" ({dropped} dropped under allow_partial_failure)" if dropped else "")
-            failures = (f'<div class="fnb-sub fnb-err">Failed tasks: {len(tracker.failed)}{note}</div>'
-                        + "".join(f'<div class="fnb-mono fnb-err">{esc(task_label(s, i))}: {esc((e or "failed").splitlines()[0])}</div>'
-                                  for (s, i), e in list(tracker.failed.items())[:20]))
-        return (f'<div class="fnb-panel fnb-tasks">{head}{error}{stats}{stages}{recent_html}{failures}</div>')
+            note = f" · {dropped} dropped under allow_partial_failure" if dropped else ""
+            failures = (f'<div class="fnb-sub fnb-err">Failed tasks ({len(tracker.failed)}){note}</div>'
+                        '<table class="fnb-table fnb-failed">'
+                        + "".join(f'<tr><td class="fnb-mono" style="width:1%">{esc(task_label(s, i))}</td>'
+                                  f'<td class="fnb-mono fnb-err" style="white-space:normal">'
+                                  f'{esc((e or "failed").splitlines()[0])}</td></tr>'
+                                  for (s, i), e in list(tracker.failed.items())[:20])
+                        + "</table>")
+        return f'<div class="fnb-tasks">{head}{error}{stats}{stages}{failures}{recent_html}</div>'
 
     @staticmethod
     def _counts_row(tracker, stage) -> dict:
@@ -327,3 +342,18 @@ class TaskDashboard(FeedWidget):
         if run.error:
             lines.append(f"  error: {run.error}")
         return "\n".join(lines)
+
+
+def _user_frames(text: str) -> str:
+    """A worker traceback without the frame of flowdapt_nb's own task wrapper."""
+    lines = text.splitlines()
+    out, skip = [], False
+    for line in lines:
+        if line.startswith('  File "') and ("flowdapt_nb/worker.py" in line or "flowdapt_nb\\worker.py" in line):
+            skip = True
+            continue
+        if skip and (line.startswith("    ") and not line.startswith('  File "')):
+            continue
+        skip = False
+        out.append(line)
+    return "\n".join(out)
