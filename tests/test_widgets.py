@@ -233,6 +233,37 @@ def test_resource_dashboard_per_worker_gauges_and_series(ex):
     dash.close()
 
 
+def test_resource_dashboard_draws_gpus_when_workers_have_them():
+    # a GPU node's sample, published on a real executor's stream as a sampler would
+    from flowdapt_nb.events import ResourceSample
+    ex = make_executor("threads")
+    try:
+        dash = widgets.ResourceDashboard(ex)
+        now = time.time()
+        for i, (busy, gpu) in enumerate([(1, 35.0), (2, 70.0)]):
+            ex.events.publish(ResourceSample(
+                "gpu-node", now - 1 + i, cpu_percent=50.0, memory_used=int(20e9), memory_limit=int(64e9),
+                gpu_percent=gpu, gpu_memory_used=int(40e9), gpu_memory_limit=int(80e9),
+                resources_total={"CPU": 8, "GPU": 2}, resources_available={"CPU": 8 - busy, "GPU": 2 - busy}))
+        ex.events.flush()
+        assert dash.latest["gpu-node"]["gpu_percent"] == 70.0
+        assert dash.latest["gpu-node"]["GPU_used"] == 2 and dash.latest["gpu-node"]["CPU_used"] == 2
+        body = dash._body.value
+        assert "<th>gpu</th>" in body and "70%" in body and "40.0 GB" in body
+        assert "gpu 70%" in repr(dash) and "GPU 2/2" in repr(dash)
+        dash.close()
+    finally:
+        ex.close()
+
+
+def test_executor_card_of_an_executor_not_started():
+    ex = fnb.LocalExecutor(use_processes=False, cpus=1)
+    card = widgets.ExecutorCard(ex)
+    assert card.state == "stopped" and card.stop_button.disabled and card.n_workers == 0
+    assert "stopped" in repr(card)
+    card.close()
+
+
 # --- ExecutorCard and Dashboard ---------------------------------------------------------------
 
 def test_executor_card_shows_the_executor(ex):
@@ -518,6 +549,8 @@ print("ok")
 # --- views and imports ------------------------------------------------------------------------
 
 def test_every_widget_has_html_and_text_views():
+    from IPython.core.interactiveshell import InteractiveShell
+    shell = InteractiveShell.instance()
     ex = make_executor("threads")
     try:
         ex.run(slow_squares(0), input={"n": 2})
@@ -531,6 +564,10 @@ def test_every_widget_has_html_and_text_views():
             assert "<" not in text.splitlines()[0] or "lambda" in text, text
             bundle = w._repr_mimebundle_()
             assert bundle["text/plain"] == text
+            # what a notebook stores: the live view, and HTML and text for nbconvert and terminals
+            data, _ = shell.display_formatter.format(w)
+            assert {"application/vnd.jupyter.widget-view+json", "text/html", "text/plain"} <= set(data)
+            assert data["text/plain"] == text and data["text/html"].startswith("\n<style>")
             w.close()
     finally:
         ex.close()
