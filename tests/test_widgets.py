@@ -549,8 +549,8 @@ print("ok")
 # --- views and imports ------------------------------------------------------------------------
 
 def test_every_widget_has_html_and_text_views():
-    from IPython.core.interactiveshell import InteractiveShell
-    shell = InteractiveShell.instance()
+    from IPython.core.formatters import DisplayFormatter
+    formatter = DisplayFormatter()  # IPython's, without making a global shell
     ex = make_executor("threads")
     try:
         ex.run(slow_squares(0), input={"n": 2})
@@ -565,7 +565,7 @@ def test_every_widget_has_html_and_text_views():
             bundle = w._repr_mimebundle_()
             assert bundle["text/plain"] == text
             # what a notebook stores: the live view, and HTML and text for nbconvert and terminals
-            data, _ = shell.display_formatter.format(w)
+            data, _ = formatter.format(w)
             assert {"application/vnd.jupyter.widget-view+json", "text/html", "text/plain"} <= set(data)
             assert data["text/plain"] == text and data["text/html"].startswith("\n<style>")
             w.close()
