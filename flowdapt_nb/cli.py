@@ -14,12 +14,13 @@ from .errors import ConfigError, RunTimeoutError, StageError
 def parse_assignments(pairs: list[str] | None, what: str = "--input") -> dict:
     """``["n=3", "name=x", "xs=[1,2]"]`` -> {"n": 3, "name": "x", "xs": [1, 2]} (values read as YAML)."""
     import yaml
+    example = {"--input": "n=10", "--resource": "hamster_wheels=2", "--set": "include_dashboard=false"}
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip() or not key.strip().isidentifier():
             raise ConfigError(f"{what} takes key=value with a Python identifier as key, got {pair!r}",
-                              key=what, hint="e.g. --input n=10 --input name=squares")
+                              key=what, hint=f"e.g. {what} {example.get(what, 'name=value')}")
         try:
             out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:
@@ -69,7 +70,7 @@ def cmd_validate(args) -> int:
                 ex = executor_from_config(path)
                 print(f"{path}: ok ({ex.kind} executor config)")
         except ConfigError as exc:
-            print(f"{path}: {exc}", file=sys.stderr)
+            print(f"error: {path}: {exc}", file=sys.stderr)
             status = 1
     return status
 
@@ -92,11 +93,28 @@ def cmd_run(args) -> int:
             if not isinstance(loaded, dict):
                 raise ConfigError("--input-json must be a JSON object", key="--input-json")
             run_input = {**loaded, **run_input}
-        wf = load_workflow(args.workflow)
-        ex = executor_from_config(args.config) if args.config else LocalExecutor()
+        for what, path in (("workflow", args.workflow), ("config", args.config)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{what} file not found: {path}")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:  # the file goes first in these errors: each has its own line numbers
+        where = args.workflow
+        wf = load_workflow(Path(args.workflow))
+        where = args.config
+        ex = executor_from_config(Path(args.config)) if args.config else LocalExecutor()
+    except ConfigError as exc:
+        print(f"error: {exc}" if str(where) in str(exc) else f"error: {where}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        ex.start()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ConnectionError, OSError, TimeoutError, RuntimeError) as exc:  # unreachable address, ...
+        print(f"error: could not start the {ex.kind} executor: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     try:
         with ex:
             run = ex.run(wf, input=run_input, namespace=args.namespace, timeout=args.timeout)

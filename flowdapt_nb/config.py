@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import typing
 import warnings
 from typing import Any, Literal, Union
 
@@ -244,19 +245,72 @@ def validate_fields(model_cls, data: dict, source: Source | None = None, prefix=
     try:
         model = model_cls(**data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        key = ".".join(str(p) for p in loc)
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            parent = model_cls
-            msg = f"unknown key '{loc[-1]}'"
-        raise ConfigError(f"'{key}': {msg} (got {err.get('input')!r})" if err["type"] != "extra_forbidden"
-                          else msg, key=key, line=source.line_of(prefix + loc)) from None
+        raise _field_error(model_cls, exc, data, source, prefix) from None
     for name, why in model.inert_fields_set().items():
         warnings.warn(f"executor field '{name}' is accepted for Flowdapt compatibility but has no "
                       f"effect here: {why}", UserWarning, stacklevel=3)
     return model
+
+
+def _data_loc(data, loc) -> tuple:
+    """The part of a pydantic error location that names keys in ``data`` (drops union tags such
+    as ``literal['auto']`` or ``int``)."""
+    out: tuple = ()
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            break
+        out += (part,)
+    return out
+
+
+def _model_at(model_cls, loc):
+    """The pydantic model that holds the fields at ``loc`` (for nested mappings), or None."""
+    cls = model_cls
+    for part in loc:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        candidates = (field.annotation, *typing.get_args(field.annotation))
+        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if cls is None:
+            return None
+    return cls
+
+
+def _field_error(model_cls, exc: ValidationError, data: dict, source: Source, prefix) -> ConfigError:
+    """One ConfigError for a pydantic error: the key as written, its line, what is valid."""
+    errors = exc.errors()
+    err = errors[0]
+    if err["type"] == "extra_forbidden":
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        sub = _model_at(model_cls, loc[:-1])
+        valid = list(sub.model_fields) if sub is not None else []
+        near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+        hint = f"did you mean '{near[0]}'?" if near else ("valid keys: " + ", ".join(valid) if valid else None)
+        return ConfigError(f"unknown key '{loc[-1]}'", key=key, line=source.line_of(prefix + loc), hint=hint)
+    if err["type"] == "missing":
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        return ConfigError(f"'{key}' is required", key=key, line=source.line_of(prefix + loc))
+    loc = _data_loc(data, tuple(err["loc"])) or tuple(err["loc"][:1])
+    key = ".".join(str(p) for p in loc)
+    # a field that takes several types (e.g. 'auto' or a number) fails once per type: say them together
+    same = [e for e in errors if (_data_loc(data, tuple(e["loc"])) or tuple(e["loc"][:1])) == loc]
+    if len(same) > 1 and all(e["msg"].startswith("Input should be ") for e in same):
+        options = [e["msg"].removeprefix("Input should be ").split(", unable to")[0] for e in same]
+        msg = "should be " + " or ".join(dict.fromkeys(options))
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+    given = err.get("input")
+    if repr(given) not in msg:
+        msg += f" (got {given!r})"
+    return ConfigError(f"'{key}': {msg}", key=key, line=source.line_of(prefix + loc))
 
 
 def split_config(src) -> tuple[Source, tuple, dict]:
@@ -272,6 +326,13 @@ def split_config(src) -> tuple[Source, tuple, dict]:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping, not {type(data).__name__}", line=source.line_of(()))
     compute: dict = {}
+    if "target" not in data and "__target__" not in data and (
+            str(data.get("kind", "")).lower() == "workflow" or "spec" in data or "stages" in data):
+        raise ConfigError("this is a workflow resource, not an executor config",
+                          key="kind" if "kind" in data else None,
+                          line=source.line_of(("kind",) if "kind" in data else ()),
+                          hint="an executor config has target: local | dask | ray (or a Flowdapt config "
+                               "with services.compute.executor)")
     if "services" in data:
         prefix: tuple = ()
         node: Any = data

@@ -243,7 +243,11 @@ class Engine:
                         items = self.backend.split(first.handle)
                 except Exception as exc:
                     source = f"the output of '{stage.depends_on[0]}'"
-                    if isinstance(exc, TypeError) and "maps over" not in str(exc):
+                    text = str(exc)
+                    if "maps over its dependency's output" in text:  # backends split without the names
+                        exc = TypeError(text.replace("stage '?'", f"stage '{stage.name}'")
+                                        .replace("its dependency's output", source))
+                    elif isinstance(exc, TypeError) and "maps over" not in text:
                         exc = TypeError(f"stage '{stage.name}' maps over {source}: {exc}")
                     self._fail_stage(stage, None, exc)
                     return

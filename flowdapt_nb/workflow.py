@@ -186,6 +186,16 @@ def check_workflow(wf: Workflow, source: Source | None = None, prefix=("spec", "
                 hint = f"did you mean '{near[0]}'?" if near else "valid options: " + ", ".join(OPTION_KEYS)
                 raise ConfigError(f"unknown option '{key}'", stage=stage.name, key=f"options.{key}",
                                   line=source.line_of(prefix + (i, "options", key)), hint=hint)
+        apf = stage.options.get("allow_partial_failure", True)
+        if not isinstance(apf, bool):
+            raise ConfigError(f"options.allow_partial_failure must be true or false, got {apf!r}",
+                              stage=stage.name, key="options.allow_partial_failure",
+                              line=source.line_of(prefix + (i, "options", "allow_partial_failure")))
+        map_on = stage.options.get("map_on")
+        if map_on is not None and (not isinstance(map_on, str) or not map_on):
+            raise ConfigError(f"options.map_on must name a key of the run input (a string), got {map_on!r}",
+                              stage=stage.name, key="options.map_on",
+                              line=source.line_of(prefix + (i, "options", "map_on")))
         timeout = stage.options.get("timeout")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or timeout <= 0):
@@ -223,7 +233,8 @@ def _check_resources(stage: Stage, line):
             try:
                 parse_bytes(amount)
             except ValueError as exc:
-                raise ConfigError(f"resources.memory: {exc}", stage=stage.name, line=line) from None
+                raise ConfigError(f"resources.memory: {exc}", stage=stage.name, key="resources.memory",
+                                  line=line) from None
         elif isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
             raise ConfigError(f"resources.{name} must be a non-negative number, got {amount!r}",
                               stage=stage.name, key=f"resources.{name}", line=line)
@@ -294,6 +305,10 @@ def load_workflow(src) -> Workflow:
         data = {"kind": "workflow", "metadata": {"name": data.get("name")}, "spec": {"stages": data["stages"]}}
         source = Source(data, {("spec",) + k if k[0] == "stages" else k: v for k, v in source.lines.items()},
                         source.origin, source.line_offset)
+    if ("target" in data or "__target__" in data or "services" in data) and "spec" not in data:
+        key = next(k for k in ("target", "__target__", "services") if k in data)
+        raise ConfigError("this is an executor config, not a workflow", key=key, line=source.line_of((key,)),
+                          hint="a workflow resource has kind: workflow, metadata.name and spec.stages")
     for key in data:
         if key not in ("kind", "metadata", "spec", "version", "api_version", "apiVersion", "status"):
             near = difflib.get_close_matches(str(key), ["kind", "metadata", "spec"], n=1)
@@ -309,13 +324,14 @@ def load_workflow(src) -> Workflow:
         raise ConfigError("the workflow needs metadata.name", key="metadata.name",
                           line=source.line_of(("metadata",)))
     spec = data.get("spec")
+    for key in spec if isinstance(spec, dict) else ():
+        if key != "stages":
+            near = difflib.get_close_matches(str(key), ["stages"], n=1)
+            raise ConfigError(f"unknown key 'spec.{key}'", key=f"spec.{key}", line=source.line_of(("spec", key)),
+                              hint="did you mean 'stages'?" if near else "a workflow spec holds only 'stages'")
     if not isinstance(spec, dict) or "stages" not in spec:
         raise ConfigError("the workflow needs spec.stages, a list of stages", key="spec.stages",
                           line=source.line_of(("spec",)))
-    for key in spec:
-        if key != "stages":
-            raise ConfigError(f"unknown key 'spec.{key}'", key=f"spec.{key}", line=source.line_of(("spec", key)),
-                              hint="a workflow spec holds only 'stages'")
     raw_stages = spec["stages"]
     if not isinstance(raw_stages, list):
         raise ConfigError("spec.stages must be a list of stages (each starting with '- name:')",
@@ -400,16 +416,22 @@ def _lookup(stage: Stage, target: str, namespace: dict | None) -> Callable:
                           hint="check the module path and that its package is installed") from None
     except Exception as exc:
         raise ConfigError(f"target '{target}': importing {module_name} raised "
-                          f"{type(exc).__name__}: {exc}", stage=stage.name, key="target") from None
+                          f"{type(exc).__name__}: {exc}", stage=stage.name, key="target",
+                          hint=f"fix {module_name} so it imports, or name a target in another module") from None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
+            names = [n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None))]
+            near = difflib.get_close_matches(part, names, n=1)
+            hint = (f"did you mean '{target[:len(target) - len(attr)]}{near[0]}'?" if near and "." not in attr
+                    else f"did you mean '{near[0]}'?" if near else
+                    f"{module_name} defines: {', '.join(names[:12]) or 'nothing callable'}")
             raise ConfigError(f"target '{target}' does not import: {module_name} has no attribute '{attr}'",
-                              stage=stage.name, key="target") from None
+                              stage=stage.name, key="target", hint=hint) from None
         obj = getattr(obj, part)
     if not callable(obj):
         raise ConfigError(f"target '{target}' is not callable ({type(obj).__name__})", stage=stage.name,
-                          key="target")
+                          key="target", hint="name a function (or another callable) defined in the module")
     return obj
 
 
@@ -440,8 +462,9 @@ def check_signature(stage: Stage, fn: Callable) -> None:
                if i >= count and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
                and stage.depends_on]
     if missing:
-        raise ConfigError(f"its function needs argument(s) {', '.join(missing)} that no dependency "
-                          f"supplies", stage=stage.name, key="target")
+        raise ConfigError(f"its function {getattr(fn, '__name__', fn)}{sig} needs argument(s) "
+                          f"{', '.join(missing)} that no dependency supplies", stage=stage.name, key="target",
+                          hint=f"give {', '.join(missing)} a default, or add a dependency for each")
 
 
 def root_kwargs(stage: Stage, fn: Callable, run_input: dict) -> dict:

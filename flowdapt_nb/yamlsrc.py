@@ -43,16 +43,20 @@ class Source:
         return Source(data, lines, self.origin, self.line_offset)
 
 
-def _collect_lines(node, path, out):
+def _collect_lines(node, path, out, duplicates):
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = key_node.value
+            if not isinstance(key, str) or key == "<<":  # complex or merge keys: no line of their own
+                continue
+            if path + (key,) in out:  # safe_load keeps the last silently; say so instead
+                duplicates.append((path + (key,), out[path + (key,)], key_node.start_mark.line + 1))
             out[path + (key,)] = key_node.start_mark.line + 1
-            _collect_lines(value_node, path + (key,), out)
+            _collect_lines(value_node, path + (key,), out, duplicates)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out[path + (i,)] = item.start_mark.line + 1
-            _collect_lines(item, path + (i,), out)
+            _collect_lines(item, path + (i,), out, duplicates)
 
 
 def parse_yaml(text: str, origin: str | None = None, line_offset: int = 0) -> Source:
@@ -64,13 +68,21 @@ def parse_yaml(text: str, origin: str | None = None, line_offset: int = 0) -> So
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = mark.line + 1 + line_offset if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
-        hint = "YAML indents with spaces, never tabs" if "\t" in text and "tab" in str(exc).lower() \
-            else "check the indentation and the ':' after each key"
+        bad_line = text.splitlines()[mark.line] if mark is not None and mark.line < len(text.splitlines()) else ""
+        hint = ("YAML indents with spaces, never tabs: replace the tab with spaces"
+                if "\t" in bad_line or "'\\t'" in str(exc) else "check the indentation and the ':' after each key")
         where = f"{origin}: " if origin else ""
         raise ConfigError(f"{where}invalid YAML: {problem}", line=line, hint=hint) from None
     lines: dict = {}
+    duplicates: list = []
     if node is not None:
-        _collect_lines(node, (), lines)
+        _collect_lines(node, (), lines, duplicates)
+    if duplicates:
+        path, first, again = duplicates[0]
+        where = f"{origin}: " if origin else ""
+        raise ConfigError(f"{where}duplicate key '{path[-1]}' (first on line {first + line_offset})",
+                          key=".".join(map(str, path)), line=again + line_offset,
+                          hint="a key may appear once in a mapping: keep one of them")
     return Source(data, lines, origin, line_offset)
 
 
