@@ -526,6 +526,25 @@ def test_mapper_buttons_drive_it_like_a_user():
         ex.close()
 
 
+def test_mapper_run_button_cancels_a_run_in_progress():
+    ex = make_executor("threads")
+    mapper = widgets.StageMapper(namespace=_namespace(), executor=ex)
+    try:
+        mapper.add_stage("work", "slow", type="parameterized", map_on="xs")
+        mapper.input_w.value = "xs=[1, 2, 3, 4, 5, 6, 7, 8]"
+        mapper.run_w.click()
+        handle = mapper._handle
+        poll(ex, lambda: mapper.stage_states.get("work") == "running")
+        assert mapper.run_w.description == "Cancel"
+        mapper.run_w.click()
+        assert handle.wait(30).state == "cancelled"
+        poll(ex, lambda: mapper.run_state == "cancelled")
+        assert handle.run.state == "cancelled" and mapper.run_w.description == "Run"
+    finally:
+        mapper.close()
+        ex.close()
+
+
 def test_mapper_uses_its_own_thread_pool_when_no_executor_runs():
     # in a fresh interpreter, where no executor of this test session is running
     code = """

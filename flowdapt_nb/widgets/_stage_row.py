@@ -87,31 +87,43 @@ def format_resources(resources: dict) -> str:
 
 
 def parse_input(text: str) -> dict:
-    """The run input typed in the mapper: a Python or JSON dict, or ``k=v`` pairs."""
+    """The run input typed in the mapper: a Python or JSON dict, or ``k=v, k2=v2`` keywords
+    (values are Python literals; a bare word is a string).
+
+    >>> parse_input("xs=[1, 2], mode=fast")
+    {'xs': [1, 2], 'mode': 'fast'}
+    """
     text = (text or "").strip()
     if not text:
         return {}
+    value = None
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         try:
             value = json.loads(text)
         except ValueError:
-            value = None
-            pairs = {}
-            for part in re.split(r"[,\s]+", text):
-                if "=" not in part:
-                    break
-                k, _, v = part.partition("=")
-                try:
-                    pairs[k] = ast.literal_eval(v)
-                except (ValueError, SyntaxError):
-                    pairs[k] = v
-            else:
-                value = pairs
+            value = _keywords(text)
     if not isinstance(value, dict):
         raise ValueError("the run input must be a dict, e.g. {'n': 10} or n=10")
     return value
+
+
+def _keywords(text: str) -> dict | None:
+    source = f"f({text})"
+    try:
+        call = ast.parse(source, mode="eval").body
+    except SyntaxError:
+        return None
+    if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
+        return None
+    out = {}
+    for kw in call.keywords:
+        try:
+            out[kw.arg] = ast.literal_eval(kw.value)
+        except ValueError:
+            out[kw.arg] = ast.get_source_segment(source, kw.value)
+    return out
 
 
 class _StageRow(widgets.VBox):

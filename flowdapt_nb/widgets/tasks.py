@@ -216,7 +216,7 @@ class TaskDashboard(FeedWidget):
             self._failed_box.layout.display = "none"
             return
         options = [("pick a failed task to see its traceback", _NO_TRACEBACK)]
-        for f in failed:
+        for f in failed[:200]:  # the first 200: a dropdown is no place for thousands
             err = (f["error"] or "failed").splitlines()[0][:80]
             options.append((f"{task_label(f['stage'], f['item'])} · {err}", (f["stage"], f["item"])))
         if list(self._failed_pick.options) != options:
