@@ -166,7 +166,7 @@ def _text(page, selector: str) -> str | None:
 
 
 def test_dashboard_renders_and_moves_in_jupyterlab(lab, output_dir):
-    from playwright.sync_api import sync_playwright
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
     _write_notebook(lab.root / "dashboard.ipynb")
     shots = []
