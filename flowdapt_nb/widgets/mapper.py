@@ -125,6 +125,7 @@ class StageMapper(FeedWidget):
         self.add_class("fnb-box")
 
         self.name_w.observe(self._on_name, names="value")
+        self.observe(self._on_name_trait, names="name")
         self.add_w.on_click(lambda _: self._ui(self._add_from_ui, None))
         self.add_fn_w.on_click(lambda _: self._ui(self._add_from_ui, self.functions_w.value))
         self.refresh_w.on_click(lambda _: self.refresh_functions())
@@ -301,6 +302,10 @@ class StageMapper(FeedWidget):
     def _on_name(self, change) -> None:
         self.name = change["new"].strip()
         self._changed()
+
+    def _on_name_trait(self, change) -> None:  # ``mapper.name = ...`` from code
+        if hasattr(self, "name_w") and self.name_w.value.strip() != change["new"]:
+            self.name_w.value = change["new"]
 
     def _renamed(self, row, old: str, new: str) -> None:
         if not old or old == new:
