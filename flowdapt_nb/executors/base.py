@@ -196,7 +196,7 @@ class Executor:
         ctx = RunContext(input=dict(input or {}), namespace=namespace, executor=self.kind,
                          run=RunInfo(run.uid, run.name, run.workflow), definition=wf.to_dict(),
                          config=self.config_dict(), memory=self._worker_memory_handle(),
-                         artifacts=self.storage)
+                         artifacts=self._storage_for_workers())
         engine = Engine(self._backend, self.events.publish, run, fns, ctx, handle._cancel, timeout)
         with self._lock:
             self._history.append(run)
@@ -230,6 +230,14 @@ class Executor:
             handle._finished.wait(30)
             raise
         return handle.wait()
+
+    def _storage_for_workers(self):
+        """The storage setting stages use; with none set, the driver's default folder, resolved
+        here once so every worker writes where the notebook reads."""
+        if self.storage is not None:
+            return self.storage
+        from ..artifacts import parse_setting
+        return parse_setting(None)[0]
 
     def config_dict(self) -> dict:
         return {"target": self.kind, **self.config.model_dump(mode="json")}
