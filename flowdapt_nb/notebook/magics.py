@@ -494,19 +494,19 @@ class FlowdaptMagics(Magics, Configurable):
 
     @magic_arguments(name="flowdapt memory")
     @argument("namespace", nargs="?", help="only this namespace (default: all)")
+    @argument("--artifacts", "-a", action="store_true",
+              help="also list the object store's artifacts on storage (column 'where')")
     def _cmd_memory(self, rest: str, cell: str | None = None):
-        """What cluster memory holds: namespace, key, type, size, time put."""
+        """What cluster memory holds: namespace, key, type, size, time put (with --artifacts, the
+        object store's artifacts too)."""
         args = self._args(self._cmd_memory, rest)
         ex = self._require_executor("memory")
+        ex.make_current()  # the notebook-level stores below mean this executor
+        if args.artifacts:
+            from .. import object_store
+            return object_store.listing(args.namespace, storage=ex.storage)
         from .. import cluster_memory
-        from ..executors.base import current_executor
-        if current_executor() is ex:
-            return cluster_memory.listing(args.namespace)
-        import pandas as pd  # another executor is the process's current one: ask ours directly
-        frame = pd.DataFrame(ex.memory_store.listing(args.namespace),
-                             columns=["namespace", "key", "type", "bytes", "put_at"])
-        frame["put_at"] = pd.to_datetime(frame["put_at"], unit="s", utc=True)
-        return frame
+        return cluster_memory.listing(args.namespace)
 
     def _cmd_stop(self, rest: str, cell: str | None = None):
         """Close the executor (a cluster it started stops with it; an attached one is left running)."""
@@ -556,7 +556,7 @@ HELP = """\
     StageError. --background returns a RunHandle at once (%flowdapt dashboard follows the run).
 %flowdapt status                the executor's card and its recent runs
 %flowdapt dashboard             the native dashboard's link and the live dashboards
-%flowdapt memory [NAMESPACE]    what cluster memory holds: key, type, size
+%flowdapt memory [NAMESPACE] [--artifacts]  what cluster memory (and storage) holds: key, type, size
 %flowdapt stop                  close the executor (a cluster it started stops with it)
 %flowdapt help [SUBCOMMAND]     this text, or one subcommand's options (also: SUBCOMMAND --help)
 
