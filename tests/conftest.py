@@ -25,6 +25,8 @@ _RAY_TMP = tempfile.mkdtemp(prefix="fnb-ray-")
 os.environ.setdefault("RAY_TMPDIR", _RAY_TMP)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Artifacts the suite writes go to a temp folder, never the user's data dir.
+os.environ.setdefault("FLOWDAPT_NB_ARTIFACTS", tempfile.mkdtemp(prefix="fnb-artifacts-"))
 
 EXECUTOR_KINDS = ["threads", "processes", "dask", "ray"]
 OUTPUT_DIR = ROOT / "test-output"
