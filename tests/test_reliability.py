@@ -117,15 +117,17 @@ def test_start_and_close_five_times_leaves_nothing(kind, ray_cluster):
         "dask": lambda: fnb.DaskExecutor(cpus=1, threads=1),
         "ray": lambda: fnb.RayExecutor(cpus=1, include_dashboard=False, logging_level="error"),
     }
+    def ours():
+        return {t for t in threading.enumerate() if t.name.startswith("flowdapt-nb") and t.is_alive()}
+
     children0, threads0, ports0 = _snapshot()
+    ours0 = ours()  # the session's shared clusters have their own
     for _ in range(5):
         with factories[kind]() as ex:
             assert ex.run(QUICK, input={"n": 2}).result == [0, 1]
     assert wait_for(lambda: not (_snapshot()[0] - children0), 30), _snapshot()[0] - children0
-    assert wait_for(lambda: not (_snapshot()[1] - threads0) or kind in ("dask", "ray"), 10)
-    ours = [t.name for t in threading.enumerate() if t.name.startswith("flowdapt-nb")]
-    assert not ours, ours
-    assert not (_snapshot()[2] - ports0)
+    assert wait_for(lambda: not (ours() - ours0), 10), [t.name for t in ours() - ours0]
+    assert wait_for(lambda: not (_snapshot()[2] - ports0), 10), _snapshot()[2] - ports0
 
 
 def test_dashboards_and_local_clusters_bind_loopback(dask_executor):
