@@ -72,9 +72,18 @@ class Backend:
 
     kind = "base"
     capacity: int | None = None  # slots the engine must respect itself (local); None: the engine's own
+    # One-slot tasks the backend may hold queued beyond ``capacity`` because its own workers (as
+    # many as there are slots) bound how many run at once; None: no limit. Handing them over
+    # early keeps workers busy instead of idle between a completion and the next submit.
+    prefetch: int | None = 0
 
     def put_context(self, ctx) -> Any:
         return ctx
+
+    def put_run(self, ctx, fns: list) -> tuple[Any, list]:
+        """Handles for a run's context and its stage functions (a backend that sends them to
+        the cluster in one message overrides this)."""
+        return self.put_context(ctx), [self.put_function(fn) for fn in fns]
 
     def put_function(self, fn) -> Any:
         return fn
@@ -82,6 +91,14 @@ class Backend:
     def submit(self, fn_handle, ctx_handle, info: TaskInfo, flat_args: list, resources: dict,
                on_done: Callable[[Outcome], None]) -> Any:
         raise NotImplementedError
+
+    def submit_many(self, ctx_handle, calls: list, refs: list) -> None:
+        """Submit several tasks at once; ``calls`` holds (fn_handle, info, flat_args, resources,
+        on_done) tuples. Appends each task's ref to ``refs`` as it goes out, so that what was sent
+        can be cancelled if a later submission fails. Backends that can batch (one scheduler
+        message for many tasks) override this."""
+        for fn_handle, info, flat_args, resources, on_done in calls:
+            refs.append(self.submit(fn_handle, ctx_handle, info, flat_args, resources, on_done))
 
     def split(self, handle) -> list[tuple[tuple, Any]]:
         """Items of a dependency output as (layout entry, flat argument) pairs."""
@@ -130,6 +147,7 @@ class Engine:
         self.inflight: dict[tuple, tuple] = {}  # (stage, item) -> (task ref, slots)
         self.waiting: deque[_Pending] = deque()
         self.free_slots = backend.capacity
+        self.exact_inflight = 0  # tasks in flight that need other than one slot (no prefetch then)
         self.remaining_deps = {s.name: set(s.depends_on) for s in self.wf.stages}
         self.consumers = {s.name: 0 for s in self.wf.stages}
         for s in self.wf.stages:
@@ -159,9 +177,9 @@ class Engine:
         run._set_state("running")
         self._run_event("running")
         try:
-            self.ctx_handle = self.backend.put_context(self.ctx)
-            for stage in self.wf.stages:
-                self.stage_runs[stage.name] = _StageRun(stage, self.backend.put_function(self.fns[stage.name]))
+            self.ctx_handle, fn_handles = self.backend.put_run(self.ctx, [self.fns[s.name] for s in self.wf.stages])
+            for stage, fn_handle in zip(self.wf.stages, fn_handles):
+                self.stage_runs[stage.name] = _StageRun(stage, fn_handle)
             for stage in self.wf.stages:
                 if not stage.depends_on:
                     self._launch(stage)
@@ -206,7 +224,7 @@ class Engine:
                                       f"(options.timeout)", run=self.run, stage=sr.stage.name)
 
     def _abort(self, state: str, message: str) -> None:
-        refs = [ref for ref, _ in self.inflight.values()]
+        refs = [ref for ref, _ in self.inflight.values() if ref is not None]
         try:
             self.backend.cancel(refs)
         except Exception:
@@ -292,29 +310,62 @@ class Engine:
         self.waiting.append(_Pending(stage.name, info, flat, need))
         self._task_event(stage.name, info.item, "queued")
 
+    def _fits(self, pending: _Pending) -> bool:
+        if pending.need <= self.free_slots or not self.inflight:
+            return True
+        if pending.need != 1 or self.exact_inflight:
+            return False
+        prefetch = self.backend.prefetch
+        return prefetch is None or self.free_slots > -prefetch
+
     def _pump(self) -> None:
-        """Submit waiting tasks; with a slot capacity (local), only as many as fit."""
+        """Submit waiting tasks; with a slot capacity (local), only as many as fit (one-slot
+        tasks also up to the backend's ``prefetch``: its workers then bound what runs at once)."""
+        batch: list[_Pending] = []
         while self.waiting:
             pending = self.waiting[0]
             if self.free_slots is not None:
-                if pending.need > self.free_slots and self.inflight:
-                    return
+                if not self._fits(pending):
+                    break
                 self.free_slots -= pending.need
+                if pending.need != 1:
+                    self.exact_inflight += 1
             self.waiting.popleft()
-            stage = self.stage_runs[pending.stage].stage
+            self.inflight[(pending.stage, pending.info.item)] = (None, pending.need)  # ref set below
+            batch.append(pending)
+        if batch:
+            self._submit(batch)
+
+    def _submit(self, batch: list[_Pending]) -> None:
+        """Hand a batch of tasks to the backend in one call (Dask sends them in one message)."""
+        calls = []
+        for pending in batch:
+            sr = self.stage_runs[pending.stage]
             key = (pending.stage, pending.info.item)
-            ref = self.backend.submit(self.stage_runs[pending.stage].fn_handle, self.ctx_handle, pending.info,
-                                      pending.flat, stage.resources,
-                                      lambda outcome, key=key: self.completions.put((key, outcome)))
-            self.inflight[key] = (ref, pending.need)
+            calls.append((sr.fn_handle, pending.info, pending.flat, sr.stage.resources,
+                          lambda outcome, key=key: self.completions.put((key, outcome))))
+        refs: list = []
+        try:
+            self.backend.submit_many(self.ctx_handle, calls, refs)
+        finally:
+            for pending, ref in zip(batch, refs):
+                self.inflight[(pending.stage, pending.info.item)] = (ref, pending.need)
+            for pending in reversed(batch[len(refs):]):  # never sent: waiting again, for _abort
+                self._release((pending.stage, pending.info.item))
+                self.waiting.appendleft(pending)
 
     # --- completions ---
-    def _complete(self, key, outcome: Outcome) -> None:
-        if key not in self.inflight:
-            return  # already cancelled
+    def _release(self, key) -> None:
         _, need = self.inflight.pop(key)
         if self.free_slots is not None:
             self.free_slots += need
+            if need != 1:
+                self.exact_inflight -= 1
+
+    def _complete(self, key, outcome: Outcome) -> None:
+        if key not in self.inflight:
+            return  # already cancelled
+        self._release(key)
         stage_name, item = key
         sr = self.stage_runs[stage_name]
         stage = sr.stage

@@ -99,12 +99,52 @@ class _DaskBackend(Backend):
     def put_function(self, fn):
         return self.client.scatter(fn, broadcast=True, hash=False)
 
+    def put_run(self, ctx, fns):
+        """The context and every stage function in one scatter: one round trip per run, not one
+        per stage."""
+        handles = self.client.scatter([ctx, *fns], broadcast=True, hash=False)
+        return handles[0], handles[1:]
+
+    @staticmethod
+    def _key(info) -> str:
+        return f"{info.stage}-{info.item if info.item is not None else 's'}-{info.run[:8]}"
+
     def submit(self, fn_handle, ctx_handle, info, flat_args, resources, on_done):
         worker_resources = self.executor._task_resources(resources)
         future = self.client.submit(_dask_task, fn_handle, ctx_handle, info, *flat_args, pure=False,
-                                    key=f"{info.stage}-{info.item if info.item is not None else 's'}-{info.run[:8]}",
-                                    resources=worker_resources or None)
+                                    key=self._key(info), resources=worker_resources or None)
+        self._watch(future, on_done)
+        return future
 
+    def submit_many(self, ctx_handle, calls, refs):
+        """Consecutive tasks with the same function, resources and argument count (a fanned-out
+        stage) go to the scheduler as one ``client.map``: one graph update, not one per task."""
+        start = 0
+        while start < len(calls):
+            fn_handle, _, flat, resources, _ = calls[start]
+            end = start + 1
+            while (end < len(calls) and calls[end][0] is fn_handle and calls[end][3] == resources
+                   and len(calls[end][2]) == len(flat)):
+                end += 1
+            group = calls[start:end]
+            if len(group) == 1:
+                _, info, flat_args, resources, on_done = group[0]
+                refs.append(self.submit(fn_handle, ctx_handle, info, flat_args, resources, on_done))
+            else:
+                n = len(group)
+                columns = [[call[2][i] for call in group] for i in range(len(flat))]
+                worker_resources = self.executor._task_resources(resources)
+                futures = self.client.map(_dask_task, [fn_handle] * n, [ctx_handle] * n,
+                                          [call[1] for call in group], *columns, pure=False,
+                                          key=[self._key(call[1]) for call in group],
+                                          resources=worker_resources or None)
+                for future, call in zip(futures, group):
+                    self._watch(future, call[4])
+                refs.extend(futures)
+            start = end
+
+    @staticmethod
+    def _watch(future, on_done) -> None:
         def done(f):
             if f.status == "finished":
                 on_done(Outcome(True, f, end=time.time()))
@@ -119,7 +159,6 @@ class _DaskBackend(Backend):
                                 end=time.time()))
 
         future.add_done_callback(done)
-        return future
 
     def split(self, handle):
         seq = self.client.submit(_as_items, handle, pure=False)
@@ -230,8 +269,18 @@ class DaskExecutor(Executor):
     def _worker_infos(self) -> dict:
         return self.client.scheduler_info(n_workers=-1)["workers"] if self.client is not None else {}
 
+    def _recent_worker_infos(self, max_age: float = 1.0) -> dict:
+        """Worker infos at most ``max_age`` s old: checking a run's stages asks the scheduler
+        once, not once per stage."""
+        now = time.monotonic()
+        stamp, infos = getattr(self, "_infos_cache", (None, None))
+        if stamp is None or now - stamp > max_age:
+            infos = self._worker_infos()
+            self._infos_cache = (now, infos)
+        return infos
+
     def _check_stage_resources(self, stage):
-        workers = self._worker_infos()
+        workers = self._recent_worker_infos()
         if not workers and not self.config.adaptive:
             raise ConfigError("the Dask cluster has no workers", key="cluster_address")
         offered = [dict(w.get("resources") or {}) for w in workers.values()]

@@ -88,6 +88,10 @@ class _LocalBackend(Backend):
             self.pool = cf.ThreadPoolExecutor(max_workers=cpus, thread_name_prefix="flowdapt-nb-local")
 
     def _drain_events(self) -> None:
+        # The pool has one worker per slot, so one-slot tasks may wait in its queue: a few there
+        # keep workers busy across the round trip to the engine (longer for processes). More
+        # would only add contention for the GIL in a thread pool.
+        self.prefetch = 4 * cpus if use_processes else cpus
         while True:
             try:
                 event = self.events.get()

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 import uuid
+from collections import OrderedDict
 
 import psutil
 
@@ -53,7 +54,7 @@ class _EventBuffer:
                 sink = self.sink
             if batch and sink is not None:
                 try:
-                    sink.push.remote(batch)
+                    _actor(sink).push.remote(batch)
                 except Exception:
                     pass
 
@@ -61,9 +62,47 @@ class _EventBuffer:
 _buffer = _EventBuffer()
 
 
-def _ray_task(fn, ctx, sink, info, *flat):
+_MISSING = object()
+_cached: "OrderedDict[str, object]" = OrderedDict()  # per worker process: object id -> object
+_actors: dict = {}  # per worker process: actor name -> handle
+
+
+def _cached_get(ref):
+    """A stage function or run context, deserialized once per worker process. It comes as an
+    object ref nested in the task's first argument, which Ray leaves unresolved: each task then
+    carries a reference, not the object (a run context holds the whole run input, so it grows
+    with the number of items)."""
     import ray
-    worker = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
+    key = ref.hex()
+    obj = _cached.get(key, _MISSING)
+    if obj is _MISSING:
+        obj = _cached[key] = ray.get(ref)
+        if len(_cached) > 32:
+            _cached.popitem(last=False)
+    else:
+        _cached.move_to_end(key)
+    return obj
+
+
+def _actor(name: str):
+    """An actor by name, looked up once per worker process (a handle passed with every task
+    would be serialized and registered with every task)."""
+    handle = _actors.get(name)
+    if handle is None:
+        import ray
+        handle = _actors[name] = ray.get_actor(name)
+    return handle
+
+
+def _ray_task(head, *flat):
+    """One stage call. ``head`` is (function ref, context ref, event sink name, TaskInfo): one
+    argument, serialized once per task; ``flat`` are the dependency outputs Ray resolves."""
+    import ray
+    fn_ref, ctx_ref, sink, info = head
+    fn, ctx = _cached_get(fn_ref), _cached_get(ctx_ref)
+    worker = _actors.get(None)
+    if worker is None:
+        worker = _actors[None] = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
     report = (lambda event: _buffer.add(sink, event)) if sink is not None else None
     meta, value = execute(ctx, fn, info, flat, report, worker)
     if not meta["ok"]:
@@ -124,17 +163,14 @@ class _RayMemory:
 class _RayBackend(Backend):
     kind = "ray"
 
-    def __init__(self, executor: "RayExecutor", sink):
+    def __init__(self, executor: "RayExecutor", sink, sink_name: str):
         import ray
         self.ray = ray
         self.executor = executor
         self.sink = sink
-        self._pending: dict = {}  # meta ref -> (value ref, on_done)
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self.sink_name = sink_name
+        self._task_fns: dict = {}
         self._stop = threading.Event()
-        self._waiter = threading.Thread(target=self._wait_loop, name="flowdapt-nb-ray-waiter", daemon=True)
-        self._waiter.start()
         self._poller = threading.Thread(target=self._poll_events, name="flowdapt-nb-ray-events", daemon=True)
         self._poller.start()
 
@@ -144,56 +180,34 @@ class _RayBackend(Backend):
     def put_function(self, fn):
         return self.ray.put(fn)
 
+    def _task_fn(self, resources: dict):
+        """The remote task with this stage's options, made once per distinct resources."""
+        key = tuple(sorted(resources.items()))
+        task = self._task_fns.get(key)
+        if task is None:
+            task = self._task_fns[key] = _remotes()["task"].options(
+                num_returns=2, **self.executor._task_options(resources))
+        return task
+
     def submit(self, fn_handle, ctx_handle, info, flat_args, resources, on_done):
-        options = self.executor._task_options(resources)
-        meta_ref, value_ref = _remotes()["task"].options(num_returns=2, **options).remote(
-            fn_handle, ctx_handle, self.sink, info, *flat_args)
-        with self._lock:
-            self._pending[meta_ref] = (value_ref, on_done)
-        self._wake.set()
+        meta_ref, value_ref = self._task_fn(resources).remote((fn_handle, ctx_handle, self.sink_name, info),
+                                                              *flat_args)
+        # Ray calls back when the (small) meta object is ready: no polling, no added latency.
+        meta_ref.future().add_done_callback(lambda fut: self._done(fut, value_ref, on_done))
         return meta_ref
 
-    def _wait_loop(self) -> None:
-        ray = self.ray
-        while not self._stop.is_set():
-            with self._lock:
-                refs = list(self._pending)
-            if not refs:
-                self._wake.wait(0.1)
-                self._wake.clear()
-                continue
-            try:
-                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.02, fetch_local=True)
-            except Exception:
-                if self._stop.is_set():
-                    return
-                time.sleep(0.05)
-                continue
-            if not ready:
-                continue
-            with self._lock:
-                entries = [(ref, self._pending.pop(ref, None)) for ref in ready]
-            try:
-                metas = ray.get(ready)
-                pairs = zip(entries, metas, [None] * len(ready))
-            except Exception:  # one of them failed at the system level: fetch one by one
-                results = []
-                for ref in ready:
-                    try:
-                        results.append((ray.get(ref), None))
-                    except Exception as exc:
-                        results.append((None, exc))
-                pairs = ((e, m, err) for e, (m, err) in zip(entries, results))
-            for (ref, entry), meta, err in pairs:
-                if entry is None:
-                    continue
-                value_ref, on_done = entry
-                if err is not None:
-                    on_done(Outcome(False, error=_unwrap(err), end=time.time()))
-                elif meta["ok"]:
-                    on_done(Outcome(True, value_ref, None, meta["start"], meta["end"], meta["worker"]))
-                else:
-                    on_done(Outcome(False, None, meta["error"], meta["start"], meta["end"], meta["worker"]))
+    def _done(self, fut, value_ref, on_done) -> None:
+        if self._stop.is_set() or fut.cancelled():
+            return
+        try:
+            meta = fut.result()
+        except BaseException as exc:  # failed at the system level (worker died, cancelled)
+            on_done(Outcome(False, error=_unwrap(exc), end=time.time()))
+            return
+        if meta["ok"]:
+            on_done(Outcome(True, value_ref, None, meta["start"], meta["end"], meta["worker"]))
+        else:
+            on_done(Outcome(False, None, meta["error"], meta["start"], meta["end"], meta["worker"]))
 
     def _poll_events(self) -> None:
         while not self._stop.wait(0.2):
@@ -223,14 +237,9 @@ class _RayBackend(Backend):
                 self.ray.cancel(ref, force=False, recursive=True)
             except Exception:
                 pass
-        with self._lock:
-            for ref in task_refs:
-                self._pending.pop(ref, None)
 
     def close(self) -> None:
         self._stop.set()
-        self._wake.set()
-        self._waiter.join(timeout=5)
         self._poller.join(timeout=5)
 
 
@@ -339,13 +348,14 @@ class RayExecutor(Executor):
             if not self.owns_cluster:
                 self._check_memory_actor(ray.cluster_resources())
             remotes = _remotes()
-            self._sink = remotes["sink"].options(num_cpus=0, name=f"flowdapt_nb_events_{uuid.uuid4().hex[:8]}").remote()
+            sink_name = f"flowdapt_nb_events_{uuid.uuid4().hex[:8]}"
+            self._sink = remotes["sink"].options(num_cpus=0, name=sink_name).remote()
             self._memory = _RayMemory(self._start_memory_actor(remotes["store"]))
         except BaseException:
             self._memory = self._sink = None
             _shutdown_and_reap(children_before)  # never leave a half-started Ray behind
             raise
-        return _RayBackend(self, self._sink)
+        return _RayBackend(self, self._sink, sink_name)
 
     def _init_with_retry(self, init_kwargs: dict, children_before: set[int]):
         """ray.init; a local start that timed out (Ray waits a fixed 30 s for its raylet, too short
