@@ -68,6 +68,17 @@ _StoreManager.register("MemoryStore", MemoryStore,
                        exposed=("put", "get", "lookup", "exists", "delete", "clear", "listing"))
 
 
+_psutil_processes: dict = {}
+
+
+def _process(pid: int):
+    """psutil measures CPU between two calls on the same Process object: keep one per pid."""
+    p = _psutil_processes.get(pid)
+    if p is None or not p.is_running():
+        p = _psutil_processes[pid] = psutil.Process(pid)
+    return p
+
+
 # --- the backend --------------------------------------------------------------------------------
 
 class _LocalBackend(Backend):
@@ -77,6 +88,10 @@ class _LocalBackend(Backend):
         self.executor = executor
         self.capacity = cpus
         self.use_processes = use_processes
+        # The pool has one worker per slot, so one-slot tasks may wait in its queue: a few there
+        # keep workers busy across the round trip to the engine (longer for processes). More
+        # would only add contention for the GIL in a thread pool.
+        self.prefetch = 4 * cpus if use_processes else cpus
         if use_processes:
             # spawn, not fork: forking beside Ray/Dask/sampler threads can deadlock the child
             self.events = multiprocessing.get_context("spawn").Queue()
@@ -88,10 +103,6 @@ class _LocalBackend(Backend):
             self.pool = cf.ThreadPoolExecutor(max_workers=cpus, thread_name_prefix="flowdapt-nb-local")
 
     def _drain_events(self) -> None:
-        # The pool has one worker per slot, so one-slot tasks may wait in its queue: a few there
-        # keep workers busy across the round trip to the engine (longer for processes). More
-        # would only add contention for the GIL in a thread pool.
-        self.prefetch = 4 * cpus if use_processes else cpus
         while True:
             try:
                 event = self.events.get()
@@ -182,15 +193,15 @@ class LocalExecutor(Executor):
         super().__init__(_config, _compute, **fields)
         self.cpus = auto_cpus() if self.config.cpus == "auto" else int(self.config.cpus)
         self._manager: _StoreManager | None = None
-        self._store = None
+        self._memory = None
 
     def _open(self):
         if self.config.use_processes:
             self._manager = _StoreManager(ctx=multiprocessing.get_context("spawn"))
             self._manager.start()
-            self._store = self._manager.MemoryStore()
+            self._memory = self._manager.MemoryStore()
         else:
-            self._store = MemoryStore()
+            self._memory = MemoryStore()
         return _LocalBackend(self, self.cpus, self.config.use_processes)
 
     def _shutdown(self):
@@ -201,16 +212,7 @@ class LocalExecutor(Executor):
             if self._manager is not None:
                 self._manager.shutdown()
                 self._manager = None
-            self._store = None
-
-    @property
-    def memory_store(self):
-        if self._store is None:
-            raise RuntimeError("the executor is not running; start it to use cluster memory")
-        return self._store
-
-    def _worker_memory_handle(self):
-        return self._store
+            self._memory = None
 
     def _address(self):
         return f"local {'processes' if self.config.use_processes else 'threads'} x{self.cpus}"
@@ -248,10 +250,9 @@ class LocalExecutor(Executor):
         if backend is None:
             return []
         mem = psutil.virtual_memory()
-        proc = psutil.Process()
-        procs = [proc]
+        procs = [_process(os.getpid())]
         if self.config.use_processes:
-            procs += [psutil.Process(pid) for pid in (getattr(backend.pool, "_processes", None) or {})
+            procs += [_process(pid) for pid in (getattr(backend.pool, "_processes", None) or {})
                       if psutil.pid_exists(pid)]
         cpu, rss = 0.0, 0
         for p in procs:

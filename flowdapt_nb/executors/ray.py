@@ -342,6 +342,15 @@ class RayExecutor(Executor):
         else:
             ensure_reachable("Ray", c.cluster_address, 6379, c.connect_timeout)
             init_kwargs["address"] = c.cluster_address
+            # Ray turns token authentication on by itself only when it starts a cluster; a driver
+            # attaching by address must be told, or the head refuses it (InvalidAuthToken).
+            if "RAY_AUTH_MODE" not in os.environ and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+                os.environ["RAY_AUTH_MODE"] = "token"
+                try:  # Ray caches its config at import: refresh it, as Ray itself does
+                    from ray._raylet import Config
+                    Config.initialize("")
+                except Exception:
+                    pass
         children_before = _child_pids()
         try:
             self._ctx = self._init_with_retry(init_kwargs, children_before)
@@ -361,10 +370,22 @@ class RayExecutor(Executor):
         """ray.init; a local start that timed out (Ray waits a fixed 30 s for its raylet, too short
         on a busy machine) is cleaned up and tried once more."""
         import ray
+        if not self.owns_cluster:  # a head that listens may still be starting: retry until the deadline
+            deadline = time.monotonic() + self.config.connect_timeout
+            while True:
+                try:
+                    return ray.init(**init_kwargs)
+                except ConnectionError as exc:
+                    if time.monotonic() > deadline:
+                        raise ConnectionError(f"can't attach to the Ray cluster at cluster_address "
+                                              f"'{self.config.cluster_address}' within "
+                                              f"{self.config.connect_timeout:g} s: {exc}") from None
+                    ray.shutdown()
+                    time.sleep(1)
         try:
             return ray.init(**init_kwargs)
         except Exception as exc:
-            if not self.owns_cluster or "timed out during startup" not in str(exc):
+            if "timed out during startup" not in str(exc):
                 raise
             log.warning("Ray start-up timed out on a busy machine; trying once more")
             _shutdown_and_reap(children_before)
