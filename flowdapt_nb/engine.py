@@ -80,6 +80,9 @@ class Backend:
     def put_context(self, ctx) -> Any:
         return ctx
 
+    def release_run(self, ctx_handle, fn_handles: list) -> None:
+        """The run has ended: what ``put_run`` made for it may go."""
+
     def put_run(self, ctx, fns: list) -> tuple[Any, list]:
         """Handles for a run's context and its stage functions (a backend that sends them to
         the cluster in one message overrides this)."""
@@ -142,6 +145,7 @@ class Engine:
         self.deadline = time.monotonic() + timeout if timeout else None
         self.timeout = timeout
         self.completions: queue.Queue = queue.Queue()
+        self.ctx_handle = self.fn_handles = None  # set by put_run when the run starts
         self.outputs: dict[str, Any] = {}
         self.stage_runs: dict[str, _StageRun] = {}
         self.inflight: dict[tuple, tuple] = {}  # (stage, item) -> (task ref, slots)
@@ -177,8 +181,8 @@ class Engine:
         run._set_state("running")
         self._run_event("running")
         try:
-            self.ctx_handle, fn_handles = self.backend.put_run(self.ctx, [self.fns[s.name] for s in self.wf.stages])
-            for stage, fn_handle in zip(self.wf.stages, fn_handles):
+            self.ctx_handle, self.fn_handles = self.backend.put_run(self.ctx, [self.fns[s.name] for s in self.wf.stages])
+            for stage, fn_handle in zip(self.wf.stages, self.fn_handles):
                 self.stage_runs[stage.name] = _StageRun(stage, fn_handle)
             for stage in self.wf.stages:
                 if not stage.depends_on:
@@ -210,6 +214,12 @@ class Engine:
         except BaseException as exc:  # an engine or backend fault: the run record is kept
             run.exception = exc
             self._abort("failed", f"{type(exc).__name__}: {exc}")
+        finally:
+            if self.fn_handles is not None:
+                try:
+                    self.backend.release_run(self.ctx_handle, self.fn_handles)
+                except Exception:  # releasing is housekeeping: it never changes the run's outcome
+                    pass
 
     def _check_limits(self):
         if self.cancel_event.is_set():

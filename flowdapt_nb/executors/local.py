@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
-import hashlib
 import multiprocessing
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from multiprocessing.managers import SyncManager
 
 import cloudpickle
@@ -28,26 +31,57 @@ from .base import Executor
 # --- process workers ----------------------------------------------------------------------------
 
 _worker_events = None  # set in each pool process by _init_process
-_loaded: dict[str, object] = {}
+_loaded: "OrderedDict[str, object]" = OrderedDict()  # per worker process: key -> function or context
 
 
 def _init_process(events) -> None:
     global _worker_events
-    _worker_events = events
+    _worker_events = _EventBatcher(events)
 
 
-def _loads_cached(blob: bytes):
-    digest = hashlib.blake2b(blob, digest_size=16).hexdigest()
-    obj = _loaded.get(digest)
-    if obj is None:
-        if len(_loaded) > 256:
-            _loaded.clear()
-        obj = _loaded[digest] = cloudpickle.loads(blob)
+class _EventBatcher:
+    """In a worker process: 'running' reports go to the driver in batches every 0.05 s, one
+    queue message (and one pickling) per batch rather than per task."""
+
+    def __init__(self, events):
+        self.events = events
+        self.pending: list = []
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def put(self, event) -> None:
+        with self.lock:
+            self.pending.append(event)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._flush_loop, daemon=True)
+                self.thread.start()
+
+    def _flush_loop(self) -> None:
+        while True:
+            time.sleep(0.05)
+            with self.lock:
+                batch, self.pending = self.pending, []
+            if batch:
+                self.events.put(batch)
+
+
+def _load_shipped(shipped: tuple):
+    """A function or run context the driver wrote to a file once (``_LocalBackend._ship``),
+    loaded once per worker process: tasks carry only its key and path."""
+    key, path = shipped
+    obj = _loaded.get(key, _loaded)
+    if obj is _loaded:
+        with open(path, "rb") as f:
+            obj = _loaded[key] = cloudpickle.loads(f.read())
+        if len(_loaded) > 64:
+            _loaded.popitem(last=False)
+    else:
+        _loaded.move_to_end(key)
     return obj
 
 
-def _process_task(fn_blob: bytes, ctx_blob: bytes, info: TaskInfo, args_blob: bytes) -> bytes:
-    fn, ctx = _loads_cached(fn_blob), _loads_cached(ctx_blob)
+def _process_task(fn_shipped: tuple, ctx_shipped: tuple, info: TaskInfo, args_blob: bytes) -> bytes:
+    fn, ctx = _load_shipped(fn_shipped), _load_shipped(ctx_shipped)
     flat = cloudpickle.loads(args_blob)
     report = _worker_events.put if _worker_events is not None else None
     meta, value = execute(ctx, fn, info, flat, report)
@@ -93,6 +127,7 @@ class _LocalBackend(Backend):
         # would only add contention for the GIL in a thread pool.
         self.prefetch = 4 * cpus if use_processes else cpus
         if use_processes:
+            self._ship_dir = tempfile.mkdtemp(prefix="flowdapt-nb-local-")
             # spawn, not fork: forking beside Ray/Dask/sampler threads can deadlock the child
             self.events = multiprocessing.get_context("spawn").Queue()
             self.pool = self._new_process_pool()
@@ -110,19 +145,42 @@ class _LocalBackend(Backend):
                 return
             if event is None:
                 return
-            self.executor._on_worker_event(event)
+            for one in event:  # a batch from one worker process
+                try:
+                    self.executor._on_worker_event(one)
+                except Exception:  # this thread must outlive a bad event: workers block without it
+                    pass
+
+    def _ship(self, data: bytes) -> tuple:
+        """Write a pickled function or run context once for the worker processes; tasks then
+        carry (key, path), not the bytes (a context holds the whole run input: sent with every
+        task it would cost O(items) per task)."""
+        key = uuid.uuid4().hex
+        path = os.path.join(self._ship_dir, key)
+        with open(path, "wb") as f:
+            f.write(data)
+        return key, path
 
     def put_context(self, ctx):
-        return cloudpickle.dumps(ctx) if self.use_processes else ctx
+        return self._ship(cloudpickle.dumps(ctx)) if self.use_processes else ctx
 
     def put_function(self, fn):
         if not self.use_processes:
             return fn
         try:
-            return cloudpickle.dumps(fn)
+            data = cloudpickle.dumps(fn)
         except Exception as exc:
             raise ConfigError(f"function {getattr(fn, '__name__', fn)!r} can't be sent to a worker process "
                               f"({exc}); use LocalExecutor(use_processes=False)", key="target") from None
+        return self._ship(data)
+
+    def release_run(self, ctx_handle, fn_handles) -> None:
+        if self.use_processes:
+            for _, path in [ctx_handle, *fn_handles]:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
     def _new_process_pool(self):
         ctx = multiprocessing.get_context("spawn")
@@ -170,6 +228,7 @@ class _LocalBackend(Backend):
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         if self.use_processes:
+            shutil.rmtree(self._ship_dir, ignore_errors=True)
             self.events.put(None)
             self._drain.join(timeout=5)
             self.events.close()
