@@ -26,7 +26,8 @@ os.environ.setdefault("RAY_TMPDIR", _RAY_TMP)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Artifacts the suite writes go to a temp folder, never the user's data dir.
-os.environ.setdefault("FLOWDAPT_NB_ARTIFACTS", tempfile.mkdtemp(prefix="fnb-artifacts-"))
+_ARTIFACTS_TMP = tempfile.mkdtemp(prefix="fnb-artifacts-")
+os.environ.setdefault("FLOWDAPT_NB_ARTIFACTS", _ARTIFACTS_TMP)
 
 EXECUTOR_KINDS = ["threads", "processes", "dask", "ray"]
 OUTPUT_DIR = ROOT / "test-output"
@@ -117,6 +118,9 @@ def pytest_sessionfinish(session, exitstatus):
             shared.close()
         except Exception as exc:  # pragma: no cover
             warnings.warn(f"closing a shared cluster failed: {exc}")
+    import shutil
+    for folder in (_ARTIFACTS_TMP, _RAY_TMP):
+        shutil.rmtree(folder, ignore_errors=True)
     # Nothing we started may outlive the suite: Ray, Dask, Jupyter or pool processes.
     leftovers = []
     for child in psutil.Process().children(recursive=True):
