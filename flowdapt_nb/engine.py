@@ -147,6 +147,7 @@ class Engine:
         self.completions: queue.Queue = queue.Queue()
         self.ctx_handle = self.fn_handles = None  # set by put_run when the run starts
         self.outputs: dict[str, Any] = {}
+        self.splits: dict[str, list] = {}  # stage -> its output's items, split for a fan-out
         self.stage_runs: dict[str, _StageRun] = {}
         self.inflight: dict[tuple, tuple] = {}  # (stage, item) -> (task ref, slots)
         self.waiting: deque[_Pending] = deque()
@@ -246,6 +247,7 @@ class Engine:
         self.inflight.clear()
         self.waiting.clear()
         self.outputs.clear()
+        self.splits.clear()
         if state == "failed" and self.run.failed_stage is None and isinstance(self.run.exception, RunTimeoutError):
             self.run.failed_stage = self.run.exception.stage
         self.run._set_state(state, message)
@@ -267,8 +269,10 @@ class Engine:
                 try:
                     if isinstance(first, Gathered):
                         items = [(("v",), h) for h in first.handles]
-                    else:
-                        items = self.backend.split(first.handle)
+                    else:  # split once per output, however many stages map over it
+                        items = self.splits.get(stage.depends_on[0])
+                        if items is None:
+                            items = self.splits[stage.depends_on[0]] = self.backend.split(first.handle)
                 except Exception as exc:
                     source = f"the output of '{stage.depends_on[0]}'"
                     text = str(exc)
@@ -302,6 +306,7 @@ class Engine:
             self.consumers[dep] -= 1
             if self.consumers[dep] == 0 and dep not in self.terminal:
                 self.outputs.pop(dep, None)
+                self.splits.pop(dep, None)
 
     @staticmethod
     def _layout(outputs: list) -> tuple[list, list]:
@@ -426,6 +431,7 @@ class Engine:
             else:
                 values.append(self.backend.fetch(out.handle))
         self.outputs.clear()
+        self.splits.clear()
         return values[0] if len(values) == 1 else values
 
 

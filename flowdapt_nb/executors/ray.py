@@ -110,16 +110,18 @@ def _ray_task(head, *flat):
     return meta, value
 
 
-def _ray_split(value):
-    """Yield a header (count, or the error) and then each item as its own object."""
+def _ray_count(value):
+    """How many items a parameterized stage gets from this output (or why it can't map over it)."""
     try:
-        items = items_of(value, "?", "its dependency's output")
+        return ("ok", len(items_of(value, "?", "its dependency's output")))
     except Exception as exc:
-        yield ("error", exc)
-        return
-    yield ("ok", len(items))
-    for item in items:
-        yield item
+        return ("error", exc)
+
+
+def _ray_items(value):
+    """The items, each its own object (the task runs with ``num_returns`` = their count)."""
+    items = items_of(value, "?", "its dependency's output")
+    return items[0] if len(items) == 1 else tuple(items)
 
 
 class _EventSink:
@@ -138,7 +140,8 @@ def _remotes():
     if not _remote:
         import ray
         _remote["task"] = ray.remote(_ray_task)
-        _remote["split"] = ray.remote(_ray_split)
+        _remote["count"] = ray.remote(_ray_count)
+        _remote["items"] = ray.remote(_ray_items)
         _remote["sink"] = ray.remote(_EventSink)
         _remote["store"] = ray.remote(MemoryStore)
     return _remote
@@ -219,11 +222,16 @@ class _RayBackend(Backend):
                 self.executor._on_worker_event(event)
 
     def split(self, handle):
-        gen = _remotes()["split"].options(num_cpus=0).remote(handle)
-        header = self.ray.get(next(gen))
-        if header[0] == "error":
-            raise header[1]
-        return [(("v",), next(gen)) for _ in range(header[1])]
+        """Count the items, then one task returns them as that many objects: two round trips
+        (a streaming generator took one per item)."""
+        remotes = _remotes()
+        status, count = self.ray.get(remotes["count"].options(num_cpus=0).remote(handle))
+        if status == "error":
+            raise count
+        if count == 0:
+            return []
+        refs = remotes["items"].options(num_cpus=0, num_returns=count).remote(handle)
+        return [(("v",), ref) for ref in ([refs] if count == 1 else refs)]
 
     def fetch(self, handle):
         return self.ray.get(handle)
