@@ -329,6 +329,8 @@ class RayExecutor(Executor):
     def _open(self):
         import ray
         c = self.config
+        if not self.owns_cluster:  # an unreachable address is the error to report, whatever else runs
+            ensure_reachable("Ray", c.cluster_address, 6379, c.connect_timeout)
         if ray.is_initialized():
             raise RuntimeError("Ray is already initialized in this process (another RayExecutor or "
                                "ray.init()); close it first: one Ray connection per process")
