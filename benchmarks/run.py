@@ -55,14 +55,16 @@ BACKENDS = ["threads", "processes", "dask", "ray"]
 SECTIONS = ["overhead", "throughput", "dag", "data", "startup", "watching"]
 
 # Per size: items per overhead row, CPU-bound items and seconds each, DAG fan-out width and
-# seconds per item, MB through the data pipeline, repetitions of each row and of startup.
+# seconds per item, MB through the data pipeline, repetitions of each row, of the data rows (a
+# fresh 200 MB object now and then costs the object store a page-fault storm: more reps, steadier
+# medians) and of startup.
 SIZES = {
     "tiny": dict(overhead=[20], tp_items=8, tp_seconds=0.005, dag_items=6, dag_seconds=0.002, data_mb=8,
-                 reps=1, startup_reps=1, watch_items=8),
+                 reps=1, data_reps=1, startup_reps=1, watch_items=8),
     "small": dict(overhead=[1000], tp_items=40, tp_seconds=0.02, dag_items=40, dag_seconds=0.005, data_mb=50,
-                  reps=3, startup_reps=1, watch_items=40),
+                  reps=3, data_reps=5, startup_reps=1, watch_items=40),
     "full": dict(overhead=[1000, 10000], tp_items=200, tp_seconds=0.02, dag_items=200, dag_seconds=0.005,
-                 data_mb=200, reps=5, startup_reps=3, watch_items=200),
+                 data_mb=200, reps=5, data_reps=9, startup_reps=3, watch_items=200),
 }
 
 CORES = 2  # workers every backend gets (the machine has 2 cores; see FACTS.md)
@@ -508,7 +510,7 @@ def sec_data(b: Bench, res: Results, cfg):
     peaks = {"fnb": [], "raw": []}
     cpus = {"fnb": [], "raw": []}
     runs = {"fnb": lambda: b.run(wf, {"mb": mb}), "raw": lambda: b.raw_data(mb)}
-    for rep in range(cfg["reps"]):
+    for rep in range(max(cfg["reps"], cfg["data_reps"])):
         for name in (["fnb", "raw"] if rep % 2 == 0 else ["raw", "fnb"]):
             with PeakRSS() as peak:
                 dt, value = timed(runs[name])
