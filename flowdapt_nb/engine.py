@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import ConfigError, RunTimeoutError, StageError
-from .events import RunEvent, TaskEvent
+from .events import EventBus, RunEvent, TaskEvent
 from .run import WorkflowRun
 from .workflow import Stage, Workflow, root_kwargs
 from .worker import TaskInfo
@@ -56,6 +56,9 @@ class _StageRun:
     results: dict = field(default_factory=dict)
     launched_at: float | None = None
     finished: bool = False
+    waiting: int = 0  # tasks of this stage queued in the engine, not yet sent
+    busy: float = 0.0  # seconds its finished tasks ran on workers, and how many: the mean sizes chunks
+    timed: int = 0
 
 
 @dataclass
@@ -76,6 +79,10 @@ class Backend:
     # many as there are slots) bound how many run at once; None: no limit. Handing them over
     # early keeps workers busy instead of idle between a completion and the next submit.
     prefetch: int | None = 0
+    # Seconds of work worth sending as one chunk when a fan-out's items turn out tiny: the items
+    # then go to a worker together and run one after another, so the fixed cost of a round trip
+    # is paid once per chunk, not per item. None: every task goes alone (see ``submit_chunk``).
+    chunk_seconds: float | None = None
 
     def put_context(self, ctx) -> Any:
         return ctx
@@ -102,6 +109,12 @@ class Backend:
         message for many tasks) override this."""
         for fn_handle, info, flat_args, resources, on_done in calls:
             refs.append(self.submit(fn_handle, ctx_handle, info, flat_args, resources, on_done))
+
+    def submit_chunk(self, fn_handle, ctx_handle, tasks: list[tuple[TaskInfo, list]], resources: dict,
+                     on_done: Callable[[list[Outcome]], None]) -> Any:
+        """Run several one-slot tasks of one stage on one worker, one after another; ``on_done``
+        gets their outcomes in order, once. Only called when ``chunk_seconds`` is set."""
+        raise NotImplementedError
 
     def split(self, handle) -> list[tuple[tuple, Any]]:
         """Items of a dependency output as (layout entry, flat argument) pairs."""
@@ -130,13 +143,18 @@ def items_of(value, stage_name: str, source: str) -> list:
     return list(value)
 
 
+CHUNK_AFTER = 2  # finished tasks of a stage needed before its mean duration may size chunks
+CHUNK_MAX = 1000  # items in one chunk at most
+
+
 class Engine:
     """Runs one workflow run on a backend. Used by every executor through ``Executor.submit``."""
 
-    def __init__(self, backend: Backend, publish: Callable, run: WorkflowRun, fns: dict, ctx,
+    def __init__(self, backend: Backend, events: EventBus, run: WorkflowRun, fns: dict, ctx,
                  cancel_event, timeout: float | None = None):
         self.backend = backend
-        self.publish = publish
+        self.events = events
+        self.publish = events.publish
         self.run = run
         self.wf: Workflow = run.definition
         self.fns = fns
@@ -167,11 +185,11 @@ class Engine:
         task's events reach subscribers in order: queued, running, then how it ended."""
         t = t or time.time()
         with self.run._event_lock:
-            if state in ("finished", "failed") and self.run._task_state(stage, item) == "queued":
-                if self.run._record(stage, item, "running", start or t, worker=worker):
-                    self.publish(TaskEvent(self.run.uid, stage, item, "running", start or t, worker))
-            if self.run._record(stage, item, state, t, worker=worker, error=error, start=start, end=end):
-                self.publish(TaskEvent(self.run.uid, stage, item, state, t, worker, error))
+            for reached in self.run._advance(stage, item, state, t, worker, error, start, end):
+                if reached == state:
+                    self.publish(TaskEvent(self.run.uid, stage, item, state, t, worker, error))
+                else:  # the implied 'running', at the worker's start time
+                    self.publish(TaskEvent(self.run.uid, stage, item, reached, start or t, worker))
 
     def _run_event(self, state, error=None):
         self.publish(RunEvent(self.run.uid, self.run.workflow, state, time.time(), error))
@@ -195,13 +213,13 @@ class Engine:
                     key, outcome = self.completions.get(timeout=0.05)
                 except queue.Empty:
                     continue
-                self._complete(key, outcome)
+                self._take(key, outcome)
                 while True:  # drain what else is ready before pumping
                     try:
                         key, outcome = self.completions.get_nowait()
                     except queue.Empty:
                         break
-                    self._complete(key, outcome)
+                    self._take(key, outcome)
                 self._pump()
             results = self._collect()
             run.result = results
@@ -296,10 +314,11 @@ class Engine:
                 items, rest = [(("c", v), None) for v in values], []
             rest_layout, rest_flat = self._layout(rest)
             sr.total = len(items)
-            for index, (entry, arg) in enumerate(items):
-                flat = ([] if entry[0] == "c" else [arg]) + rest_flat
-                info = TaskInfo(self.run.uid, stage.name, index, (entry, *rest_layout), kwargs)
-                self._enqueue(stage, info, flat)
+            uid = self.run.uid
+            self._enqueue_many(stage, [
+                (TaskInfo(uid, stage.name, index, (entry, *rest_layout), kwargs),
+                 ([] if entry[0] == "c" else [arg]) + rest_flat)
+                for index, (entry, arg) in enumerate(items)])
             if not items:
                 self._finish_stage(stage)
         for dep in stage.depends_on:  # release outputs nobody else needs (Ray refs, Dask futures)
@@ -321,9 +340,31 @@ class Engine:
         return layout, flat
 
     def _enqueue(self, stage: Stage, info: TaskInfo, flat: list) -> None:
+        self._enqueue_many(stage, [(info, flat)])
+
+    def _enqueue_many(self, stage: Stage, tasks: list[tuple[TaskInfo, list]]) -> None:
+        """Queue a stage's tasks: recorded and announced together (a fan-out may have thousands)."""
         need = self.backend.slots_needed(stage) if self.free_slots is not None else 0
-        self.waiting.append(_Pending(stage.name, info, flat, need))
-        self._task_event(stage.name, info.item, "queued")
+        name = stage.name
+        self.waiting.extend(_Pending(name, info, flat, need) for info, flat in tasks)
+        self.stage_runs[name].waiting += len(tasks)
+        t = time.time()
+        with self.run._event_lock:
+            new = self.run._queue_tasks(name, [info.item for info, _ in tasks], t)
+            if self.events.listening:
+                for item in new:
+                    self.publish(TaskEvent(self.run.uid, name, item, "queued", t))
+
+    def _chunk_size(self, sr: _StageRun) -> int:
+        """How many of a fan-out's waiting items to send as one chunk: enough for about
+        ``backend.chunk_seconds`` of work by the mean so far, but never so many that a worker
+        could sit idle at the end of the stage (at least two chunks per slot stay to share)."""
+        target = self.backend.chunk_seconds
+        if not target or sr.stage.type != "parameterized" or sr.timed < CHUNK_AFTER:
+            return 1
+        by_time = int(target * sr.timed / max(sr.busy, 1e-9))
+        spread = sr.waiting // (2 * (self.backend.capacity or 1))
+        return max(1, min(by_time, spread, CHUNK_MAX))
 
     def _fits(self, pending: _Pending) -> bool:
         if pending.need <= self.free_slots or not self.inflight:
@@ -336,7 +377,7 @@ class Engine:
     def _pump(self) -> None:
         """Submit waiting tasks; with a slot capacity (local), only as many as fit (one-slot
         tasks also up to the backend's ``prefetch``: its workers then bound what runs at once)."""
-        batch: list[_Pending] = []
+        batch: list[list[_Pending]] = []  # groups: one task, or a chunk of one stage's tasks
         while self.waiting:
             pending = self.waiting[0]
             if self.free_slots is not None:
@@ -345,37 +386,109 @@ class Engine:
                 self.free_slots -= pending.need
                 if pending.need != 1:
                     self.exact_inflight += 1
-            self.waiting.popleft()
-            self.inflight[(pending.stage, pending.info.item)] = (None, pending.need)  # ref set below
-            batch.append(pending)
+            group = [self.waiting.popleft()]
+            sr = self.stage_runs[pending.stage]
+            size = self._chunk_size(sr) if pending.need == 1 and len(self.waiting) else 1
+            while len(group) < size and self.waiting and self.waiting[0].stage == pending.stage:
+                group.append(self.waiting.popleft())
+            sr.waiting -= len(group)
+            # a chunk takes its first task's slot; the others take none (need None)
+            for i, member in enumerate(group):
+                self.inflight[(member.stage, member.info.item)] = (None, member.need if i == 0 else None)
+            batch.append(group)
         if batch:
             self._submit(batch)
 
-    def _submit(self, batch: list[_Pending]) -> None:
-        """Hand a batch of tasks to the backend in one call (Dask sends them in one message)."""
-        calls = []
-        for pending in batch:
-            sr = self.stage_runs[pending.stage]
-            key = (pending.stage, pending.info.item)
-            calls.append((sr.fn_handle, pending.info, pending.flat, sr.stage.resources,
-                          lambda outcome, key=key: self.completions.put((key, outcome))))
-        refs: list = []
+    def _submit(self, batch: list[list[_Pending]]) -> None:
+        """Hand a batch to the backend: lone tasks in one call (Dask sends them in one message),
+        each chunk in one call of its own."""
+        sent: list[tuple[list[_Pending], Any]] = []  # (group, its ref) as each goes out
+        lone: list[list[_Pending]] = []
+
+        def send_lone():
+            calls, refs = [], []
+            for (pending,) in lone:
+                sr = self.stage_runs[pending.stage]
+                key = (pending.stage, pending.info.item)
+                calls.append((sr.fn_handle, pending.info, pending.flat, sr.stage.resources,
+                              lambda outcome, key=key: self.completions.put((key, outcome))))
+            try:
+                self.backend.submit_many(self.ctx_handle, calls, refs)
+            finally:
+                sent.extend(zip(lone, refs))
+                lone.clear()
+
         try:
-            self.backend.submit_many(self.ctx_handle, calls, refs)
+            for group in batch:
+                if len(group) == 1:
+                    lone.append(group)
+                    continue
+                if lone:
+                    send_lone()
+                sr = self.stage_runs[group[0].stage]
+                keys = [(p.stage, p.info.item) for p in group]
+                ref = self.backend.submit_chunk(
+                    sr.fn_handle, self.ctx_handle, [(p.info, p.flat) for p in group], sr.stage.resources,
+                    lambda outcomes, keys=keys: self.completions.put((None, list(zip(keys, outcomes)))))
+                sent.append((group, ref))
+            if lone:
+                send_lone()
         finally:
-            for pending, ref in zip(batch, refs):
-                self.inflight[(pending.stage, pending.info.item)] = (ref, pending.need)
-            for pending in reversed(batch[len(refs):]):  # never sent: waiting again, for _abort
-                self._release((pending.stage, pending.info.item))
-                self.waiting.appendleft(pending)
+            for group, ref in sent:
+                for p in group:
+                    key = (p.stage, p.info.item)
+                    self.inflight[key] = (ref, self.inflight[key][1])
+            done = {id(group) for group, _ in sent}
+            for group in reversed([g for g in batch if id(g) not in done]):  # never sent: waiting again
+                for p in reversed(group):
+                    self._release((p.stage, p.info.item))
+                    self.waiting.appendleft(p)
+                    self.stage_runs[p.stage].waiting += 1
 
     # --- completions ---
     def _release(self, key) -> None:
         _, need = self.inflight.pop(key)
-        if self.free_slots is not None:
+        if self.free_slots is not None and need is not None:
             self.free_slots += need
             if need != 1:
                 self.exact_inflight -= 1
+
+    def _take(self, key, outcome) -> None:
+        """One completion from the queue: a task's, or (key None) a chunk's list of them."""
+        if key is None:
+            self._complete_chunk(outcome)
+        else:
+            self._complete(key, outcome)
+
+    def _complete_chunk(self, pairs: list) -> None:
+        """A chunk's outcomes: its finished items recorded in one step (a chunk may hold hundreds
+        of microsecond tasks), anything else one by one, in item order either way."""
+        stage_name = pairs[0][0][0]
+        sr = self.stage_runs[stage_name]
+        done = [(key[1], o) for key, o in pairs if o.ok and key in self.inflight]
+        if len(done) < len(pairs):  # a failure or a cancelled item: the general path keeps it exact
+            for key, outcome in pairs:
+                self._complete(key, outcome)
+            return
+        for key, _ in pairs:
+            self._release(key)
+        results = sr.results
+        for item, outcome in done:
+            results[item] = outcome.value
+            if outcome.start is not None and outcome.end is not None:
+                sr.busy += outcome.end - outcome.start
+                sr.timed += 1
+        with self.run._event_lock:
+            reached = self.run._finish_tasks(stage_name, done)
+            if self.events.listening:
+                uid = self.run.uid
+                for item, outcome in reached:
+                    self.publish(TaskEvent(uid, stage_name, item, "running", outcome.start or outcome.end,
+                                           outcome.worker))
+                    self.publish(TaskEvent(uid, stage_name, item, "finished", outcome.end, outcome.worker))
+        sr.done += len(done)
+        if sr.done == sr.total:
+            self._finish_stage(sr.stage)
 
     def _complete(self, key, outcome: Outcome) -> None:
         if key not in self.inflight:
@@ -384,6 +497,9 @@ class Engine:
         stage_name, item = key
         sr = self.stage_runs[stage_name]
         stage = sr.stage
+        if outcome.start is not None and outcome.end is not None:
+            sr.busy += outcome.end - outcome.start
+            sr.timed += 1
         if outcome.ok:
             self._task_event(stage_name, item, "finished", outcome.end, outcome.worker,
                              start=outcome.start, end=outcome.end)

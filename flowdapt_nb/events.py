@@ -97,6 +97,7 @@ class EventBus:
 
     def __init__(self):
         self._subs: dict[int, _Subscription] = {}
+        self._snapshot: tuple[_Subscription, ...] = ()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -108,6 +109,7 @@ class EventBus:
         token = next(self._ids)
         with self._lock:
             self._subs[token] = _Subscription(callback, kinds, throttle)
+            self._snapshot = tuple(self._subs.values())
             if throttle and self._dispatcher is None and not self._closed:
                 self._dispatcher = threading.Thread(target=self._dispatch_loop, name="flowdapt-nb-events",
                                                     daemon=True)
@@ -117,11 +119,15 @@ class EventBus:
     def unsubscribe(self, token: int) -> None:
         with self._lock:
             self._subs.pop(token, None)
+            self._snapshot = tuple(self._subs.values())
+
+    @property
+    def listening(self) -> bool:
+        """Whether anyone subscribes now (publishers may skip building events when not)."""
+        return bool(self._snapshot)
 
     def publish(self, event) -> None:
-        with self._lock:
-            subs = list(self._subs.values())
-        for sub in subs:
+        for sub in self._snapshot:  # a tuple swapped whole on (un)subscribe: no lock per event
             if not sub.wants(event):
                 continue
             if sub.throttle:
@@ -163,6 +169,7 @@ class EventBus:
         self.flush()
         with self._lock:
             self._subs.clear()
+            self._snapshot = ()
         self._dispatcher = None
 
     @property

@@ -84,31 +84,74 @@ class WorkflowRun:
         if error:
             self.error = error
 
+    def _queue_tasks(self, stage: str, items: list, time_: float) -> list:
+        """Rows for a stage's new tasks, all queued at ``time_``; returns the items that were new."""
+        new = []
+        with self._lock:
+            for item in items:
+                if (stage, item) not in self._tasks:
+                    self._tasks[(stage, item)] = {"stage": stage, "item": item, "state": "queued",
+                                                  "worker": None, "queued": time_, "start": None,
+                                                  "end": None, "error": None}
+                    new.append(item)
+        return new
+
+    def _finish_tasks(self, stage: str, done: list) -> list:
+        """Mark (item, Outcome) pairs finished, with their workers' timings; returns the pairs
+        whose row moved from queued to finished now (they went through 'running' unseen)."""
+        reached = []
+        with self._lock:
+            for item, outcome in done:
+                row = self._tasks.get((stage, item))
+                if row is not None and row["state"] == "queued":
+                    row["state"], row["worker"] = "finished", outcome.worker
+                    row["start"], row["end"] = outcome.start or outcome.end, outcome.end
+                    reached.append((item, outcome))
+                else:
+                    self._record_locked(stage, item, "finished", outcome.end, outcome.worker,
+                                        start=outcome.start, end=outcome.end)
+        return reached
+
+    def _advance(self, stage: str, item: int | None, state: str, time_: float, worker=None, error=None,
+                 start=None, end=None) -> tuple:
+        """A task ended (or started): the states it newly reached, in order. A task that ends while
+        still queued (its worker's 'running' report not in yet, or never sent) reaches 'running'
+        first, at its worker's start time."""
+        with self._lock:
+            row = self._tasks.get((stage, item))
+            ran = (state in ("finished", "failed") and row is not None and row["state"] == "queued"
+                   and self._record_locked(stage, item, "running", start or time_, worker))
+            now = self._record_locked(stage, item, state, time_, worker, error, start, end)
+        return ("running", state) if ran and now else ("running",) if ran else (state,) if now else ()
+
     def _record(self, stage: str, item: int | None, state: str | None, time_: float, worker=None, error=None,
                 start=None, end=None) -> bool:
         """Update a task's row; ``state=None`` updates timings only. True if the state advanced."""
         with self._lock:
-            row = self._tasks.setdefault((stage, item), {"stage": stage, "item": item, "state": None,
-                                                         "worker": None, "queued": None, "start": None,
-                                                         "end": None, "error": None})
-            if state == "queued" and row["queued"] is None:
-                row["queued"] = time_
-            if state == "running" and row["start"] is None:
-                row["start"] = time_
-            if start is not None:
-                row["start"] = start
-            if end is not None:
-                row["end"] = end
-            elif state in ("finished", "failed", "cancelled") and row["end"] is None:
-                row["end"] = time_
-            if worker:
-                row["worker"] = worker
-            if error:
-                row["error"] = error
-            if state is not None and state != row["state"] and state_advances(row["state"], state):
-                row["state"] = state
-                return True
-            return False
+            return self._record_locked(stage, item, state, time_, worker, error, start, end)
+
+    def _record_locked(self, stage, item, state, time_, worker=None, error=None, start=None, end=None) -> bool:
+        row = self._tasks.setdefault((stage, item), {"stage": stage, "item": item, "state": None,
+                                                     "worker": None, "queued": None, "start": None,
+                                                     "end": None, "error": None})
+        if state == "queued" and row["queued"] is None:
+            row["queued"] = time_
+        if state == "running" and row["start"] is None:
+            row["start"] = time_
+        if start is not None:
+            row["start"] = start
+        if end is not None:
+            row["end"] = end
+        elif state in ("finished", "failed", "cancelled") and row["end"] is None:
+            row["end"] = time_
+        if worker:
+            row["worker"] = worker
+        if error:
+            row["error"] = error
+        if state is not None and state != row["state"] and state_advances(row["state"], state):
+            row["state"] = state
+            return True
+        return False
 
     def _task_state(self, stage: str, item: int | None) -> str | None:
         with self._lock:

@@ -7,7 +7,7 @@ import os
 import socket
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import cloudpickle
@@ -85,7 +85,7 @@ def execute(ctx: RunContext, fn: Callable, info: TaskInfo, flat_args, report: Ca
                     "time": start, "worker": worker})
         except Exception:  # telemetry must never fail a task
             pass
-    token = set_context(replace(ctx, stage=info.stage, item=info.item))
+    token = set_context(ctx.for_task(info.stage, info.item))
     value, error = None, None
     try:
         args = regroup(info.layout, flat_args)

@@ -53,3 +53,20 @@ def pid_then_sleep(path, delay=4.0):
         fh.write(f"{os.getpid()}\n")
     time.sleep(delay)
     return os.getpid()
+
+
+def fail_every_seventh(x):
+    if x % 7 == 0:
+        raise ValueError(f"item {x} is a multiple of 7")
+    return x
+
+
+def lock_on_five(x):
+    """Item 5's result is a lock, which can't be pickled back from a worker process."""
+    import threading
+    return threading.Lock() if x == 5 else x
+
+
+def nap(x, delay=0.001):
+    time.sleep(delay)
+    return x

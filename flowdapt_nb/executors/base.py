@@ -197,7 +197,7 @@ class Executor:
                          run=RunInfo(run.uid, run.name, run.workflow), definition=wf.to_dict(),
                          config=self.config_dict(), memory=self._worker_memory_handle(),
                          artifacts=self._storage_for_workers())
-        engine = Engine(self._backend, self.events.publish, run, fns, ctx, handle._cancel, timeout)
+        engine = Engine(self._backend, self.events, run, fns, ctx, handle._cancel, timeout)
         with self._lock:
             self._history.append(run)
             self._active[run.uid] = (handle, engine)

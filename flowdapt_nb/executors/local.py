@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..events import ResourceSample
 from ..memory_store import MemoryStore
 from ..units import auto_cpus, parse_bytes
-from ..worker import TaskInfo, execute
+from ..worker import TaskInfo, default_worker_name, execute
 from .base import Executor
 
 
@@ -84,7 +84,23 @@ def _process_task(fn_shipped: tuple, ctx_shipped: tuple, info: TaskInfo, args_bl
     fn, ctx = _load_shipped(fn_shipped), _load_shipped(ctx_shipped)
     flat = cloudpickle.loads(args_blob)
     report = _worker_events.put if _worker_events is not None else None
-    meta, value = execute(ctx, fn, info, flat, report)
+    return _pickle_outcome(*execute(ctx, fn, info, flat, report, _worker_name()))
+
+
+def _process_chunk(fn_shipped: tuple, ctx_shipped: tuple, infos: list, args_blob: bytes):
+    """Several tasks of one stage, one after another; their outcomes pickled together (or one
+    by one when some result can't be pickled: only that item fails)."""
+    fn, ctx = _load_shipped(fn_shipped), _load_shipped(ctx_shipped)
+    worker = _worker_name()
+    outcomes = [execute(ctx, fn, info, flat, None, worker)
+                for info, flat in zip(infos, cloudpickle.loads(args_blob))]
+    try:
+        return cloudpickle.dumps(outcomes)
+    except Exception:
+        return [_pickle_outcome(meta, value) for meta, value in outcomes]
+
+
+def _pickle_outcome(meta: dict, value) -> bytes:
     try:
         return cloudpickle.dumps((meta, value))
     except Exception as exc:
@@ -92,6 +108,31 @@ def _process_task(fn_shipped: tuple, ctx_shipped: tuple, info: TaskInfo, args_bl
         meta["ok"], meta["error"] = False, portable_error(
             TypeError(f"the stage's result ({type(value).__name__}) can't be pickled back: {exc}"), "")
         return cloudpickle.dumps((meta, None))
+
+
+_my_name: str | None = None
+
+
+def _worker_name() -> str:
+    global _my_name
+    if _my_name is None:
+        _my_name = default_worker_name()
+    return _my_name
+
+
+def _thread_chunk(ctx, fn, tasks: list, worker: str) -> list:
+    return [execute(ctx, fn, info, flat, None, worker) for info, flat in tasks]
+
+
+def _outcome(meta: dict, value) -> Outcome:
+    return Outcome(meta["ok"], value, meta["error"], meta["start"], meta["end"], meta["worker"])
+
+
+def _lost(exc: BaseException) -> Outcome:
+    """The outcome of a task whose result never came back."""
+    if isinstance(exc, BrokenProcessPool):
+        exc = RuntimeError(f"a local worker process died while running this task ({exc})")
+    return Outcome(False, error=exc, end=time.time())  # else: an argument that can't be pickled
 
 
 class _StoreManager(SyncManager):
@@ -126,6 +167,9 @@ class _LocalBackend(Backend):
         # keep workers busy across the round trip to the engine (longer for processes). More
         # would only add contention for the GIL in a thread pool.
         self.prefetch = 4 * cpus if use_processes else cpus
+        # Tiny items go in chunks of about this much work: a process round trip costs more.
+        self.chunk_seconds = 0.02 if use_processes else 0.005
+        self._thread_worker = f"thread:{os.getpid()}"
         if use_processes:
             self._ship_dir = tempfile.mkdtemp(prefix="flowdapt-nb-local-")
             # spawn, not fork: forking beside Ray/Dask/sampler threads can deadlock the child
@@ -187,30 +231,55 @@ class _LocalBackend(Backend):
         return cf.ProcessPoolExecutor(max_workers=self.capacity, mp_context=ctx, initializer=_init_process,
                                       initargs=(self.events,))
 
+    def _process_pool(self):
+        if getattr(self.pool, "_broken", False):  # a worker process died: later runs get a new pool
+            old, self.pool = self.pool, self._new_process_pool()
+            old.shutdown(wait=False, cancel_futures=True)
+        return self.pool
+
     def submit(self, fn_handle, ctx_handle, info, flat_args, resources, on_done):
         if self.use_processes:
-            if getattr(self.pool, "_broken", False):  # a worker process died: later runs get a new pool
-                old, self.pool = self.pool, self._new_process_pool()
-                old.shutdown(wait=False, cancel_futures=True)
-            future = self.pool.submit(_process_task, fn_handle, ctx_handle, info, cloudpickle.dumps(flat_args))
+            future = self._process_pool().submit(_process_task, fn_handle, ctx_handle, info,
+                                                 cloudpickle.dumps(flat_args))
         else:
             future = self.pool.submit(execute, ctx_handle, fn_handle, info, flat_args,
-                                      self.executor._on_worker_event, f"thread:{os.getpid()}")
+                                      self.executor._on_worker_event, self._thread_worker)
 
         def done(f: cf.Future):
             if f.cancelled():
                 return
             try:
                 result = f.result()
-                meta, value = cloudpickle.loads(result) if self.use_processes else result
-            except BrokenProcessPool as exc:
-                on_done(Outcome(False, error=RuntimeError(f"a local worker process died while running "
-                                                          f"this task ({exc})"), end=time.time()))
+                outcome = _outcome(*(cloudpickle.loads(result) if self.use_processes else result))
+            except BaseException as exc:
+                outcome = _lost(exc)
+            on_done(outcome)
+
+        future.add_done_callback(done)
+        return future
+
+    def submit_chunk(self, fn_handle, ctx_handle, tasks, resources, on_done):
+        if self.use_processes:
+            future = self._process_pool().submit(_process_chunk, fn_handle, ctx_handle, [t[0] for t in tasks],
+                                                 cloudpickle.dumps([t[1] for t in tasks]))
+        else:
+            future = self.pool.submit(_thread_chunk, ctx_handle, fn_handle, tasks, self._thread_worker)
+
+        def done(f: cf.Future):
+            if f.cancelled():
                 return
-            except BaseException as exc:  # an unpicklable argument
-                on_done(Outcome(False, error=exc, end=time.time()))
-                return
-            on_done(Outcome(meta["ok"], value, meta["error"], meta["start"], meta["end"], meta["worker"]))
+            try:
+                result = f.result()
+                if not self.use_processes:
+                    pairs = result
+                elif isinstance(result, bytes):
+                    pairs = cloudpickle.loads(result)
+                else:  # pickled one by one
+                    pairs = [cloudpickle.loads(blob) for blob in result]
+                outcomes = [_outcome(meta, value) for meta, value in pairs]
+            except BaseException as exc:
+                outcomes = [_lost(exc)] * len(tasks)
+            on_done(outcomes)
 
         future.add_done_callback(done)
         return future

@@ -1,0 +1,117 @@
+"""Tiny fan-out items on the local executor go to workers in chunks (one round trip for many
+items), and every item still has its own record, events, failure and result."""
+
+import threading
+
+import pytest
+
+import flowdapt_nb as fnb
+from flowdapt_nb import Stage, Workflow
+
+import stages as st
+from conftest import make_executor
+
+LOCAL = ["threads", "processes"]
+
+
+def fan_out(fn, **options):
+    return Workflow("chunky", stages=[Stage("each", fn, type="parameterized",
+                                            options={"map_on": "items", **options})])
+
+
+@pytest.fixture(params=LOCAL)
+def local(request):
+    ex = make_executor(request.param)
+    yield ex
+    ex.close()
+
+
+def chunk_sizes(ex) -> list:
+    """Record how many items each chunk sent to the real backend carried."""
+    sizes = []
+    send = ex._backend.submit_chunk
+
+    def counting(fn, ctx, tasks, resources, on_done):
+        sizes.append(len(tasks))
+        return send(fn, ctx, tasks, resources, on_done)
+
+    ex._backend.submit_chunk = counting
+    return sizes
+
+
+def test_tiny_items_go_in_chunks_and_keep_their_records_and_events(local):
+    sizes = chunk_sizes(local)
+    events = []
+    token = local.events.subscribe(events.append, kinds=["task"])
+    try:
+        run = local.run(fan_out(st.square), input={"items": list(range(2000))})
+    finally:
+        local.events.unsubscribe(token)
+    assert run.result == [x * x for x in range(2000)]
+    assert sizes and max(sizes) > 1 and sum(sizes) > 1000  # most items went in chunks
+    tasks = run.tasks
+    assert len(tasks) == 2000 and set(tasks.state) == {"finished"}
+    assert tasks[["queued", "start", "end", "worker"]].notna().all().all()
+    assert (tasks.start <= tasks.end).all()
+    by_task: dict = {}
+    for event in events:
+        by_task.setdefault(event.item, []).append(event.state)
+    assert len(by_task) == 2000
+    assert all(states == ["queued", "running", "finished"] for states in by_task.values())
+
+
+def test_slow_items_are_not_chunked(local):
+    sizes = chunk_sizes(local)
+    run = local.run(fan_out(st.nap), input={"items": list(range(8)), "delay": 0.05})
+    assert run.result == list(range(8)) and sizes == []
+
+
+def test_partial_failures_inside_chunks_are_per_item(local):
+    sizes = chunk_sizes(local)
+    run = local.run(fan_out(st.fail_every_seventh), input={"items": list(range(700))})
+    assert sizes
+    assert run.result == [x for x in range(700) if x % 7]
+    assert sorted(f["item"] for f in run.failures) == list(range(0, 700, 7))
+    assert all("multiple of 7" in f.error for f in run.failures)
+    tasks = run.tasks
+    assert (tasks.state == "failed").sum() == 100 and (tasks.state == "finished").sum() == 600
+
+
+def test_a_failing_item_inside_a_chunk_fails_the_stage_and_names_it(local):
+    sizes = chunk_sizes(local)
+    items = list(range(1, 1000)) + [7 * 1000]  # the one failing item comes last, inside a chunk
+    with pytest.raises(fnb.StageError) as err:
+        local.run(fan_out(st.fail_every_seventh, allow_partial_failure=False), input={"items": items})
+    assert sizes
+    assert err.value.stage == "each" and isinstance(err.value.__cause__, ValueError)
+    assert err.value.run.state == "failed"
+    assert local.run(fan_out(st.square), input={"items": [3]}).result == [9]  # still usable
+
+
+def test_a_result_that_cannot_come_back_fails_only_its_item():
+    ex = make_executor("processes")
+    try:
+        sizes = chunk_sizes(ex)
+        run = ex.run(fan_out(st.lock_on_five), input={"items": list(range(500))})
+        assert sizes and max(sizes) > 1
+        assert run.result == [x for x in range(500) if x != 5]
+        assert [f["item"] for f in run.failures] == [5]
+        assert "can't be pickled back" in run.failures[0].error
+    finally:
+        ex.close()
+
+
+def test_cancelling_a_chunked_run_stops_it(local):
+    sizes = chunk_sizes(local)
+    handle = local.submit(fan_out(st.nap), input={"items": list(range(20000)), "delay": 0.0005})
+    for _ in range(200):  # until chunks are going out (process workers take a while to spawn)
+        if sizes:
+            break
+        threading.Event().wait(0.05)
+    assert sizes
+    handle.cancel()
+    run = handle.wait(timeout=30)
+    assert run.state == "cancelled"
+    tasks = run.tasks
+    assert "cancelled" in set(tasks.state) and len(tasks) == 20000
+    assert local.run(fan_out(st.square), input={"items": [4]}).result == [16]
