@@ -59,6 +59,7 @@ class _StageRun:
     waiting: int = 0  # tasks of this stage queued in the engine, not yet sent
     busy: float = 0.0  # seconds its finished tasks ran on workers, and how many: the mean sizes chunks
     timed: int = 0
+    chunkable: bool = False  # a fan-out of one-CPU tasks on a backend that takes chunks
 
 
 @dataclass
@@ -83,6 +84,9 @@ class Backend:
     # then go to a worker together and run one after another, so the fixed cost of a round trip
     # is paid once per chunk, not per item. None: every task goes alone (see ``submit_chunk``).
     chunk_seconds: float | None = None
+    # Workers that run tasks at once, for a backend without ``capacity``: sizes chunks so that
+    # every worker still gets a share at the end of a stage.
+    parallelism: int = 1
 
     def put_context(self, ctx) -> Any:
         return ctx
@@ -145,6 +149,10 @@ def items_of(value, stage_name: str, source: str) -> list:
 
 CHUNK_AFTER = 2  # finished tasks of a stage needed before its mean duration may size chunks
 CHUNK_MAX = 1000  # items in one chunk at most
+# A backend without slot limits would get a whole fan-out at once, before any task has shown how
+# long it takes. Until then it gets this many tasks per worker in flight: more than its workers
+# can run at once, so none idles, but the rest can still go in chunks once the timings are in.
+PROBE_DEPTH = 4
 
 
 class Engine:
@@ -185,7 +193,10 @@ class Engine:
         task's events reach subscribers in order: queued, running, then how it ended."""
         t = t or time.time()
         with self.run._event_lock:
-            for reached in self.run._advance(stage, item, state, t, worker, error, start, end):
+            reached_states = self.run._advance(stage, item, state, t, worker, error, start, end)
+            if worker is None and reached_states:  # the worker's own report may have named it
+                worker = self.run._task_worker(stage, item)
+            for reached in reached_states:
                 if reached == state:
                     self.publish(TaskEvent(self.run.uid, stage, item, state, t, worker, error))
                 else:  # the implied 'running', at the worker's start time
@@ -202,7 +213,7 @@ class Engine:
         try:
             self.ctx_handle, self.fn_handles = self.backend.put_run(self.ctx, [self.fns[s.name] for s in self.wf.stages])
             for stage, fn_handle in zip(self.wf.stages, self.fn_handles):
-                self.stage_runs[stage.name] = _StageRun(stage, fn_handle)
+                self.stage_runs[stage.name] = _StageRun(stage, fn_handle, chunkable=self._chunkable(stage))
             for stage in self.wf.stages:
                 if not stage.depends_on:
                     self._launch(stage)
@@ -359,12 +370,22 @@ class Engine:
         """How many of a fan-out's waiting items to send as one chunk: enough for about
         ``backend.chunk_seconds`` of work by the mean so far, but never so many that a worker
         could sit idle at the end of the stage (at least two chunks per slot stay to share)."""
-        target = self.backend.chunk_seconds
-        if not target or sr.stage.type != "parameterized" or sr.timed < CHUNK_AFTER:
+        if not sr.chunkable or sr.timed < CHUNK_AFTER:
             return 1
-        by_time = int(target * sr.timed / max(sr.busy, 1e-9))
-        spread = sr.waiting // (2 * (self.backend.capacity or 1))
+        by_time = int(self.backend.chunk_seconds * sr.timed / max(sr.busy, 1e-9))
+        spread = sr.waiting // (2 * (self.backend.capacity or self.backend.parallelism or 1))
         return max(1, min(by_time, spread, CHUNK_MAX))
+
+    def _chunkable(self, stage: Stage) -> bool:
+        return bool(self.backend.chunk_seconds and stage.type == "parameterized"
+                    and self.backend.slots_needed(stage) == 1
+                    and not any(amount for name, amount in stage.resources.items() if name != "cpus"))
+
+    def _probing(self, sr: _StageRun) -> bool:
+        """Hold this fan-out's next task? Only without slot limits, only until its first tasks
+        have reported how long they take, and only while enough of them are in flight."""
+        return (sr.chunkable and self.free_slots is None and sr.timed < CHUNK_AFTER
+                and sr.total - sr.waiting - sr.done >= PROBE_DEPTH * (self.backend.parallelism or 1))
 
     def _fits(self, pending: _Pending) -> bool:
         if pending.need <= self.free_slots or not self.inflight:
@@ -380,6 +401,9 @@ class Engine:
         batch: list[list[_Pending]] = []  # groups: one task, or a chunk of one stage's tasks
         while self.waiting:
             pending = self.waiting[0]
+            sr = self.stage_runs[pending.stage]
+            if self._probing(sr):
+                break
             if self.free_slots is not None:
                 if not self._fits(pending):
                     break
@@ -387,8 +411,7 @@ class Engine:
                 if pending.need != 1:
                     self.exact_inflight += 1
             group = [self.waiting.popleft()]
-            sr = self.stage_runs[pending.stage]
-            size = self._chunk_size(sr) if pending.need == 1 and len(self.waiting) else 1
+            size = self._chunk_size(sr) if len(self.waiting) else 1
             while len(group) < size and self.waiting and self.waiting[0].stage == pending.stage:
                 group.append(self.waiting.popleft())
             sr.waiting -= len(group)

@@ -153,6 +153,11 @@ class WorkflowRun:
             return True
         return False
 
+    def _task_worker(self, stage: str, item: int | None) -> str | None:
+        with self._lock:
+            row = self._tasks.get((stage, item))
+            return row["worker"] if row else None
+
     def _task_state(self, stage: str, item: int | None) -> str | None:
         with self._lock:
             row = self._tasks.get((stage, item))

@@ -1,5 +1,6 @@
-"""Tiny fan-out items on the local executor go to workers in chunks (one round trip for many
-items), and every item still has its own record, events, failure and result."""
+"""Tiny fan-out items go to workers in chunks (one round trip for many items) on the local and Ray
+executors, and every item still has its own record, events, failure and result (on Ray its own
+object too)."""
 
 import threading
 
@@ -11,7 +12,7 @@ from flowdapt_nb import Stage, Workflow
 import stages as st
 from conftest import make_executor
 
-LOCAL = ["threads", "processes"]
+CHUNKED = ["threads", "processes", "ray"]  # Dask sends every item alone (see engine.Backend)
 
 
 def fan_out(fn, **options):
@@ -19,11 +20,12 @@ def fan_out(fn, **options):
                                             options={"map_on": "items", **options})])
 
 
-@pytest.fixture(params=LOCAL)
+@pytest.fixture(params=CHUNKED)
 def local(request):
     ex = make_executor(request.param)
     yield ex
-    ex.close()
+    if request.param != "ray":  # the session's shared cluster stays up
+        ex.close()
 
 
 def chunk_sizes(ex) -> list:
@@ -58,6 +60,17 @@ def test_tiny_items_go_in_chunks_and_keep_their_records_and_events(local):
         by_task.setdefault(event.item, []).append(event.state)
     assert len(by_task) == 2000
     assert all(states == ["queued", "running", "finished"] for states in by_task.values())
+
+
+def test_chunked_items_flow_on_to_the_next_stages(local):
+    sizes = chunk_sizes(local)
+    flow = Workflow("chunky-flow", stages=[
+        Stage("numbers", st.numbers),
+        Stage("square", st.square, type="parameterized", depends_on=["numbers"]),
+        Stage("again", st.square, type="parameterized", depends_on=["square"]),
+        Stage("total", st.total, depends_on=["again"])])
+    run = local.run(flow, input={"n": 1500})
+    assert sizes and run.result == sum(x ** 4 for x in range(1500))
 
 
 def test_slow_items_are_not_chunked(local):

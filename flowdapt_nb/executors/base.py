@@ -260,6 +260,12 @@ class Executor:
                     self.events.publish(TaskEvent(run.uid, stage, item, "running", event["time"],
                                                   event.get("worker")))
             else:  # the engine publishes how a task ended; the worker's report adds its timings
+                if run._task_state(stage, item) == "queued" and event.get("start") is not None:
+                    # its 'running' report was skipped (Dask drops it for a task that ends at
+                    # once): the task ran, on this worker, from its start time
+                    if run._record(stage, item, "running", event["start"], worker=event.get("worker")):
+                        self.events.publish(TaskEvent(run.uid, stage, item, "running", event["start"],
+                                                      event.get("worker")))
                 run._record(stage, item, None, event["time"], worker=event.get("worker"),
                             start=event.get("start"), end=event.get("end"))
 

@@ -23,12 +23,50 @@ OUTPUT_TOPIC = "flowdapt-nb-output"
 
 # --- on the worker ------------------------------------------------------------------------------
 
-def _report(event: dict) -> None:
-    from distributed import get_worker
+class _EventBatch:
+    """Per worker process: a task's 'running' report waits up to 0.02 s to go out in a batch,
+    and is dropped if the task finishes first (its 'finished' report carries its start time).
+    Each report is a scheduler message and a client callback, and a LocalCluster's scheduler
+    shares the driver's process: tiny tasks then cost one report each, not two. 'finished'
+    goes at once, so it reaches the driver before the task's result does."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pending: dict = {}  # (run, stage, item) -> its 'running' report
+        self.worker = None
+        self.thread: threading.Thread | None = None
+
+    def running(self, worker, event: dict) -> None:
+        with self.lock:
+            self.pending[(event["run"], event["stage"], event["item"])] = event
+            self.worker = worker
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._flush_loop, name="flowdapt-nb-events", daemon=True)
+                self.thread.start()
+
+    def finished(self, worker, event: dict) -> None:
+        with self.lock:
+            self.pending.pop((event["run"], event["stage"], event["item"]), None)
+        _log(worker, event)
+
+    def _flush_loop(self) -> None:
+        while True:
+            time.sleep(0.02)
+            with self.lock:
+                batch, self.pending = list(self.pending.values()), {}
+                worker = self.worker
+            if batch:
+                _log(worker, batch)
+
+
+def _log(worker, payload) -> None:
     try:
-        get_worker().log_event(EVENT_TOPIC, event)
-    except Exception:
+        worker.log_event(EVENT_TOPIC, payload)
+    except Exception:  # telemetry must never fail a task
         pass
+
+
+_events = _EventBatch()
 
 
 class _QuietStageFailures(logging.Filter):
@@ -56,10 +94,10 @@ def _dask_task(fn, ctx, info, *flat):
                                         "line": line, "worker": worker.address})
 
     with capture(send):
-        meta, value = execute(ctx, fn, info, flat, _report, worker.address)
-    _report({"run": info.run, "stage": info.stage, "item": info.item,
-             "state": "finished" if meta["ok"] else "failed", "time": meta["end"],
-             "start": meta["start"], "end": meta["end"], "worker": worker.address})
+        meta, value = execute(ctx, fn, info, flat, lambda event: _events.running(worker, event), worker.address)
+    _events.finished(worker, {"run": info.run, "stage": info.stage, "item": info.item,
+                         "state": "finished" if meta["ok"] else "failed", "time": meta["end"],
+                         "start": meta["start"], "end": meta["end"], "worker": worker.address})
     if not meta["ok"]:
         raise meta["error"]
     return value
@@ -256,8 +294,9 @@ class DaskExecutor(Executor):
 
     # --- worker events ---
     def _on_task_event(self, event) -> None:
-        _, payload = event
-        self._on_worker_event(payload)
+        _, batch = event
+        for one in batch if isinstance(batch, (list, tuple)) else [batch]:  # a batch (msgpack: a tuple) or one
+            self._on_worker_event(one)
 
     def _on_output(self, event) -> None:
         _, msg = event

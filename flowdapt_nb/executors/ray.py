@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..events import ResourceSample
 from ..memory_store import MemoryStore
 from ..units import parse_bytes, usable_cores
-from ..worker import execute
+from ..worker import TaskInfo, execute
 from .base import Executor
 from .cluster import check_resource_request, ensure_reachable, free_port, gpu_count
 
@@ -94,12 +94,26 @@ def _actor(name: str):
     return handle
 
 
-def _ray_task(head, *flat):
-    """One stage call. ``head`` is (function ref, context ref, event sink name, TaskInfo): one
-    argument, serialized once per task; ``flat`` are the dependency outputs Ray resolves."""
+def _run_refs(sink: str, key: str) -> list:
+    """A run's [context ref, function refs...], asked of the sink actor once per worker process."""
     import ray
-    fn_ref, ctx_ref, sink, info = head
-    fn, ctx = _cached_get(fn_ref), _cached_get(ctx_ref)
+    refs = _cached.get(key, _MISSING)
+    if refs is _MISSING:
+        refs = _cached[key] = ray.get(_actor(sink).lookup.remote(key))
+        if refs is None:
+            del _cached[key]
+            raise RuntimeError(f"run {key} is over: its context and functions are gone")
+    return refs
+
+
+def _ray_task(head, *flat):
+    """One stage call. ``head`` is (event sink name, run key, stage function index, the TaskInfo
+    fields): plain values, which Ray serializes far faster than object refs or a dataclass (that
+    cost is paid per task, in the driver). ``flat`` are the dependency outputs Ray resolves."""
+    import ray
+    sink, key, fn_index, info = head
+    refs = _run_refs(sink, key)
+    fn, ctx, info = _cached_get(refs[fn_index]), _cached_get(refs[0]), TaskInfo(*info)
     worker = _actors.get(None)
     if worker is None:
         worker = _actors[None] = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
@@ -108,6 +122,26 @@ def _ray_task(head, *flat):
     if not meta["ok"]:
         return meta, None
     return meta, value
+
+
+def _ray_chunk(head, *flat):
+    """Several calls of one stage, one after another: returns their metas, then each value as
+    an object of its own (the task runs with ``num_returns`` = items + 1), so items stay apart
+    in the object store exactly as if each had been a task."""
+    import ray
+    sink, key, fn_index, infos, counts = head
+    refs = _run_refs(sink, key)
+    fn, ctx = _cached_get(refs[fn_index]), _cached_get(refs[0])
+    worker = _actors.get(None)
+    if worker is None:
+        worker = _actors[None] = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
+    metas, values, pos = [], [], 0
+    for info, count in zip(infos, counts):
+        meta, value = execute(ctx, fn, TaskInfo(*info), flat[pos:pos + count], None, worker)
+        pos += count
+        metas.append(meta)
+        values.append(value if meta["ok"] else None)
+    return (metas, *values)
 
 
 def _ray_count(value):
@@ -125,8 +159,21 @@ def _ray_items(value):
 
 
 class _EventSink:
+    """Per executor: collects workers' batched task events, and keeps each active run's context
+    and function refs for workers to look up (so tasks carry a short key, not refs)."""
+
     def __init__(self):
         self.events: list = []
+        self.runs: dict = {}
+
+    def register(self, key, refs):
+        self.runs[key] = refs
+
+    def lookup(self, key):
+        return self.runs.get(key)
+
+    def release(self, key):
+        self.runs.pop(key, None)
 
     def push(self, batch):
         self.events.extend(batch)
@@ -140,6 +187,7 @@ def _remotes():
     if not _remote:
         import ray
         _remote["task"] = ray.remote(_ray_task)
+        _remote["chunk"] = ray.remote(_ray_chunk)
         _remote["count"] = ray.remote(_ray_count)
         _remote["items"] = ray.remote(_ray_items)
         _remote["sink"] = ray.remote(_EventSink)
@@ -173,15 +221,26 @@ class _RayBackend(Backend):
         self.sink = sink
         self.sink_name = sink_name
         self._task_fns: dict = {}
+        self._runs: dict = {}  # run key -> its context and function refs
+        # Tiny items go in chunks of about this much work (a Ray task costs ~0.5 ms to send).
+        self.chunk_seconds = 0.02
+        self.parallelism = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_events, name="flowdapt-nb-ray-events", daemon=True)
         self._poller.start()
 
-    def put_context(self, ctx):
-        return self.ray.put(ctx)
+    def put_run(self, ctx, fns):
+        """The run's context and functions go to the object store once; the sink actor holds
+        their refs under a key that every task of the run carries."""
+        key = uuid.uuid4().hex
+        refs = [self.ray.put(ctx)] + [self.ray.put(fn) for fn in fns]
+        self.ray.get(self.sink.register.remote(key, refs))
+        self._runs[key] = refs  # the driver owns them until the run ends
+        return key, list(range(1, len(refs)))
 
-    def put_function(self, fn):
-        return self.ray.put(fn)
+    def release_run(self, ctx_handle, fn_handles) -> None:
+        self._runs.pop(ctx_handle, None)
+        self.sink.release.remote(ctx_handle)
 
     def _task_fn(self, resources: dict):
         """The remote task with this stage's options, made once per distinct resources."""
@@ -193,11 +252,37 @@ class _RayBackend(Backend):
         return task
 
     def submit(self, fn_handle, ctx_handle, info, flat_args, resources, on_done):
-        meta_ref, value_ref = self._task_fn(resources).remote((fn_handle, ctx_handle, self.sink_name, info),
-                                                              *flat_args)
+        head = (self.sink_name, ctx_handle, fn_handle, (info.run, info.stage, info.item, info.layout, info.kwargs))
+        meta_ref, value_ref = self._task_fn(resources).remote(head, *flat_args)
         # Ray calls back when the (small) meta object is ready: no polling, no added latency.
         meta_ref.future().add_done_callback(lambda fut: self._done(fut, value_ref, on_done))
         return meta_ref
+
+    def submit_chunk(self, fn_handle, ctx_handle, tasks, resources, on_done):
+        flat, counts = [], []
+        for info, args in tasks:
+            flat.extend(args)
+            counts.append(len(args))
+        head = (self.sink_name, ctx_handle, fn_handle,
+                [(i.run, i.stage, i.item, i.layout, i.kwargs) for i, _ in tasks], counts)
+        refs = _remotes()["chunk"].options(num_returns=len(tasks) + 1,
+                                           **self.executor._task_options(resources)).remote(head, *flat)
+        meta_ref, value_refs = refs[0], refs[1:]
+        meta_ref.future().add_done_callback(lambda fut: self._chunk_done(fut, value_refs, on_done))
+        return meta_ref
+
+    def _chunk_done(self, fut, value_refs, on_done) -> None:
+        if self._stop.is_set() or fut.cancelled():
+            return
+        try:
+            metas = fut.result()
+        except BaseException as exc:  # the whole chunk failed at the system level
+            error = _unwrap(exc)
+            on_done([Outcome(False, error=error, end=time.time()) for _ in value_refs])
+            return
+        on_done([Outcome(True, ref, None, m["start"], m["end"], m["worker"]) if m["ok"]
+                 else Outcome(False, None, m["error"], m["start"], m["end"], m["worker"])
+                 for m, ref in zip(metas, value_refs)])
 
     def _done(self, fut, value_ref, on_done) -> None:
         if self._stop.is_set() or fut.cancelled():
