@@ -137,12 +137,18 @@ class Backend:
         return float(stage.resources.get("cpus", 1) or 0)
 
 
+def a_type(value) -> str:
+    """'an int', 'a str': a value's type name with its article, for messages."""
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def items_of(value, stage_name: str, source: str) -> list:
     """The list a parameterized stage maps over: a dict maps over its keys."""
     if isinstance(value, dict):
         return list(value.keys())
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise TypeError(f"stage '{stage_name}' maps over {source}, which is a {type(value).__name__}, "
+        raise TypeError(f"stage '{stage_name}' maps over {source}, which is {a_type(value)}, "
                         f"not a list, tuple or dict")
     return list(value)
 
@@ -590,6 +596,6 @@ def check_root_inputs(wf: Workflow, fns: dict, run_input: dict) -> None:
                                       stage=stage.name, key="options.map_on")
                 items_check = run_input[stage.map_on]
                 if isinstance(items_check, (str, bytes)) or not hasattr(items_check, "__iter__"):
-                    raise ConfigError(f"maps over input['{stage.map_on}'], which is a "
-                                      f"{type(items_check).__name__}, not a list, tuple or dict",
+                    raise ConfigError(f"maps over input['{stage.map_on}'], which is "
+                                      f"{a_type(items_check)}, not a list, tuple or dict",
                                       stage=stage.name, key="options.map_on")

@@ -45,6 +45,16 @@ class RunEvent:
 
 
 @dataclass
+class ExecutorEvent:
+    """The executor itself changed state: 'stopped' is the last event a closing executor sends."""
+
+    executor: str  # its kind: local, dask or ray
+    state: str
+    time: float = field(default_factory=time.time)
+    kind: str = "executor"
+
+
+@dataclass
 class ResourceSample:
     """One worker's resources at one time."""
 
@@ -160,6 +170,10 @@ class EventBus:
                 batch, sub.pending = sub.pending, []
                 sub.last_flush = now
             _call(sub.callback, batch)
+
+    def reopen(self) -> None:
+        """Deliver events again after ``close`` (an executor started anew)."""
+        self._closed = False
 
     def close(self) -> None:
         self._closed = True

@@ -304,6 +304,25 @@ def test_executor_card_stop_button_closes_the_executor(kind):
         ex.close()
 
 
+def test_executor_card_turns_stopped_when_the_executor_is_closed_elsewhere():
+    ex = fnb.LocalExecutor(use_processes=False, cpus=1).start()
+    card = widgets.ExecutorCard(ex)
+    try:
+        assert card.state == "running"
+        ex.close()  # not through the card: %flowdapt stop, another cell, a script
+        assert card.state == "stopped" and card.stop_button.disabled
+        assert "stopped" in card._body.value
+        ex.start()  # started again, its event stream delivers again
+        seen = []
+        token = ex.events.subscribe(seen.append, kinds=("run",), throttle=0.05)
+        ex.run(slow_squares(), input={"n": 2})
+        poll(ex, lambda: any(e.state == "finished" for batch in seen for e in batch))
+        ex.events.unsubscribe(token)
+    finally:
+        card.close()
+        ex.close()
+
+
 def test_dashboard_links_the_native_dashboard_and_moves(ex):
     dash = widgets.Dashboard(ex)
     assert isinstance(dash.tasks, widgets.TaskDashboard) and isinstance(dash.resources, widgets.ResourceDashboard)

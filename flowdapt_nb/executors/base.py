@@ -12,7 +12,7 @@ from ..config import ExecutorFields, validate_fields
 from ..context import RunContext, RunInfo
 from ..engine import Backend, Engine, check_root_inputs
 from ..errors import ConfigError
-from ..events import EventBus, TaskEvent
+from ..events import EventBus, ExecutorEvent, TaskEvent
 from ..run import RunHandle, WorkflowRun
 from ..workflow import Workflow, load_workflow
 
@@ -72,6 +72,7 @@ class Executor:
             if self.running:
                 return self
             backend = self._open()
+            self.events.reopen()
             self._backend = backend
             self._started_at = time.time()
             _current = self
@@ -103,6 +104,8 @@ class Executor:
                 self._backend = None
                 if _current is self:
                     _current = None
+                # subscribers (an ExecutorCard shown elsewhere) learn it stopped, then the bus closes
+                self.events.publish(ExecutorEvent(self.kind, "stopped"))
                 self.events.close()
 
     def __enter__(self) -> "Executor":

@@ -52,7 +52,7 @@ class ExecutorCard(FeedWidget):
         self._info: dict = {}
         self.refresh()
         if executor.running:
-            self._subscribe(executor, kinds=("run", "sample"), throttle=1.0)
+            self._subscribe(executor, kinds=("run", "sample", "executor"), throttle=1.0)
 
     def refresh(self) -> None:
         """Read the executor's info again (kind, address, workers, resources)."""
