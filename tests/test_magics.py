@@ -341,6 +341,23 @@ def test_replacing_executors_leaks_no_process(shell, magics):
 
 # --- workflows --------------------------------------------------------------------------------
 
+def test_stage_mapper_loads_a_workflow_from_a_workflow_cell(shell, magics):
+    from flowdapt_nb.widgets import StageMapper
+    with capture_output():
+        cell(shell, "workflow for-mapper", SQUARES)
+    mapper = StageMapper()
+    try:
+        mapper.load_w.click()
+        labels = dict(mapper.load_pick_w.options)
+        assert labels["%%flowdapt workflow for-mapper"] == ("stored", "for-mapper")
+        mapper.load_pick_w.value = ("stored", "for-mapper")
+        mapper.load_go_w.click()
+        assert mapper.name == "for-mapper" and mapper.stage_names() == ["numbers", "square", "total"]
+        assert mapper.errors == {}
+    finally:
+        mapper.close()
+
+
 def test_workflow_cells(shell, magics):
     with capture_output() as cap:
         assert cell(shell, "workflow", SQUARES) is None

@@ -631,12 +631,19 @@ class StageMapper(FeedWidget):
             self.load_box.layout.display = "none"
             return
         found = [(k, v) for k, v in self._ns().items() if isinstance(v, Workflow) and not k.startswith("_")]
-        self.load_pick_w.options = [("(paste YAML below)", None)] + [(f"{k} ({v.name})", k) for k, v in found]
+        stored = [(f"%%flowdapt workflow {name}", ("stored", name)) for name in sorted(_stored_workflows())]
+        self.load_pick_w.options = ([("(paste YAML below)", None)] + [(f"{k} ({v.name})", k) for k, v in found]
+                                    + stored)
         self.load_box.layout.display = ""
 
     def _load_from_ui(self) -> None:
         key = self.load_pick_w.value
-        src = self._ns()[key] if key else self.load_text_w.value.strip()
+        if isinstance(key, tuple):  # one a %%flowdapt workflow cell defined
+            src = _stored_workflows().get(key[1])
+            if src is None:
+                raise ValueError(f"workflow '{key[1]}' is no longer stored by %flowdapt")
+        else:
+            src = self._ns()[key] if key else self.load_text_w.value.strip()
         if not src:
             raise ValueError("pick a workflow, or paste its YAML (or a path to it)")
         wf = self.load(src)
@@ -718,3 +725,16 @@ def _cycles(deps: dict[str, list[str]]) -> list[list[str]]:
         if node not in state:
             visit(node)
     return found
+
+
+def _stored_workflows() -> dict:
+    """Workflows defined by ``%%flowdapt workflow`` cells (name -> Workflow), when the extension
+    is loaded in this IPython session; found through IPython's magics registry, so this widget
+    needs nothing from the notebook layer."""
+    try:
+        from IPython import get_ipython
+        shell = get_ipython()
+        magics = shell.magics_manager.registry.get("FlowdaptMagics") if shell is not None else None
+        return dict(getattr(magics, "workflows", None) or {})
+    except Exception:
+        return {}
