@@ -57,9 +57,15 @@ class _StageRun:
     launched_at: float | None = None
     finished: bool = False
     waiting: int = 0  # tasks of this stage queued in the engine, not yet sent
-    busy: float = 0.0  # seconds its finished tasks ran on workers, and how many: the mean sizes chunks
-    timed: int = 0
+    mean: float = 0.0  # recent seconds per task on a worker (moving average): it sizes chunks
+    timed: int = 0  # tasks that reported their timings
     chunkable: bool = False  # a fan-out of one-CPU tasks on a backend that takes chunks
+    last_chunk: int = 1  # size of its last chunk: the next may be at most twice that
+    # Without slot limits (Ray) a chunkable fan-out's tasks wait here, not in the engine's queue,
+    # and go out a few sends per worker at a time: a whole fan-out sent at once could never be
+    # chunked, and its first, slow-starting tasks would not decide the rest.
+    held: deque = field(default_factory=deque)
+    sends: int = 0  # sends in flight (a lone task or a chunk each)
 
 
 @dataclass
@@ -68,6 +74,7 @@ class _Pending:
     info: TaskInfo
     flat: list
     need: float
+    alone: bool = False  # sent alone: its chunk failed as a whole, so each item gets its own try
 
 
 class Backend:
@@ -155,10 +162,11 @@ def items_of(value, stage_name: str, source: str) -> list:
 
 CHUNK_AFTER = 2  # finished tasks of a stage needed before its mean duration may size chunks
 CHUNK_MAX = 1000  # items in one chunk at most
-# A backend without slot limits would get a whole fan-out at once, before any task has shown how
-# long it takes. Until then it gets this many tasks per worker in flight: more than its workers
-# can run at once, so none idles, but the rest can still go in chunks once the timings are in.
-PROBE_DEPTH = 4
+# Sends (lone tasks or chunks) per worker in flight for a chunkable fan-out on a backend without
+# slot limits: more than its workers run at once, so none idles, few enough that what is still
+# waiting can go in chunks sized by the latest timings.
+SEND_DEPTH = 4
+MEAN_WEIGHT = 0.2  # weight of each new timing in a stage's moving-average task duration
 
 
 class Engine:
@@ -277,8 +285,11 @@ class Engine:
             pass
         for (stage, item) in list(self.inflight):
             self._task_event(stage, item, "cancelled")
-        for pending in self.waiting:
+        held = [p for sr in self.stage_runs.values() for p in sr.held]
+        for pending in [*self.waiting, *held]:
             self._task_event(pending.stage, pending.info.item, "cancelled")
+        for sr in self.stage_runs.values():
+            sr.held.clear()
         self.inflight.clear()
         self.waiting.clear()
         self.outputs.clear()
@@ -363,8 +374,11 @@ class Engine:
         """Queue a stage's tasks: recorded and announced together (a fan-out may have thousands)."""
         need = self.backend.slots_needed(stage) if self.free_slots is not None else 0
         name = stage.name
-        self.waiting.extend(_Pending(name, info, flat, need) for info, flat in tasks)
-        self.stage_runs[name].waiting += len(tasks)
+        sr = self.stage_runs[name]
+        pendings = (_Pending(name, info, flat, need) for info, flat in tasks)
+        # without slot limits a chunkable fan-out is sent a few at a time until its timings are in
+        (sr.held if sr.chunkable and self.free_slots is None else self.waiting).extend(pendings)
+        sr.waiting += len(tasks)
         t = time.time()
         with self.run._event_lock:
             new = self.run._queue_tasks(name, [info.item for info, _ in tasks], t)
@@ -378,20 +392,44 @@ class Engine:
         could sit idle at the end of the stage (at least two chunks per slot stay to share)."""
         if not sr.chunkable or sr.timed < CHUNK_AFTER:
             return 1
-        by_time = int(self.backend.chunk_seconds * sr.timed / max(sr.busy, 1e-9))
+        by_time = int(self.backend.chunk_seconds / max(sr.mean, 1e-9))
         spread = sr.waiting // (2 * (self.backend.capacity or self.backend.parallelism or 1))
-        return max(1, min(by_time, spread, CHUNK_MAX))
+        # grow step by step: a mean from the first few items may not hold for the rest, and a
+        # chunk, once started, runs to its end
+        return max(1, min(by_time, spread, 2 * sr.last_chunk, CHUNK_MAX))
 
     def _chunkable(self, stage: Stage) -> bool:
         return bool(self.backend.chunk_seconds and stage.type == "parameterized"
                     and self.backend.slots_needed(stage) == 1
                     and not any(amount for name, amount in stage.resources.items() if name != "cpus"))
 
-    def _probing(self, sr: _StageRun) -> bool:
-        """Hold this fan-out's next task? Only without slot limits, only until its first tasks
-        have reported how long they take, and only while enough of them are in flight."""
-        return (sr.chunkable and self.free_slots is None and sr.timed < CHUNK_AFTER
-                and sr.total - sr.waiting - sr.done >= PROBE_DEPTH * (self.backend.parallelism or 1))
+    def _take_held(self, batch: list) -> None:
+        """Groups from fan-outs' own queues (backends without slot limits), up to SEND_DEPTH
+        sends per worker in flight per stage. Other stages' tasks never wait behind them."""
+        depth = SEND_DEPTH * (self.backend.parallelism or 1)
+        for sr in self.stage_runs.values():
+            while sr.held and sr.sends < depth:
+                size = 1 if sr.held[0].alone else self._chunk_size(sr)
+                group = [sr.held.popleft()]
+                while len(group) < size and sr.held and not sr.held[0].alone:
+                    group.append(sr.held.popleft())
+                self._take_group(sr, group)
+                batch.append(group)
+
+    def _take_group(self, sr: _StageRun, group: list) -> None:
+        sr.waiting -= len(group)
+        sr.sends += 1
+        if len(group) > 1:
+            sr.last_chunk = len(group)
+        # a chunk takes its first task's slot; the others take none (need None)
+        for i, member in enumerate(group):
+            self.inflight[(member.stage, member.info.item)] = (None, member.need if i == 0 else None)
+
+    def _requeue(self, pending: _Pending) -> None:
+        """Back to the front of its queue (not sent after all, or to be sent again alone)."""
+        sr = self.stage_runs[pending.stage]
+        (sr.held if sr.chunkable and self.free_slots is None else self.waiting).appendleft(pending)
+        sr.waiting += 1
 
     def _fits(self, pending: _Pending) -> bool:
         if pending.need <= self.free_slots or not self.inflight:
@@ -408,8 +446,6 @@ class Engine:
         while self.waiting:
             pending = self.waiting[0]
             sr = self.stage_runs[pending.stage]
-            if self._probing(sr):
-                break
             if self.free_slots is not None:
                 if not self._fits(pending):
                     break
@@ -417,14 +453,13 @@ class Engine:
                 if pending.need != 1:
                     self.exact_inflight += 1
             group = [self.waiting.popleft()]
-            size = self._chunk_size(sr) if len(self.waiting) else 1
-            while len(group) < size and self.waiting and self.waiting[0].stage == pending.stage:
+            size = self._chunk_size(sr) if len(self.waiting) and not pending.alone else 1
+            while (len(group) < size and self.waiting and self.waiting[0].stage == pending.stage
+                   and not self.waiting[0].alone):
                 group.append(self.waiting.popleft())
-            sr.waiting -= len(group)
-            # a chunk takes its first task's slot; the others take none (need None)
-            for i, member in enumerate(group):
-                self.inflight[(member.stage, member.info.item)] = (None, member.need if i == 0 else None)
+            self._take_group(sr, group)
             batch.append(group)
+        self._take_held(batch)
         if batch:
             self._submit(batch)
 
@@ -458,7 +493,7 @@ class Engine:
                 keys = [(p.stage, p.info.item) for p in group]
                 ref = self.backend.submit_chunk(
                     sr.fn_handle, self.ctx_handle, [(p.info, p.flat) for p in group], sr.stage.resources,
-                    lambda outcomes, keys=keys: self.completions.put((None, list(zip(keys, outcomes)))))
+                    lambda outcomes, group=group: self.completions.put((None, (group, outcomes))))
                 sent.append((group, ref))
             if lone:
                 send_lone()
@@ -469,10 +504,10 @@ class Engine:
                     self.inflight[key] = (ref, self.inflight[key][1])
             done = {id(group) for group, _ in sent}
             for group in reversed([g for g in batch if id(g) not in done]):  # never sent: waiting again
+                self.stage_runs[group[0].stage].sends -= 1
                 for p in reversed(group):
                     self._release((p.stage, p.info.item))
-                    self.waiting.appendleft(p)
-                    self.stage_runs[p.stage].waiting += 1
+                    self._requeue(p)
 
     # --- completions ---
     def _release(self, key) -> None:
@@ -485,9 +520,32 @@ class Engine:
     def _take(self, key, outcome) -> None:
         """One completion from the queue: a task's, or (key None) a chunk's list of them."""
         if key is None:
-            self._complete_chunk(outcome)
+            group, outcomes = outcome
+            if (group[0].stage, group[0].info.item) in self.inflight:
+                self.stage_runs[group[0].stage].sends -= 1
+            if isinstance(outcomes, BaseException):
+                self._retry_alone(group, outcomes)
+            else:
+                self._complete_chunk([((p.stage, p.info.item), o) for p, o in zip(group, outcomes)])
         else:
+            if key in self.inflight:
+                self.stage_runs[key[0]].sends -= 1
             self._complete(key, outcome)
+
+    def _retry_alone(self, group: list[_Pending], error: BaseException) -> None:
+        """A chunk failed as a whole (its worker died, a result or argument couldn't be moved):
+        its items go again, each alone, so only the item at fault fails."""
+        retry = [p for p in group if (p.stage, p.info.item) in self.inflight]
+        for p in reversed(retry):
+            self._release((p.stage, p.info.item))
+            p.alone = True
+            self._requeue(p)
+
+    @staticmethod
+    def _timed(sr: _StageRun, seconds: float) -> None:
+        """A task's duration: the moving average forgets slow first calls (a cold worker)."""
+        sr.mean = seconds if not sr.timed else sr.mean + MEAN_WEIGHT * (seconds - sr.mean)
+        sr.timed += 1
 
     def _complete_chunk(self, pairs: list) -> None:
         """A chunk's outcomes: its finished items recorded in one step (a chunk may hold hundreds
@@ -505,15 +563,15 @@ class Engine:
         for item, outcome in done:
             results[item] = outcome.value
             if outcome.start is not None and outcome.end is not None:
-                sr.busy += outcome.end - outcome.start
-                sr.timed += 1
+                self._timed(sr, outcome.end - outcome.start)
         with self.run._event_lock:
             reached = self.run._finish_tasks(stage_name, done)
             if self.events.listening:
                 uid = self.run.uid
-                for item, outcome in reached:
-                    self.publish(TaskEvent(uid, stage_name, item, "running", outcome.start or outcome.end,
-                                           outcome.worker))
+                for item, outcome, ran in reached:
+                    if ran:  # went from queued to finished: its 'running' is implied
+                        self.publish(TaskEvent(uid, stage_name, item, "running", outcome.start or outcome.end,
+                                               outcome.worker))
                     self.publish(TaskEvent(uid, stage_name, item, "finished", outcome.end, outcome.worker))
         sr.done += len(done)
         if sr.done == sr.total:
@@ -527,8 +585,7 @@ class Engine:
         sr = self.stage_runs[stage_name]
         stage = sr.stage
         if outcome.start is not None and outcome.end is not None:
-            sr.busy += outcome.end - outcome.start
-            sr.timed += 1
+            self._timed(sr, outcome.end - outcome.start)
         if outcome.ok:
             self._task_event(stage_name, item, "finished", outcome.end, outcome.worker,
                              start=outcome.start, end=outcome.end)

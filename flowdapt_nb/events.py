@@ -121,9 +121,7 @@ class EventBus:
             self._subs[token] = _Subscription(callback, kinds, throttle)
             self._snapshot = tuple(self._subs.values())
             if throttle and self._dispatcher is None and not self._closed:
-                self._dispatcher = threading.Thread(target=self._dispatch_loop, name="flowdapt-nb-events",
-                                                    daemon=True)
-                self._dispatcher.start()
+                self._start_dispatcher()
         return token
 
     def unsubscribe(self, token: int) -> None:
@@ -146,6 +144,10 @@ class EventBus:
                 self._wake.set()
             else:
                 _call(sub.callback, event)
+
+    def _start_dispatcher(self) -> None:
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="flowdapt-nb-events", daemon=True)
+        self._dispatcher.start()
 
     def _dispatch_loop(self) -> None:
         while not self._closed:
@@ -173,7 +175,10 @@ class EventBus:
 
     def reopen(self) -> None:
         """Deliver events again after ``close`` (an executor started anew)."""
-        self._closed = False
+        with self._lock:
+            self._closed = False
+            if self._dispatcher is None and any(sub.throttle for sub in self._subs.values()):
+                self._start_dispatcher()
 
     def close(self) -> None:
         self._closed = True

@@ -97,8 +97,9 @@ class WorkflowRun:
         return new
 
     def _finish_tasks(self, stage: str, done: list) -> list:
-        """Mark (item, Outcome) pairs finished, with their workers' timings; returns the pairs
-        whose row moved from queued to finished now (they went through 'running' unseen)."""
+        """Mark (item, Outcome) pairs finished, with their workers' timings; returns (item,
+        outcome, ran) for each row that became finished now, ``ran`` when it went straight from
+        queued (its 'running' is implied)."""
         reached = []
         with self._lock:
             for item, outcome in done:
@@ -106,10 +107,10 @@ class WorkflowRun:
                 if row is not None and row["state"] == "queued":
                     row["state"], row["worker"] = "finished", outcome.worker
                     row["start"], row["end"] = outcome.start or outcome.end, outcome.end
-                    reached.append((item, outcome))
-                else:
-                    self._record_locked(stage, item, "finished", outcome.end, outcome.worker,
-                                        start=outcome.start, end=outcome.end)
+                    reached.append((item, outcome, True))
+                elif self._record_locked(stage, item, "finished", outcome.end, outcome.worker,
+                                         start=outcome.start, end=outcome.end):
+                    reached.append((item, outcome, False))
         return reached
 
     def _advance(self, stage: str, item: int | None, state: str, time_: float, worker=None, error=None,

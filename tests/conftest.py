@@ -4,6 +4,7 @@ same behaviour tests parametrized over four executors (threads, processes, Dask,
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 import warnings
@@ -11,6 +12,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+# A shell that starts jobs in the background (``cmd &`` without job control) hands them SIGINT
+# ignored, and Python then ignores Ctrl-C too: the interrupt tests need it handled.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TESTS_DIR = Path(__file__).resolve().parent
 ROOT = TESTS_DIR.parent

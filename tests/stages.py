@@ -70,3 +70,22 @@ def lock_on_five(x):
 def nap(x, delay=0.001):
     time.sleep(delay)
     return x
+
+
+def _refuse_to_load():
+    raise RuntimeError("this result can't be loaded in the driver")
+
+
+class _LoadsNowhere:
+    """Pickles fine in a worker; unpickling it (in the driver) raises."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def unloadable_on_five(x):
+    return _LoadsNowhere() if x == 5 else x
+
+
+def started_at():
+    return time.time()

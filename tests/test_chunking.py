@@ -50,7 +50,8 @@ def test_tiny_items_go_in_chunks_and_keep_their_records_and_events(local):
     finally:
         local.events.unsubscribe(token)
     assert run.result == [x * x for x in range(2000)]
-    assert sizes and max(sizes) > 1 and sum(sizes) > 1000  # most items went in chunks
+    assert sizes and max(sizes) > 1 and sum(sizes) > 1000, (  # most items went in chunks
+        sizes, local._backend.parallelism, run.tasks.worker.nunique(), run.tasks.duration.describe())
     tasks = run.tasks
     assert len(tasks) == 2000 and set(tasks.state) == {"finished"}
     assert tasks[["queued", "start", "end", "worker"]].notna().all().all()
@@ -112,6 +113,30 @@ def test_a_result_that_cannot_come_back_fails_only_its_item():
         assert "can't be pickled back" in run.failures[0].error
     finally:
         ex.close()
+
+
+def test_a_chunk_that_fails_as_a_whole_is_retried_item_by_item():
+    ex = make_executor("processes")
+    try:
+        sizes = chunk_sizes(ex)
+        run = ex.run(fan_out(st.unloadable_on_five), input={"items": list(range(500))})
+        assert sizes and max(sizes) > 1
+        assert run.result == [x for x in range(500) if x != 5]  # its chunk-mates were retried alone
+        assert [f["item"] for f in run.failures] == [5]
+        assert "can't be loaded in the driver" in run.failures[0].error
+    finally:
+        ex.close()
+
+
+def test_a_fan_out_waiting_for_its_first_timings_holds_up_no_other_stage():
+    ray_ex = make_executor("ray")
+    flow = Workflow("side-by-side", stages=[
+        Stage("slow", st.nap, type="parameterized", options={"map_on": "items"}),
+        Stage("other", st.started_at, resources={"cpus": 0})])
+    run = ray_ex.run(flow, input={"items": list(range(40)), "delay": 1.0})
+    tasks = run.tasks
+    first_slow_end = tasks[tasks.stage == "slow"].end.min().timestamp()
+    assert run.result[1] < first_slow_end  # 'other' ran before any 'slow' item had finished
 
 
 def test_cancelling_a_chunked_run_stops_it(local):

@@ -277,8 +277,9 @@ class _LocalBackend(Backend):
                 else:  # pickled one by one
                     pairs = [cloudpickle.loads(blob) for blob in result]
                 outcomes = [_outcome(meta, value) for meta, value in pairs]
-            except BaseException as exc:
-                outcomes = [_lost(exc)] * len(tasks)
+            except BaseException as exc:  # the chunk as a whole: the engine retries each item alone
+                on_done(exc)
+                return
             on_done(outcomes)
 
         future.add_done_callback(done)

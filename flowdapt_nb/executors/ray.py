@@ -94,15 +94,23 @@ def _actor(name: str):
     return handle
 
 
+_run_keys: "OrderedDict[str, list]" = OrderedDict()  # per worker process: run key -> its refs
+
+
 def _run_refs(sink: str, key: str) -> list:
-    """A run's [context ref, function refs...], asked of the sink actor once per worker process."""
+    """A run's [context ref, function refs...], asked of the sink actor once per worker process
+    (the few most recent runs are kept: a worker lets go of older runs' objects)."""
     import ray
-    refs = _cached.get(key, _MISSING)
-    if refs is _MISSING:
-        refs = _cached[key] = ray.get(_actor(sink).lookup.remote(key))
+    refs = _run_keys.get(key)
+    if refs is None:
+        refs = ray.get(_actor(sink).lookup.remote(key))
         if refs is None:
-            del _cached[key]
             raise RuntimeError(f"run {key} is over: its context and functions are gone")
+        _run_keys[key] = refs
+        while len(_run_keys) > 4:
+            _run_keys.popitem(last=False)
+    else:
+        _run_keys.move_to_end(key)
     return refs
 
 
@@ -276,9 +284,8 @@ class _RayBackend(Backend):
             return
         try:
             metas = fut.result()
-        except BaseException as exc:  # the whole chunk failed at the system level
-            error = _unwrap(exc)
-            on_done([Outcome(False, error=error, end=time.time()) for _ in value_refs])
+        except BaseException as exc:  # the chunk as a whole: the engine retries each item alone
+            on_done(_unwrap(exc))
             return
         on_done([Outcome(True, ref, None, m["start"], m["end"], m["worker"]) if m["ok"]
                  else Outcome(False, None, m["error"], m["start"], m["end"], m["worker"])
