@@ -102,28 +102,19 @@ def test_a_failing_item_inside_a_chunk_fails_the_stage_and_names_it(local):
     assert local.run(fan_out(st.square), input={"items": [3]}).result == [9]  # still usable
 
 
-def test_a_result_that_cannot_come_back_fails_only_its_item():
+@pytest.mark.parametrize("stage_fn, message", [
+    (st.lock_on_five, "can't be pickled back"),  # the worker can't send it: only that item fails
+    (st.unloadable_on_five, "can't be loaded in the driver"),  # its chunk fails as a whole and
+])                                                              # is retried item by item
+def test_a_result_that_cannot_come_back_fails_only_its_item(stage_fn, message):
     ex = make_executor("processes")
     try:
         sizes = chunk_sizes(ex)
-        run = ex.run(fan_out(st.lock_on_five), input={"items": list(range(500))})
+        run = ex.run(fan_out(stage_fn), input={"items": list(range(500))})
         assert sizes and max(sizes) > 1
         assert run.result == [x for x in range(500) if x != 5]
         assert [f["item"] for f in run.failures] == [5]
-        assert "can't be pickled back" in run.failures[0].error
-    finally:
-        ex.close()
-
-
-def test_a_chunk_that_fails_as_a_whole_is_retried_item_by_item():
-    ex = make_executor("processes")
-    try:
-        sizes = chunk_sizes(ex)
-        run = ex.run(fan_out(st.unloadable_on_five), input={"items": list(range(500))})
-        assert sizes and max(sizes) > 1
-        assert run.result == [x for x in range(500) if x != 5]  # its chunk-mates were retried alone
-        assert [f["item"] for f in run.failures] == [5]
-        assert "can't be loaded in the driver" in run.failures[0].error
+        assert message in run.failures[0].error
     finally:
         ex.close()
 
