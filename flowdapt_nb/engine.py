@@ -490,7 +490,6 @@ class Engine:
                 if lone:
                     send_lone()
                 sr = self.stage_runs[group[0].stage]
-                keys = [(p.stage, p.info.item) for p in group]
                 ref = self.backend.submit_chunk(
                     sr.fn_handle, self.ctx_handle, [(p.info, p.flat) for p in group], sr.stage.resources,
                     lambda outcomes, group=group: self.completions.put((None, (group, outcomes))))
@@ -542,8 +541,12 @@ class Engine:
             self._requeue(p)
 
     @staticmethod
-    def _timed(sr: _StageRun, seconds: float) -> None:
-        """A task's duration: the moving average forgets slow first calls (a cold worker)."""
+    def _timed(sr: _StageRun, outcome: Outcome) -> None:
+        """A task's duration, when its worker reported one: the moving average forgets slow
+        first calls (a cold worker)."""
+        if outcome.start is None or outcome.end is None:
+            return
+        seconds = outcome.end - outcome.start
         sr.mean = seconds if not sr.timed else sr.mean + MEAN_WEIGHT * (seconds - sr.mean)
         sr.timed += 1
 
@@ -562,8 +565,7 @@ class Engine:
         results = sr.results
         for item, outcome in done:
             results[item] = outcome.value
-            if outcome.start is not None and outcome.end is not None:
-                self._timed(sr, outcome.end - outcome.start)
+            self._timed(sr, outcome)
         with self.run._event_lock:
             reached = self.run._finish_tasks(stage_name, done)
             if self.events.listening:
@@ -584,8 +586,7 @@ class Engine:
         stage_name, item = key
         sr = self.stage_runs[stage_name]
         stage = sr.stage
-        if outcome.start is not None and outcome.end is not None:
-            self._timed(sr, outcome.end - outcome.start)
+        self._timed(sr, outcome)
         if outcome.ok:
             self._task_event(stage_name, item, "finished", outcome.end, outcome.worker,
                              start=outcome.start, end=outcome.end)

@@ -9,7 +9,7 @@ import itertools
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 TASK_STATES = ("queued", "running", "finished", "failed", "cancelled")
 _STATE_RANK = {s: i for i, s in enumerate(TASK_STATES)}

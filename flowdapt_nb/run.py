@@ -29,6 +29,12 @@ def _ts(t: float | None):
     return datetime.fromtimestamp(t, tz=timezone.utc) if t is not None else None
 
 
+def _new_row(stage: str, item: int | None, state: str | None = None, queued: float | None = None) -> dict:
+    """A task's row in ``WorkflowRun.tasks``, before anything else is known of it."""
+    return {"stage": stage, "item": item, "state": state, "worker": None, "queued": queued,
+            "start": None, "end": None, "error": None}
+
+
 class WorkflowRun:
     """One run of a workflow: state, result, timings, and per-task records.
 
@@ -90,9 +96,7 @@ class WorkflowRun:
         with self._lock:
             for item in items:
                 if (stage, item) not in self._tasks:
-                    self._tasks[(stage, item)] = {"stage": stage, "item": item, "state": "queued",
-                                                  "worker": None, "queued": time_, "start": None,
-                                                  "end": None, "error": None}
+                    self._tasks[(stage, item)] = _new_row(stage, item, state="queued", queued=time_)
                     new.append(item)
         return new
 
@@ -132,9 +136,9 @@ class WorkflowRun:
             return self._record_locked(stage, item, state, time_, worker, error, start, end)
 
     def _record_locked(self, stage, item, state, time_, worker=None, error=None, start=None, end=None) -> bool:
-        row = self._tasks.setdefault((stage, item), {"stage": stage, "item": item, "state": None,
-                                                     "worker": None, "queued": None, "start": None,
-                                                     "end": None, "error": None})
+        row = self._tasks.get((stage, item))
+        if row is None:
+            row = self._tasks[(stage, item)] = _new_row(stage, item)
         if state == "queued" and row["queued"] is None:
             row["queued"] = time_
         if state == "running" and row["start"] is None:
@@ -158,11 +162,6 @@ class WorkflowRun:
         with self._lock:
             row = self._tasks.get((stage, item))
             return row["worker"] if row else None
-
-    def _task_state(self, stage: str, item: int | None) -> str | None:
-        with self._lock:
-            row = self._tasks.get((stage, item))
-            return row["state"] if row else None
 
     def _add_failure(self, stage: str, item: int | None, exc: BaseException) -> None:
         self._failures.append(Failure(stage=stage, item=item, error=f"{type(exc).__name__}: {exc}",

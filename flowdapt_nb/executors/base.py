@@ -14,7 +14,7 @@ from ..engine import Backend, Engine, check_root_inputs
 from ..errors import ConfigError
 from ..events import EventBus, ExecutorEvent, TaskEvent
 from ..run import RunHandle, WorkflowRun
-from ..workflow import Workflow, load_workflow
+from ..workflow import load_workflow
 
 _current: "Executor | None" = None
 _live: "weakref.WeakSet[Executor]" = weakref.WeakSet()
@@ -256,20 +256,15 @@ class Executor:
             return
         handle, _ = entry
         run = handle.run
-        stage, item, state = event["stage"], event["item"], event["state"]
+        stage, item, state, worker = event["stage"], event["item"], event["state"], event.get("worker")
+        # A task still queued here ran from its start time: that is its 'running' report, or, when
+        # that was skipped (Dask drops it for a task that ended at once), its ending report.
+        started = event["time"] if state == "running" else event.get("start")
         with run._event_lock:
-            if state == "running":
-                if run._record(stage, item, "running", event["time"], worker=event.get("worker")):
-                    self.events.publish(TaskEvent(run.uid, stage, item, "running", event["time"],
-                                                  event.get("worker")))
-            else:  # the engine publishes how a task ended; the worker's report adds its timings
-                if run._task_state(stage, item) == "queued" and event.get("start") is not None:
-                    # its 'running' report was skipped (Dask drops it for a task that ends at
-                    # once): the task ran, on this worker, from its start time
-                    if run._record(stage, item, "running", event["start"], worker=event.get("worker")):
-                        self.events.publish(TaskEvent(run.uid, stage, item, "running", event["start"],
-                                                      event.get("worker")))
-                run._record(stage, item, None, event["time"], worker=event.get("worker"),
+            if started is not None and run._record(stage, item, "running", started, worker=worker):
+                self.events.publish(TaskEvent(run.uid, stage, item, "running", started, worker))
+            if state != "running":  # the engine publishes how a task ended; this adds its timings
+                run._record(stage, item, None, event["time"], worker=worker,
                             start=event.get("start"), end=event.get("end"))
 
     # --- telemetry (filled in by flowdapt_nb.telemetry) ---

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 import time
 
 from ..config import DaskConfig
@@ -14,6 +13,7 @@ from ..events import ResourceSample
 from ..memory_store import MemoryStore
 from ..units import parse_bytes, usable_cores
 from ..worker import execute
+from ..worker_events import EventBatch
 from .base import Executor
 from .cluster import apply_env, check_resource_request, ensure_reachable, gpu_count
 
@@ -23,42 +23,6 @@ OUTPUT_TOPIC = "flowdapt-nb-output"
 
 # --- on the worker ------------------------------------------------------------------------------
 
-class _EventBatch:
-    """Per worker process: a task's 'running' report waits up to 0.02 s to go out in a batch,
-    and is dropped if the task finishes first (its 'finished' report carries its start time).
-    Each report is a scheduler message and a client callback, and a LocalCluster's scheduler
-    shares the driver's process: tiny tasks then cost one report each, not two. 'finished'
-    goes at once, so it reaches the driver before the task's result does."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.pending: dict = {}  # (run, stage, item) -> its 'running' report
-        self.worker = None
-        self.thread: threading.Thread | None = None
-
-    def running(self, worker, event: dict) -> None:
-        with self.lock:
-            self.pending[(event["run"], event["stage"], event["item"])] = event
-            self.worker = worker
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._flush_loop, name="flowdapt-nb-events", daemon=True)
-                self.thread.start()
-
-    def finished(self, worker, event: dict) -> None:
-        with self.lock:
-            self.pending.pop((event["run"], event["stage"], event["item"]), None)
-        _log(worker, event)
-
-    def _flush_loop(self) -> None:
-        while True:
-            time.sleep(0.02)
-            with self.lock:
-                batch, self.pending = list(self.pending.values()), {}
-                worker = self.worker
-            if batch:
-                _log(worker, batch)
-
-
 def _log(worker, payload) -> None:
     try:
         worker.log_event(EVENT_TOPIC, payload)
@@ -66,7 +30,12 @@ def _log(worker, payload) -> None:
         pass
 
 
-_events = _EventBatch()
+# Per worker process: a task's 'running' report waits up to 0.02 s to go out in a batch, and is
+# dropped if the task finishes first (its 'finished' report carries its start time). Each report
+# is a scheduler message and a client callback, and a LocalCluster's scheduler shares the
+# driver's process: tiny tasks then cost one report each, not two. 'finished' goes at once, so it
+# reaches the driver before the task's result does.
+_batch = EventBatch(0.02)
 
 
 class _QuietStageFailures(logging.Filter):
@@ -94,10 +63,13 @@ def _dask_task(fn, ctx, info, *flat):
                                         "line": line, "worker": worker.address})
 
     with capture(send):
-        meta, value = execute(ctx, fn, info, flat, lambda event: _events.running(worker, event), worker.address)
-    _events.finished(worker, {"run": info.run, "stage": info.stage, "item": info.item,
-                         "state": "finished" if meta["ok"] else "failed", "time": meta["end"],
-                         "start": meta["start"], "end": meta["end"], "worker": worker.address})
+        meta, value = execute(ctx, fn, info, flat, lambda event: _batch.add(event, lambda b: _log(worker, b)),
+                              worker.address)
+    finished = {"run": info.run, "stage": info.stage, "item": info.item,
+                "state": "finished" if meta["ok"] else "failed", "time": meta["end"],
+                "start": meta["start"], "end": meta["end"], "worker": worker.address}
+    _batch.drop(finished)
+    _log(worker, finished)
     if not meta["ok"]:
         raise meta["error"]
     return value

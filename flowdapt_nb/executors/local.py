@@ -6,7 +6,6 @@ import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
 import multiprocessing
 import os
-import queue
 import shutil
 import tempfile
 import threading
@@ -25,44 +24,20 @@ from ..events import ResourceSample
 from ..memory_store import MemoryStore
 from ..units import auto_cpus, parse_bytes
 from ..worker import TaskInfo, default_worker_name, execute
+from ..worker_events import EventBatch
 from .base import Executor
 
 
 # --- process workers ----------------------------------------------------------------------------
 
-_worker_events = None  # set in each pool process by _init_process
+_worker_queue = None  # the driver's event queue, set in each pool process by _init_process
+_batch = EventBatch(0.05)  # per worker process: 'running' reports, one queue message per batch
 _loaded: "OrderedDict[str, object]" = OrderedDict()  # per worker process: key -> function or context
 
 
 def _init_process(events) -> None:
-    global _worker_events
-    _worker_events = _EventBatcher(events)
-
-
-class _EventBatcher:
-    """In a worker process: 'running' reports go to the driver in batches every 0.05 s, one
-    queue message (and one pickling) per batch rather than per task."""
-
-    def __init__(self, events):
-        self.events = events
-        self.pending: list = []
-        self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
-
-    def put(self, event) -> None:
-        with self.lock:
-            self.pending.append(event)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._flush_loop, daemon=True)
-                self.thread.start()
-
-    def _flush_loop(self) -> None:
-        while True:
-            time.sleep(0.05)
-            with self.lock:
-                batch, self.pending = self.pending, []
-            if batch:
-                self.events.put(batch)
+    global _worker_queue
+    _worker_queue = events
 
 
 def _load_shipped(shipped: tuple):
@@ -83,7 +58,7 @@ def _load_shipped(shipped: tuple):
 def _process_task(fn_shipped: tuple, ctx_shipped: tuple, info: TaskInfo, args_blob: bytes) -> bytes:
     fn, ctx = _load_shipped(fn_shipped), _load_shipped(ctx_shipped)
     flat = cloudpickle.loads(args_blob)
-    report = _worker_events.put if _worker_events is not None else None
+    report = (lambda event: _batch.add(event, _worker_queue.put)) if _worker_queue is not None else None
     return _pickle_outcome(*execute(ctx, fn, info, flat, report, _worker_name()))
 
 

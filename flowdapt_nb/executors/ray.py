@@ -19,6 +19,7 @@ from ..events import ResourceSample
 from ..memory_store import MemoryStore
 from ..units import parse_bytes, usable_cores
 from ..worker import TaskInfo, execute
+from ..worker_events import EventBatch
 from .base import Executor
 from .cluster import check_resource_request, ensure_reachable, free_port, gpu_count
 
@@ -28,38 +29,7 @@ _remote: dict = {}  # the remote functions/actors, made on first use (import ray
 
 # --- on the worker ------------------------------------------------------------------------------
 
-class _EventBuffer:
-    """Per worker process: batch 'running' events and push them to the sink actor every 0.1 s,
-    so telemetry costs one actor call per batch, not per task."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.pending: list = []
-        self.sink = None
-        self.thread: threading.Thread | None = None
-
-    def add(self, sink, event) -> None:
-        with self.lock:
-            self.sink = sink
-            self.pending.append(event)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._flush_loop, daemon=True)
-                self.thread.start()
-
-    def _flush_loop(self) -> None:
-        while True:
-            time.sleep(0.1)
-            with self.lock:
-                batch, self.pending = self.pending, []
-                sink = self.sink
-            if batch and sink is not None:
-                try:
-                    _actor(sink).push.remote(batch)
-                except Exception:
-                    pass
-
-
-_buffer = _EventBuffer()
+_batch = EventBatch(0.1)  # per worker process: 'running' reports, one actor call per batch
 
 
 _MISSING = object()
@@ -114,19 +84,28 @@ def _run_refs(sink: str, key: str) -> list:
     return refs
 
 
+def _run_parts(sink: str, key: str, fn_index: int) -> tuple:
+    """A stage's function and the run's context, for a task of the run ``key``."""
+    refs = _run_refs(sink, key)
+    return _cached_get(refs[fn_index]), _cached_get(refs[0])
+
+
+def _worker_name() -> str:
+    name = _actors.get(None)  # cached beside the actor handles: one per worker process
+    if name is None:
+        import ray
+        name = _actors[None] = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
+    return name
+
+
 def _ray_task(head, *flat):
     """One stage call. ``head`` is (event sink name, run key, stage function index, the TaskInfo
     fields): plain values, which Ray serializes far faster than object refs or a dataclass (that
     cost is paid per task, in the driver). ``flat`` are the dependency outputs Ray resolves."""
-    import ray
     sink, key, fn_index, info = head
-    refs = _run_refs(sink, key)
-    fn, ctx, info = _cached_get(refs[fn_index]), _cached_get(refs[0]), TaskInfo(*info)
-    worker = _actors.get(None)
-    if worker is None:
-        worker = _actors[None] = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
-    report = (lambda event: _buffer.add(sink, event)) if sink is not None else None
-    meta, value = execute(ctx, fn, info, flat, report, worker)
+    fn, ctx = _run_parts(sink, key, fn_index)
+    report = (lambda event: _batch.add(event, _actor(sink).push.remote)) if sink is not None else None
+    meta, value = execute(ctx, fn, TaskInfo(*info), flat, report, _worker_name())
     if not meta["ok"]:
         return meta, None
     return meta, value
@@ -136,13 +115,9 @@ def _ray_chunk(head, *flat):
     """Several calls of one stage, one after another: returns their metas, then each value as
     an object of its own (the task runs with ``num_returns`` = items + 1), so items stay apart
     in the object store exactly as if each had been a task."""
-    import ray
     sink, key, fn_index, infos, counts = head
-    refs = _run_refs(sink, key)
-    fn, ctx = _cached_get(refs[fn_index]), _cached_get(refs[0])
-    worker = _actors.get(None)
-    if worker is None:
-        worker = _actors[None] = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
+    fn, ctx = _run_parts(sink, key, fn_index)
+    worker = _worker_name()
     metas, values, pos = [], [], 0
     for info, count in zip(infos, counts):
         meta, value = execute(ctx, fn, TaskInfo(*info), flat[pos:pos + count], None, worker)

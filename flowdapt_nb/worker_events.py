@@ -1,0 +1,54 @@
+"""In a worker process: tasks' 'running' reports go to the driver in batches, one message per
+batch rather than per task (each backend says how a batch travels: a queue, an actor, a Dask
+event topic)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+
+class EventBatch:
+    """Reports wait up to ``interval`` seconds, then go out together through the ``send`` given
+    with the latest one. A report still waiting can be dropped (its task ended first).
+
+    >>> batch = EventBatch(0.05)
+    >>> batch.add({"run": "r", "stage": "a", "item": 0, "state": "running"}, print)  # doctest: +SKIP
+    """
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.pending: dict = {}  # (run, stage, item) -> its report
+        self.send: Callable[[list], None] | None = None
+        self.thread: threading.Thread | None = None
+
+    def add(self, event: dict, send: Callable[[list], None]) -> None:
+        with self.lock:
+            self.pending[_task_key(event)] = event
+            self.send = send
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._flush_loop, name="flowdapt-nb-events", daemon=True)
+                self.thread.start()
+
+    def drop(self, event: dict) -> None:
+        """Forget the waiting report of ``event``'s task, if any."""
+        with self.lock:
+            self.pending.pop(_task_key(event), None)
+
+    def _flush_loop(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self.lock:
+                batch, self.pending = list(self.pending.values()), {}
+                send = self.send
+            if batch:
+                try:
+                    send(batch)
+                except Exception:  # telemetry must never fail a task
+                    pass
+
+
+def _task_key(event: dict) -> tuple:
+    return event["run"], event["stage"], event["item"]
