@@ -51,6 +51,16 @@ def _resource_map(value):
     return out
 
 
+def _none_is(default):
+    """A validator: Flowdapt writes ``null`` for "its default"; read it as ours."""
+    return lambda cls, v: default() if callable(default) and v is None else (default if v is None else v)
+
+
+def _allowed_targets(value):
+    from .workflow import check_allowed_prefixes
+    return check_allowed_prefixes(value)
+
+
 def _count_or_auto(name: str):
     """A validator: ``auto`` or a whole number >= 1."""
     def check(cls, v):
@@ -66,15 +76,27 @@ class ExecutorFields(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     history_limit: int = Field(100, ge=1, description="runs kept in ex.history")
+    history_bytes: Union[str, int] = Field("256MB", description="results kept in ex.history, in bytes: "
+                                           "older runs past it keep their record, not their result")
+    _v_history_bytes = field_validator("history_bytes", mode="before")(
+        classmethod(lambda cls, v: (parse_bytes(v), v)[1]))  # a size: parse_bytes says what is valid
     sample_interval: float = Field(1.0, gt=0, description="seconds between resource samples")
     resource_history_limit: int = Field(600, ge=1, description="samples kept per worker")
+    allowed_targets: list[str] | None = Field(
+        None, description="import-path prefixes every stage target must start with, e.g. "
+                          "[mypkg., __main__]; checked before anything is imported (None: any target)")
+
+    _v_allowed = field_validator("allowed_targets", mode="before")(classmethod(lambda cls, v: _allowed_targets(v)))
 
     # Fields accepted for Flowdapt compatibility that have no effect here, with the reason.
     _inert: dict = {}
+    # Flowdapt 0.1.52's defaults of those fields: a config that spells a default out gets no warning.
+    _flowdapt_defaults: dict = {}
 
     def inert_fields_set(self) -> dict:
         return {name: why for name, why in self._inert.items() if name in self.model_fields_set
-                and getattr(self, name) not in (None, [], {}, False)}
+                and getattr(self, name) not in (None, [], {}, False)
+                and getattr(self, name) != self._flowdapt_defaults.get(name, object())}
 
 
 class ClusterMemoryActor(BaseModel):
@@ -93,6 +115,9 @@ class LocalConfig(ExecutorFields):
     cluster_memory_socket_path: str | None = None
 
     _inert = {"cluster_memory_socket_path": "cluster memory is served by the executor itself"}
+    _flowdapt_defaults = {"cluster_memory_socket_path": "/tmp/flowdapt-cluster-memory.sock"}
+    _v_use_processes = field_validator("use_processes", mode="before")(classmethod(_none_is(True)))
+    _v_cpus_none = field_validator("cpus", mode="before")(classmethod(_none_is("auto")))
 
     _v_cpus = _count_or_auto("cpus")
 
@@ -109,7 +134,11 @@ class _ClusterFields(ExecutorFields):
 
     _v_env = field_validator("env_vars", mode="before")(_str_map)
     _v_res = field_validator("resources", mode="before")(_resource_map)
-    _v_mem = field_validator("memory", mode="before")(_size_or_auto)
+    _v_mem = field_validator("memory", mode="before")(classmethod(lambda cls, v: _size_or_auto(
+        "auto" if v is None else v)))
+    _v_pip = field_validator("pip", mode="before")(classmethod(_none_is(list)))
+    _v_cpus_none = field_validator("cpus", mode="before")(classmethod(_none_is("auto")))
+    _v_gpus_none = field_validator("gpus", mode="before")(classmethod(_none_is("disabled")))
 
     _v_cpus = _count_or_auto("cpus")
 
@@ -128,10 +157,16 @@ class DaskConfig(_ClusterFields):
     scheduler_port: int = Field(0, ge=0, le=65535)
     dashboard_port: int | None = Field(None, ge=0, le=65535)
     scheduler_scheme: str = "tcp"
-    upload_plugins: list = []
+    upload_plugins: Union[bool, list, None] = False
 
     _inert = {"upload_plugins": "Flowdapt plugins are not used by flowdapt_nb",
               "pip": "install packages into the environment the workers run in"}
+    _flowdapt_defaults = {"upload_plugins": False, "pip": []}
+    _v_threads_none = field_validator("threads", mode="before")(classmethod(_none_is("auto")))
+    _v_adaptive_none = field_validator("adaptive", mode="before")(classmethod(_none_is(False)))
+    _v_host_none = field_validator("scheduler_host", mode="before")(classmethod(_none_is("127.0.0.1")))
+    _v_scheme_none = field_validator("scheduler_scheme", mode="before")(classmethod(_none_is("tcp")))
+    _v_port_none = field_validator("scheduler_port", mode="before")(classmethod(_none_is(0)))
 
     _v_threads = _count_or_auto("threads")
 
@@ -152,7 +187,7 @@ class RayConfig(_ClusterFields):
     strategy: str | None = None
     mapper_actor: Any = None
     tasks_per_worker: int | None = None
-    upload_plugins: list = []
+    upload_plugins: Union[bool, list, None] = True
     connection_monitor_interval: float | None = None
     max_reconnect_retries: int | None = None
     base_reconnect_delay: float | None = None
@@ -172,8 +207,18 @@ class RayConfig(_ClusterFields):
         "ping_timeout": "the connection is checked by Ray itself",
         "ping_failure_threshold": "the connection is checked by Ray itself",
     }
+    _flowdapt_defaults = {"strategy": "group_by_group", "upload_plugins": True, "connection_monitor_interval": 15,
+                          "max_reconnect_retries": 2048, "base_reconnect_delay": 5.0,
+                          "max_reconnect_delay": 60.0, "ping_timeout": 10.0, "ping_failure_threshold": 3}
 
     _v_osm = field_validator("object_store_memory", mode="before")(_size_or_auto)
+    # Flowdapt's Ray default is gpus: null, which lets Ray count the GPUs: our 'auto'
+    _v_gpus_none = field_validator("gpus", mode="before")(classmethod(_none_is("auto")))
+    _v_lists_none = field_validator("py_modules", mode="before")(classmethod(_none_is(list)))
+    _v_level_none = field_validator("logging_level", mode="before")(classmethod(_none_is("warning")))
+    _v_bools_none = field_validator("log_to_driver", "include_dashboard", mode="before")(
+        classmethod(_none_is(True)))
+    _v_host_none = field_validator("dashboard_host", mode="before")(classmethod(_none_is("127.0.0.1")))
 
     @field_validator("logging_level")
     @classmethod
@@ -376,6 +421,8 @@ def executor_from_config(src, **overrides):
         raise ConfigError("the executor config must be a mapping with a 'target'",
                           line=source.line_of(prefix))
     mapping = {**mapping, **overrides}
+    if "allowed_targets" in compute and "allowed_targets" not in mapping:  # services.compute.allowed_targets
+        mapping["allowed_targets"] = compute.pop("allowed_targets")
     if "artifacts" in mapping:  # storage for object_store artifacts, given beside the executor fields
         compute["storage"] = _storage_setting(mapping.pop("artifacts"), source, prefix + ("artifacts",))
     if "target" in mapping and "__target__" in mapping:

@@ -15,10 +15,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ConfigError
 from .yamlsrc import Source, read_source
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+# \A...\Z, not ^...$: '$' also matches before a trailing newline, so 'stage\n' would pass
+NAME_PATTERN = re.compile(r"\A[A-Za-z0-9_-]+\Z")
 STAGE_KEYS = ("name", "target", "type", "depends_on", "options", "resources", "description",
               "version", "priority")
 OPTION_KEYS = ("allow_partial_failure", "map_on", "timeout")
+MAIN = "__main__"  # the allow-list prefix of functions defined in the notebook (or script)
+
+# Said wherever a user meets workflow files: the CLI's --help, %flowdapt help workflow, README.
+TARGETS_ARE_CODE = (
+    "A workflow file is code. Each stage's target names a Python callable that is imported and "
+    "called with the run's input: 'target: os.system' runs shell commands, and importing a "
+    "target's module runs that module's import-time code ('flowdapt-nb validate --resolve' "
+    "imports them too). Treat workflow files like Python scripts: run only ones you trust. To "
+    "limit what workflows may call, set allowed_targets in the executor config, e.g. "
+    "'allowed_targets: [mypkg., __main__]': a stage whose target's import path does not start "
+    "with one of these prefixes is refused before anything is imported ('__main__' allows "
+    "functions defined in the notebook).")
 STAGE_TYPES = ("simple", "parameterized")
 
 
@@ -61,15 +74,15 @@ class Stage(BaseModel):
         return self.options.get("timeout")
 
     def target_name(self) -> str:
-        """The target as text: a notebook function by its name, anything else by import path."""
+        """The target as text that loads back: a notebook function by its name, anything else by
+        import path (``pkg.mod.func``, or ``pkg.mod:Class.method`` for a dotted qualname)."""
         target = self.target
         if isinstance(target, str) or target is None:
             return target or ""
-        module = getattr(target, "__module__", None)
-        qualname = getattr(target, "__qualname__", getattr(target, "__name__", repr(target)))
-        if module in (None, "__main__") or "<lambda>" in qualname or "<locals>" in qualname:
+        module, qualname = _module_and_qualname(target)
+        if module in (None, MAIN) or "<lambda>" in qualname or "<locals>" in qualname:
             return getattr(target, "__name__", qualname)
-        return f"{module}.{qualname}"
+        return f"{module}{':' if '.' in qualname else '.'}{qualname}"
 
     def to_dict(self) -> dict:
         out: dict = {"name": self.name, "target": self.target_name()}
@@ -136,9 +149,16 @@ class Workflow(BaseModel):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def resolve(self, namespace: dict | None = None) -> dict[str, Callable]:
-        """Resolve every target to a callable and check its signature against the DAG."""
-        return {s.name: resolve_target(s, namespace) for s in self.stages}
+    def resolve(self, namespace: dict | None = None,
+                allowed_targets: list[str] | None = None) -> dict[str, Callable]:
+        """Resolve every target to a callable and check its signature against the DAG.
+
+        With ``allowed_targets`` (import-path prefixes), every target is checked against it
+        before any module is imported."""
+        if allowed_targets is not None:
+            for stage in self.stages:
+                check_target_allowed(stage, allowed_targets)
+        return {s.name: resolve_target(s, namespace, allowed_targets) for s in self.stages}
 
     def __repr__(self) -> str:
         edges = ", ".join(f"{s.name}" + (f"<-{'+'.join(s.depends_on)}" if s.depends_on else "")
@@ -161,7 +181,7 @@ def _config_error_from(exc: ValidationError, source: Source, prefix, stage: str 
 def check_workflow(wf: Workflow, source: Source | None = None, prefix=("spec", "stages")) -> None:
     """Structural checks before any run: names, dependencies, cycles, fan-out inputs."""
     source = source or Source(None)
-    if not NAME_PATTERN.match(wf.name or ""):
+    if not isinstance(wf.name, str) or not NAME_PATTERN.fullmatch(wf.name):
         raise ConfigError(f"workflow name {wf.name!r} is not valid: use letters, digits, '_' and '-'",
                           key="metadata.name", line=source.line_of(("metadata", "name")))
     if not wf.stages:
@@ -170,7 +190,7 @@ def check_workflow(wf: Workflow, source: Source | None = None, prefix=("spec", "
     seen: dict[str, int] = {}
     for i, stage in enumerate(wf.stages):
         line = source.line_of(prefix + (i,))
-        if not NAME_PATTERN.match(stage.name or ""):
+        if not isinstance(stage.name, str) or not NAME_PATTERN.fullmatch(stage.name):
             raise ConfigError(f"stage name {stage.name!r} is not valid: use letters, digits, '_' and '-'",
                               key="name", line=line)
         if stage.name in seen:
@@ -355,8 +375,10 @@ def load_workflow(src) -> Workflow:
         if raw.get("type", "simple") not in STAGE_TYPES:
             raise ConfigError(f"type {raw.get('type')!r} is not valid; use simple or parameterized",
                               stage=name, key="type", line=source.line_of(prefix + (i, "type")))
-        if not isinstance(raw.get("target", ""), str):
-            raise ConfigError("target must be a string: an import path or a notebook function's name",
+        target = raw.get("target", "")
+        if not isinstance(target, str) and not callable(target):  # Flowdapt's API takes callables too
+            raise ConfigError(f"target must be an import path, a notebook function's name or a callable, "
+                              f"not {type(target).__name__}",
                               stage=name, key="target", line=source.line_of(prefix + (i, "target")))
         try:
             stages.append(Stage(**{k: v for k, v in raw.items() if v is not None or k == "target"}))
@@ -384,15 +406,109 @@ def user_namespace() -> dict:
     return vars(main) if main is not None else {}
 
 
-def resolve_target(stage: Stage, namespace: dict | None = None) -> Callable:
-    """A stage's callable: the callable itself, a notebook function by name, or an import path."""
+def resolve_target(stage: Stage, namespace: dict | None = None,
+                   allowed_targets: list[str] | None = None) -> Callable:
+    """A stage's callable: the callable itself, a notebook function by name, or an import path.
+    With ``allowed_targets``, a target outside those prefixes is refused before it is imported."""
     target = stage.target
+    if allowed_targets is not None:
+        check_target_allowed(stage, allowed_targets)
     if callable(target):
         fn = target
     else:
         fn = _lookup(stage, str(target), namespace)
+        if allowed_targets is not None and _is_notebook_name(str(target)):
+            # a notebook name may hold anything (``from os import system``): what it holds must be
+            # defined in the notebook or come from an allowed module
+            _refuse_unless_allowed(stage, callable_path(fn), allowed_targets,
+                                   f"'{target}' in the notebook is {callable_path(fn)}, which")
     check_signature(stage, fn)
     return fn
+
+
+# --- allowed targets ------------------------------------------------------------------------------
+
+_PREFIX = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\.?\Z")
+
+
+def check_allowed_prefixes(value) -> list[str] | None:
+    """``allowed_targets`` as given in a config: None (anything) or a list of import-path
+    prefixes such as ``mypkg.`` or ``__main__``; raises ValueError saying what is valid."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"allowed_targets must be a list of import-path prefixes such as "
+                         f"[mypkg., __main__], got {value!r}")
+    for prefix in value:
+        if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
+            raise ValueError(f"allowed_targets holds {prefix!r}: each entry is an import-path prefix "
+                             f"such as mypkg. or mypkg.models or __main__")
+    return list(value)
+
+
+def _module_and_qualname(fn) -> tuple[str | None, str]:
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if not isinstance(qualname, str):  # a callable instance: named by its class
+        qualname = type(fn).__qualname__
+        module = type(fn).__module__
+    return module, qualname
+
+
+def callable_path(fn) -> str:
+    """The import path an allow-list checks for a callable: ``pkg.mod.func``, or
+    ``__main__.func`` for a function defined in the notebook or script."""
+    module, qualname = _module_and_qualname(fn)
+    return f"{module or MAIN}.{qualname}"
+
+
+def _is_notebook_name(target: str) -> bool:
+    return "." not in target and ":" not in target
+
+
+def target_path(target) -> str:
+    """The import path of a target as written: ``pkg.mod:func`` -> ``pkg.mod.func``, a bare name
+    (a notebook function) -> ``__main__.name``, a callable -> :func:`callable_path`."""
+    if callable(target) and not isinstance(target, str):
+        return callable_path(target)
+    text = str(target)
+    return f"{MAIN}.{text}" if _is_notebook_name(text) else text.replace(":", ".")
+
+
+def is_allowed(path: str, allowed_targets) -> bool:
+    """``mypkg.`` and ``mypkg`` allow mypkg and its submodules (not ``mypkg_other``);
+    ``mypkg.train`` allows that name and what is below it."""
+    for prefix in allowed_targets:
+        if prefix.endswith("."):
+            if path.startswith(prefix):
+                return True
+        elif path == prefix or path.startswith(prefix + "."):
+            return True
+    return False
+
+
+def _refuse_unless_allowed(stage: Stage, path: str, allowed_targets, what: str) -> None:
+    if not is_allowed(path, allowed_targets):
+        allowed = ", ".join(allowed_targets) if allowed_targets else "nothing (the list is empty)"
+        raise ConfigError(f"target {what} is not allowed: allowed_targets permits only {allowed}",
+                          stage=stage.name, key="target",
+                          hint="add a prefix of it to allowed_targets in the executor config if you "
+                               "trust that code")
+
+
+def check_target_allowed(stage: Stage, allowed_targets) -> None:
+    """Refuse a stage whose target is outside ``allowed_targets``, without importing anything."""
+    target = stage.target
+    path = target_path(target)
+    if not isinstance(target, str):
+        shown = path
+    elif target.replace(":", ".") == path:
+        shown = f"'{target}'"
+    else:
+        shown = f"'{target}' ({path})"
+    _refuse_unless_allowed(stage, path, allowed_targets, shown)
 
 
 def _lookup(stage: Stage, target: str, namespace: dict | None) -> Callable:
