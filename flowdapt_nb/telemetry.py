@@ -95,3 +95,48 @@ class ResourceSampler:
     def __len__(self) -> int:
         with self._lock:
             return sum(len(q) for q in self._history.values())
+
+
+# --- what our own running tasks hold ----------------------------------------------------------
+
+def stage_request(stage) -> dict:
+    """The resources one task of ``stage`` holds while it runs, in our names (cpus, gpus,
+    memory in bytes, custom names); a task with no cpus given holds one."""
+    from .units import parse_bytes
+    held: dict[str, float] = {"cpus": 1.0}
+    for name, amount in (stage.resources or {}).items():
+        try:
+            held[name] = float(parse_bytes(amount) if name == "memory" else amount or 0)
+        except (TypeError, ValueError):
+            continue
+    return {name: amount for name, amount in held.items() if amount}
+
+
+def running_requests(executor) -> list[tuple[str | None, dict]]:
+    """(worker, resources held) of every task of this executor's active runs that is running
+    now, from the run records the engine and the workers' 'running' reports keep. This is the
+    in-use figure that is never stale (a cluster's own view can lag by seconds)."""
+    out = []
+    for handle, _ in list(getattr(executor, "_active", {}).values()):
+        run = handle.run
+        requests = {s.name: stage_request(s) for s in run.definition.stages}
+        with run._lock:
+            rows = [(r["stage"], r["worker"]) for r in run._tasks.values() if r["state"] == "running"]
+        for stage, worker in rows:
+            out.append((worker, requests.get(stage, {"cpus": 1.0})))
+    return out
+
+
+def add_up(requests, names: dict | None = None) -> dict:
+    """Sum resources held, renamed by ``names`` (e.g. Ray's {'cpus': 'CPU', 'gpus': 'GPU'})."""
+    total: dict[str, float] = {}
+    for _, held in requests:
+        for name, amount in held.items():
+            name = (names or {}).get(name, name)
+            total[name] = total.get(name, 0.0) + amount
+    return total
+
+
+def available_given(total: dict, used: dict) -> dict:
+    """What is left of each total when ``used`` is held (never below 0)."""
+    return {name: max(0.0, amount - used.get(name, 0.0)) for name, amount in total.items()}

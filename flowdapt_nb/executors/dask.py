@@ -75,6 +75,11 @@ def _dask_task(fn, ctx, info, *flat):
     return value
 
 
+def _used_resources(dask_scheduler=None) -> dict:
+    """On the scheduler: what each worker's running tasks hold of its resources."""
+    return {addr: dict(ws.used_resources) for addr, ws in list(dask_scheduler.workers.items())}
+
+
 def _as_items(value):
     return items_of(value, "?", "its dependency's output")
 
@@ -326,18 +331,35 @@ class DaskExecutor(Executor):
         return [{"name": addr, "nthreads": w.get("nthreads"), "memory_limit": w.get("memory_limit"),
                  "resources": dict(w.get("resources") or {})} for addr, w in self._worker_infos().items()]
 
+    def _scheduler_used_resources(self) -> dict:
+        """{worker address: resources held by its tasks now}, the scheduler's own book-keeping
+        (``WorkerState.used_resources``); empty where the scheduler won't run our function."""
+        try:
+            return self.client.run_on_scheduler(_used_resources) or {}
+        except Exception:
+            return {}
+
     def _sample(self):
         if self.client is None:
             return []
+        from ..telemetry import add_up, running_requests
         now = time.time()
         info = self.client.scheduler_info(n_workers=-1)["workers"]
+        held = self._scheduler_used_resources()
+        ours: dict[str, list] = {}
+        for worker, request in running_requests(self):
+            ours.setdefault(worker, []).append((worker, request))
         out = []
         for addr, w in info.items():
             metrics = w.get("metrics", {})
             total = dict(w.get("resources") or {})
-            used = metrics.get("resources_used") or {}  # not every version reports it
             executing = metrics.get("task_counts", {}).get("executing", metrics.get("executing", 0)) or 0
-            available = {k: max(0, v - used.get(k, executing if k == "cpus" else 0)) for k, v in total.items()}
+            # in use: the scheduler's own count of what it handed out, and what our running tasks
+            # hold (a stage that asks for no cpus still runs on a thread)
+            mine = add_up(ours.get(addr, []))
+            used = {k: max(held.get(addr, {}).get(k, 0.0), mine.get(k, 0.0), executing if k == "cpus" else 0)
+                    for k in total}
+            available = {k: max(0, v - used[k]) for k, v in total.items()}
             gpu = w.get("gpu") or {}
             out.append(ResourceSample(addr, now, cpu_percent=metrics.get("cpu"), memory_used=metrics.get("memory"),
                                       memory_limit=w.get("memory_limit"), resources_total=total,

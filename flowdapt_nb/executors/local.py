@@ -365,10 +365,16 @@ class LocalExecutor(Executor):
                 rss += p.memory_info().rss
             except psutil.Error:
                 pass
-        from ..telemetry import add_gpu
+        from ..telemetry import add_gpu, add_up, available_given, running_requests
+        # in use: what running tasks hold, and at least the slots the engine has handed out
+        used = add_up(running_requests(self))
+        used["cpus"] = min(self.cpus, max(used.get("cpus", 0.0), self.cpus - self._free_slots()))
+        total = {"cpus": self.cpus}
+        if any("memory" in s.resources for handle, _ in list(self._active.values())
+               for s in handle.run.definition.stages):
+            total["memory"] = mem.total  # a stage asks for memory: show how much running tasks hold
         sample = ResourceSample("local", now, cpu_percent=cpu, memory_used=rss, memory_limit=mem.total,
-                                resources_total={"cpus": self.cpus},
-                                resources_available={"cpus": self._free_slots()})
+                                resources_total=total, resources_available=available_given(total, used))
         add_gpu(sample)
         return [sample]
 

@@ -17,10 +17,13 @@ class Dashboard(FeedWidget):
 
     >>> fnb.widgets.Dashboard(ex)   # doctest: +SKIP
 
-    ``dash.tasks`` and ``dash.resources`` are the two parts; ``dashboard_url`` the native link.
+    ``dash.tasks`` and ``dash.resources`` are the two parts; ``dashboard_url`` the native link;
+    ``executor_state`` is running or stopped (it turns stopped when the executor is closed
+    anywhere: ``%flowdapt stop``, ``ex.close()``, the card's Stop button).
     """
 
     dashboard_url = Unicode("")
+    executor_state = Unicode("running")
 
     def __init__(self, executor, run=None, window: float = 300, **kwargs):
         super().__init__(**kwargs)
@@ -37,6 +40,13 @@ class Dashboard(FeedWidget):
             self._address = str(info.get("address") or "")
         except Exception:
             pass
+        self.executor_state = self.resources.executor_state
+        # the resource part hears the executor stop; the header follows it
+        self.resources.observe(self._on_state, names="executor_state")
+        self._header.value = '<div class="fnb">' + self._header_html() + "</div>"
+
+    def _on_state(self, change) -> None:
+        self.executor_state = change["new"]
         self._header.value = '<div class="fnb">' + self._header_html() + "</div>"
 
     def _on_events(self, batch: list) -> None:  # the parts subscribe themselves
@@ -47,9 +57,10 @@ class Dashboard(FeedWidget):
         native = _NATIVE.get(kind)
         link = (f'<a class="fnb-link fnb-native-link" href="{esc(self.dashboard_url)}" target="_blank" '
                 f'rel="noopener">Open {native} ↗</a>' if self.dashboard_url and native else "")
-        state = "running" if self.executor.running else "stopped"
+        state = self.executor_state
         return (f'<div class="fnb-head" style="margin:2px 2px 0"><span class="fnb-title">flowdapt · {esc(kind)}'
-                f'</span>{badge("finished" if state == "running" else "skipped", state)}'
+                f'</span><span class="fnb-executor-state" data-state="{state}">'
+                f'{badge("finished" if state == "running" else "skipped", state)}</span>'
                 f'<span class="fnb-muted fnb-mono">{esc(self._address)}</span><span class="fnb-spacer"></span>'
                 f'{link}</div>')
 
@@ -62,5 +73,6 @@ class Dashboard(FeedWidget):
         return self._header_html() + self.tasks._static_html() + self.resources._static_html()
 
     def __repr__(self) -> str:
-        head = f"Dashboard ({self.executor.kind})" + (f" · {self.dashboard_url}" if self.dashboard_url else "")
+        head = (f"Dashboard ({self.executor.kind}, {self.executor_state})"
+                + (f" · {self.dashboard_url}" if self.dashboard_url else ""))
         return "\n".join([head, repr(self.tasks), repr(self.resources)])

@@ -1,0 +1,178 @@
+"""Live dashboards tell the truth on every executor: resources in use (cpus and custom ones) in
+``ex.resources()`` and in the widgets' traits while stages hold them, tasks seen running, the
+dashboard STOPPED once its executor is closed, and the notebook's live outputs (executor start,
+foreground and background run progress) that keep moving while the work goes on.
+
+Every check polls until a deadline (Ray's own view lags by seconds; a loaded machine is slow):
+never one look, never a timed assertion."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import flowdapt_nb as fnb
+from flowdapt_nb import widgets
+
+import stages as st
+from conftest import make_executor
+
+
+def poll(predicate, timeout=60.0, interval=0.05):
+    """Call ``predicate`` until it is truthy or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def slow_map(resources: dict) -> fnb.Workflow:
+    return fnb.Workflow("held", stages=[fnb.Stage("work", st.slow, type="parameterized",
+                                                  options={"map_on": "xs"}, resources=resources)])
+
+
+def cpu_name(ex) -> str:
+    return "CPU" if ex.kind == "ray" else "cpus"
+
+
+def frame_in_use(ex, name: str) -> float:
+    """In use of ``name`` over all workers, from ``ex.resources()`` (total - available)."""
+    frame = ex.resources()
+    if f"{name}_total" not in frame:
+        return 0.0
+    return float((frame[f"{name}_total"] - frame[f"{name}_available"]).sum())
+
+
+def watch_run(ex, dash, handle, names: list[str]) -> dict:
+    """While the run goes on: the most of each resource seen in use (dashboard trait and
+    ``ex.resources()``) and the most tasks seen running on the task dashboard."""
+    seen = {"running": 0, **{f"trait:{n}": 0.0 for n in names}, **{f"frame:{n}": 0.0 for n in names}}
+    while not handle.done():
+        counts = dash.tasks.stage_counts.get("work") or {}
+        seen["running"] = max(seen["running"], counts.get("running", 0))
+        for n in names:
+            seen[f"trait:{n}"] = max(seen[f"trait:{n}"], dash.resources.in_use.get(n, 0.0))
+            seen[f"frame:{n}"] = max(seen[f"frame:{n}"], frame_in_use(ex, n))
+        time.sleep(0.05)
+    return seen
+
+
+# --- in use: cpus and custom resources ---------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["threads", "processes", "dask", "ray"])
+def test_resources_in_use_while_stages_hold_them(kind):
+    ex = make_executor(kind)
+    try:
+        custom = [] if ex.kind == "local" else ["hamster_wheels"]  # the shared clusters have 2 per worker
+        names = [cpu_name(ex), *custom]
+        dash = widgets.Dashboard(ex)
+        poll(lambda: all(n in dash.resources.totals for n in names))
+        totals = {n: dash.resources.totals[n] for n in names}
+        assert totals[cpu_name(ex)] == 2
+        wf = slow_map({"cpus": 1, **{n: 1 for n in custom}})
+        handle = ex.submit(wf, input={"xs": list(range(8)), "delay": 0.8})
+        seen = watch_run(ex, dash, handle, names)
+        handle.wait(120)
+        for n in names:  # both tasks' share was seen held, in the widget and in ex.resources()
+            assert seen[f"trait:{n}"] >= 1, (n, seen)
+            assert seen[f"frame:{n}"] >= 1, (n, seen)
+            assert seen[f"trait:{n}"] <= totals[n] and seen[f"frame:{n}"] <= totals[n]
+        assert seen["running"] >= 1
+        # after the run: nothing of ours held any more, in both views
+        assert poll(lambda: all(dash.resources.in_use.get(n, 0) == 0 and frame_in_use(ex, n) == 0
+                                for n in names), timeout=30), (dash.resources.in_use, ex.resources())
+        stats = dash.resources._body.value
+        for n in names:
+            assert f'data-resource="{n}"' in stats and f"{n} in use" in stats
+        dash.close()
+    finally:
+        if kind in ("threads", "processes"):
+            ex.close()
+
+
+def test_dask_custom_resource_shown_in_use_per_worker(dask_executor):
+    """Tutorial 04's case: one unit per worker, a stage that holds one; each worker's row shows
+    it in use while its task runs (the scheduler's own book-keeping)."""
+    ex = dask_executor
+    dash = widgets.ResourceDashboard(ex)
+    handle = ex.submit(slow_map({"hamster_wheels": 2}), input={"xs": list(range(4)), "delay": 1.0})
+    busy = []
+
+    def a_worker_full():
+        rows = dash.latest
+        busy.extend(w for w, row in rows.items() if row.get("hamster_wheels_used") == 2)
+        return busy
+
+    assert poll(a_worker_full, timeout=60), dash.latest
+    assert f'data-resource="hamster_wheels"' in dash._body.value
+    handle.wait(120)
+    dash.close()
+
+
+# --- tasks seen running ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["threads", "processes", "dask", "ray"])
+def test_tasks_of_200_ms_are_seen_running(kind):
+    """A run of 200 ms tasks on 2 cpus: the task dashboard shows some running while it goes
+    (on Ray it showed 0 for the whole run while the 'running' reports waited in batches)."""
+    ex = make_executor(kind)
+    try:
+        dash = widgets.TaskDashboard(ex)
+        handle = ex.submit(slow_map({}), input={"xs": list(range(20)), "delay": 0.2})
+        most = 0
+        while not handle.done():
+            if dash.run_id == handle.run.uid:
+                most = max(most, (dash.stage_counts.get("work") or {}).get("running", 0))
+            time.sleep(0.02)
+        handle.wait(60)
+        assert most >= 1
+        assert 'class="fnb-run-running"' in dash._body.value
+        dash.close()
+    finally:
+        if kind in ("threads", "processes"):
+            ex.close()
+
+
+# --- the dashboard after its executor stopped ---------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["threads", "processes", "dask"])
+def test_dashboard_turns_stopped_with_nothing_in_use(kind, dask_cluster):
+    ex = make_executor(kind)
+    try:
+        dash = widgets.Dashboard(ex)
+        assert dash.executor_state == "running" and 'data-state="running"' in dash._header.value
+        handle = ex.submit(slow_map({}), input={"xs": list(range(2)), "delay": 3.0})
+        assert poll(lambda: dash.resources.in_use.get("cpus", 0) > 0, timeout=60)
+        handle.wait(60)
+        if kind == "dask":
+            dask_cluster.close()  # the next test that needs it gets a new one
+        else:
+            ex.close()
+        assert dash.executor_state == "stopped" and dash.resources.executor_state == "stopped"
+        assert 'data-state="stopped"' in dash._header.value and ">stopped<" in dash._header.value
+        assert dash.resources.in_use and all(v == 0 for v in dash.resources.in_use.values())
+        assert dash.resources.last_sample > 0
+        body = dash.resources._body.value
+        last = time.strftime("%H:%M:%S", time.localtime(dash.resources.last_sample))
+        assert f"last sample {last}, executor stopped" in body and "sampled now" not in body
+        if kind != "dask":  # one local worker of 2 cpus, greyed at 0
+            assert "0 / 2" in body and "opacity:.45" in body
+        assert "executor stopped" in repr(dash.resources)
+        redraws = dash.resources.redraws
+        time.sleep(0.3)  # nothing moves any more: no sampler, no feed
+        assert dash.resources.redraws == redraws
+        dash.close()
+    finally:
+        if kind in ("threads", "processes"):
+            ex.close()
+
+
+def test_dashboard_of_a_stopped_executor_says_so():
+    ex = fnb.LocalExecutor(use_processes=False, cpus=1)
+    dash = widgets.Dashboard(ex)
+    assert dash.executor_state == "stopped" and dash.resources.executor_state == "stopped"
+    assert "stopped before a resource sample" in dash.resources._body.value
+    dash.close()
