@@ -11,21 +11,7 @@ from pathlib import Path
 from .errors import ConfigError, RunTimeoutError, StageError
 
 
-def parse_assignments(pairs: list[str] | None, what: str = "--input") -> dict:
-    """``["n=3", "name=x", "xs=[1,2]"]`` -> {"n": 3, "name": "x", "xs": [1, 2]} (values read as YAML)."""
-    import yaml
-    example = {"--input": "n=10", "--resource": "hamster_wheels=2", "--set": "include_dashboard=false"}
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip() or not key.strip().isidentifier():
-            raise ConfigError(f"{what} takes key=value with a Python identifier as key, got {pair!r}",
-                              key=what, hint=f"e.g. {what} {example.get(what, 'name=value')}")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
+from .run_input import input_from_args, parse_assignments  # noqa: F401  (parse_assignments: kept importable here)
 
 
 def _jsonable(value) -> str:
@@ -84,15 +70,7 @@ def cmd_run(args) -> int:
             sys.path.insert(0, str(Path(extra).resolve()))
     sys.path.insert(0, str(Path(args.workflow).resolve().parent))
     try:
-        run_input = parse_assignments(args.input)
-        if args.input_json:
-            try:
-                loaded = json.loads(args.input_json)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"--input-json is not valid JSON: {exc}", key="--input-json") from None
-            if not isinstance(loaded, dict):
-                raise ConfigError("--input-json must be a JSON object", key="--input-json")
-            run_input = {**loaded, **run_input}
+        run_input = input_from_args(args.input, args.input_json)  # the one run-input parser
         for what, path in (("workflow", args.workflow), ("config", args.config)):
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{what} file not found: {path}")

@@ -24,7 +24,6 @@ A user mistake is an ``IPython.core.error.UsageError`` of one line that says wha
 from __future__ import annotations
 
 import difflib
-import json
 import sys
 import time
 
@@ -210,8 +209,8 @@ class FlowdaptMagics(Magics, Configurable):
             raise _usage(exc, "%%flowdapt executor", cell=True) from None
 
     def _executor_from_line(self, args):
-        from ..cli import parse_assignments
         from ..config import executor_from_config
+        from ..run_input import parse_assignments
         where = "%flowdapt executor"
         kind = (args.kind or self.executor).lower()
         if kind not in KINDS:
@@ -308,7 +307,8 @@ class FlowdaptMagics(Magics, Configurable):
         wf = self._workflow_from_cell(cell, args.name)
         self.workflows[wf.name] = wf
         try:
-            wf.resolve(self.shell.user_ns)
+            wf.resolve(self.shell.user_ns, allowed_targets=getattr(getattr(self.current, "config", None),
+                                                                   "allowed_targets", None))
         except ConfigError as exc:
             print(f"note: {_one_line(exc)} (needed before %flowdapt run {wf.name})", file=sys.stderr)
         display(wf)
@@ -438,22 +438,11 @@ class FlowdaptMagics(Magics, Configurable):
 
     @staticmethod
     def _run_input(args) -> dict:
-        from ..cli import parse_assignments
-        run_input: dict = {}
-        if args.input_json:
-            try:
-                loaded = json.loads(args.input_json)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"%flowdapt run: --input-json is not valid JSON ({exc}); "
-                                 f"e.g. --input-json '{{\"n\": 10}}'") from None
-            if not isinstance(loaded, dict):
-                raise UsageError("%flowdapt run: --input-json must be a JSON object, e.g. '{\"n\": 10}'")
-            run_input.update(loaded)
+        from ..run_input import input_from_args  # the one run-input parser (CLI, magic, StageMapper)
         try:
-            run_input.update(parse_assignments(args.input, "--input"))
+            return input_from_args(args.input, args.input_json)
         except ConfigError as exc:
             raise _usage(exc, "%flowdapt run") from None
-        return run_input
 
     # --- status, dashboard, memory, stop, help ---------------------------------------------------
     def _cmd_status(self, rest: str, cell: str | None = None):
