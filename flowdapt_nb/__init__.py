@@ -18,6 +18,7 @@ _EXPORTS = {
     "ConfigError": "flowdapt_nb.errors",
     "StageError": "flowdapt_nb.errors",
     "RunTimeoutError": "flowdapt_nb.errors",
+    "ExecutorClosedError": "flowdapt_nb.errors",
     "executor_from_config": "flowdapt_nb.config",
     "load_workflow": "flowdapt_nb.workflow",
     "Workflow": "flowdapt_nb.workflow",

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import ConfigError, RunTimeoutError, StageError
+from .errors import ConfigError, ExecutorClosedError, RunTimeoutError, StageError
 from .events import EventBus, RunEvent, TaskEvent
 from .run import WorkflowRun
 from .workflow import Stage, Workflow, root_kwargs
@@ -94,6 +94,9 @@ class Backend:
     # Workers that run tasks at once, for a backend without ``capacity``: sizes chunks so that
     # every worker still gets a share at the end of a stage.
     parallelism: int = 1
+    # What a timeout can't do on this backend, said in the RunTimeoutError (local threads: a
+    # running stage can't be stopped); None: its tasks are stopped.
+    stop_note: str | None = None
 
     def put_context(self, ctx) -> Any:
         return ctx
@@ -138,7 +141,9 @@ class Backend:
         return [self.fetch(h) for h in handles]
 
     def cancel(self, task_refs: list) -> None:
-        pass
+        """Stop these tasks and give their slots back within a bounded time (cancel, grace
+        period, then kill what the backend owns); must not block the engine for more than ~1 s.
+        Called when a run or stage times out or is cancelled (by the user, or by ``close()``)."""
 
     def slots_needed(self, stage: Stage) -> float:
         return float(stage.resources.get("cpus", 1) or 0)
@@ -182,6 +187,7 @@ class Engine:
         self.fns = fns
         self.ctx = ctx
         self.cancel_event = cancel_event
+        self.closing = False  # set (before cancel_event) when the executor is closed under the run
         self.deadline = time.monotonic() + timeout if timeout else None
         self.timeout = timeout
         self.completions: queue.Queue = queue.Queue()
@@ -191,7 +197,7 @@ class Engine:
         self.stage_runs: dict[str, _StageRun] = {}
         self.inflight: dict[tuple, tuple] = {}  # (stage, item) -> (task ref, slots)
         self.waiting: deque[_Pending] = deque()
-        self.free_slots = backend.capacity
+        self.slots = self.free_slots = backend.capacity  # slots this run may use (read once: may shrink)
         self.exact_inflight = 0  # tasks in flight that need other than one slot (no prefetch then)
         self.remaining_deps = {s.name: set(s.depends_on) for s in self.wf.stages}
         self.consumers = {s.name: 0 for s in self.wf.stages}
@@ -251,7 +257,11 @@ class Engine:
             run._set_state("finished")
             self._run_event("finished")
         except _Cancelled:
-            self._abort("cancelled", "cancelled by the user")
+            if self.closing:
+                run.exception = ExecutorClosedError(f"run {run.name}: executor closed during the run", run=run)
+                self._abort("cancelled", "executor closed during the run")
+            else:
+                self._abort("cancelled", "cancelled by the user")
         except (StageError, RunTimeoutError) as exc:
             run.exception = exc
             self._abort("failed", str(exc).split("\n\n")[0])
@@ -269,13 +279,15 @@ class Engine:
         if self.cancel_event.is_set():
             raise _Cancelled()
         now = time.monotonic()
+        # what a timeout can't stop on this backend (local threads), said where it happens
+        note = f"; {self.backend.stop_note}" if self.backend.stop_note and self.inflight else ""
         if self.deadline and now > self.deadline:
-            raise RunTimeoutError(f"run {self.run.name} timed out after {self.timeout} s", run=self.run)
+            raise RunTimeoutError(f"run {self.run.name} timed out after {self.timeout} s{note}", run=self.run)
         for sr in self.stage_runs.values():
             limit = sr.stage.timeout
             if limit and sr.launched_at and not sr.finished and now - sr.launched_at > limit:
                 raise RunTimeoutError(f"stage '{sr.stage.name}' timed out after {limit} s "
-                                      f"(options.timeout)", run=self.run, stage=sr.stage.name)
+                                      f"(options.timeout){note}", run=self.run, stage=sr.stage.name)
 
     def _abort(self, state: str, message: str) -> None:
         refs = [ref for ref, _ in self.inflight.values() if ref is not None]
@@ -604,6 +616,22 @@ class Engine:
         if sr.done == sr.total:
             self._finish_stage(stage)
 
+    def _fail_all_items(self, stage: Stage, total: int):
+        """A fan-out under allow_partial_failure whose every item failed: partial failure means
+        some items survived, so the stage fails, naming each item's error."""
+        failures = [f for f in self.run.failures if f.stage == stage.name]
+        shown = "; ".join(f"item {f.item}: {f.error}" for f in failures[:5])
+        more = f"; and {len(failures) - 5} more (run.failures)" if len(failures) > 5 else ""
+        exc = AllItemsFailedError(f"all {total} items failed (allow_partial_failure keeps a stage only "
+                                  f"when some items succeed): {shown}{more}")
+        if failures and failures[0].traceback:
+            exc.remote_traceback = failures[0].traceback  # the first item's, shown with the StageError
+        self.run.failed_stage = stage.name
+        error = StageError(stage.name, self.run, exc)
+        exc.__cause__ = failures[0].exception if failures else None
+        error.__cause__ = exc
+        raise error
+
     def _fail_stage(self, stage: Stage, item, exc: BaseException):
         self.run.failed_stage = stage.name
         error = StageError(stage.name, self.run, exc, item=item)
@@ -612,6 +640,8 @@ class Engine:
 
     def _finish_stage(self, stage: Stage) -> None:
         sr = self.stage_runs[stage.name]
+        if sr.total and not sr.results and stage.type == "parameterized":
+            self._fail_all_items(stage, sr.total)
         sr.finished = True
         if stage.type == "simple":
             self.outputs[stage.name] = Value(sr.results.get(None))
@@ -640,6 +670,10 @@ class Engine:
 
 class _Cancelled(Exception):
     pass
+
+
+class AllItemsFailedError(RuntimeError):
+    """Every item of a fan-out failed, though it allows partial failure (the StageError's cause)."""
 
 
 def check_root_inputs(wf: Workflow, fns: dict, run_input: dict) -> None:

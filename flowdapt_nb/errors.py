@@ -70,3 +70,13 @@ class RemoteError(Exception):
     def __init__(self, type_name: str, message: str):
         self.type_name = type_name
         super().__init__(f"{type_name}: {message}")
+
+
+class ExecutorClosedError(RuntimeError):
+    """The executor was closed while a run was going (``ex.close()``, ``%flowdapt stop`` from
+    another thread), or a closed executor was asked to run: call ``ex.start()`` to use it again.
+    ``.run`` is the :class:`WorkflowRun` (state ``cancelled``) when a run was closed under."""
+
+    def __init__(self, message: str, run=None):
+        self.run = run
+        super().__init__(message)

@@ -51,6 +51,10 @@ class WorkflowRun:
         self.executor = executor
         self.state = "pending"
         self.result: Any = None
+        # ex.history keeps results up to its byte budget (history_bytes): an older run's record
+        # there may have its result dropped (result None, result_dropped True, result_note says why)
+        self.result_dropped = False
+        self.result_note: str | None = None
         self.error: str | None = None
         self.exception: BaseException | None = None
         self.failed_stage: str | None = None
@@ -259,15 +263,14 @@ class RunHandle:
         return True
 
     def wait(self, timeout: float | None = None) -> WorkflowRun:
-        """Block until the run ends; raise StageError if a stage failed, TimeoutError if
-        ``timeout`` passes first (the run goes on)."""
-        from .errors import RunTimeoutError, StageError
+        """Block until the run ends; raise StageError if a stage failed, ExecutorClosedError if
+        the executor was closed under it, TimeoutError if ``timeout`` passes first (the run
+        goes on)."""
         if not self._finished.wait(timeout):
             raise TimeoutError(f"run {self.run.name} still {self.run.state} after {timeout} s")
         run = self.run
-        if run.state == "failed" and run.exception is not None:
-            if isinstance(run.exception, (StageError, RunTimeoutError)):
-                raise run.exception
+        # a failed run, or one cancelled by close() (a user's cancel leaves no exception)
+        if run.state in ("failed", "cancelled") and run.exception is not None:
             raise run.exception
         return run
 

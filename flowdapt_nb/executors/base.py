@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import weakref
@@ -11,13 +12,16 @@ from typing import Any
 from ..config import ExecutorFields, validate_fields
 from ..context import RunContext, RunInfo
 from ..engine import Backend, Engine, check_root_inputs
-from ..errors import ConfigError
+from ..errors import ConfigError, ExecutorClosedError
 from ..events import EventBus, ExecutorEvent, TaskEvent
 from ..run import RunHandle, WorkflowRun
+from ..sizes import estimate_bytes
+from ..units import parse_bytes
 from ..workflow import load_workflow
 
 _current: "Executor | None" = None
 _live: "weakref.WeakSet[Executor]" = weakref.WeakSet()
+CLOSE_WAIT = 3.0  # seconds close() gives cancelled runs to end before it shuts the backend down
 
 
 def current_executor() -> "Executor | None":
@@ -51,6 +55,8 @@ class Executor:
         self._history: deque[WorkflowRun] = deque(maxlen=self.config.history_limit)
         self._active: dict[str, tuple[RunHandle, Engine | None]] = {}
         self._lock = threading.RLock()
+        self._closing = False  # close() is under way: no new runs
+        self._closed = False  # closed: run()/submit() refuse until start() is called again
         self._sampler = None
         self._memory = None  # the cluster memory store (or a handle to it) while running
         self._started_at: float | None = None
@@ -72,6 +78,7 @@ class Executor:
             if self.running:
                 return self
             backend = self._open()
+            self._closed = False
             self.events.reopen()
             self._backend = backend
             self._started_at = time.time()
@@ -88,25 +95,43 @@ class Executor:
         return self
 
     def close(self) -> None:
-        """Cancel active runs, stop samplers, and shut down what this executor started."""
+        """Cancel active runs, stop samplers, and shut down what this executor started.
+
+        Returns within a few seconds whatever the stages do: active runs end ``cancelled``
+        ("executor closed during the run"; their ``run()``/``wait()`` raise
+        :class:`ExecutorClosedError`), tasks still running are stopped (local processes:
+        terminated, killed after a grace period; local threads can't be killed: a stuck stage's
+        daemon thread is left to end on its own). ``with ex:`` and ``%flowdapt stop`` close this
+        way. A closed executor refuses ``run``/``submit`` until ``start()`` is called again.
+        """
         global _current
-        with self._lock:
-            if not self.running:
+        with self._lock:  # held only to take the active runs: their own threads need the lock to end
+            if not self.running or self._closing:
                 return
-            for handle, _ in list(self._active.values()):
+            self._closing = True
+            active = list(self._active.values())
+        try:
+            for handle, engine in active:
+                if engine is not None:
+                    engine.closing = True
                 handle.cancel()
-            for handle, _ in list(self._active.values()):
-                handle._finished.wait(10)
-            self._stop_sampler()
-            try:
-                self._shutdown()
-            finally:
-                self._backend = None
-                if _current is self:
-                    _current = None
-                # subscribers (an ExecutorCard shown elsewhere) learn it stopped, then the bus closes
-                self.events.publish(ExecutorEvent(self.kind, "stopped"))
-                self.events.close()
+            deadline = time.monotonic() + CLOSE_WAIT
+            for handle, _ in active:
+                handle._finished.wait(max(0.0, deadline - time.monotonic()))
+            with self._lock:
+                self._stop_sampler()
+                try:
+                    self._shutdown()
+                finally:
+                    self._backend = None
+                    self._closed = True
+                    if _current is self:
+                        _current = None
+                    # subscribers (an ExecutorCard shown elsewhere) learn it stopped, then the bus closes
+                    self.events.publish(ExecutorEvent(self.kind, "stopped"))
+                    self.events.close()
+        finally:
+            self._closing = False
 
     def __enter__(self) -> "Executor":
         return self.start()
@@ -161,8 +186,40 @@ class Executor:
 
     @property
     def history(self) -> list[WorkflowRun]:
-        """Runs of this executor, newest last (bounded by ``history_limit``)."""
+        """Runs of this executor, newest last.
+
+        Bounded by count (``history_limit`` runs) and by bytes: results are kept newest first
+        up to ``history_bytes`` (default 256 MB, sizes estimated cheaply: buffers of arrays and
+        frames, bytes, a sample of a container's elements); an older run past that stays as a
+        record (state, timings, tasks, errors) without its result: ``result`` None,
+        ``result_dropped`` True and ``result_note`` saying so. The newest run keeps its result
+        whatever its size. The run object ``run()`` returned to you keeps its result: only
+        the history's copy drops it.
+        """
         return list(self._history)
+
+    def _trim_history(self) -> None:
+        """Drop results of older runs past the ``history_bytes`` budget (newest kept)."""
+        budget = parse_bytes(self.config.history_bytes)
+        with self._lock:
+            used, newest = 0, True
+            for i in range(len(self._history) - 1, -1, -1):
+                run = self._history[i]
+                if not run.done or run.result_dropped:
+                    continue
+                size = getattr(run, "_result_bytes", None)
+                if size is None:
+                    size = run._result_bytes = estimate_bytes(run.result) if run.result is not None else 0
+                if newest or used + size <= budget:
+                    used += size
+                    newest = False
+                    continue
+                record = copy.copy(run)  # the caller's run object keeps its result
+                record.result = None
+                record.result_dropped = True
+                record.result_note = (f"result (about {size / 1e6:.1f} MB) dropped from ex.history: newer "
+                                      f"results use its history_bytes budget ({budget / 1e6:.0f} MB)")
+                self._history[i] = record
 
     # --- runs ---
     def _validate_run(self, workflow, run_input):
@@ -170,7 +227,7 @@ class Executor:
         if run_input is not None and not isinstance(run_input, dict):
             raise ConfigError(f"run input must be a dict of keyword arguments, not {type(run_input).__name__}",
                               key="input")
-        fns = wf.resolve()
+        fns = wf.resolve(allowed_targets=self.config.allowed_targets)  # checked before any import
         check_root_inputs(wf, fns, run_input or {})
         for stage in wf.stages:
             self._check_stage_resources(stage)
@@ -187,6 +244,9 @@ class Executor:
         >>> run = handle.wait()                        # doctest: +SKIP
         """
         global _current
+        if self._closed or self._closing:
+            raise ExecutorClosedError(f"this {type(self).__name__} was closed; call .start() to start it "
+                                      f"again before running")
         if not self.running:
             self.start()
         _current = self  # cluster memory from the notebook means the executor used last
@@ -202,6 +262,9 @@ class Executor:
                          artifacts=self._storage_for_workers())
         engine = Engine(self._backend, self.events, run, fns, ctx, handle._cancel, timeout)
         with self._lock:
+            if self._closing or not self.running:
+                raise ExecutorClosedError(f"this {type(self).__name__} was closed while the run was being "
+                                          f"submitted; call .start() to start it again")
             self._history.append(run)
             self._active[run.uid] = (handle, engine)
 
@@ -211,7 +274,10 @@ class Executor:
             finally:
                 with self._lock:
                     self._active.pop(run.uid, None)
-                handle._finished.set()
+                try:
+                    self._trim_history()
+                finally:
+                    handle._finished.set()
 
         handle._thread = threading.Thread(target=drive, name=f"flowdapt-nb-run-{run.uid[:8]}", daemon=True)
         handle._thread.start()

@@ -1,14 +1,12 @@
-"""LocalExecutor: a concurrent.futures pool of threads or processes on this machine."""
+"""LocalExecutor: a pool of threads or processes on this machine (``local_pool``)."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-from concurrent.futures.process import BrokenProcessPool
 import multiprocessing
 import os
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -26,18 +24,13 @@ from ..units import auto_cpus, parse_bytes
 from ..worker import TaskInfo, default_worker_name, execute
 from ..worker_events import EventBatch
 from .base import Executor
+from .local_pool import ProcessPool, ThreadPool, send_events
 
 
 # --- process workers ----------------------------------------------------------------------------
 
-_worker_queue = None  # the driver's event queue, set in each pool process by _init_process
 _batch = EventBatch(0.05)  # per worker process: 'running' reports, one queue message per batch
 _loaded: "OrderedDict[str, object]" = OrderedDict()  # per worker process: key -> function or context
-
-
-def _init_process(events) -> None:
-    global _worker_queue
-    _worker_queue = events
 
 
 def _load_shipped(shipped: tuple):
@@ -58,7 +51,7 @@ def _load_shipped(shipped: tuple):
 def _process_task(fn_shipped: tuple, ctx_shipped: tuple, info: TaskInfo, args_blob: bytes) -> bytes:
     fn, ctx = _load_shipped(fn_shipped), _load_shipped(ctx_shipped)
     flat = cloudpickle.loads(args_blob)
-    report = (lambda event: _batch.add(event, _worker_queue.put)) if _worker_queue is not None else None
+    report = lambda event: _batch.add(event, send_events)  # noqa: E731
     return _pickle_outcome(*execute(ctx, fn, info, flat, report, _worker_name()))
 
 
@@ -104,9 +97,8 @@ def _outcome(meta: dict, value) -> Outcome:
 
 
 def _lost(exc: BaseException) -> Outcome:
-    """The outcome of a task whose result never came back."""
-    if isinstance(exc, BrokenProcessPool):
-        exc = RuntimeError(f"a local worker process died while running this task ({exc})")
+    """The outcome of a task whose result never came back (its worker died: a
+    ``WorkerDiedError`` saying how)."""
     return Outcome(False, error=exc, end=time.time())  # else: an argument that can't be pickled
 
 
@@ -136,7 +128,7 @@ class _LocalBackend(Backend):
 
     def __init__(self, executor: "LocalExecutor", cpus: int, use_processes: bool):
         self.executor = executor
-        self.capacity = cpus
+        self.cpus = cpus
         self.use_processes = use_processes
         # The pool has one worker per slot, so one-slot tasks may wait in its queue: a few there
         # keep workers busy across the round trip to the engine (longer for processes). More
@@ -147,28 +139,24 @@ class _LocalBackend(Backend):
         self._thread_worker = f"thread:{os.getpid()}"
         if use_processes:
             self._ship_dir = tempfile.mkdtemp(prefix="flowdapt-nb-local-")
-            # spawn, not fork: forking beside Ray/Dask/sampler threads can deadlock the child
-            self.events = multiprocessing.get_context("spawn").Queue()
-            self.pool = self._new_process_pool()
-            self._drain = threading.Thread(target=self._drain_events, name="flowdapt-nb-local-events",
-                                           daemon=True)
-            self._drain.start()
+            self.pool = ProcessPool(cpus, on_events=self._on_events)
         else:
-            self.pool = cf.ThreadPoolExecutor(max_workers=cpus, thread_name_prefix="flowdapt-nb-local")
+            self.pool = ThreadPool(cpus)
+            self.stop_note = ("local threads can't be stopped: the stage's thread runs on and holds its slot "
+                              "until the stage returns (LocalExecutor(use_processes=True) kills it instead)")
 
-    def _drain_events(self) -> None:
-        while True:
+    @property
+    def capacity(self) -> int:
+        """Slots a new run may use: on threads, minus those still held by tasks of a cancelled or
+        timed-out run (a thread can't be killed; it is free again only when its stage returns)."""
+        return self.cpus if self.use_processes else max(0, self.cpus - self.pool.stuck)
+
+    def _on_events(self, batch: list) -> None:
+        for one in batch:  # a batch from one worker process
             try:
-                event = self.events.get()
-            except (EOFError, OSError, ValueError):
-                return
-            if event is None:
-                return
-            for one in event:  # a batch from one worker process
-                try:
-                    self.executor._on_worker_event(one)
-                except Exception:  # this thread must outlive a bad event: workers block without it
-                    pass
+                self.executor._on_worker_event(one)
+            except Exception:  # a bad event must not stop the pool's thread
+                pass
 
     def _ship(self, data: bytes) -> tuple:
         """Write a pickled function or run context once for the worker processes; tasks then
@@ -201,21 +189,10 @@ class _LocalBackend(Backend):
                 except OSError:
                     pass
 
-    def _new_process_pool(self):
-        ctx = multiprocessing.get_context("spawn")
-        return cf.ProcessPoolExecutor(max_workers=self.capacity, mp_context=ctx, initializer=_init_process,
-                                      initargs=(self.events,))
-
-    def _process_pool(self):
-        if getattr(self.pool, "_broken", False):  # a worker process died: later runs get a new pool
-            old, self.pool = self.pool, self._new_process_pool()
-            old.shutdown(wait=False, cancel_futures=True)
-        return self.pool
-
     def submit(self, fn_handle, ctx_handle, info, flat_args, resources, on_done):
         if self.use_processes:
-            future = self._process_pool().submit(_process_task, fn_handle, ctx_handle, info,
-                                                 cloudpickle.dumps(flat_args))
+            # a task whose worker dies goes once more to a fresh one before it fails
+            future = self.pool.submit(_process_task, fn_handle, ctx_handle, info, cloudpickle.dumps(flat_args))
         else:
             future = self.pool.submit(execute, ctx_handle, fn_handle, info, flat_args,
                                       self.executor._on_worker_event, self._thread_worker)
@@ -235,8 +212,9 @@ class _LocalBackend(Backend):
 
     def submit_chunk(self, fn_handle, ctx_handle, tasks, resources, on_done):
         if self.use_processes:
-            future = self._process_pool().submit(_process_chunk, fn_handle, ctx_handle, [t[0] for t in tasks],
-                                                 cloudpickle.dumps([t[1] for t in tasks]))
+            # a chunk whose worker dies fails at once: the engine sends its items again one by one
+            future = self.pool.submit(_process_chunk, fn_handle, ctx_handle, [t[0] for t in tasks],
+                                      cloudpickle.dumps([t[1] for t in tasks]), retry=False)
         else:
             future = self.pool.submit(_thread_chunk, ctx_handle, fn_handle, tasks, self._thread_worker)
 
@@ -267,17 +245,18 @@ class _LocalBackend(Backend):
         return handle
 
     def cancel(self, task_refs):
-        for f in task_refs:
-            f.cancel()
+        """Processes: a running task's worker process is terminated, killed after a 1 s grace
+        period, and replaced; threads: a running task can't be stopped (see ``capacity``).
+        Queued tasks never start. Returns at once."""
+        for f in {id(f): f for f in task_refs}.values():  # a chunk's items share one future
+            self.pool.cancel(f)
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, grace: float = 1.0) -> None:
+        """Bounded: queued tasks are cancelled, worker processes still busy after ``grace`` s are
+        killed, stuck threads (daemons) are left to end with the interpreter."""
+        self.pool.close(grace)
         if self.use_processes:
             shutil.rmtree(self._ship_dir, ignore_errors=True)
-            self.events.put(None)
-            self._drain.join(timeout=5)
-            self.events.close()
-            self.events.join_thread()
 
 
 class LocalExecutor(Executor):
@@ -344,8 +323,7 @@ class LocalExecutor(Executor):
 
     def _worker_ids(self):
         if self.config.use_processes and self._backend is not None:
-            procs = getattr(self._backend.pool, "_processes", None) or {}
-            return [f"pid:{pid}" for pid in sorted(procs)] or ["local"]
+            return [f"pid:{pid}" for pid in sorted(self._backend.pool.pids())] or ["local"]
         return ["local"]
 
     def _sample(self):
@@ -356,7 +334,7 @@ class LocalExecutor(Executor):
         mem = psutil.virtual_memory()
         procs = [_process(os.getpid())]
         if self.config.use_processes:
-            procs += [_process(pid) for pid in (getattr(backend.pool, "_processes", None) or {})
+            procs += [_process(pid) for pid in backend.pool.pids()
                       if psutil.pid_exists(pid)]
         cpu, rss = 0.0, 0
         for p in procs:
@@ -379,8 +357,9 @@ class LocalExecutor(Executor):
         return [sample]
 
     def _free_slots(self) -> float:
-        used = 0.0
+        backend = self._backend
+        used = float(self.cpus - backend.capacity) if backend is not None else 0.0  # stuck threads
         for _, engine in list(self._active.values()):
             if engine is not None and engine.free_slots is not None:
-                used += self.cpus - engine.free_slots
+                used += engine.slots - engine.free_slots
         return max(0.0, self.cpus - used)
