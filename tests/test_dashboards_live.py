@@ -176,3 +176,101 @@ def test_dashboard_of_a_stopped_executor_says_so():
     assert dash.executor_state == "stopped" and dash.resources.executor_state == "stopped"
     assert "stopped before a resource sample" in dash.resources._body.value
     dash.close()
+
+
+# --- the notebook's live outputs, in a real kernel ---------------------------------------------
+
+KERNEL_SETUP = '''
+import time
+
+def numbers(n=4):
+    return list(range(n))
+
+def nap(x):
+    time.sleep(0.7)
+    return x
+'''
+
+NAPS = """\
+- {name: numbers, target: numbers}
+- {name: nap, target: nap, type: parameterized, depends_on: [numbers]}
+"""
+
+
+def _iopub_until(kc, predicate, timeout):
+    """iopub messages until ``predicate(messages)`` holds or ``timeout`` passes."""
+    import queue
+    msgs, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline and not predicate(msgs):
+        try:
+            msgs.append(kc.get_iopub_msg(timeout=1))
+        except queue.Empty:
+            pass
+    return msgs
+
+
+def _outputs(msgs, msg_id=None):
+    """(type, display_id, data) of the display messages (of one cell's ``msg_id``)."""
+    return [(m["msg_type"], m["content"].get("transient", {}).get("display_id"), m["content"]["data"])
+            for m in msgs if m["msg_type"] in ("display_data", "update_display_data", "execute_result")
+            and (msg_id is None or m["parent_header"].get("msg_id") == msg_id)]
+
+
+@pytest.mark.timeout(300)
+def test_kernel_start_feedback_then_card_and_a_live_background_run(tmp_path):
+    """In a real kernel: ``%flowdapt executor dask`` shows at once what is starting, ticking, and
+    that output becomes the card; a ``--background`` run's output keeps moving after the cell
+    returned, until it shows the run finished."""
+    import os
+    import re
+    from jupyter_client import KernelManager
+
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
+               JUPYTER_DATA_DIR=str(tmp_path / "data"), JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
+               IPYTHONDIR=str(tmp_path / "ipython"))
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(env=env, cwd=str(tmp_path))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        reply = kc.execute_interactive(KERNEL_SETUP + "\nget_ipython().run_line_magic('load_ext', 'flowdapt_nb')\n"
+                                       f"get_ipython().run_cell_magic('flowdapt', 'workflow naps', {NAPS!r})\n",
+                                       timeout=60, output_hook=lambda m: None)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        # the executor start: feedback first, then the card in its place
+        msgs = []
+        reply = kc.execute_interactive("%flowdapt executor dask --cpus 2", timeout=120, output_hook=msgs.append)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        shown = _outputs(msgs)
+        first_type, feedback_id, first = shown[0]
+        assert first_type == "display_data" and feedback_id
+        assert 'class="fnb-start"' in first["text/html"] and "Starting the Dask executor" in first["text/plain"]
+        assert "starting" in first["text/plain"].splitlines()[1]  # what is happening, not only a clock
+        updates = [data for kind, did, data in shown if kind == "update_display_data" and did == feedback_id]
+        assert updates and "application/vnd.jupyter.widget-view+json" in updates[-1]  # the card replaced it
+        ticks = [data["text/plain"] for data in updates[:-1]]
+        if ticks:  # a start longer than a tick: the clock moved
+            seconds = [float(re.search(r"… ([\d.]+) s", t).group(1)) for t in ticks]
+            assert seconds == sorted(seconds)
+        # a background run: its output moves on after the cell ended
+        msg_id = kc.execute("%flowdapt run naps --input n=6 --background")
+        msgs = _iopub_until(kc, lambda ms: any(
+            m["msg_type"] == "update_display_data" and "[finished" in m["content"]["data"]["text/plain"]
+            for m in ms), timeout=120)
+        shown = _outputs(msgs, msg_id)
+        idle_at = next(i for i, m in enumerate(msgs) if m["msg_type"] == "status"
+                       and m["content"]["execution_state"] == "idle" and m["parent_header"].get("msg_id") == msg_id)
+        first_type, progress_id, first = shown[0]
+        assert first_type == "display_data" and progress_id and "flowdapt-progress" in first["text/html"]
+        later = [m["content"]["data"]["text/plain"] for m in msgs[idle_at:]
+                 if m["msg_type"] == "update_display_data"
+                 and m["content"]["transient"]["display_id"] == progress_id]
+        assert len(set(later)) >= 2, later  # it changed after the cell returned
+        assert "[finished" in later[-1] and "nap 6/6" in later[-1]
+        assert not any(kind == "execute_result" for kind, _, _ in shown)  # no frozen snapshot beside it
+        reply = kc.execute_interactive("%flowdapt stop", timeout=60, output_hook=lambda m: None)
+        assert reply["content"]["status"] == "ok"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)

@@ -614,9 +614,10 @@ def test_kernel_interrupt_cancels_the_run(tmp_path):
         content, msgs = _execute(kc, setup)
         assert content["status"] == "ok", content
         # the executor card: a widget (with HTML and text fallbacks) in a kernel
-        cards = [m["content"]["data"] for m in msgs if m["msg_type"] == "display_data"]
-        assert cards and "application/vnd.jupyter.widget-view+json" in cards[0]
-        assert "text/html" in cards[0] and "text/plain" in cards[0]
+        # (the start feedback's output becomes the card: an update of that display)
+        cards = [m["content"]["data"] for m in msgs if m["msg_type"] in ("display_data", "update_display_data")
+                 and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]]
+        assert cards and "text/html" in cards[0] and "text/plain" in cards[0]
         # a blocking run of 8 one-second naps on 2 threads; interrupt it once it is running
         msg_id = kc.execute("%flowdapt run slow --input n=8")
         progress_id, deadline = None, time.monotonic() + 60

@@ -155,9 +155,9 @@ class FlowdaptMagics(Magics, Configurable):
         return ex
 
     # --- display ----------------------------------------------------------------------------------
-    def _show(self, widget: str, executor) -> None:
+    def _show(self, widget: str, executor, into=None) -> None:
         """Display ``flowdapt_nb.widgets.<widget>(executor)`` where a widget front end runs,
-        else the executor's own HTML/text view."""
+        else the executor's own HTML/text view; ``into``: in place of a start feedback."""
         from IPython.display import display
         shown = None
         if self.widgets and _has_kernel(self.shell):
@@ -166,10 +166,14 @@ class FlowdaptMagics(Magics, Configurable):
                 shown = getattr(widget_module, widget)(executor)
             except Exception:  # no widgets module, ipywidgets or comm: fall back to HTML/text
                 shown = None
-        if shown is not None:
+        if into is not None:  # the start feedback's output becomes the card
+            into.finish(shown if shown is not None else executor)
+        elif shown is not None:
             display(shown)
+        else:
+            display(executor)
+        if shown is not None:
             return
-        display(executor)
         if widget in ("Dashboard", "ResourceDashboard"):
             frame = executor.resources()
             if len(frame):
@@ -197,8 +201,8 @@ class FlowdaptMagics(Magics, Configurable):
             new = self._executor_from_cell(cell)
         else:
             new = self._executor_from_line(self._args(self._cmd_executor, rest))
-        self._replace_executor(new)
-        self._show("ExecutorCard", new)
+        feedback = self._replace_executor(new)
+        self._show("ExecutorCard", new, into=feedback)
 
     def _executor_from_cell(self, cell: str):
         from ..config import executor_from_config
@@ -264,11 +268,21 @@ class FlowdaptMagics(Magics, Configurable):
         except ConfigError as exc:
             raise _usage(exc, where) from None
 
-    def _replace_executor(self, new) -> None:
-        """Close the current executor (ours: the magics started it), then start ``new``."""
+    def _replace_executor(self, new):
+        """Close the current executor (ours: the magics started it), then start ``new``, showing
+        what happens meanwhile in a kernel; returns that feedback (the card goes in its place)."""
         self._close_current()
+        feedback = None
+        if self.progress and _has_kernel(self.shell):
+            from .progress import StartProgress
+            feedback = StartProgress(new)
         try:
-            new.start()
+            try:
+                new.start()
+            except BaseException as exc:
+                if feedback is not None:
+                    feedback.finish(error=_one_line(exc) or type(exc).__name__)
+                raise
         except _START_ERRORS as exc:  # unreachable address, Ray already up, a bad value
             raise UsageError(f"%flowdapt executor: could not start the {new.kind} executor: "
                              f"{_one_line(exc)}") from None
@@ -277,6 +291,7 @@ class FlowdaptMagics(Magics, Configurable):
                              f"{type(exc).__name__}: {_one_line(exc)}") from None
         self.current = new
         self._push(self.executor_variable, new)
+        return feedback
 
     def _close_current(self) -> bool:
         old, self.current = self.current, None
@@ -399,6 +414,9 @@ class FlowdaptMagics(Magics, Configurable):
         self.last_run = handle.run
         self._push(self.run_variable, handle.run)
         if args.background:  # the handle is the cell's output; %flowdapt dashboard follows the run
+            if self.progress and _has_kernel(self.shell):  # shown as its progress, live to the end
+                from .progress import register_live_handles
+                register_live_handles(self.shell)
             self._push(self.handle_variable, handle)
             if args.output:
                 self._push(args.output, handle)
