@@ -1,11 +1,10 @@
-"""The editor of one stage in the StageMapper, and the small parsers it uses (resources typed as
-``cpus=1, memory=1GB``, a run input typed as a dict)."""
+"""The editor of one stage in the StageMapper, the dependency adder it shares with the mapper's
+side panel, and the resources parser (``cpus=1, memory=1GB``). The run input is parsed by
+:mod:`flowdapt_nb.run_input`, like the CLI's and the magic's."""
 
 from __future__ import annotations
 
-import ast
 import inspect
-import json
 import re
 import sys
 
@@ -26,7 +25,7 @@ _ROW_CSS = """
 </style>
 """
 
-_PLACEHOLDER_INPUT = "run input, e.g. {'n': 10}"
+_PLACEHOLDER_INPUT = "run input: n=200 max_degree=6, or {'n': 200}"
 
 
 def _signature(fn) -> str:
@@ -86,44 +85,41 @@ def format_resources(resources: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in (resources or {}).items())
 
 
-def parse_input(text: str) -> dict:
-    """The run input typed in the mapper: a Python or JSON dict, or ``k=v, k2=v2`` keywords
-    (values are Python literals; a bare word is a string).
-
-    >>> parse_input("xs=[1, 2], mode=fast")
-    {'xs': [1, 2], 'mode': 'fast'}
-    """
-    text = (text or "").strip()
-    if not text:
-        return {}
-    value = None
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = _keywords(text)
-    if not isinstance(value, dict):
-        raise ValueError("the run input must be a dict, e.g. {'n': 10} or n=10")
-    return value
+def add_dependency(tags_w: widgets.TagsInput, name: str) -> bool:
+    """Add ``name`` to a dependency list (a TagsInput), once; an unknown name is added too, so the
+    mapper can say what is wrong with it. Returns whether it was added."""
+    name = (name or "").strip()
+    if not name or name in tags_w.value:
+        return False
+    if tags_w.allowed_tags and name not in tags_w.allowed_tags:
+        tags_w.allowed_tags = sorted(set(tags_w.allowed_tags) | {name})
+    tags_w.value = [*tags_w.value, name]
+    return True
 
 
-def _keywords(text: str) -> dict | None:
-    source = f"f({text})"
-    try:
-        call = ast.parse(source, mode="eval").body
-    except SyntaxError:
-        return None
-    if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
-        return None
-    out = {}
-    for kw in call.keywords:
-        try:
-            out[kw.arg] = ast.literal_eval(kw.value)
-        except ValueError:
-            out[kw.arg] = ast.get_source_segment(source, kw.value)
-    return out
+def dependency_adder(tags_w: widgets.TagsInput) -> widgets.Combobox:
+    """A box where a stage name typed (or picked) and committed with Enter is added to ``tags_w``.
+
+    Why not TagsInput's own box: it hides itself once a tag is there, and in the browser Enter
+    after picking a suggestion, or on a name not yet allowed, adds nothing. A Combobox with
+    ``continuous_update=False`` sends its value on Enter (or when it loses focus), and we add it."""
+    box = widgets.Combobox(value="", options=[], ensure_option=False, continuous_update=False,
+                           placeholder="+ stage, Enter", tooltip="type a stage name and press Enter",
+                           layout=widgets.Layout(width="140px", flex="0 0 140px"))
+
+    def _on_value(change) -> None:
+        if change["new"].strip():
+            add_dependency(tags_w, change["new"])
+            box.value = ""  # ready for the next one
+
+    box.observe(_on_value, names="value")
+    return box
+
+
+def _wrap_row(children) -> widgets.HBox:
+    """One line of a stage editor: wraps instead of pushing its last item off the edge."""
+    return widgets.HBox(children, layout=widgets.Layout(flex_flow="row wrap", align_items="center",
+                                                        width="100%", min_width="0"))
 
 
 class _StageRow(widgets.VBox):
@@ -136,38 +132,43 @@ class _StageRow(widgets.VBox):
         self.extra_options = dict(extra_options)
         self.extra = dict(extra)
         self.explicit_partial = explicit_partial
-        self.state_w = widgets.HTML(layout=widgets.Layout(width="auto"))
+        # a fixed-width badge: a state appearing after a run must not move the remove button
+        self.state_w = widgets.HTML(layout=widgets.Layout(width="92px", flex="0 0 92px", overflow="hidden"))
         self.name_w = widgets.Text(value=name, placeholder="stage name", continuous_update=False,
-                                   tooltip="stage name", layout=widgets.Layout(width="150px"))
+                                   tooltip="stage name", layout=widgets.Layout(width="150px", flex="0 1 150px",
+                                                                               min_width="90px"))
         self.target_w = widgets.Combobox(value=target, options=mapper.functions, ensure_option=False,
                                          placeholder="function or import path", continuous_update=False,
-                                         layout=widgets.Layout(flex="1 1 160px", width="auto"))
+                                         layout=widgets.Layout(flex="1 1 140px", width="auto", min_width="120px"))
         self.type_w = widgets.Dropdown(options=["simple", "parameterized"], value=type,
-                                       layout=widgets.Layout(width="125px"))
+                                       layout=widgets.Layout(width="125px", flex="0 0 125px"))
         self.remove_w = widgets.Button(icon="trash", tooltip="remove this stage",
-                                       layout=widgets.Layout(width="36px"))
+                                       layout=widgets.Layout(width="36px", flex="0 0 36px"))
         self.deps_w = widgets.TagsInput(value=[], allowed_tags=[], allow_duplicates=False,
                                         placeholder="add a stage…",
-                                        layout=widgets.Layout(flex="1 1 160px", width="auto"))
+                                        layout=widgets.Layout(flex="1 1 140px", width="auto", min_width="120px"))
+        self.dep_add_w = dependency_adder(self.deps_w)
         self.map_on_w = widgets.Text(value=map_on, description="map_on", placeholder="input key",
                                      continuous_update=False, style={"description_width": "58px"},
                                      layout=widgets.Layout(width="210px"))
         self.resources_w = widgets.Text(value=resources, placeholder="cpus=1, memory=1GB",
                                         description="resources", continuous_update=False,
-                                        style={"description_width": "66px"}, layout=widgets.Layout(width="250px"))
+                                        style={"description_width": "66px"},
+                                        layout=widgets.Layout(width="250px", flex="0 1 250px", min_width="180px"))
         self.partial_w = widgets.Checkbox(value=allow_partial_failure, description="allow partial failure",
                                           indent=False, layout=widgets.Layout(width="auto"))
         self.error_w = widgets.HTML()
         self.deps_w.allowed_tags = sorted(set(depends_on) | set(mapper.stage_names()))
         self.deps_w.value = list(depends_on)
-        label = widgets.HTML('<span class="fnb fnb-muted">depends on</span>', layout=widgets.Layout(width="76px"))
-        self.options_row = widgets.HBox([widgets.HTML("", layout=widgets.Layout(width="76px")), self.map_on_w,
-                                         self.partial_w])
+        label = widgets.HTML('<span class="fnb fnb-muted">depends on</span>',
+                             layout=widgets.Layout(width="76px", flex="0 0 76px"))
+        self.options_row = _wrap_row([widgets.HTML("", layout=widgets.Layout(width="76px")), self.map_on_w,
+                                      self.partial_w])
         super().__init__([
-            widgets.HBox([self.name_w, self.target_w, self.type_w, self.state_w, self.remove_w]),
-            widgets.HBox([label, self.deps_w, self.resources_w]),
+            _wrap_row([self.name_w, self.target_w, self.type_w, self.state_w, self.remove_w]),
+            _wrap_row([label, self.deps_w, self.dep_add_w, self.resources_w]),
             self.options_row,
-            self.error_w])
+            self.error_w], layout=widgets.Layout(min_width="0"))
         self.add_class("fnb-stage-row")
         self._show_type_fields()
         for w in (self.name_w, self.target_w, self.type_w, self.deps_w, self.map_on_w, self.resources_w,

@@ -19,10 +19,11 @@ from traitlets import Dict, List, Unicode
 
 from ..dag import dag_svg
 from ..errors import ConfigError
+from ..run_input import parse_run_input
 from ..workflow import NAME_PATTERN, Stage, Workflow, _check_resources, load_workflow, resolve_target, user_namespace
 from ._common import FeedWidget, badge, esc, fmt_duration, html_widget, style_widget
 from ._stage_row import _ROW_CSS, _PLACEHOLDER_INPUT, _StageRow, _internal, _shell_hidden, _signature, \
-    format_resources, parse_input, parse_resources
+    _wrap_row, dependency_adder, format_resources, parse_resources
 from ._tracker import RunTracker
 
 class StageMapper(FeedWidget):
@@ -33,6 +34,9 @@ class StageMapper(FeedWidget):
     >>> mapper.add_stage("square", "square", type="parameterized", depends_on=["numbers"])  # doctest: +SKIP
     >>> mapper.workflow.to_yaml()                                # doctest: +SKIP
     >>> mapper.run(ex, input={"n": 10}).wait()                   # doctest: +SKIP
+
+    "Add as stage" proposes the new stage's dependencies (see :meth:`propose_dependencies`); they
+    are shown, and can be changed, under the function list before the stage is added.
 
     ``namespace`` is where function names resolve (None: the notebook's). Validation problems are
     shown on their stage and kept in ``errors`` ({stage: message}) and ``workflow_error``; they are
@@ -87,10 +91,22 @@ class StageMapper(FeedWidget):
                                        layout=widgets.Layout(width="130px"))
         self.refresh_w = widgets.Button(icon="refresh", tooltip="look for new notebook functions",
                                         layout=widgets.Layout(width="36px"))
+        # the new stage's dependencies, proposed from the function's signature and editable
+        self.new_deps_w = widgets.TagsInput(value=[], allowed_tags=[], allow_duplicates=False,
+                                            placeholder="none: a root",
+                                            layout=widgets.Layout(flex="1 1 120px", width="auto", min_width="0"))
+        self.new_dep_add_w = dependency_adder(self.new_deps_w)
+        self.proposal_w = widgets.HTML()
+        self.help_w = widgets.HTML(_HELP)
+        self._proposed_key = None
         side = widgets.VBox([
             widgets.HTML('<div class="fnb fnb-sub">DAG</div>'), self.dag_w,
             widgets.HTML('<div class="fnb fnb-sub">Notebook functions</div>'), self.functions_w,
-            widgets.HBox([self.add_fn_w, self.refresh_w])],
+            _wrap_row([widgets.HTML('<span class="fnb fnb-muted">depends on</span>',
+                                    layout=widgets.Layout(width="76px", flex="0 0 76px")),
+                       self.new_deps_w, self.new_dep_add_w]),
+            self.proposal_w,
+            widgets.HBox([self.add_fn_w, self.refresh_w]), self.help_w],
             layout=widgets.Layout(flex="2 1 0%", min_width="260px"))
         side.add_class("fnb-mapper-side")
         # --- export / load panels ---
@@ -116,7 +132,7 @@ class StageMapper(FeedWidget):
             widgets.HTML('<div class="fnb"><div class="fnb-head" style="margin:0"><span class="fnb-title">'
                          'Stage mapper</span><span class="fnb-muted">functions → stages → workflow</span>'
                          '</div></div>'),
-            widgets.HBox([self.name_w, self.add_w, self.run_w, self.export_w, self.load_w, self.input_w]),
+            _wrap_row([self.name_w, self.add_w, self.run_w, self.export_w, self.load_w, self.input_w]),
             self.status_w,
             widgets.HBox([widgets.VBox([self.empty_w, self.rows_box], layout=widgets.Layout(flex="3 1 0%")), side],
                          layout=widgets.Layout(width="100%", align_items="flex-start")),
@@ -129,6 +145,8 @@ class StageMapper(FeedWidget):
         self.add_w.on_click(lambda _: self._ui(self._add_from_ui, None))
         self.add_fn_w.on_click(lambda _: self._ui(self._add_from_ui, self.functions_w.value))
         self.refresh_w.on_click(lambda _: self.refresh_functions())
+        self.functions_w.observe(lambda _: self._propose(), names="value")
+        self.input_w.observe(lambda _: self._propose(), names="value")
         self.run_w.on_click(lambda _: self._ui(self._run_from_ui))
         self.export_w.on_click(lambda _: self._ui(self._export_from_ui))
         self.save_w.on_click(lambda _: self._ui(self._save_from_ui))
@@ -328,6 +346,10 @@ class StageMapper(FeedWidget):
                 allowed = sorted((set(names) - {row.name}) | set(row.deps_w.value))
                 if list(row.deps_w.allowed_tags) != allowed:
                     row.deps_w.allowed_tags = allowed
+                others = [n for n in names if n and n != row.name]
+                if list(row.dep_add_w.options) != others:
+                    row.dep_add_w.options = others
+            self._propose()
             if self._tracker is not None and self._tracker.run.done:
                 self._reset_run()
             self._validate()
@@ -488,6 +510,7 @@ class StageMapper(FeedWidget):
     def run(self, executor=None, input: dict | None = None, namespace: str | None = None):
         """Submit the workflow as mapped and return its RunHandle at once; the DAG shows the
         stages' states as it runs (``handle.wait()`` blocks until it ends)."""
+        self._clear_run()
         wf = self.workflow
         ex = self._executor_for(executor)
         self.executor = ex
@@ -523,12 +546,17 @@ class StageMapper(FeedWidget):
         self._tracker = None
         self._handle = None
 
+    def _clear_run(self) -> None:
+        """Forget a finished run's status (its state, result or error) before a new attempt."""
+        if self._tracker is not None and self._tracker.run.done:
+            self._reset_run()
+            self._redraw()
+
     # --- drawing ---
     def _redraw(self) -> None:
         tracker = self._tracker
         states = tracker.stage_states() if tracker is not None else {}
-        self.stage_states = states
-        self.run_state = tracker.run.state if tracker is not None else ""
+        run_state = tracker.run.state if tracker is not None else ""
         for row in self._rows:
             row.set_state(states.get(row.name))
         self.svg = self._svg(states)
@@ -539,6 +567,9 @@ class StageMapper(FeedWidget):
         self.run_w.icon = "stop" if running else "play"
         self.run_w.button_style = "warning" if running else "success"
         self.status_w.value = '<div class="fnb">' + self._status_html() + "</div>"
+        # the traits last: whoever watches them (a test, a notebook) sees the page already drawn
+        self.stage_states = states
+        self.run_state = run_state
 
     def _svg(self, states: dict) -> str:
         seen = set()
@@ -558,6 +589,7 @@ class StageMapper(FeedWidget):
 
     def _status_html(self) -> str:
         parts = []
+        result_table = ""
         tracker = self._tracker
         if tracker is not None:
             run = tracker.run
@@ -567,9 +599,13 @@ class StageMapper(FeedWidget):
                          + (f' · <span class="fnb-err">{totals["failed"]} failed</span>' if totals["failed"] else "")
                          + f' · {fmt_duration(run.duration)}')
             if run.state == "finished":
-                text = repr(run.result)
-                parts.append(f'<span class="fnb-muted">result:</span> <span class="fnb-mono">'
-                             f'{esc(text[:160] + ("…" if len(text) > 160 else ""))}</span>')
+                table = _table_html(run.result)
+                if table is not None:
+                    result_table = table
+                else:
+                    text = repr(run.result)
+                    parts.append(f'<span class="fnb-muted">result:</span> <span class="fnb-mono">'
+                                 f'{esc(text[:160] + ("…" if len(text) > 160 else ""))}</span>')
             elif run.error:
                 parts.append(f'<span class="fnb-err">{esc(run.error)}</span>')
         if self.workflow_error:
@@ -583,7 +619,7 @@ class StageMapper(FeedWidget):
                          f'{"s" if len(self._rows) != 1 else ""}</span>')
         if self.status:
             parts.append(self.status)
-        return '<div style="margin:4px 2px">' + " &nbsp;·&nbsp; ".join(parts) + "</div>"
+        return '<div style="margin:4px 2px">' + " &nbsp;·&nbsp; ".join(parts) + "</div>" + result_table
 
     def _say(self, message_html: str, ok: bool = False) -> None:
         self.status = f'<span class="{"fnb-ok" if ok else "fnb-err"}">{message_html}</span>'
@@ -601,16 +637,85 @@ class StageMapper(FeedWidget):
             self._say(esc(f"{type(exc).__name__}: {exc}"))
 
     def _add_from_ui(self, target) -> None:
-        names = self.stage_names()
-        depends = [names[-1]] if names and names[-1] else []
-        self.add_stage(None if target else f"stage{len(names) + 1}", target, depends_on=depends)
+        if not target:  # "Add stage": a blank stage, a root until the user gives it dependencies
+            self.add_stage(f"stage{len(self._rows) + 1}", None)
+            return
+        self.add_stage(None, target, depends_on=list(self.new_deps_w.value))
 
     def _run_from_ui(self) -> None:
         if self._handle is not None and not self._handle.done():
             self._handle.cancel()
             self._say("cancelling…", ok=True)
             return
-        self.run(input=parse_input(self.input_w.value))
+        self._clear_run()  # one current status: the last run's line goes as soon as Run is pressed
+        self.run(input=parse_run_input(self.input_w.value))
+
+    # --- proposing a new stage's dependencies ---
+    def propose_dependencies(self, function) -> tuple[list[str], str]:
+        """The dependencies "Add as stage" proposes for ``function`` (a name in the namespace or a
+        callable), and why, in one line. The rule (also the widget's help text):
+
+        - a **root** (no dependencies) when no stage can fill its parameters: it has no required
+          positional parameter, each one is a key of the run input typed in the input box, or it
+          needs more than there are stages; a root's parameters come from the run input;
+        - otherwise one dependency per required positional parameter, in order: the stage of that
+          name (or whose function has that name), else the most recently added stages not
+          matched by name, in the order they were added.
+        """
+        fn = self._ns().get(function) if isinstance(function, str) else function
+        label = function if isinstance(function, str) else getattr(function, "__name__", "function")
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):
+            return [], f"{label}: no signature to read, so a root"
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        required = [p.name for p in params if p.kind in kinds and p.default is p.empty]
+        stages = [(row.name, row.target_w.value.strip().rpartition(".")[2]) for row in self._rows if row.name]
+        try:
+            given = set(parse_run_input(self.input_w.value))
+        except ConfigError:
+            given = set()
+        if not required:
+            return [], "a root: no required parameter, so any parameter comes from the run input"
+        if given and set(required) <= given:
+            return [], f"a root: {', '.join(required)} from the run input"
+        if len(required) > len(stages):
+            why = "no stages yet" if not stages else f"{len(stages)} stage(s) can't fill {len(required)}"
+            return [], f"a root ({why}): {', '.join(required)} from the run input"
+        chosen: dict[str, tuple[str, str]] = {}
+        for param in required:
+            for name, target in stages:
+                if param in (name, target) and name not in {c for c, _ in chosen.values()}:
+                    chosen[param] = (name, "same name")
+                    break
+        unmatched = [p for p in required if p not in chosen]
+        used = {c for c, _ in chosen.values()}
+        pool = [name for name, _ in stages if name not in used]
+        for param, name in zip(unmatched, pool[len(pool) - len(unmatched):]):
+            chosen[param] = (name, "latest stage")
+        deps = [chosen[p][0] for p in required]
+        return deps, "; ".join(f"{p} ← {chosen[p][0]} ({chosen[p][1]})" for p in required)
+
+    def _propose(self) -> None:
+        """Preselect the proposed dependencies of the function picked in the list; redone only
+        when the pick, the stages or the run input change, so the user's edits stay."""
+        if not hasattr(self, "new_deps_w"):
+            return
+        function = self.functions_w.value
+        names = [r.name for r in self._rows if r.name]
+        key = (function, tuple((r.name, r.target_w.value) for r in self._rows), self.input_w.value)
+        if key == self._proposed_key:
+            return
+        self._proposed_key = key
+        self.new_deps_w.allowed_tags = sorted(set(names))
+        self.new_dep_add_w.options = names
+        if not function:
+            self.new_deps_w.value = []
+            self.proposal_w.value = ""
+            return
+        deps, why = self.propose_dependencies(function)
+        self.new_deps_w.value = deps
+        self.proposal_w.value = f'<div class="fnb fnb-muted" style="white-space:normal">{esc(why)}</div>'
 
     def _export_from_ui(self) -> None:
         if self.export_box.layout.display == "" and self.yaml_w.value:
@@ -738,3 +843,33 @@ def _stored_workflows() -> dict:
         return dict(getattr(magics, "workflows", None) or {})
     except Exception:
         return {}
+
+
+_TABLE_ROWS = 10
+
+
+def _table_html(result) -> str | None:
+    """A pandas DataFrame (or Series) result as a table of its first and last rows; None for
+    anything else. pandas is only looked at when the run already imported it."""
+    import sys
+    pd = sys.modules.get("pandas")
+    if pd is None or not isinstance(result, (pd.DataFrame, pd.Series)):
+        return None
+    frame = result.to_frame() if isinstance(result, pd.Series) else result
+    rows, cols = frame.shape
+    html = frame.to_html(max_rows=_TABLE_ROWS, max_cols=12, border=0, classes="fnb-table fnb-result-table")
+    return (f'<div style="margin:2px 2px 6px"><span class="fnb-muted">result: DataFrame, {rows} rows × '
+            f'{cols} columns' + (f" (first and last {_TABLE_ROWS // 2} shown)" if rows > _TABLE_ROWS else "")
+            + f'</span><div style="max-height:320px;overflow:auto;max-width:100%">{html}</div></div>')
+
+
+_HELP = """<details class="fnb" style="font-size:11.5px;margin-top:4px"><summary class="fnb-muted">
+How "Add as stage" picks dependencies</summary><div style="white-space:normal;line-height:1.45">
+The proposal is shown above the button; change it before adding (× removes one, type a stage name
+and press Enter to add one). A new stage is a <b>root</b> (no dependencies; its parameters come from
+the run input) when no stage can fill its parameters: it has no required positional parameter, each
+one is a key of the run input typed above, or it needs more than there are stages. Otherwise it gets
+one dependency per required parameter, in order: the stage with that parameter's name (or whose
+function has that name), else the most recently added stages, in the order they were added.
+Run input: <code>n=200 max_degree=6</code>, <code>{"n": 200}</code> or <code>{'n': 200}</code>.
+</div></details>"""
