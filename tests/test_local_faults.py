@@ -366,3 +366,27 @@ def test_result_sizes_are_estimated_without_copying():
     assert 9_000_000 <= estimate_bytes([bytes(100_000) for _ in range(100)] * 1) <= 11_000_000
     assert estimate_bytes({"k": np.zeros(10), "v": [1, 2, 3]}) > 0
     assert estimate_bytes(None) > 0
+
+
+def test_processes_that_die_as_they_start_fail_tasks_instead_of_respawning_forever(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent("""
+        if __name__ != "__main__":  # each worker re-imports this file as __mp_main__ and dies there
+            import os
+            os._exit(7)
+        import operator
+        from flowdapt_nb.executors.local_pool import ProcessPool
+        pool = ProcessPool(2)
+        try:
+            print("ran:", pool.submit(operator.add, 1, 2).result(timeout=60))
+        except Exception as exc:
+            print("failed:", exc)
+        try:
+            pool.submit(operator.add, 1, 2)
+        except RuntimeError as exc:
+            print("refused:", exc)
+        pool.close()
+    """))
+    out = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=120)
+    assert "failed: local worker processes exit as they start (exit code 7" in out.stdout, out.stdout + out.stderr
+    assert "refused: local worker processes exit as they start" in out.stdout

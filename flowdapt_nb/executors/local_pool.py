@@ -63,6 +63,8 @@ def _worker_main(conn, parent: int) -> None:
     _conn = conn
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the driver: it cancels and closes
     threading.Thread(target=_watch_parent, args=(parent,), name="flowdapt-nb-parent-watch", daemon=True).start()
+    with _send_lock:
+        conn.send(("ready",))  # a worker that dies before this never ran anything: no task is at fault
     while True:
         try:
             message = conn.recv()
@@ -107,6 +109,7 @@ class _Worker:
         self.process.start()
         child.close()
         self.job: _Job | None = None
+        self.ready = False  # it said it started (imports done)
         self.kill_at: float | None = None  # set when its task was cancelled: SIGKILL then
 
     @property
@@ -150,6 +153,8 @@ class ProcessPool:
         os.set_blocking(self._wake_w, False)
         self._workers: list[_Worker] = [_Worker(self._ctx) for _ in range(size)]
         self.replaced = 0  # worker processes started to replace dead or killed ones
+        self._failed_starts = 0  # workers in a row that died before they were ready
+        self._broken: str | None = None  # why no worker can start (then every task fails at once)
         self._thread = threading.Thread(target=self._loop, name="flowdapt-nb-local-pool", daemon=True)
         self._thread.start()
         _live_pools.add(self)
@@ -161,6 +166,8 @@ class ProcessPool:
         with self._lock:
             if self._closing:
                 raise RuntimeError("the local process pool is closed")
+            if self._broken:
+                raise RuntimeError(self._broken)
             job = _Job(self._next_id, fn, args, retry)
             self._next_id += 1
             self._jobs[job.id] = job
@@ -334,6 +341,10 @@ class ProcessPool:
         except Exception as exc:  # a reply that can't be unpickled here: the task fails
             message = ("done", worker.job.id if worker.job else -1, False,
                        RuntimeError(f"the task's outcome can't be read in the driver: {exc}"))
+        if message[0] == "ready":
+            worker.ready = True
+            self._failed_starts = 0
+            return True
         if message[0] == "ev":
             if self.on_events is not None:
                 try:
@@ -365,18 +376,34 @@ class ProcessPool:
             worker.conn.close()
         except OSError:
             pass
+        failures: list[tuple[_Job, BaseException]] = []
         with self._lock:
             job, worker.job = worker.job, None
             cancelled = worker.kill_at is not None
+            if not worker.ready and not cancelled:
+                self._failed_starts += 1
+                if self._failed_starts >= 3 and not self._broken:  # don't respawn in a loop
+                    self._broken = (f"local worker processes exit as they start ({_exit_text(code)}, "
+                                    f"{self._failed_starts} in a row); the driver's stderr says why")
             if worker in self._workers:
                 self._workers.remove(worker)
-                if not self._closing:
+                if not self._closing and not self._broken:
                     self._workers.append(_Worker(self._ctx))
                     self.replaced += 1
+            if self._broken and not self._workers:  # nothing will ever run what waits
+                while self._queue:
+                    waiting = self._queue.popleft()
+                    self._jobs.pop(waiting.id, None)
+                    failures.append((waiting, RuntimeError(self._broken)))
             failed = None
             if job is not None:
                 job.worker = None
-                if cancelled:
+                if not worker.ready and not cancelled and not self._broken:  # it never ran: not its fault
+                    self._queue.appendleft(job)
+                elif not worker.ready and not cancelled:
+                    self._jobs.pop(job.id, None)
+                    failed = RuntimeError(self._broken)
+                elif cancelled:
                     self._jobs.pop(job.id, None)
                     failed = cf.CancelledError("cancelled: its worker process was stopped")
                 elif job.retry and job.tries == 0 and not self._closing:
@@ -388,7 +415,11 @@ class ProcessPool:
                         f"the local worker process (pid {worker.pid}) running this task died "
                         f"({_exit_text(code)}){' twice, on two processes' if job.tries else ''}")
         if job is not None and failed is not None:
-            _settle(job.future, exc=failed)
+            failures.append((job, failed))
+        for one, exc in failures:
+            if not one.started:
+                one.future.set_running_or_notify_cancel()
+            _settle(one.future, exc=exc)
 
 
 def _exit_text(code: int | None) -> str:
