@@ -80,6 +80,11 @@ def _used_resources(dask_scheduler=None) -> dict:
     return {addr: dict(ws.used_resources) for addr, ws in list(dask_scheduler.workers.items())}
 
 
+def _not_our_sampling(record) -> bool:
+    """A scheduler in this process logs each sample's call as 'Run out-of-band function': not news."""
+    return not (str(record.msg).startswith("Run out-of-band") and "_used_resources" in str(record.args))
+
+
 def _as_items(value):
     return items_of(value, "?", "its dependency's output")
 
@@ -334,6 +339,9 @@ class DaskExecutor(Executor):
     def _scheduler_used_resources(self) -> dict:
         """{worker address: resources held by its tasks now}, the scheduler's own book-keeping
         (``WorkerState.used_resources``); empty where the scheduler won't run our function."""
+        log = logging.getLogger("distributed.worker")
+        if _not_our_sampling not in log.filters:
+            log.addFilter(_not_our_sampling)
         try:
             return self.client.run_on_scheduler(_used_resources) or {}
         except Exception:
