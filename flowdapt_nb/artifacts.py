@@ -163,9 +163,29 @@ def decode_name(segment: str) -> str:
     return unquote(segment)
 
 
+MAX_NAME_BYTES = 200  # one path segment once encoded: file systems allow 255 bytes, some fewer
+
+
 def check_name(name, what: str = "key") -> str:
+    """A key or namespace: a non-empty string that fits in one path segment once encoded."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"object store {what}s are non-empty strings, got {name!r}")
+    size = len(encode_name(name))
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"object store {what} {name[:40]!r}... is too long: {size} characters once "
+                         f"encoded (unusual characters count 3 each, as %XX), at most {MAX_NAME_BYTES}")
+    return name
+
+
+def _data_file(meta: dict, key: str, namespace: str) -> str:
+    """The value's file named by ``meta.json``: a plain file name in the artifact's own folder.
+    Anything else (``../../victim.txt``, an absolute path) is a tampered or foreign meta.json and is
+    refused, so a reader never reads, and a writer never deletes, outside the store."""
+    name = meta.get("data") if isinstance(meta, dict) else None
+    if (not isinstance(name, str) or not name or name in (".", "..") or name.startswith(TMP_PREFIX)
+            or name == META or any(c in name for c in "/\\\0") or posixpath.basename(name) != name):
+        raise ValueError(f"artifact {key!r} in namespace '{namespace}' has a meta.json whose data file is "
+                         f"{name!r}, not a file of its own folder: refusing to use it (was meta.json edited?)")
     return name
 
 
@@ -437,9 +457,23 @@ class ArtifactStore:
         payload = json.dumps(meta, indent=1).encode()
         self._write(directory, META, lambda f: f.write(payload))
         if previous and previous.get("data") and previous["data"] != final_name:
-            self._remove(posixpath.join(directory, previous["data"]))
+            try:
+                self._remove(self._inside(directory, _data_file(previous, key, namespace)))
+            except ValueError:  # a tampered meta.json names a file elsewhere: never delete it
+                pass  # (the sweep removes old files of this folder itself)
         self._sweep(directory, keep={META, final_name})
         return meta
+
+    def _inside(self, directory: str, name: str) -> str:
+        """``directory/name``, checked to stay inside the store's root on a local disk (a symlink
+        planted in the store can't point a reader or writer elsewhere)."""
+        path = posixpath.join(directory, name)
+        if self.local:
+            root = os.path.realpath(self.root or os.sep)
+            real = os.path.realpath(path)
+            if os.path.commonpath([root, real]) != root:
+                raise ValueError(f"{path} resolves to {real}, outside the artifact store {root}: refusing it")
+        return path
 
     def _remove(self, path: str) -> None:
         try:
@@ -478,7 +512,7 @@ class ArtifactStore:
             meta = self.meta(namespace, key)
             if meta is None:
                 break
-            path = posixpath.join(directory, meta["data"])
+            path = self._inside(directory, _data_file(meta, key, namespace))
             try:
                 if self.local:
                     with open(path, "rb") as f:

@@ -17,16 +17,26 @@ import cloudpickle
 from .context import current_context
 
 
+def _check_namespace(namespace) -> str | None:
+    """None (the default namespace) or a non-empty string: ``0``, ``False`` or ``""`` are mistakes,
+    not "the default", and a number would break every listing."""
+    if namespace is not None and (not isinstance(namespace, str) or not namespace):
+        raise TypeError(f"cluster memory namespaces are non-empty strings (None means the default), "
+                        f"got {namespace!r}")
+    return namespace
+
+
 def _store_and_namespace(namespace: str | None):
+    namespace = _check_namespace(namespace)
     ctx = current_context()
     if ctx is not None and ctx.memory is not None:
-        return ctx.memory, namespace or ctx.namespace
+        return ctx.memory, namespace if namespace is not None else ctx.namespace
     from .executors.base import current_executor
     ex = current_executor()
     if ex is None:
         raise RuntimeError("cluster memory needs a running executor: start one first "
                            "(e.g. fnb.LocalExecutor().start() or %flowdapt executor local)")
-    return ex.memory_store, namespace or ex.default_namespace
+    return ex.memory_store, namespace if namespace is not None else ex.default_namespace
 
 
 def _check_key(key) -> str:
@@ -68,14 +78,14 @@ def delete(key: str, namespace: str | None = None) -> bool:
 def clear(namespace: str | None = None) -> int:
     """Remove every key (of one namespace when given); returns how many."""
     store, _ = _store_and_namespace(None)
-    return int(store.clear(namespace))
+    return int(store.clear(_check_namespace(namespace)))
 
 
 def listing(namespace: str | None = None):
     """pandas DataFrame of what cluster memory holds: namespace, key, type, size, put_at."""
     import pandas as pd
     store, _ = _store_and_namespace(None)
-    rows = store.listing(namespace)
+    rows = store.listing(_check_namespace(namespace))
     frame = pd.DataFrame(rows, columns=["namespace", "key", "type", "bytes", "put_at"])
     frame["put_at"] = pd.to_datetime(frame["put_at"], unit="s", utc=True)
     return frame

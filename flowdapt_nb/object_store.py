@@ -74,7 +74,8 @@ class _Scope:
 def _scope(namespace: str | None, storage) -> _Scope:
     ctx = current_context()
     if ctx is not None:
-        return _Scope(ctx.memory, namespace or ctx.namespace, storage if storage is not None else ctx.artifacts,
+        return _Scope(ctx.memory, namespace if namespace is not None else ctx.namespace,
+                      storage if storage is not None else ctx.artifacts,
                       str(ctx.run), ctx.stage)
     from .executors.base import current_executor
     ex = current_executor()
@@ -84,7 +85,9 @@ def _scope(namespace: str | None, storage) -> _Scope:
             memory = ex.memory_store
         except Exception:  # closing right now
             memory = None
-    return _Scope(memory, namespace or (ex.default_namespace if ex is not None else "default"),
+    if namespace is None:  # only None means the default: 0, False or "" are refused by _Scope
+        namespace = ex.default_namespace if ex is not None else "default"
+    return _Scope(memory, namespace,
                   storage if storage is not None else (ex.storage if ex is not None else None), None, None)
 
 
@@ -219,6 +222,8 @@ def listing(namespace: str | None = None, *, storage=None):
     Used by ``%flowdapt memory``; a key in both places has two rows (memory first).
     """
     import pandas as pd
+    if namespace is not None:
+        check_name(namespace, "namespace")
     scope = _scope("default", storage)
     rows = []
     for ns, key, type_name, size, put_at in _memory(scope, "fallback", "listing", namespace, default=()):

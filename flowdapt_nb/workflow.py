@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
 import re
 import sys
 from typing import Any, Callable, Literal, Union
@@ -218,7 +219,7 @@ def check_workflow(wf: Workflow, source: Source | None = None, prefix=("spec", "
                               line=source.line_of(prefix + (i, "options", "map_on")))
         timeout = stage.options.get("timeout")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or timeout <= 0):
+                                    or not math.isfinite(timeout) or timeout <= 0):
             raise ConfigError(f"options.timeout must be a positive number of seconds, got {timeout!r}",
                               stage=stage.name, key="options.timeout",
                               line=source.line_of(prefix + (i, "options", "timeout")))

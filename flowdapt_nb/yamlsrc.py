@@ -108,7 +108,8 @@ def _check_shape(root, error) -> None:
 
 def _collect_lines(root, out, duplicates) -> tuple[bool, Any]:
     """Line of every key path, each node walked once: a path through an alias keeps the line of
-    the key that holds the alias (its contents are the anchor's, already walked).
+    the key that holds the alias (its contents are the anchor's, already walked), and a list item
+    that is an alias has its anchor's line.
 
     Returns whether a collection is reached twice (an alias, or an alias inside its own anchor)
     and the first collection nested deeper than MAX_DEPTH (or None)."""
@@ -116,35 +117,34 @@ def _collect_lines(root, out, duplicates) -> tuple[bool, Any]:
     aliased = False
     too_deep = None
     collections = (yaml.MappingNode, yaml.SequenceNode)
-    stack = [(root, ())]
+    stack = [(root, (), 0)]  # path None: walked for its shape only (complex keys, merged mappings)
     while stack:
-        node, path = stack.pop()
+        node, path, depth = stack.pop()
         if id(node) in seen:
             aliased = True
             continue
         seen.add(id(node))
-        if too_deep is None and len(path) >= MAX_DEPTH:
+        if too_deep is None and depth >= MAX_DEPTH:
             too_deep = node
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 key = key_node.value
-                if isinstance(key_node, collections):  # a complex key: walked for its shape only
-                    stack.append((key_node, path + (None,)))
-                if not isinstance(key, str) or key == "<<":  # complex or merge keys: no line of their own
-                    if isinstance(value_node, collections):
-                        stack.append((value_node, path + (None,)))
-                    continue
-                kpath = path + (key,)
-                if kpath in out:  # safe_load keeps the last silently; say so instead
-                    duplicates.append((kpath, out[kpath], key_node.start_mark.line + 1))
-                out[kpath] = key_node.start_mark.line + 1
+                if isinstance(key_node, collections):
+                    stack.append((key_node, None, depth + 1))
+                kpath = None if path is None or not isinstance(key, str) or key == "<<" else path + (key,)
+                if kpath is not None:  # complex or merge keys have no line of their own
+                    if kpath in out:  # safe_load keeps the last silently; say so instead
+                        duplicates.append((kpath, out[kpath], key_node.start_mark.line + 1))
+                    out[kpath] = key_node.start_mark.line + 1
                 if isinstance(value_node, collections):
-                    stack.append((value_node, kpath))
+                    stack.append((value_node, kpath, depth + 1))
         else:
             for i, item in enumerate(node.value):
-                out[path + (i,)] = item.start_mark.line + 1
+                ipath = None if path is None else path + (i,)
+                if ipath is not None:
+                    out[ipath] = item.start_mark.line + 1
                 if isinstance(item, collections):
-                    stack.append((item, path + (i,)))
+                    stack.append((item, ipath, depth + 1))
     return aliased, too_deep
 
 

@@ -54,7 +54,12 @@ REQUIRED = ["config_malformed_yaml", "config_tab_indent", "workflow_tab_indent",
             "run_map_on_key_missing", "run_resource_cluster_lacks", "magic_run_resource_cluster_lacks",
             "magic_run_input_without_value", "cli_input_without_value", "magic_unknown_subcommand",
             "magic_unknown_flag", "magic_run_unknown_workflow", "cli_missing_config_file",
-            "workflow_kind_config", "cli_workflow_kind_config"]
+            "workflow_kind_config", "cli_workflow_kind_config",
+            # issue 14: hostile files
+            "config_alias_bomb", "workflow_alias_bomb", "cli_validate_alias_bomb", "cell_workflow_alias_bomb",
+            "config_deep_nesting", "workflow_deep_nesting", "cli_run_deep_nesting", "cli_run_not_utf8",
+            "cli_validate_not_utf8", "magic_run_not_utf8", "cli_timeout_nan", "workflow_name_trailing_newline",
+            "cli_run_target_not_allowed"]
 
 
 def _load_cases() -> dict:
@@ -279,8 +284,8 @@ def test_cli(name, kind, tmp_path):
     """``flowdapt-nb`` as a user runs it: a non-zero exit and one ``error:`` line, no traceback."""
     case = CASES[name]
     expect = case["expect"]
-    for file_name, text in (case.get("files") or {}).items():
-        (tmp_path / file_name).write_text(text)
+    for file_name, text in (case.get("files") or {}).items():  # !!binary: bytes as they are (not UTF-8)
+        (tmp_path / file_name).write_bytes(text) if isinstance(text, bytes) else (tmp_path / file_name).write_text(text)
     proc = subprocess.run([*_cli(), *map(str, case["input"])], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == expect["exit_code"], f"exit {proc.returncode}\n{proc.stderr}"
