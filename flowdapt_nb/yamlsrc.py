@@ -206,7 +206,10 @@ def _syntax_error(exc: yaml.YAMLError, text: str, where: str, line_offset: int) 
         if "'\\t'" not in problem:  # libyaml doesn't name the character
             problem += " (a tab, '\\t')"
         hint = "YAML indents with spaces, never tabs: replace the tab with spaces"
-    elif isinstance(exc, yaml.reader.ReaderError):
+    elif isinstance(exc, yaml.reader.ReaderError):  # no mark: a character position instead
+        line = text.count("\n", 0, exc.position) + 1 + line_offset
+        problem = _one_line(f"unacceptable character #x{exc.character:04x}: {exc.reason}"
+                            if isinstance(exc.character, int) else exc.reason)
         hint = "remove the control character (YAML text may not hold them)"
     else:
         hint = "check the indentation and the ':' after each key"

@@ -673,3 +673,24 @@ def test_notebook_function_target_serializes_to_its_name():
 def test_nan_is_not_a_stage_timeout():
     with pytest.raises(fnb.ConfigError, match="positive number of seconds"):
         Workflow("w", stages=[Stage("a", "builtins.list", options={"timeout": math.nan})])
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x07", "\x1b"])
+def test_control_characters_are_one_config_error_with_a_line(char):
+    with pytest.raises(fnb.ConfigError) as info:
+        fnb.load_workflow(f"kind: workflow\nmetadata: {{name: w}}\n{char}: 1\n")
+    assert str(info.value) == (f"line 3: invalid YAML: unacceptable character #x{ord(char):04x}: control "
+                               f"characters are not allowed; remove the control character (YAML text may not hold them)")
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 50, 1000, 5000])
+def test_pure_python_loader_gives_the_same_errors(depth, monkeypatch):
+    """Where PyYAML lacks libyaml, its own loader recurses once per level: a RecursionError
+    becomes the same one-line ConfigError; the bomb is refused the same way."""
+    import flowdapt_nb.yamlsrc as yamlsrc
+    monkeypatch.setattr(yamlsrc, "_LOADER", yaml.SafeLoader)
+    with pytest.raises(fnb.ConfigError) as info:
+        fnb.executor_from_config(_deep(depth, "config"))
+    assert f"YAML nested more than {MAX_DEPTH} levels deep" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(fnb.ConfigError, match="YAML aliases expand this document by 490,329,036 values"):
+        fnb.executor_from_config(BOMB_CONFIG)
