@@ -52,8 +52,12 @@ def _resource_map(value):
 
 
 def _none_is(default):
-    """A validator: Flowdapt writes ``null`` for "its default"; read it as ours."""
-    return lambda cls, v: default() if callable(default) and v is None else (default if v is None else v)
+    """A validator: Flowdapt writes ``null`` for "its default"; read it as ours (``list``: a new [])."""
+    def fill(cls, v):
+        if v is not None:
+            return v
+        return default() if callable(default) else default
+    return fill
 
 
 def _allowed_targets(value):
