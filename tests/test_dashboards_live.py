@@ -189,6 +189,9 @@ def numbers(n=4):
 def nap(x):
     time.sleep(0.7)
     return x
+
+def long_nap():
+    time.sleep(2.5)
 '''
 
 NAPS = """\
@@ -235,7 +238,9 @@ def test_kernel_start_feedback_then_card_and_a_live_background_run(tmp_path):
     try:
         kc.wait_for_ready(timeout=60)
         reply = kc.execute_interactive(KERNEL_SETUP + "\nget_ipython().run_line_magic('load_ext', 'flowdapt_nb')\n"
-                                       f"get_ipython().run_cell_magic('flowdapt', 'workflow naps', {NAPS!r})\n",
+                                       f"get_ipython().run_cell_magic('flowdapt', 'workflow naps', {NAPS!r})\n"
+                                       "get_ipython().run_cell_magic('flowdapt', 'workflow long', "
+                                       "'- {name: long, target: long_nap}')\n",
                                        timeout=60, output_hook=lambda m: None)
         assert reply["content"]["status"] == "ok", reply["content"]
         # the executor start: feedback first, then the card in its place
@@ -269,6 +274,14 @@ def test_kernel_start_feedback_then_card_and_a_live_background_run(tmp_path):
         assert len(set(later)) >= 2, later  # it changed after the cell returned
         assert "[finished" in later[-1] and "nap 6/6" in later[-1]
         assert not any(kind == "execute_result" for kind, _, _ in shown)  # no frozen snapshot beside it
+        # a foreground run of one long task: no task event for 2.5 s, yet its elapsed time moves
+        msgs = []
+        reply = kc.execute_interactive("%flowdapt run long", timeout=120, output_hook=msgs.append)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        texts = [data["text/plain"] for kind, _, data in _outputs(msgs) if kind == "update_display_data"]
+        running = [t for t in texts if "long 0/1 1 running" in t]
+        elapsed = {re.search(r"\[running ([\d.]+)s\]", t).group(1) for t in running}
+        assert len(elapsed) >= 2, texts
         reply = kc.execute_interactive("%flowdapt stop", timeout=60, output_hook=lambda m: None)
         assert reply["content"]["status"] == "ok"
     finally:

@@ -218,7 +218,7 @@ class StartProgress:
         lines = [f"Starting the {kind} executor… {now:.1f} s"]
         for i, (phase, began) in enumerate(self.steps):
             ended = self.steps[i + 1][1] if i + 1 < len(self.steps) else None
-            lines.append(f"  {'done' if ended is not None else 'now '} {phase} "
+            lines.append(f"  {'✓' if ended is not None else '…'} {phase} "
                          f"({(ended if ended is not None else now) - began:.1f} s)")
         return "\n".join(lines)
 
