@@ -175,11 +175,14 @@ def test_processes_workers_exit_when_the_driver_is_killed(tmp_path):
         workers = [int(p) for p in driver.stdout.readline().split()]
         assert len(workers) == 2
         assert wait_for(lambda: pids_in(tmp_path), 60)
+        # the workers, the cluster-memory manager, multiprocessing's resource tracker
+        started = {p.pid for p in psutil.Process(driver.pid).children(recursive=True)}
+        assert set(workers) <= started
     finally:
         driver.kill()
         driver.wait(30)
-    for pid in workers:
-        assert wait_for(lambda: not alive(pid), 15), f"worker {pid} outlived its killed driver"
+    for pid in started:
+        assert wait_for(lambda: not alive(pid), 15), f"process {pid} outlived its killed driver"
 
 
 def test_close_does_not_wait_on_its_own_lock_for_each_active_run():

@@ -24,7 +24,7 @@ from ..units import auto_cpus, parse_bytes
 from ..worker import TaskInfo, default_worker_name, execute
 from ..worker_events import EventBatch
 from .base import Executor
-from .local_pool import ProcessPool, ThreadPool, send_events
+from .local_pool import ProcessPool, ThreadPool, exit_with_parent, send_events
 
 
 # --- process workers ----------------------------------------------------------------------------
@@ -281,7 +281,7 @@ class LocalExecutor(Executor):
     def _open(self):
         if self.config.use_processes:
             self._manager = _StoreManager(ctx=multiprocessing.get_context("spawn"))
-            self._manager.start()
+            self._manager.start(exit_with_parent, (os.getpid(),))  # no orphan if the driver is killed
             self._memory = self._manager.MemoryStore()
         else:
             self._memory = MemoryStore()

@@ -58,11 +58,17 @@ def _watch_parent(parent: int) -> None:
             os._exit(1)
 
 
+def exit_with_parent(parent: int) -> None:
+    """In a helper process the driver started (a worker, the memory manager): exit when the
+    driver ``parent`` is gone, however it went."""
+    threading.Thread(target=_watch_parent, args=(parent,), name="flowdapt-nb-parent-watch", daemon=True).start()
+
+
 def _worker_main(conn, parent: int) -> None:
     global _conn
     _conn = conn
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the driver: it cancels and closes
-    threading.Thread(target=_watch_parent, args=(parent,), name="flowdapt-nb-parent-watch", daemon=True).start()
+    exit_with_parent(parent)
     with _send_lock:
         conn.send(("ready",))  # a worker that dies before this never ran anything: no task is at fault
     while True:
