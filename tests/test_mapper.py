@@ -268,12 +268,16 @@ def test_enter_adds_a_dependency():
         mapper.close()
 
 
-def test_row_layout_wraps_and_the_badge_has_a_fixed_width():
+def test_row_layout_keeps_the_delete_button_and_the_badge_has_a_fixed_width():
+    """The browser check (tests/test_mapper_browser.py) measures it at 1440 px; these are the
+    layout settings it relies on."""
     mapper = widgets.StageMapper(namespace={})
     try:
         row = mapper.add_stage("a", "")
         first = row.children[0]
-        assert first.layout.flex_flow == "row wrap" and row.remove_w in first.children
+        assert first.layout.flex_flow == "row nowrap" and first.children[-1] is row.remove_w
+        assert all(w.layout.min_width for w in (row.name_w, row.target_w, row.type_w))  # they shrink
+        assert all(line.layout.flex_flow == "row wrap" for line in row.children[1:3])
         assert row.state_w.layout.width == "92px" and row.state_w.layout.flex == "0 0 92px"
         assert row.remove_w.layout.flex == "0 0 36px"  # never shrunk or pushed away
         row.set_state("finished")

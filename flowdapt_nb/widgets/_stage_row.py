@@ -139,13 +139,13 @@ class _StageRow(widgets.VBox):
                                                                                min_width="90px"))
         self.target_w = widgets.Combobox(value=target, options=mapper.functions, ensure_option=False,
                                          placeholder="function or import path", continuous_update=False,
-                                         layout=widgets.Layout(flex="1 1 140px", width="auto", min_width="120px"))
+                                         layout=widgets.Layout(flex="1 1 140px", width="auto", min_width="100px"))
         self.type_w = widgets.Dropdown(options=["simple", "parameterized"], value=type,
-                                       layout=widgets.Layout(width="125px", flex="0 0 125px"))
+                                       layout=widgets.Layout(width="125px", flex="0 1 125px", min_width="105px"))
         self.remove_w = widgets.Button(icon="trash", tooltip="remove this stage",
                                        layout=widgets.Layout(width="36px", flex="0 0 36px"))
         self.deps_w = widgets.TagsInput(value=[], allowed_tags=[], allow_duplicates=False,
-                                        placeholder="add a stage…",
+                                        placeholder="none: a root",
                                         layout=widgets.Layout(flex="1 1 140px", width="auto", min_width="120px"))
         self.dep_add_w = dependency_adder(self.deps_w)
         self.map_on_w = widgets.Text(value=map_on, description="map_on", placeholder="input key",
@@ -165,7 +165,11 @@ class _StageRow(widgets.VBox):
         self.options_row = _wrap_row([widgets.HTML("", layout=widgets.Layout(width="76px")), self.map_on_w,
                                       self.partial_w])
         super().__init__([
-            _wrap_row([self.name_w, self.target_w, self.type_w, self.state_w, self.remove_w]),
+            # one line: name, target and type shrink to their minimum widths, the badge and the
+            # delete button keep theirs, so the button stays at the row's right end (never wraps away)
+            widgets.HBox([self.name_w, self.target_w, self.type_w, self.state_w, self.remove_w],
+                         layout=widgets.Layout(flex_flow="row nowrap", align_items="center", width="100%",
+                                               min_width="0")),
             _wrap_row([label, self.deps_w, self.dep_add_w, self.resources_w]),
             self.options_row,
             self.error_w], layout=widgets.Layout(min_width="0"))

@@ -97,6 +97,7 @@ class StageMapper(FeedWidget):
                                             layout=widgets.Layout(flex="1 1 120px", width="auto", min_width="0"))
         self.new_dep_add_w = dependency_adder(self.new_deps_w)
         self.proposal_w = widgets.HTML()
+        self.proposal_w.add_class("fnb-proposal")
         self.help_w = widgets.HTML(_HELP)
         self._proposed_key = None
         side = widgets.VBox([
