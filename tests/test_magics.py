@@ -295,7 +295,7 @@ services:
                                                          r"did you mean 'cpus'\?$",
         full.replace("cpus: 1", "cpuss: 1"): r"cell line 8: unknown key 'cpuss'; did you mean 'cpus'\?",
         "target: local\ncpus: [1\n": r"cell line 4: invalid YAML",
-        "target: local\n\tcpus: 2\n": r"cell line 3: invalid YAML: found character",
+        "target: local\n\tcpus: 2\n": r"cell line 3: invalid YAML: found .*'\\t'",
         "target: lokal\n": r"cell line 2: unknown executor target 'lokal'; did you mean 'local'\?",
         "use_processes: false\n": r"has no 'target'",
         "# nothing yet\n": r"the config is empty",
