@@ -163,6 +163,12 @@ def test_add_as_stage_proposes_roots_and_dependencies():
         deps, why = pick("add")
         assert deps == ["square", "combine"] and "a ← square" in why and "b ← combine" in why
         assert mapper.errors == {}
+        # the proposal follows the stages: with "combine" gone, the latest two are read_table, square
+        mapper.remove_stage("combine")
+        assert list(mapper.new_deps_w.value) == ["read_table", "square"]
+        # a blank stage ("Add stage") is not chained onto the last one
+        mapper.add_w.click()
+        assert mapper.stage_names()[-1] == "stage4" and list(mapper.stages["stage4"].deps_w.value) == []
         # the rule is in the widget's help text
         assert "Add as stage" in mapper.help_w.value and "root" in mapper.help_w.value
     finally:
