@@ -269,9 +269,10 @@ def test_processes_sigkill_from_outside_mid_fanout_loses_nothing(tmp_path):
 
 # --- point 6: close() under a run says so; a closed executor refuses to run ---------------------------
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "dask"])
 def test_close_from_another_thread_fails_the_run_clearly(kind):
-    ex = local(kind)
+    # a Dask cluster of its own (closing the session's shared one would only restart it)
+    ex = fnb.DaskExecutor(cpus=1, threads=1).start() if kind == "dask" else local(kind)
     wf = Workflow("naps", stages=[Stage("nap", fs.nap, type="parameterized", options=MAP)])
     threading.Timer(1.0, ex.close).start()
     with pytest.raises(fnb.ExecutorClosedError, match="executor closed during the run") as err:
