@@ -93,6 +93,22 @@ def test_resources_in_use_while_stages_hold_them(kind):
             ex.close()
 
 
+def test_local_memory_request_shown_in_use():
+    """A stage's memory request on the local executor: held while its task runs, then free."""
+    ex = fnb.LocalExecutor(use_processes=False, cpus=2).start()
+    try:
+        dash = widgets.ResourceDashboard(ex)
+        handle = ex.submit(slow_map({"memory": "100MB"}), input={"xs": [1], "delay": 3.0})
+        assert poll(lambda: dash.in_use.get("memory") == 100_000_000, timeout=60), dash.in_use
+        assert frame_in_use(ex, "memory") in (0.0, 100_000_000.0)  # the task may just have ended
+        assert "memory reserved" in dash._body.value
+        handle.wait(60)
+        assert poll(lambda: frame_in_use(ex, "memory") == 0 and dash.in_use.get("memory", 0) == 0, timeout=30)
+        dash.close()
+    finally:
+        ex.close()
+
+
 def test_dask_custom_resource_shown_in_use_per_worker(dask_executor):
     """Tutorial 04's case: one unit per worker, a stage that holds one; each worker's row shows
     it in use while its task runs (the scheduler's own book-keeping)."""
