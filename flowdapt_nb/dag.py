@@ -1,10 +1,15 @@
-"""Draw a workflow's DAG as SVG from Python (no JavaScript), coloured by stage state."""
+"""Draw a workflow's DAG from Python (no JavaScript), coloured by stage state: as SVG for live
+widgets, and as inline-styled HTML boxes (``dag_html``) for saved outputs, which a notebook
+sanitizer keeps (it drops inline <svg>)."""
 
 from __future__ import annotations
 
+import base64
 import html
 
-from .render import STATE_COLOURS
+from .states import colour, text_colour
+
+_EMPTY_FILL = "#eceff1"
 
 
 def layers(wf) -> list[list[str]]:
@@ -40,8 +45,12 @@ def dag_svg(wf, states: dict | None = None, errors: dict | None = None, box_w: i
         offset = (width - len(row) * (box_w + gap_x) + gap_x) / 2
         for x, name in enumerate(row):
             pos[name] = (offset + x * (box_w + gap_x), gap_y / 2 + y * (box_h + gap_y))
+    # data-fallback: the same DAG as sanitizer-safe HTML, which static views put in the SVG's place
+    # (widgets._common.inline_styles), since a saved untrusted notebook drops inline <svg>
+    # (base64, so searching the SVG's text finds only what it draws)
+    fallback = base64.b64encode(dag_html(wf, states, errors).encode()).decode()
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-             f'font-family="sans-serif" font-size="12">',
+             f'font-family="sans-serif" font-size="12" data-fallback="{fallback}">',
              '<defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="8" refY="4" orient="auto">'
              '<path d="M0,0 L8,4 L0,8 z" fill="#607d8b"/></marker></defs>']
     stage_by_name = {s.name: s for s in wf.stages}
@@ -54,15 +63,48 @@ def dag_svg(wf, states: dict | None = None, errors: dict | None = None, box_w: i
                              f'stroke="#607d8b" marker-end="url(#arrow)"/>')
     for name, (x, y) in pos.items():
         state = states.get(name)
-        fill = STATE_COLOURS.get(state, "#eceff1") if state else "#eceff1"
-        text_colour = "white" if state and state not in ("pending",) else "#263238"
+        fill = colour(state) if state else _EMPTY_FILL
+        ink = text_colour(state) if state else "#263238"
         stroke = "#e53935" if name in errors else "#455a64"
         dash = ' stroke-dasharray="4,2"' if stage_by_name[name].type == "parameterized" else ""
         title = html.escape(errors.get(name) or f"{name}: {state or 'not run'}")
         parts.append(f'<g><title>{title}</title><rect x="{x:.0f}" y="{y:.0f}" width="{box_w}" height="{box_h}" '
                      f'rx="6" fill="{fill}" stroke="{stroke}" stroke-width="{3 if name in errors else 1.5}"{dash}/>'
                      f'<text x="{x + box_w / 2:.0f}" y="{y + box_h / 2 + 4:.0f}" text-anchor="middle" '
-                     f'fill="{text_colour}">{html.escape(name[:18])}'
+                     f'fill="{ink}">{html.escape(name[:18])}'
                      f'{" [*]" if stage_by_name[name].type == "parameterized" else ""}</text></g>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def dag_html(wf, states: dict | None = None, errors: dict | None = None) -> str:
+    """The DAG as sanitizer-safe HTML: one table row of boxes per layer (roots first), an arrow
+    row between layers, and in each box what it runs after. Only inline styles and a table, so a
+    saved, untrusted notebook, GitHub and nbviewer still draw it as boxes."""
+    states = states or {}
+    errors = errors or {}
+    stage_by_name = {s.name: s for s in wf.stages}
+    rows = []
+    for depth, layer in enumerate(layers(wf)):
+        if depth:
+            rows.append('<tr><td style="text-align:center;color:#607d8b;font-size:14px;line-height:1;'
+                        'padding:0">&#8595;</td></tr>')
+        boxes = []
+        for name in layer:
+            stage = stage_by_name[name]
+            state = states.get(name)
+            fill = colour(state) if state else _EMPTY_FILL
+            ink = text_colour(state) if state else "#263238"
+            border = "2px solid #e53935" if name in errors else (
+                "1.5px dashed #455a64" if stage.type == "parameterized" else "1.5px solid #455a64")
+            title = html.escape(errors.get(name) or f"{name}: {state or 'not run'}", quote=True)
+            after = (f'<br><span style="font-size:10px;opacity:0.85">after {html.escape(", ".join(stage.depends_on))}'
+                     f'</span>' if stage.depends_on else "")
+            boxes.append(f'<span class="fnb-dag-box" title="{title}" style="display:inline-block;min-width:96px;'
+                         f'padding:5px 10px;margin:2px 6px;border:{border};border-radius:6px;background:{fill};'
+                         f'color:{ink};font-family:sans-serif;font-size:12px;line-height:1.3;text-align:center;'
+                         f'vertical-align:top"><b>{html.escape(name)}</b>'
+                         f'{" [*]" if stage.type == "parameterized" else ""}{after}</span>')
+        rows.append(f'<tr><td style="text-align:center;padding:2px 0;white-space:nowrap">{"".join(boxes)}</td></tr>')
+    return ('<table class="fnb-dag-table" style="border-collapse:collapse;margin:4px 0;border:none">'
+            + "".join(rows) + "</table>")

@@ -11,8 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-TASK_STATES = ("queued", "running", "finished", "failed", "cancelled")
-_STATE_RANK = {s: i for i, s in enumerate(TASK_STATES)}
+from .states import TASK_STATES  # noqa: E402,F401  (the one state model; re-exported)
+from .states import advances as _advances  # noqa: E402
 
 
 @dataclass
@@ -206,4 +206,4 @@ def _call(callback, payload) -> None:
 
 def state_advances(old: str | None, new: str) -> bool:
     """Events can arrive out of order (worker vs driver); states only move forward."""
-    return old is None or _STATE_RANK[new] >= _STATE_RANK[old]
+    return _advances(old, new)

@@ -1,17 +1,39 @@
-"""HTML and text views of executors, workflows and runs, for nbconvert, nbviewer and terminals."""
+"""HTML and text views of executors, workflows and runs, for nbconvert, nbviewer and terminals.
+
+Everything here is inline-styled HTML and plain tables: a saved notebook that is not trusted is
+sanitized (no <style>, no inline <svg>), and must still read well.
+"""
 
 from __future__ import annotations
 
 import html
 
-STATE_COLOURS = {"pending": "#9e9e9e", "queued": "#9e9e9e", "running": "#1e88e5", "finished": "#43a047",
-                 "failed": "#e53935", "cancelled": "#fb8c00", "skipped": "#bdbdbd"}
+from .dag import dag_html
+from .states import COLOURS, colour, text_colour
+
+STATE_COLOURS = COLOURS  # kept for older imports; the palette lives in flowdapt_nb.states
+
+_BOX = ("font-family:sans-serif;font-size:12.5px;line-height:1.45;color:#1f2328;border:1px solid #e0e3e7;"
+        "border-radius:8px;padding:8px 12px;margin:4px 0;background:#ffffff;display:inline-block;min-width:320px")
+_TH = ("text-align:left;font-weight:600;font-size:10.5px;text-transform:uppercase;color:#6a737d;"
+       "border-bottom:1px solid #e0e3e7;padding:3px 8px")
+_TD = "padding:3px 8px;border-bottom:1px solid #f0f2f4;text-align:left"
 
 
-def _badge(state: str) -> str:
-    colour = STATE_COLOURS.get(state, "#757575")
-    return (f'<span style="background:{colour};color:white;border-radius:3px;padding:1px 6px;'
-            f'font-size:90%">{html.escape(state)}</span>')
+def badge(state: str, text: str | None = None) -> str:
+    """A coloured state badge (inline-styled)."""
+    return (f'<span style="display:inline-block;background:{colour(state)};color:{text_colour(state)};'
+            f'border-radius:10px;padding:0 8px;font-size:10.5px;line-height:18px;font-weight:600;'
+            f'text-transform:uppercase;white-space:nowrap">{html.escape(text or state)}</span>')
+
+
+_badge = badge
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    ths = "".join(f'<th style="{_TH}">{h}</th>' for h in head)
+    trs = "".join("<tr>" + "".join(f'<td style="{_TD}">{c}</td>' for c in row) + "</tr>" for row in rows)
+    return f'<table style="border-collapse:collapse;margin-top:6px"><tr>{ths}</tr>{trs}</table>'
 
 
 def executor_html(ex) -> str:
@@ -19,32 +41,30 @@ def executor_html(ex) -> str:
     dash = info.get("dashboard_url")
     link = f'<a href="{html.escape(dash)}" target="_blank">{html.escape(dash)}</a>' if dash else "none"
     totals = ", ".join(f"{k}: {v:g}" for k, v in info["resources"].items()) or "-"
-    return (f'<div class="flowdapt-executor"><b>{type(ex).__name__}</b> {_badge(info["state"])}'
-            f'<table><tr><td>kind</td><td>{info["kind"]}</td></tr>'
-            f'<tr><td>address</td><td>{html.escape(str(info["address"] or "-"))}</td></tr>'
-            f'<tr><td>dashboard</td><td>{link}</td></tr>'
-            f'<tr><td>workers</td><td>{len(info["workers"])}</td></tr>'
-            f'<tr><td>resources</td><td>{html.escape(totals)}</td></tr></table></div>')
+    rows = [["kind", html.escape(str(info["kind"]))], ["address", html.escape(str(info["address"] or "-"))],
+            ["dashboard", link], ["workers", str(len(info["workers"]))], ["resources", html.escape(totals)]]
+    return (f'<div class="flowdapt-executor" style="{_BOX}"><b style="font-size:14px">{html.escape(type(ex).__name__)}</b> '
+            f'{badge(info["state"])}{_table(["", ""], rows)}</div>')
 
 
-def workflow_html(wf) -> str:
-    from .dag import dag_svg
-    rows = "".join(f"<tr><td>{html.escape(s.name)}</td><td><code>{html.escape(s.target_name())}</code></td>"
-                   f"<td>{s.type}</td><td>{html.escape(', '.join(s.depends_on))}</td></tr>" for s in wf.stages)
-    return (f'<div class="flowdapt-workflow"><b>Workflow {html.escape(wf.name)}</b>'
-            f'<div>{dag_svg(wf)}</div><table><tr><th>stage</th><th>target</th><th>type</th>'
-            f'<th>depends on</th></tr>{rows}</table></div>')
+def workflow_html(wf, states: dict | None = None) -> str:
+    """A workflow: its DAG drawn as boxes and its stages as a table."""
+    rows = [[f"<b>{html.escape(s.name)}</b>", f"<code>{html.escape(s.target_name())}</code>",
+             html.escape(s.type), html.escape(", ".join(s.depends_on)) or "–"] for s in wf.stages]
+    return (f'<div class="flowdapt-workflow" style="{_BOX}"><b style="font-size:14px">Workflow {html.escape(wf.name)}</b>'
+            f'<div>{dag_html(wf, states)}</div>{_table(["stage", "target", "type", "depends on"], rows)}</div>')
 
 
 def run_html(run) -> str:
     dur = f"{run.duration:.2f} s" if run.duration is not None else "-"
     stages = run.stages
-    rows = "".join(f"<tr><td>{html.escape(r.stage)}</td><td>{_badge(r.state)}</td><td>{r.finished}/{r.tasks}</td>"
-                   f"<td>{r.failed}</td></tr>" for r in stages.itertuples())
-    err = f"<div style='color:#e53935'>{html.escape(run.error)}</div>" if run.error else ""
+    rows = [[html.escape(r.stage), badge(r.state), f"{r.finished}/{r.tasks}", str(r.failed)]
+            for r in stages.itertuples()]
+    err = f'<div style="color:#c62828;white-space:pre-wrap">{html.escape(run.error)}</div>' if run.error else ""
     fails = (f"<div>{len(run.failures)} item(s) dropped under allow_partial_failure: "
              + html.escape("; ".join(f"{f.stage}[{f.item}] {f.error}" for f in run.failures[:5]))
              + "</div>") if run.failures else ""
-    return (f'<div class="flowdapt-run"><b>Run {html.escape(run.name)}</b> {_badge(run.state)} '
-            f'on {run.executor} in {dur}{err}{fails}<table><tr><th>stage</th><th>state</th>'
-            f'<th>done</th><th>failed</th></tr>{rows}</table></div>')
+    return (f'<div class="flowdapt-run" style="{_BOX}"><b style="font-size:14px">Run {html.escape(run.name)}</b> {badge(run.state)} '
+            f'on {html.escape(str(run.executor))} in {dur}{err}{fails}'
+            f'<div>{dag_html(run.definition, dict(zip(stages["stage"], stages["state"])))}</div>'
+            f'{_table(["stage", "state", "done", "failed"], rows)}</div>')

@@ -8,9 +8,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from .events import state_advances
-
-RUN_STATES = ("pending", "running", "finished", "failed", "cancelled")
+from .states import RUN_STATES, RUN_TERMINAL, TASK_STATES, TERMINAL, advances, stage_state  # noqa: F401
 TASK_COLUMNS = ["stage", "item", "state", "worker", "queued", "start", "end", "duration", "error"]
 
 
@@ -26,7 +24,16 @@ class Failure(dict):
 
 
 def _ts(t: float | None):
-    return datetime.fromtimestamp(t, tz=timezone.utc) if t is not None else None
+    """A UTC datetime to the millisecond (microseconds are noise in a table)."""
+    if t is None:
+        return None
+    stamp = datetime.fromtimestamp(t, tz=timezone.utc)
+    return stamp.replace(microsecond=stamp.microsecond // 1000 * 1000)
+
+
+def _seconds(value: float | None) -> float | None:
+    """A duration in seconds (float; to the microsecond, so a fast task is never 0)."""
+    return None if value is None else round(value, 6)
 
 
 def _new_row(stage: str, item: int | None, state: str | None = None, queued: float | None = None) -> dict:
@@ -82,14 +89,14 @@ class WorkflowRun:
 
     @property
     def done(self) -> bool:
-        return self.state in ("finished", "failed", "cancelled")
+        return self.state in RUN_TERMINAL
 
     # --- updates from the engine ---
     def _set_state(self, state: str, error: str | None = None) -> None:
         self.state = state
         if state == "running" and self._started is None:
             self._started = time.time()
-        if state in ("finished", "failed", "cancelled"):
+        if state in RUN_TERMINAL:
             self._finished = time.time()
         if error:
             self.error = error
@@ -151,13 +158,13 @@ class WorkflowRun:
             row["start"] = start
         if end is not None:
             row["end"] = end
-        elif state in ("finished", "failed", "cancelled") and row["end"] is None:
+        elif state in TERMINAL and row["end"] is None:
             row["end"] = time_
         if worker:
             row["worker"] = worker
         if error:
             row["error"] = error
-        if state is not None and state != row["state"] and state_advances(row["state"], state):
+        if state is not None and state != row["state"] and advances(row["state"], state):
             row["state"] = state
             return True
         return False
@@ -180,12 +187,13 @@ class WorkflowRun:
 
     @property
     def tasks(self):
-        """pandas DataFrame, one row per task: stage, item, state, worker, queued, start, end, ..."""
+        """pandas DataFrame, one row per task: stage, item, state, worker, queued, start, end
+        (UTC datetimes to the millisecond), duration (seconds), error."""
         import pandas as pd
         with self._lock:
             rows = [dict(r) for r in self._tasks.values()]
         for r in rows:
-            r["duration"] = (r["end"] - r["start"]) if r["start"] and r["end"] else None
+            r["duration"] = _seconds(r["end"] - r["start"]) if r["start"] and r["end"] else None
             for k in ("queued", "start", "end"):
                 r[k] = _ts(r[k])
         frame = pd.DataFrame(rows, columns=TASK_COLUMNS)
@@ -194,30 +202,21 @@ class WorkflowRun:
 
     @property
     def stages(self):
-        """pandas DataFrame, one row per stage: state, task counts, timings, throughput."""
+        """pandas DataFrame, one row per stage: state (``states.stage_state``), task counts, started and
+        finished_at (UTC datetimes), duration (seconds), throughput (finished tasks per second)."""
         import pandas as pd
         with self._lock:
             rows = [dict(r) for r in self._tasks.values()]
         out = []
         for stage in self.definition.stages:
             mine = [r for r in rows if r["stage"] == stage.name]
-            counts = {s: sum(1 for r in mine if r["state"] == s) for s in
-                      ("queued", "running", "finished", "failed", "cancelled")}
+            counts = {s: sum(1 for r in mine if r["state"] == s) for s in TASK_STATES}
             starts = [r["start"] for r in mine if r["start"]]
             ends = [r["end"] for r in mine if r["end"]]
             begin, finish = (min(starts) if starts else None), (max(ends) if ends else None)
             active = counts["queued"] + counts["running"]
-            if not mine:
-                state = "pending" if not self.done else ("cancelled" if self.state == "cancelled" else "skipped")
-            elif active:
-                state = "running" if counts["running"] or counts["finished"] else "queued"
-            elif counts["failed"] and (self.failed_stage == stage.name or not counts["finished"]):
-                state = "failed"
-            elif counts["cancelled"]:
-                state = "cancelled"
-            else:
-                state = "finished"
-            duration = (finish - begin) if begin and finish and not active else None
+            state = stage_state(counts, run_state=self.state, failed_stage=self.failed_stage, stage=stage.name)
+            duration = _seconds(finish - begin) if begin and finish and not active else None
             out.append({"stage": stage.name, "type": stage.type, "state": state, "tasks": len(mine),
                         **counts, "started": _ts(begin), "finished_at": _ts(finish) if not active else None,
                         "duration": duration,

@@ -24,7 +24,9 @@ A user mistake is an ``IPython.core.error.UsageError`` of one line that says wha
 from __future__ import annotations
 
 import difflib
+import re
 import sys
+import textwrap
 import time
 
 from IPython.core.error import UsageError
@@ -93,6 +95,9 @@ class FlowdaptMagics(Magics, Configurable):
                                                 "('' to not push it).").tag(config=True)
     handle_variable = Unicode("_flowdapt_run", help="User-namespace name of the last background run's "
                                                     "RunHandle ('' to not push it).").tag(config=True)
+    full_tracebacks = Bool(False, help="Show a failed stage's whole traceback, flowdapt_nb's own frames "
+                                       "(worker, engine, magics) included; False: the user's frames "
+                                       "first, ours hidden.").tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -120,7 +125,7 @@ class FlowdaptMagics(Magics, Configurable):
                              f"(cell forms: %%flowdapt executor, %%flowdapt workflow)")
         handler = getattr(self, f"_cmd_{sub}")
         if {"-h", "--help"} & set(rest.split()) and getattr(handler, "parser", None) is not None:
-            print(handler.parser.format_help())
+            print(_plain(handler.parser.format_help()) + ("\n" + workflow_help() if sub == "workflow" else ""))
             return None
         return handler(rest, cell)
 
@@ -131,8 +136,14 @@ class FlowdaptMagics(Magics, Configurable):
             args = parse_argstring(handler, rest)
         except UsageError as exc:
             valid = sorted({s for a in handler.parser._actions for s in a.option_strings})
-            raise UsageError(f"%{handler.parser.prog}: {_one_line(exc)}"
-                             + (f"; valid options: {', '.join(valid)}" if valid else "")) from None
+            unknown = re.search(r"unrecognized arguments: (--?[\w-]+)", str(exc))
+            near = ""
+            if unknown:  # compare without the dashes, which every option shares
+                bare = {v.lstrip("-"): v for v in valid}
+                close = difflib.get_close_matches(unknown.group(1).lstrip("-"), list(bare), n=1, cutoff=0.7)
+                near = f"did you mean '{bare[close[0]]}'? " if close else ""
+            raise UsageError(f"%{handler.parser.prog}: {_one_line(exc)}; {near}"
+                             + (f"valid options: {', '.join(valid)}" if valid else "")) from None
         except ValueError as exc:  # unbalanced quotes
             raise UsageError(f"%{handler.parser.prog}: {exc}") from None
         for key, value in vars(args).items():
@@ -443,7 +454,8 @@ class FlowdaptMagics(Magics, Configurable):
         try:
             return handle.wait(0)
         except Exception as exc:  # a failed run: StageError (its cause is the stage's own error)
-            raise exc.with_traceback(None)
+            from .tracebacks import show_user_frames  # the user's frames first, ours one switch away
+            raise show_user_frames(exc, self.shell, self).with_traceback(None)
 
     @staticmethod
     def _wait_cancelled(handle, limit: float = 60.0) -> None:
@@ -534,7 +546,10 @@ class FlowdaptMagics(Magics, Configurable):
         if sub and sub not in SUBCOMMANDS:
             raise UsageError(f"%flowdapt help: unknown subcommand '{sub}'; {_nearest(sub, SUBCOMMANDS)}"
                              f"valid: {', '.join(SUBCOMMANDS)}")
-        print(parser.format_help() if parser is not None else help_text())
+        if sub == "workflow":
+            print(_plain(parser.format_help()) + "\n" + workflow_help())
+            return
+        print(_plain(parser.format_help()) if parser is not None else help_text())
 
     # --- extension lifecycle ----------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -565,22 +580,83 @@ HELP = """\
 %flowdapt dashboard             the native dashboard's link and the live dashboards
 %flowdapt memory [NAMESPACE] [--artifacts]  what cluster memory (and storage) holds: key, type, size
 %flowdapt stop                  close the executor (a cluster it started stops with it)
-%flowdapt help [SUBCOMMAND]     this text, or one subcommand's options (also: SUBCOMMAND --help)
+%flowdapt help [SUBCOMMAND]     this text, or one subcommand's options (also: SUBCOMMAND --help);
+                                %flowdapt help workflow lists a workflow's fields, with an example
 
 Defaults: %config FlowdaptMagics.<trait>: executor (kind), cpus, local_processes,
 ray_logging_level, namespace, progress, widgets, executor_variable, run_variable,
-handle_variable.
+handle_variable, full_tracebacks (a failed stage shows the user's frames; True: ours too).
 """
 
 
+WORKFLOW_FIELDS = """\
+A workflow resource (a %%flowdapt workflow cell, or a .yaml file):
+
+    kind: workflow
+    metadata:
+      name: squares                  the workflow's name (letters, digits, '_' and '-')
+    spec:
+      stages:                        the stages, in any order; each one is a mapping:
+        - name: numbers              the stage's name, unique in the workflow
+          target: make_numbers       the function it calls: a notebook function's name or an
+                                     import path such as mypkg.tasks.make_numbers
+        - name: square
+          target: square
+          type: parameterized        simple (default): one task; parameterized: one task per
+                                     item of its first dependency's output (a fan-out)
+          depends_on: [numbers]      stages whose outputs are its arguments, in order
+          options:
+            map_on: values           parameterized: map over this run-input key instead
+            allow_partial_failure: true   a failing item is dropped (listed in run.failures)
+                                     instead of failing the stage (default true)
+            timeout: 60              seconds before the stage fails
+          resources: {cpus: 1}       what one task needs: cpus, gpus, memory ('2GB') or a custom
+                                     resource the workers declare (--resource licences=1)
+        - name: total
+          target: sum_all
+          depends_on: [square]
+      (also per stage: description, version, priority)
+
+Just the list of stages works too (the cell's NAME is the workflow's name):
+
+    %%flowdapt workflow squares
+    - {name: numbers, target: make_numbers}
+    - {name: square, target: square, type: parameterized, depends_on: [numbers]}
+
+A root stage's parameters come from the run input: %flowdapt run squares --input n=10.
+"""
+
+
+def _plain(text: str) -> str:
+    """Help text without reStructuredText markup: no double backticks, no literal-block '::'."""
+    text = re.sub(r"``([^`]+)``", r"\1", text)
+    text = re.sub(r"\A\s*::\s*\n", "", text)  # IPython's usage block starts with a lone '::'
+    return re.sub(r"::(\s*\n)", r":\1", text)
+
+
+def workflow_help() -> str:
+    """The workflow resource's fields with an example, and why a workflow file is code."""
+    try:
+        from ..workflow import TARGETS_ARE_CODE as code_note
+    except ImportError:  # pragma: no cover - older workflow module
+        code_note = ("A workflow file is code: each target names a Python callable that is imported "
+                     "and called. Run only workflow files you trust.")
+    return WORKFLOW_FIELDS + "\n" + textwrap.fill(code_note, 96) + "\n"
+
+
 def help_text() -> str:
-    """The text of ``%flowdapt help`` and ``%flowdapt?``."""
-    doc = __doc__.strip().split("Load with")[0].strip()
-    names = __doc__[__doc__.index("Names pushed"):].strip()
+    """The text of %flowdapt help and %flowdapt? (plain text, no markup)."""
+    doc = _plain(__doc__.strip().split("Load with")[0].strip())
+    names = _plain(__doc__[__doc__.index("Names pushed"):].strip())
     return f"{doc}\n\n{HELP}\n{names}"
 
 
 FlowdaptMagics.flowdapt.__doc__ = help_text()  # what %flowdapt? shows
+
+# A typo must not pass: argparse would take '--cpu' as '--cpus' (any unambiguous prefix).
+for _handler in vars(FlowdaptMagics).values():
+    if getattr(_handler, "parser", None) is not None:
+        _handler.parser.allow_abbrev = False
 
 
 def load_ipython_extension(ipython) -> None:

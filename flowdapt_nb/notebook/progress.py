@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from ..render import STATE_COLOURS
+from ..states import COLOURS as STATE_COLOURS  # the one state model
 
 _COUNTED = ("queued", "running", "finished", "failed", "cancelled")
 

@@ -1,19 +1,23 @@
 """What every widget shares: the style sheet, number formats, gauges and sparklines drawn as
-HTML/SVG text in Python, and the base class that subscribes to an executor's event stream."""
+HTML/SVG text in Python, the base class that subscribes to an executor's event stream, and
+``inline_styles``, which turns the widgets' class-styled HTML into the inline-styled HTML that a
+saved, untrusted notebook (JupyterLab's sanitizer, GitHub, nbviewer) still shows styled."""
 
 from __future__ import annotations
 
+import base64
 import html
 import threading
 import time
+from html.parser import HTMLParser
 
 import ipywidgets as widgets
 
-from ..render import STATE_COLOURS
+from ..states import COLOURS as STATE_COLOURS
 
 THROTTLE = 0.1  # seconds between redraws: at most ~10 a second
 
-COLOURS = {**STATE_COLOURS, "done": STATE_COLOURS["finished"], "queued": "#b0bec5"}
+COLOURS = STATE_COLOURS  # one palette: flowdapt_nb.states
 
 CSS = """
 <style>
@@ -267,7 +271,8 @@ class FeedWidget(widgets.VBox):
         return data
 
     def _repr_html_(self) -> str:
-        return CSS + '<div class="fnb">' + self._static_html() + "</div>"
+        # inline styles only: a saved notebook opened untrusted drops <style> blocks and <svg>
+        return inline_styles('<div class="fnb">' + self._static_html() + "</div>")
 
     def _static_html(self) -> str:
         """The widget as static HTML (for nbconvert, nbviewer): its inner HTML in a panel."""
@@ -284,3 +289,147 @@ def _close_tree(widget) -> None:
         widget.close()
     except Exception:
         pass
+
+
+# --- sanitizer-safe static HTML ------------------------------------------------------------------
+# A saved notebook that is not trusted (a fresh clone) is sanitized: <style> blocks and inline
+# <svg> are dropped, inline ``style`` attributes with plain values (no var()) and tables survive.
+# So the static views carry every class's look as inline styles, written out here once.
+_MUTED = "color:#6a737d"
+_FONT = "font-family:-apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif"
+_MONO = "font-family:SFMono-Regular,Menlo,Consolas,monospace;font-size:11.5px"
+CLASS_STYLES = {
+    "fnb": f"{_FONT};font-size:12.5px;line-height:1.45;color:#1f2328;white-space:normal",
+    "fnb-panel": "border:1px solid #e0e3e7;border-radius:8px;padding:10px 14px;background:#ffffff;margin:4px 0;"
+                 "overflow-x:auto",
+    "fnb-box": "border:1px solid #e0e3e7;border-radius:8px;padding:10px 14px;background:#ffffff;margin:4px 0",
+    "fnb-head": "display:flex;align-items:center;gap:10px;flex-wrap:wrap;margin-bottom:8px",
+    "fnb-title": "font-weight:600;font-size:14px",
+    "fnb-sub": "font-weight:600;font-size:11px;text-transform:uppercase;letter-spacing:0.05em;color:#6a737d;"
+               "margin:10px 0 4px",
+    "fnb-muted": _MUTED,
+    "fnb-spacer": "flex:1",
+    "fnb-badge": "display:inline-block;border-radius:10px;padding:0 8px;font-size:10.5px;line-height:18px;"
+                 "color:#ffffff;font-weight:600;text-transform:uppercase;letter-spacing:0.04em;white-space:nowrap",
+    "fnb-stats": "display:flex;gap:22px;flex-wrap:wrap;margin:2px 0 8px",
+    "fnb-stat": "display:flex;flex-direction:column",
+    "fnb-table": "border-collapse:collapse;width:100%",
+    "fnb-num": "text-align:right",
+    "fnb-mono": _MONO,
+    "fnb-bar": "display:flex;height:12px;border-radius:6px;overflow:hidden;background:#eceff1;min-width:180px;"
+               "width:100%",
+    "fnb-seg": "height:100%",
+    "fnb-seg-done": "background:#43a047", "fnb-seg-failed": "background:#e53935",
+    "fnb-seg-cancelled": "background:#fb8c00", "fnb-seg-queued": "background:#b0bec5",
+    "fnb-seg-running": "background:#1e88e5",
+    "fnb-legend": "display:flex;gap:14px;font-size:11px;color:#6a737d;margin-top:4px",
+    "fnb-dot": "display:inline-block;width:9px;height:9px;border-radius:2px;margin-right:4px;vertical-align:-1px",
+    "fnb-err": "color:#c62828", "fnb-ok": "color:#2e7d32",
+    "fnb-pre": "font-family:SFMono-Regular,Menlo,Consolas,monospace;font-size:11.5px;white-space:pre-wrap;"
+               "background:#f6f8fa;border:1px solid #e0e3e7;border-left:3px solid #e53935;border-radius:4px;"
+               "padding:8px 10px;margin:4px 0;max-height:320px;overflow:auto",
+    "fnb-gauge": "display:flex;align-items:center;gap:6px",
+    "fnb-gauge-track": "position:relative;width:90px;height:8px;border-radius:4px;background:#eceff1;"
+                       "overflow:hidden;flex:none",
+    "fnb-gauge-fill": "position:absolute;left:0;top:0;bottom:0;border-radius:4px",
+    "fnb-gauge-text": "min-width:86px",
+    "fnb-cell": "display:flex;flex-direction:column",
+    "fnb-res": "display:inline-flex;align-items:center;gap:4px;margin-right:10px",
+    "fnb-kv": "display:grid;grid-template-columns:max-content 1fr;gap:2px 14px",
+    "fnb-link": "color:#1976d2;text-decoration:none;font-weight:600",
+    "fnb-empty": "color:#6a737d;font-style:italic;padding:6px 0",
+    "fnb-stage-error": "color:#c62828;font-size:11.5px",
+}
+# (ancestor class, tag): the style sheet's descendant rules
+DESCENDANT_STYLES = {
+    ("fnb-table", "th"): "text-align:left;font-weight:600;font-size:10.5px;text-transform:uppercase;"
+                         "letter-spacing:0.04em;color:#6a737d;border-bottom:1px solid #e0e3e7;padding:3px 8px",
+    ("fnb-table", "td"): "padding:4px 8px;border-bottom:1px solid #f0f2f4;vertical-align:middle;white-space:nowrap",
+    ("fnb-stat", "b"): "font-size:18px;font-weight:600;line-height:1.2",
+    ("fnb-stat", "span"): "font-size:10.5px;text-transform:uppercase;letter-spacing:0.05em;color:#6a737d",
+}
+_DROPPED = {"svg", "style", "script"}
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+class _Inliner(HTMLParser):
+    """Rewrites HTML: each element gets its classes' styles inline (its own ``style`` last, so it
+    wins), <style>/<script> are dropped, and <svg> too, or replaced by its ``data-fallback`` HTML."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=False)
+        self.out: list[str] = []
+        self.stack: list[list] = []  # [classes, tag, children seen]
+        self.skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        self._start(tag, attrs, closed=False)
+
+    def handle_startendtag(self, tag, attrs):
+        self._start(tag, attrs, closed=True)
+
+    def _start(self, tag, attrs, closed):
+        if self.skip or tag in _DROPPED:
+            fallback = dict(attrs).get("data-fallback") if tag == "svg" and not self.skip else None
+            if fallback:  # an SVG that carries its own sanitizer-safe HTML, base64 (dag.dag_svg)
+                try:
+                    self.out.append(inline_styles(base64.b64decode(fallback).decode()))
+                except ValueError:
+                    pass
+            if not closed and tag not in _VOID:
+                self.skip += 1
+            return
+        attrs = dict(attrs)
+        classes = (attrs.get("class") or "").split()
+        rules = [CLASS_STYLES[c] for c in classes if c in CLASS_STYLES]
+        open_classes = {c for entry in self.stack for c in entry[0]}
+        rules += [css for (anc, t), css in DESCENDANT_STYLES.items() if t == tag and anc in open_classes]
+        if self.stack:
+            parent = self.stack[-1]
+            parent[2] += 1
+            if "fnb-kv" in parent[0] and parent[2] % 2:  # the grid's labels (odd children) are muted
+                rules.append(_MUTED)
+        if attrs.get("style"):
+            rules.append(attrs["style"])
+        if rules:
+            attrs["style"] = ";".join(r.strip().rstrip(";") for r in rules if r.strip())
+        text = "".join(f' {k}="{html.escape(v, quote=True)}"' if v is not None else f" {k}"
+                       for k, v in attrs.items())
+        self.out.append(f"<{tag}{text}{' /' if closed else ''}>")
+        if not closed and tag not in _VOID:
+            self.stack.append([classes, tag, 0])
+
+    def handle_endtag(self, tag):
+        if self.skip:
+            if tag not in _VOID:
+                self.skip -= 1
+            return
+        if tag in _VOID:
+            return
+        # close up to the matching open element (tolerates unclosed children)
+        for i in range(len(self.stack) - 1, -1, -1):
+            if self.stack[i][1] == tag:
+                del self.stack[i:]
+                break
+        self.out.append(f"</{tag}>")
+
+    def handle_data(self, data):
+        if not self.skip:
+            self.out.append(data)
+
+    def handle_entityref(self, name):
+        if not self.skip:
+            self.out.append(f"&{name};")
+
+    def handle_charref(self, name):
+        if not self.skip:
+            self.out.append(f"&#{name};")
+
+
+def inline_styles(markup: str) -> str:
+    """``markup`` with every ``fnb-*`` class's look written into inline ``style`` attributes and
+    <style>/<svg> removed: what still reads well after a notebook sanitizer."""
+    parser = _Inliner()
+    parser.feed(markup)
+    parser.close()
+    return "".join(parser.out)

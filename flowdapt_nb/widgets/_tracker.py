@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from ..events import TASK_STATES, state_advances
+from ..states import TASK_STATES, TERMINAL, advances, stage_state
 
 COUNT_KEYS = ("done", "running", "failed", "queued", "cancelled")
 _KEY_OF = {"finished": "done", "running": "running", "failed": "failed", "queued": "queued",
@@ -59,7 +59,7 @@ class RunTracker:
         if getattr(event, "kind", None) != "task" or event.run != self.uid:
             return False
         start = event.time if event.state == "running" else None
-        end = event.time if event.state in ("finished", "failed", "cancelled") else None
+        end = event.time if event.state in TERMINAL else None
         queued = event.time if event.state == "queued" else None
         return self._update(event.stage, event.item, event.state, event.time, worker=event.worker,
                             error=event.error, queued=queued, start=start, end=end)
@@ -74,7 +74,7 @@ class RunTracker:
                                      "queued": None, "start": None, "end": None, "error": None}
         changed = False
         old = row["state"]
-        if state in _KEY_OF and state_advances(old, state) and old != state:
+        if state in _KEY_OF and advances(old, state) and old != state:
             if old is not None:
                 self.counts[stage][old] -= 1
             self.counts[stage][state] += 1
@@ -124,19 +124,9 @@ class RunTracker:
         return out
 
     def stage_state(self, stage: str) -> str:
-        c = self.counts[stage]
-        total = sum(c.values())
-        if not total:
-            if self.run.done:
-                return "cancelled" if self.run.state == "cancelled" else "skipped"
-            return "pending"
-        if c["queued"] or c["running"]:
-            return "running" if c["running"] or c["finished"] else "queued"
-        if c["failed"] and (self.run.failed_stage == stage or not c["finished"]):
-            return "failed"
-        if c["cancelled"]:
-            return "cancelled"
-        return "finished"
+        """The stage's state by the one rule every view uses (``flowdapt_nb.states.stage_state``)."""
+        return stage_state(self.counts[stage], run_state=self.run.state, failed_stage=self.run.failed_stage,
+                           stage=stage)
 
     def stage_states(self) -> dict:
         return {s: self.stage_state(s) for s in self.stage_names}
@@ -189,6 +179,17 @@ class RunTracker:
         return {"stage": r["stage"], "item": r["item"], "state": r["state"], "worker": r["worker"],
                 "start": r["start"], "end": r["end"], "duration": duration, "error": r["error"],
                 "changed": self.recent.get(key)}
+
+    def expected_tasks(self) -> int | None:
+        """How many tasks the run will have, or None while a fan-out that hasn't started could
+        still add any number (a stage not started yet counts one task if it is simple)."""
+        expected = self.totals()["total"]
+        for stage in self.stage_names:
+            if not sum(self.counts[stage].values()) and not self.run.done:
+                if self.types[stage] != "simple":
+                    return None
+                expected += 1
+        return expected
 
     def totals(self) -> dict:
         out = dict.fromkeys(COUNT_KEYS, 0)

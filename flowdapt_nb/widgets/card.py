@@ -152,10 +152,23 @@ class ExecutorCard(FeedWidget):
                 '<div class="fnb-kv">'
                 f'<span>address</span><span class="fnb-mono">{esc(self.address or "–")}</span>'
                 f'<span>dashboard</span><span>{dash}</span>'
-                f'<span>workers</span><span><b class="fnb-card-workers">{self.n_workers}</b></span>'
+                f'<span>workers</span><span><b class="fnb-card-workers">{self.n_workers}</b>{esc(self._pool_note())}'
+                '</span>'
                 f'<span>resources</span><span>{totals}</span>'
                 f'<span>runs</span><span>{self.runs} ({self.active_runs} active)</span>'
                 f'</div>{err}</div>')
+
+    def _pool_note(self) -> str:
+        """What a local executor's workers are, so '1' next to 'threads x2' reads right: one
+        process (this kernel) running a pool of 2 threads, or 2 worker processes."""
+        if self.kind != "local":
+            return ""
+        pool, _, size = self.address.rpartition(" x")
+        if not size.isdigit():
+            return ""
+        if pool.endswith("threads"):
+            return f" (this kernel's process, {size} threads)"
+        return f" worker process{'es' if self.n_workers != 1 else ''}"
 
     def __repr__(self) -> str:
         totals = ", ".join(f"{k} {fmt_amount(k, v)}" for k, v in sorted(self.resources.items())
@@ -163,6 +176,6 @@ class ExecutorCard(FeedWidget):
         return (f"{type(self.executor).__name__} ({self.kind}) {self.state}\n"
                 f"  address:   {self.address or '-'}\n"
                 f"  dashboard: {self.dashboard_url or '-'}\n"
-                f"  workers:   {self.n_workers}\n"
+                f"  workers:   {self.n_workers}{self._pool_note()}\n"
                 f"  resources: {totals}\n"
                 f"  runs:      {self.runs} ({self.active_runs} active)")

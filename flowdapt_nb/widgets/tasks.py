@@ -235,13 +235,7 @@ class TaskDashboard(FeedWidget):
                     'and it shows up here.</div></div>')
         run = tracker.run
         totals = tracker.totals()
-        expected, open_ended = totals["total"], False
-        for stage in tracker.stage_names:  # stages not launched yet: one task each if simple
-            if not sum(tracker.counts[stage].values()) and not run.done:
-                if tracker.types[stage] == "simple":
-                    expected += 1
-                else:
-                    open_ended = True
+        expected = tracker.expected_tasks()  # None until every fan-out's size is known
         error = (f'<div class="fnb-err fnb-run-error" style="margin:0 0 6px">{esc(run.error)}</div>'
                  if run.error else "")
         head = (f'<div class="fnb-head"><span class="fnb-title">{esc(run.workflow)}</span>'
@@ -250,8 +244,9 @@ class TaskDashboard(FeedWidget):
                 f'{" · namespace " + esc(run.namespace) if run.namespace != "default" else ""}</span></div>')
         failed_colour = "#e53935" if totals["failed"] else "inherit"
         stats = ('<div class="fnb-stats">'
-                 f'<div class="fnb-stat"><b class="fnb-run-done">{totals["done"]}/{expected}{"+" if open_ended else ""}'
-                 '</b><span>tasks done</span></div>'
+                 f'<div class="fnb-stat"><b class="fnb-run-done">{totals["done"]}'
+                 f'{"" if expected is None else f"/{expected}"}</b>'
+                 f'<span>tasks done{" (total not known yet)" if expected is None else ""}</span></div>'
                  f'<div class="fnb-stat"><b class="fnb-run-running" style="color:#1e88e5">{totals["running"]}</b>'
                  '<span>running</span></div>'
                  f'<div class="fnb-stat"><b class="fnb-run-queued">{totals["queued"]}</b><span>queued</span></div>'
