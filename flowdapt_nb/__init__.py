@@ -33,6 +33,8 @@ _EXPORTS = {
     "DaskExecutor": "flowdapt_nb.executors.dask",
     "RayExecutor": "flowdapt_nb.executors.ray",
     "run_workflow": "flowdapt_nb.api",
+    "runs": "flowdapt_nb.run_history",
+    "load_run": "flowdapt_nb.run_history",
 }
 _MODULES = {"cluster_memory", "object_store", "widgets"}
 

@@ -89,6 +89,9 @@ class ExecutorFields(BaseModel):
     allowed_targets: list[str] | None = Field(
         None, description="import-path prefixes every stage target must start with, e.g. "
                           "[mypkg., __main__]; checked before anything is imported (None: any target)")
+    runs: Union[bool, str, None] = Field(
+        None, description="the run store (SQLite) this executor records runs in: a file path, ':memory:', or "
+                          "off/false (None: $FLOWDAPT_NB_RUNS, else <user data dir>/runs.sqlite)")
 
     _v_allowed = field_validator("allowed_targets", mode="before")(classmethod(lambda cls, v: _allowed_targets(v)))
 

@@ -34,6 +34,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Artifacts the suite writes go to a temp folder, never the user's data dir.
 _ARTIFACTS_TMP = tempfile.mkdtemp(prefix="fnb-artifacts-")
 os.environ.setdefault("FLOWDAPT_NB_ARTIFACTS", _ARTIFACTS_TMP)
+# So do the runs the suite records (the run store), and every process a test starts inherits it.
+os.environ.setdefault("FLOWDAPT_NB_RUNS", os.path.join(tempfile.mkdtemp(prefix="fnb-runs-"), "runs.sqlite"))
 
 EXECUTOR_KINDS = ["threads", "processes", "dask", "ray"]
 OUTPUT_DIR = ROOT / "test-output"

@@ -60,6 +60,7 @@ class Executor:
         self._sampler = None
         self._memory = None  # the cluster memory store (or a handle to it) while running
         self._started_at: float | None = None
+        self._run_store = None  # flowdapt_nb.run_store.RunStore while running (None: runs: off)
 
     # --- lifecycle ---
     @property
@@ -80,6 +81,7 @@ class Executor:
             backend = self._open()
             self._closed = False
             self.events.reopen()
+            self._attach_run_store()
             self._backend = backend
             self._started_at = time.time()
             _current = self
@@ -279,6 +281,8 @@ class Executor:
                 finally:
                     handle._finished.set()
 
+        if self._run_store is not None:  # recorded as it goes, by the store's own thread
+            self._run_store.begin(run, self)
         handle._thread = threading.Thread(target=drive, name=f"flowdapt-nb-run-{run.uid[:8]}", daemon=True)
         handle._thread.start()
         return handle
@@ -299,6 +303,12 @@ class Executor:
             handle._finished.wait(30)
             raise
         return handle.wait()
+
+    def _attach_run_store(self) -> None:
+        """Record this executor's runs in the run store its ``runs:`` setting names (the bus is
+        new after each start, so the store subscribes again)."""
+        from ..run_store import attach_executor
+        self._run_store = attach_executor(self)
 
     def _storage_for_workers(self):
         """The storage setting stages use; with none set, the driver's default folder, resolved

@@ -1,0 +1,393 @@
+"""The run store: every run's record in SQLite, written as it goes, readable from any process.
+
+Where: ``$FLOWDAPT_NB_RUNS`` when set, else ``<user data dir>/runs.sqlite`` (beside the
+``artifacts`` folder); an executor's ``runs:`` field overrides it (a path, ``":memory:"``, or
+``off``/``false``). What: workflow (YAML and its hash), input (a JSON-able repr), executor config,
+state, timings, per-stage summaries, every task row, every failure with its traceback, and the
+result's type and estimated size (never the result itself).
+
+Why a writer thread: the executor's event bus hands events to ``_Writer.put`` (a C queue put), and
+one daemon thread per database writes them in batches at most ~0.5 s apart, so the engine's thread
+never waits on disk and a killed process loses at most the last batch. SQLite runs in WAL mode with
+a busy timeout, so two kernels writing the same file are safe.
+
+A run whose writer process is gone while its record still says pending/running reads back as
+``lost`` (the process was killed or exited mid-run).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import queue
+import socket
+import sqlite3
+import threading
+import time
+
+ENV_VAR = "FLOWDAPT_NB_RUNS"
+OFF = ("off", "false", "no", "none", "disabled")
+FLUSH_EVERY = 0.5  # seconds between batches: what a killed process can lose
+HEARTBEAT_EVERY = 5.0  # seconds between 'still running' marks of active runs
+STALE_AFTER = 120.0  # a running record not marked for this long, from another host, reads as lost
+REPR_LIMIT = 2000  # characters kept of one input value's repr
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    uid TEXT PRIMARY KEY, name TEXT, workflow TEXT, workflow_hash TEXT, workflow_yaml TEXT,
+    input_json TEXT, namespace TEXT, executor TEXT, config_json TEXT, state TEXT, error TEXT,
+    failed_stage TEXT, created REAL, started REAL, finished REAL, result_type TEXT,
+    result_bytes INTEGER, stages_json TEXT, n_tasks INTEGER, n_failures INTEGER,
+    pid INTEGER, host TEXT, proc_start REAL, heartbeat REAL);
+CREATE INDEX IF NOT EXISTS runs_by_workflow ON runs (workflow, created);
+CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created);
+CREATE TABLE IF NOT EXISTS tasks (
+    run_uid TEXT NOT NULL, stage TEXT NOT NULL, item INTEGER NOT NULL, state TEXT, worker TEXT,
+    queued REAL, start REAL, "end" REAL, error TEXT, PRIMARY KEY (run_uid, stage, item));
+CREATE TABLE IF NOT EXISTS failures (
+    run_uid TEXT NOT NULL, seq INTEGER NOT NULL, stage TEXT, item INTEGER, error TEXT,
+    error_type TEXT, traceback TEXT, PRIMARY KEY (run_uid, seq));
+"""
+SIMPLE_ITEM = -1  # a simple stage's task (item None) in the tasks table's key
+
+
+# --- where ----------------------------------------------------------------------------------------
+
+def default_path() -> str:
+    """``$FLOWDAPT_NB_RUNS`` when set, else ``<user data dir>/runs.sqlite``."""
+    from .artifacts import user_data_dir
+    return os.environ.get(ENV_VAR) or os.path.join(user_data_dir(), "runs.sqlite")
+
+
+def resolve_setting(setting) -> str | None:
+    """The database an executor's ``runs:`` setting names: a path, ':memory:', or None (off).
+    ``None``/``True`` mean the default; ``False`` or 'off' turn the store off."""
+    if setting is None or setting is True:
+        setting = os.environ.get(ENV_VAR) or None
+        if setting is None:
+            return default_path()
+    if setting is False or (isinstance(setting, str) and setting.strip().lower() in OFF):
+        return None
+    if setting == ":memory:":
+        return setting
+    return os.path.abspath(os.path.expanduser(str(setting)))
+
+
+_stores: dict[str, "RunStore"] = {}
+_stores_lock = threading.Lock()
+
+
+def get_store(setting=None) -> "RunStore | None":
+    """The store for a ``runs:`` setting (one per database per process), or None when off."""
+    path = resolve_setting(setting)
+    if path is None:
+        return None
+    with _stores_lock:
+        store = _stores.get(path)
+        if store is None:
+            store = _stores[path] = RunStore(path)
+        return store
+
+
+def attach_executor(executor) -> "RunStore | None":
+    """The store an executor's ``runs:`` setting names, subscribed to its events; None when off.
+    A store that can't be opened (a read-only folder, a damaged file) is a warning, never a
+    failed start: runs then go unrecorded."""
+    try:
+        store = get_store(executor.config.runs)
+        if store is not None:
+            store.attach(executor)
+        return store
+    except Exception as exc:
+        import warnings
+        warnings.warn(f"run store not used ({type(exc).__name__}: {exc}); set runs: to a writable path, "
+                      f"or runs: off", RuntimeWarning, stacklevel=3)
+        return None
+
+
+# --- what goes in ---------------------------------------------------------------------------------
+
+def _jsonable(value, depth: int = 0):
+    """A JSON-able stand-in for a run input: plain values as they are, others as a short repr."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value if not isinstance(value, str) or len(value) <= REPR_LIMIT else value[:REPR_LIMIT] + "…"
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else repr(value)
+    if depth < 4 and isinstance(value, (list, tuple)) and len(value) <= 100:
+        return [_jsonable(v, depth + 1) for v in value]
+    if depth < 4 and isinstance(value, dict) and len(value) <= 100:
+        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
+    text = repr(value)
+    return text if len(text) <= REPR_LIMIT else text[:REPR_LIMIT] + "…"
+
+
+def _workflow_text(definition) -> str:
+    try:
+        return definition.to_yaml()
+    except Exception:  # a definition that can't be written back (exotic targets): its repr
+        return repr(definition)
+
+
+def _result_info(result) -> tuple[str | None, int | None]:
+    if result is None:
+        return None, None
+    from .sizes import estimate_bytes
+    kind = type(result)
+    try:
+        size = int(estimate_bytes(result))
+    except Exception:
+        size = None
+    return f"{kind.__module__}.{kind.__qualname__}", size
+
+
+def _stage_summaries(run, rows: list[dict]) -> list[dict]:
+    """Per stage: state, task counts, start, end, duration (seconds)."""
+    from .states import TASK_STATES, stage_state
+    out = []
+    for stage in run.definition.stages:
+        mine = [r for r in rows if r["stage"] == stage.name]
+        counts = {s: sum(1 for r in mine if r["state"] == s) for s in TASK_STATES}
+        starts = [r["start"] for r in mine if r["start"]]
+        ends = [r["end"] for r in mine if r["end"]]
+        begin, end = (min(starts) if starts else None), (max(ends) if ends else None)
+        state = stage_state(counts, run_state=run.state, failed_stage=run.failed_stage, stage=stage.name)
+        out.append({"stage": stage.name, "type": stage.type, "state": state, "tasks": len(mine), **counts,
+                    "start": begin, "end": end,
+                    "duration": (end - begin) if begin and end and not counts["queued"] + counts["running"]
+                    else None})
+    return out
+
+
+def _failure_rows(run) -> list[tuple]:
+    """Every failure: items dropped under allow_partial_failure, then the run's own error."""
+    import traceback as tb
+    rows = [(f.stage, f.item, f.error, f.error_type, f.traceback) for f in run.failures]
+    exc = run.exception
+    if exc is not None:
+        cause = exc.__cause__ or exc
+        text = getattr(cause, "remote_traceback", None) or getattr(exc, "remote_traceback", None)
+        if not text:
+            text = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
+        rows.append((getattr(exc, "stage", None) or run.failed_stage, getattr(exc, "item", None),
+                     run.error or f"{type(exc).__name__}: {exc}", type(cause).__name__, text))
+    return rows
+
+
+def _task_params(uid: str, rows) -> list[tuple]:
+    return [(uid, r["stage"], SIMPLE_ITEM if r["item"] is None else r["item"], r["state"], r["worker"],
+             r["queued"], r["start"], r["end"], r["error"]) for r in rows]
+
+
+_TASK_UPSERT = ('INSERT INTO tasks (run_uid, stage, item, state, worker, queued, start, "end", error) '
+                'VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (run_uid, stage, item) DO UPDATE SET '
+                'state=excluded.state, worker=excluded.worker, queued=excluded.queued, '
+                'start=excluded.start, "end"=excluded."end", error=excluded.error')
+
+
+# --- the store ------------------------------------------------------------------------------------
+
+class RunStore:
+    """One SQLite database of runs: a writer thread for this process's runs, and readers."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.Lock()  # one connection, shared by the writer and readers
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA busy_timeout = 30000")
+        if path != ":memory:":
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.executescript(SCHEMA)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._runs: dict = {}  # uid -> WorkflowRun still being written
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._pid = os.getpid()
+        self._host = socket.gethostname()
+        self._proc_start = _process_start(self._pid)
+        self.errors = 0  # batches that failed to write (logged; runs go on)
+
+    # --- writing: called from the executor (cheap: a queue put) ---
+    def begin(self, run, executor) -> None:
+        """A run was submitted: its record is written with the next batch."""
+        self._ensure_writer()
+        self._queue.put(("begin", run, executor.config_dict()))
+
+    def on_event(self, event) -> None:
+        """The event-bus subscriber: task and run events, handed to the writer thread."""
+        self._queue.put(("event", event))
+
+    def attach(self, executor) -> int:
+        """Subscribe to an executor's event bus; returns the token."""
+        self._ensure_writer()
+        return executor.events.subscribe(self.on_event, kinds=("task", "run"))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until what this process handed the writer so far is on disk."""
+        if self._thread is None:
+            return True
+        done = threading.Event()
+        self._queue.put(("flush", done))
+        return done.wait(timeout)
+
+    # --- the writer thread ---
+    def _ensure_writer(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._write_loop, name="flowdapt-nb-run-store",
+                                                daemon=True)
+                self._thread.start()
+
+    def _write_loop(self) -> None:
+        last_beat = 0.0
+        while True:
+            batch = [self._queue.get()]
+            deadline = time.monotonic() + FLUSH_EVERY
+            while True:  # gather what arrives within the batch window, or until a flush is asked for
+                if batch[-1][0] == "flush":
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(self._queue.get(timeout=left))
+                except queue.Empty:
+                    break
+            now = time.time()
+            beat = bool(self._runs) and now - last_beat > HEARTBEAT_EVERY
+            try:
+                self._write(batch, now if beat else None)
+                if beat:
+                    last_beat = now
+            except Exception:
+                self.errors += 1
+                import logging
+                logging.getLogger("flowdapt_nb").exception("run store: writing a batch to %s failed", self.path)
+            for entry in batch:
+                if entry[0] == "flush":
+                    entry[1].set()
+
+    def _write(self, batch: list, heartbeat: float | None) -> None:
+        begins, touched, ended = [], {}, []
+        for entry in batch:
+            if entry[0] == "begin":
+                _, run, config = entry
+                self._runs[run.uid] = run
+                begins.append(self._begin_row(run, config))
+            elif entry[0] == "event":
+                event = entry[1]
+                run = self._runs.get(event.run)
+                if run is None:
+                    continue
+                if event.kind == "task":
+                    touched.setdefault(run.uid, set()).add((event.stage, event.item))
+                elif event.state in ("finished", "failed", "cancelled"):
+                    ended.append(run)
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if begins:
+                    db.executemany(
+                        "INSERT OR REPLACE INTO runs (uid, name, workflow, workflow_hash, workflow_yaml, "
+                        "input_json, namespace, executor, config_json, state, created, pid, host, proc_start, "
+                        "heartbeat) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", begins)
+                for uid, keys in touched.items():
+                    run = self._runs[uid]
+                    with run._lock:
+                        rows = [dict(run._tasks[k]) for k in keys if k in run._tasks]
+                    db.executemany(_TASK_UPSERT, _task_params(uid, rows))
+                for uid, run in self._runs.items():  # state and timings of every run in progress
+                    db.execute("UPDATE runs SET state=?, started=?, error=? WHERE uid=?",
+                               (run.state, run._started, run.error, uid))
+                if heartbeat is not None:
+                    db.executemany("UPDATE runs SET heartbeat=? WHERE uid=?",
+                                   [(heartbeat, uid) for uid in self._runs])
+                for run in ended:
+                    self._end(db, run)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        for run in ended:
+            self._runs.pop(run.uid, None)
+
+    def _begin_row(self, run, config: dict) -> tuple:
+        text = _workflow_text(run.definition)
+        return (run.uid, run.name, run.workflow, hashlib.sha256(text.encode()).hexdigest()[:16], text,
+                json.dumps(_jsonable(run.input)), run.namespace, run.executor,
+                json.dumps(_jsonable(config)), run.state, time.time(), self._pid, self._host,
+                self._proc_start, time.time())
+
+    def _end(self, db, run) -> None:
+        """A run ended: its final record from the run object (all rows with their timings)."""
+        with run._lock:
+            rows = [dict(r) for r in run._tasks.values()]
+        db.executemany(_TASK_UPSERT, _task_params(run.uid, rows))
+        failures = _failure_rows(run)
+        db.execute("DELETE FROM failures WHERE run_uid=?", (run.uid,))
+        db.executemany("INSERT INTO failures VALUES (?,?,?,?,?,?,?)",
+                       [(run.uid, i, *f) for i, f in enumerate(failures)])
+        rtype, rbytes = _result_info(run.result)
+        db.execute("UPDATE runs SET state=?, error=?, failed_stage=?, started=?, finished=?, result_type=?, "
+                   "result_bytes=?, stages_json=?, n_tasks=?, n_failures=?, heartbeat=? WHERE uid=?",
+                   (run.state, run.error, run.failed_stage, run._started, run._finished, rtype, rbytes,
+                    json.dumps(_stage_summaries(run, rows)), len(rows), len(failures), time.time(), run.uid))
+
+    # --- reading ---
+    def query(self, sql: str, params=()) -> list[sqlite3.Row]:
+        with self._lock:
+            cursor = self._db.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def close(self) -> None:
+        self.flush(5)
+        with self._lock:
+            self._db.close()
+
+
+def _process_start(pid: int) -> float | None:
+    try:
+        import psutil
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None
+
+
+def _writer_gone(row: dict, here: str) -> bool:
+    """Whether the process that wrote a pending/running record is gone (killed, or exited mid-run)."""
+    if row["host"] == here:
+        pid = row["pid"]
+        if pid == os.getpid() and row.get("proc_start") == _process_start(pid):
+            store_runs = [uid for s in list(_stores.values()) for uid in list(s._runs)]
+            return row["uid"] not in store_runs
+        started = _process_start(pid) if pid else None
+        if started is None:
+            return True
+        return row.get("proc_start") is not None and abs(started - row["proc_start"]) > 1.0
+    return row.get("heartbeat") is not None and time.time() - row["heartbeat"] > STALE_AFTER
+
+
+def apply_lost(row: dict, here: str | None = None) -> dict:
+    """A pending/running record whose writer is gone reads as 'lost', saying why."""
+    if row.get("state") in ("pending", "running") and _writer_gone(row, here or socket.gethostname()):
+        row["state"] = "lost"
+        row["error"] = (f"the process that ran it (pid {row['pid']} on {row['host']}) ended before the run "
+                        f"did: killed, or exited mid-run")
+    return row
+
+
+@atexit.register
+def _flush_all() -> None:  # a clean exit writes the last batch
+    for store in list(_stores.values()):
+        try:
+            store.flush(2.0)
+        except Exception:
+            pass

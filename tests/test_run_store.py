@@ -1,0 +1,219 @@
+"""The run store (issue 19, part 1): runs written as they go on every executor, read back in a
+new process; two writers at once; a driver killed mid-run leaves a 'lost' record; the magics and
+the CLI read runs of earlier processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import flowdapt_nb as fnb
+from flowdapt_nb.run_store import get_store
+
+TESTS_DIR = Path(__file__).resolve().parent
+CLI = [sys.executable, "-m", "flowdapt_nb.cli"]
+
+PARTIAL = {"name": "store_partial", "stages": [
+    {"name": "numbers", "target": "stages.numbers"},
+    {"name": "checked", "target": "stages.fail_on_three", "type": "parameterized", "depends_on": ["numbers"],
+     "options": {"allow_partial_failure": True}},
+    {"name": "total", "target": "stages.total", "depends_on": ["checked"]}]}
+FAILING = {"name": "store_boom", "stages": [
+    {"name": "numbers", "target": "stages.numbers"},
+    {"name": "explode", "target": "stages.boom", "depends_on": ["numbers"]}]}
+
+# Reads runs back in a fresh interpreter: nothing of the writing process is shared but the file.
+READER = """
+import json, sys
+import flowdapt_nb as fnb
+db, uids = sys.argv[1], sys.argv[2:]
+out = {}
+for uid in uids:
+    run = fnb.load_run(uid, store=db)
+    out[uid] = {"state": run.state, "executor": run.executor, "input": run.input,
+                "target": run.config.get("target"), "error": run.error,
+                "tasks": {k: int(v) for k, v in run.tasks.groupby("state").size().items()},
+                "stages": run.stages.set_index("stage")["state"].to_dict(),
+                "failures": [[f.stage, f.item, f.error_type, f.error, f.traceback or ""] for f in run.failures],
+                "result_type": run.result_type, "workflow_hash": run.workflow_hash,
+                "yaml": run.workflow_yaml, "finished": run.finished_at is not None}
+frame = fnb.runs(store=db)
+out["listed"] = dict(zip(frame["uid"], frame["state"]))
+print(json.dumps(out))
+"""
+
+
+def read_back(db, *uids) -> dict:
+    out = subprocess.run([sys.executable, "-c", READER, str(db), *uids], capture_output=True, text=True,
+                         timeout=120, cwd=TESTS_DIR)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_runs_on_each_executor_read_back_in_a_new_process(executor):
+    store = executor._run_store
+    assert store is not None and store.path == os.environ["FLOWDAPT_NB_RUNS"]  # the suite's temp DB
+    good = executor.run(PARTIAL, input={"n": 5})
+    with pytest.raises(fnb.StageError):
+        executor.run(FAILING, input={"n": 2})
+    bad = executor.history[-1]
+    assert store.flush()
+    seen = read_back(store.path, good.uid, bad.uid)
+
+    g = seen[good.uid]
+    assert g["state"] == "finished" and g["executor"] == executor.kind and g["input"] == {"n": 5}
+    assert g["target"] == executor.kind and g["finished"]
+    assert g["tasks"] == {"failed": 1, "finished": 6}  # numbers, 5 items (one failed), total
+    assert g["stages"] == {"numbers": "finished", "checked": "finished", "total": "finished"}
+    assert [f[:4] for f in g["failures"]] == [["checked", 3, "ValueError", "ValueError: item 3 is bad"]]
+    assert "fail_on_three" in g["failures"][0][4]  # the worker's traceback
+    assert g["result_type"] == "builtins.int" and "stages.fail_on_three" in g["yaml"]
+
+    b = seen[bad.uid]
+    assert b["state"] == "failed" and "explode" in b["error"]
+    assert b["stages"]["explode"] == "failed"
+    [failure] = b["failures"]
+    assert failure[0] == "explode" and failure[2] == "KeyError" and "boom happened" in failure[4]
+    assert b["result_type"] is None
+    assert seen["listed"][good.uid] == "finished" and seen["listed"][bad.uid] == "failed"
+
+
+def test_store_off_and_in_memory(tmp_path):
+    with fnb.LocalExecutor(use_processes=False, cpus=1, runs="off") as ex:
+        ex.run(PARTIAL, input={"n": 2})
+        assert ex._run_store is None
+    with fnb.LocalExecutor(use_processes=False, cpus=1, runs=":memory:") as ex:
+        run = ex.run(PARTIAL, input={"n": 2})
+        frame = fnb.runs(store=":memory:")
+        assert run.uid in set(frame["uid"])
+        assert fnb.load_run(run.uid, store=":memory:").stages["state"].tolist() == ["finished"] * 3
+    db = tmp_path / "sub" / "mine.sqlite"
+    with fnb.LocalExecutor(use_processes=False, cpus=1, runs=str(db)) as ex:
+        run = ex.run(PARTIAL, input={"n": 3})
+    assert fnb.runs(store=str(db))["uid"].tolist() == [run.uid]
+    with pytest.raises(ValueError, match="off"):
+        fnb.runs(store="off")
+
+
+def test_config_runs_field_from_yaml(tmp_path):
+    db = tmp_path / "from_yaml.sqlite"
+    ex = fnb.executor_from_config(f"target: local\nuse_processes: false\ncpus: 1\nruns: {db}\n")
+    with ex:
+        run = ex.run(PARTIAL, input={"n": 2})
+    assert fnb.load_run(run.uid, store=str(db)).state == "finished"
+    assert fnb.executor_from_config("target: local\nruns: off\n").config.runs is False
+
+
+def test_filters_and_lookup(tmp_path):
+    db = str(tmp_path / "filters.sqlite")
+    with fnb.LocalExecutor(use_processes=False, cpus=2, runs=db) as ex:
+        first = ex.run(PARTIAL, input={"n": 3})
+        with pytest.raises(fnb.StageError):
+            ex.run(FAILING)
+        failed = ex.history[-1]
+    assert fnb.runs(workflow="store_boom", store=db)["uid"].tolist() == [failed.uid]
+    assert fnb.runs(state="failed", store=db)["uid"].tolist() == [failed.uid]
+    assert fnb.runs(store=db)["uid"].tolist() == [failed.uid, first.uid]  # newest first
+    assert fnb.runs(since="2999-01-01", store=db).empty
+    assert len(fnb.runs(since=first.started_at, store=db)) == 2
+    assert fnb.load_run(first.name, store=db).uid == first.uid  # by name, or a uid prefix
+    assert fnb.load_run(first.uid[:10], store=db).uid == first.uid
+    with pytest.raises(KeyError, match="no stored run"):
+        fnb.load_run("zzzzzzzz", store=db)
+    loaded = fnb.load_run(first.uid, store=db)
+    assert loaded.result is None and "builtins.int" in loaded.result_note
+    dash = loaded.dashboard()  # drawn after the fact from the stored record
+    try:
+        assert "store_partial" in repr(dash) and "finished" in repr(dash)
+    finally:
+        dash.close()
+
+
+WRITER = """
+import sys
+import flowdapt_nb as fnb
+db, n = sys.argv[1], int(sys.argv[2])
+with fnb.LocalExecutor(use_processes=False, cpus=2, runs=db) as ex:
+    for i in range(n):
+        ex.run({"name": "concurrent", "stages": [
+            {"name": "numbers", "target": "stages.numbers"},
+            {"name": "square", "target": "stages.square", "type": "parameterized", "depends_on": ["numbers"]},
+            {"name": "total", "target": "stages.total", "depends_on": ["square"]}]}, input={"n": 20})
+    print(ex._run_store.errors)
+"""
+
+
+def test_two_processes_write_at_once(tmp_path):
+    db = str(tmp_path / "shared.sqlite")
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, db, "15"], cwd=TESTS_DIR, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [w.communicate(timeout=300) for w in writers]
+    for w, (out, err) in zip(writers, outs):
+        assert w.returncode == 0, err
+        assert out.strip() == "0", err  # no batch failed to write
+        assert "locked" not in err
+    con = sqlite3.connect(db)
+    try:
+        states = con.execute("SELECT state, count(*), count(DISTINCT pid) FROM runs GROUP BY state").fetchall()
+        per_run = con.execute("SELECT count(*) FROM tasks GROUP BY run_uid").fetchall()
+        mode = con.execute("PRAGMA journal_mode").fetchone()[0]
+    finally:
+        con.close()
+    assert states == [("finished", 30, 2)]
+    assert per_run == [(22,)] * 30  # numbers, 20 squares, total: every task row of every run
+    assert mode == "wal"
+
+
+KILLED = """
+import sys, time
+import flowdapt_nb as fnb
+db, marker = sys.argv[1], sys.argv[2]
+ex = fnb.LocalExecutor(use_processes=False, cpus=2, runs=db).start()
+handle = ex.submit({"name": "doomed", "stages": [
+    {"name": "numbers", "target": "stages.numbers"},
+    {"name": "nap", "target": "stages.pid_then_sleep"}]}, input={"n": 2, "path": marker, "delay": 600})
+print(handle.run.uid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_driver_killed_mid_run_reads_back_lost(tmp_path):
+    db = str(tmp_path / "killed.sqlite")
+    driver = subprocess.Popen([sys.executable, "-c", KILLED, db, str(tmp_path / "pid.txt")], cwd=TESTS_DIR,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        uid = driver.stdout.readline().strip()
+        assert uid, driver.stderr.read() if driver.poll() is not None else "no uid printed"
+        store = get_store(db)
+        rows = tasks = None
+        deadline = time.monotonic() + 120  # a bound for a hang, not a timing assertion
+        while time.monotonic() < deadline:  # the record arrives while the run goes on
+            rows = store.query("SELECT state FROM runs WHERE uid = ?", (uid,))
+            tasks = {t["stage"]: t["state"] for t in store.query("SELECT stage, state FROM tasks WHERE run_uid = ?",
+                                                                 (uid,))}
+            if rows and rows[0]["state"] == "running" and tasks == {"numbers": "finished", "nap": "running"}:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the run's record never showed it running: {rows} {tasks}")
+        assert fnb.runs(store=db).set_index("uid").loc[uid, "state"] == "running"  # its process is alive
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+        driver.stdout.close()
+        driver.stderr.close()
+    seen = read_back(db, uid)
+    assert seen["listed"][uid] == "lost"
+    record = seen[uid]
+    assert record["state"] == "lost" and f"pid {driver.pid}" in record["error"]
+    assert record["stages"]["numbers"] == "finished"
+    assert record["tasks"] == {"finished": 1, "cancelled": 1}  # the nap never ends: its process is gone
+    assert fnb.runs(state="lost", store=db)["uid"].tolist() == [uid]
