@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--resolve", action="store_true",
                      help="also import every stage target (this runs their modules' import-time code)")
     val.set_defaults(func=cmd_validate)
+    from .cli_runs import add_commands as add_run_store_commands  # runs, show
+    add_run_store_commands(sub)
     return parser
 
 

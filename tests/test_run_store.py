@@ -217,3 +217,102 @@ def test_driver_killed_mid_run_reads_back_lost(tmp_path):
     assert record["stages"]["numbers"] == "finished"
     assert record["tasks"] == {"finished": 1, "cancelled": 1}  # the nap never ends: its process is gone
     assert fnb.runs(state="lost", store=db)["uid"].tolist() == [uid]
+
+
+EARLIER = """
+import sys
+import flowdapt_nb as fnb
+with fnb.LocalExecutor(use_processes=False, cpus=1, runs=sys.argv[1]) as ex:
+    print(ex.run({"name": "store_magic", "stages": [{"name": "numbers", "target": "stages.numbers"}]},
+                 input={"n": 7}).uid)
+"""
+
+
+def earlier_process_run(db) -> str:
+    """A run written by another process (an earlier kernel)."""
+    out = subprocess.run([sys.executable, "-c", EARLIER, db], cwd=TESTS_DIR, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.fixture
+def shell():
+    from IPython.core.interactiveshell import InteractiveShell
+    sh = InteractiveShell.instance()
+    sh.extension_manager.load_extension("flowdapt_nb")
+    yield sh
+    magics = sh.magics_manager.registry["FlowdaptMagics"]
+    magics._close_current()
+    sh.extension_manager.unload_extension("flowdapt_nb")
+
+
+def test_magics_runs_and_compare_in_ipython(shell, tmp_path):
+    from IPython.core.error import UsageError
+    db = str(tmp_path / "magic.sqlite")
+    earlier = earlier_process_run(db)
+    line = lambda text: shell.run_line_magic("flowdapt", text)  # noqa: E731
+    line(f"executor local --threads --cpus 2 --set runs={db}")
+    shell.run_cell_magic("flowdapt", "workflow store_magic",
+                         "- {name: numbers, target: stages.numbers}\n"
+                         "- {name: square, target: stages.square, type: parameterized, depends_on: [numbers]}\n")
+    first = line("run store_magic --input n=3")
+    second = line("run store_magic --input n=5")
+    listed = line("runs --workflow store_magic")
+    assert listed["uid"].tolist() == [second.uid, first.uid, earlier]  # this kernel's and an earlier one's
+    assert line("runs --failed").empty
+    assert len(line("runs -n 1")) == 1
+    diff = line(f"compare {first.uid[:8]} {second.uid[:8]}")
+    assert diff.input.set_index("key").loc["n", ["a", "b"]].tolist() == ["3", "5"]
+    assert diff.workflow_diff == ""  # the same YAML
+    assert diff.stages["stage"].tolist() == ["numbers", "square"]
+    assert diff.stages["duration_a"].notna().all() and diff.stages["duration_b"].notna().all()
+    old = line(f"compare {earlier} {first.uid}")
+    assert "square" in old.workflow_diff and "+  - name: square" in old.workflow_diff
+    assert "input:" in repr(old) and "stages:" in repr(old)
+    with pytest.raises(UsageError, match="no stored run 'nope'"):
+        line(f"compare nope {first.uid}")
+    with pytest.raises(UsageError, match="the following arguments are required"):
+        line("compare onlyone")
+
+
+def cli(*args):
+    return subprocess.run([*CLI, *args], cwd=TESTS_DIR, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_runs_and_show(tmp_path):
+    db = str(tmp_path / "cli.sqlite")
+    with fnb.LocalExecutor(use_processes=False, cpus=2, runs=db) as ex:
+        good = ex.run(PARTIAL, input={"n": 5})
+        with pytest.raises(fnb.StageError):
+            ex.run(FAILING)
+        bad = ex.history[-1]
+        ex._run_store.flush()
+    table = cli("runs", "--db", db)
+    assert table.returncode == 0, table.stderr
+    assert good.uid[:12] in table.stdout and bad.uid[:12] in table.stdout and "failed" in table.stdout
+    rows = [json.loads(x) for x in cli("runs", "--db", db, "--json", "--failed").stdout.splitlines()]
+    assert [r["uid"] for r in rows] == [bad.uid] and rows[0]["state"] == "failed"
+    shown = cli("show", good.uid[:8], "--db", db)
+    assert shown.returncode == 0, shown.stderr
+    assert "failure in stage 'checked' item 3: ValueError: item 3 is bad" in shown.stdout
+    assert "fail_on_three" in shown.stdout  # its traceback
+    record = json.loads(cli("show", bad.uid, "--db", db, "--json").stdout)
+    assert record["state"] == "failed" and record["failures"][0]["error_type"] == "KeyError"
+    assert len(record["tasks"]) == 2 and record["input"] == {}
+    missing = cli("show", "nope", "--db", db)
+    assert missing.returncode == 2 and "no stored run 'nope'" in missing.stderr
+
+
+def test_cli_run_is_recorded(tmp_path):
+    db = str(tmp_path / "clirun.sqlite")
+    (tmp_path / "wf.yaml").write_text("kind: workflow\nmetadata: {name: clirec}\nspec:\n  stages:\n"
+                                      "    - {name: numbers, target: stages.numbers}\n")
+    env = {**os.environ, "FLOWDAPT_NB_RUNS": db}
+    out = subprocess.run([*CLI, "run", str(tmp_path / "wf.yaml"), "--input", "n=2"], cwd=TESTS_DIR, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    listed = subprocess.run([*CLI, "runs", "--json"], cwd=TESTS_DIR, env=env, capture_output=True, text=True,
+                            timeout=120)
+    [row] = [json.loads(x) for x in listed.stdout.splitlines()]
+    assert row["workflow"] == "clirec" and row["state"] == "finished" and row["tasks"] == 1

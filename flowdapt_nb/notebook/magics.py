@@ -39,7 +39,8 @@ from ..errors import ConfigError
 
 KINDS = ("local", "dask", "ray")
 CELL_SUBCOMMANDS = ("executor", "workflow")
-SUBCOMMANDS = ("executor", "workflow", "workflows", "run", "status", "dashboard", "memory", "stop", "help")
+SUBCOMMANDS = ("executor", "workflow", "workflows", "run", "status", "dashboard", "memory", "stop", "runs",
+               "compare", "help")
 _START_ERRORS = (ConfigError, ConnectionError, OSError, TimeoutError, RuntimeError)
 
 
@@ -539,6 +540,36 @@ class FlowdaptMagics(Magics, Configurable):
         self._close_current()
         print(f"{kind} executor stopped")
 
+    def _run_store(self):
+        """The run store of the magics' executor, else the default one (runs of earlier kernels too)."""
+        return getattr(self.current, "_run_store", None)
+
+    @magic_arguments(name="flowdapt runs")
+    @argument("--workflow", "-w", help="only this workflow's runs")
+    @argument("--failed", action="store_true", help="only failed runs (and lost ones: their process ended mid-run)")
+    @argument("--limit", "-n", type=int, default=20, help="at most this many, newest first (default 20; 0: all)")
+    def _cmd_runs(self, rest: str, cell: str | None = None):
+        """Stored runs, newest first, of this kernel and earlier ones (the run store)."""
+        args = self._args(self._cmd_runs, rest)
+        from ..run_history import runs
+        try:
+            return runs(workflow=args.workflow, state=("failed", "lost") if args.failed else None,
+                        store=self._run_store(), limit=args.limit or None)
+        except ValueError as exc:
+            raise UsageError(f"%flowdapt runs: {exc}") from None
+
+    @magic_arguments(name="flowdapt compare")
+    @argument("a", help="a run's uid (or a unique prefix of it, or its name)")
+    @argument("b", help="the other run")
+    def _cmd_compare(self, rest: str, cell: str | None = None):
+        """Two stored runs side by side: input, config, workflow diff, per-stage durations."""
+        args = self._args(self._cmd_compare, rest)
+        from ..run_history import compare
+        try:
+            return compare(args.a, args.b, store=self._run_store())
+        except (KeyError, ValueError) as exc:
+            raise UsageError(f"%flowdapt compare: {exc.args[0] if exc.args else exc}") from None
+
     def _cmd_help(self, rest: str = "", cell: str | None = None):
         """All subcommands, or one: %flowdapt help run."""
         sub = rest.strip().lower()
@@ -580,6 +611,8 @@ HELP = """\
 %flowdapt dashboard             the native dashboard's link and the live dashboards
 %flowdapt memory [NAMESPACE] [--artifacts]  what cluster memory (and storage) holds: key, type, size
 %flowdapt stop                  close the executor (a cluster it started stops with it)
+%flowdapt runs [--workflow NAME] [--failed] [-n N]  stored runs, newest first, earlier kernels' too
+%flowdapt compare UID UID       two stored runs side by side: input, config, workflow diff, stages
 %flowdapt help [SUBCOMMAND]     this text, or one subcommand's options (also: SUBCOMMAND --help);
                                 %flowdapt help workflow lists a workflow's fields, with an example
 
