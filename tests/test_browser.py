@@ -28,6 +28,7 @@ pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed"),
     pytest.mark.timeout(420),
 ]
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 def _free_port() -> int:
@@ -147,11 +148,13 @@ class JupyterLab:
         return left
 
 
-@pytest.fixture
-def lab(tmp_path):
-    root = tmp_path / "nb"
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """One JupyterLab for the module (its start is the slow part); each test opens its own page."""
+    base = tmp_path_factory.mktemp("lab")
+    root = base / "nb"
     root.mkdir()
-    server = JupyterLab(root, tmp_path / "jupyter")
+    server = JupyterLab(root, base / "jupyter")
     try:
         server.wait_ready()
         yield server
@@ -276,3 +279,276 @@ def test_dashboard_renders_and_moves_in_jupyterlab(lab, output_dir):
         finally:
             browser.close()
     assert all(p.exists() and p.stat().st_size > 5000 for p in shots)
+
+
+# --- the notebook face (issue 15): saved outputs, Run All, live dashboards ------------------------
+
+@pytest.fixture(scope="module")
+def chromium():
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+class Notebook:
+    """A notebook open in its own JupyterLab page, with the few actions a reader takes."""
+
+    def __init__(self, browser, lab, name, output_dir):
+        self.page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        self.output_dir = output_dir
+        self.name = name
+        self.page.goto(f"{lab.url}/lab/tree/{name}?reset&token={lab.token}")
+        self.page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+        self.page.locator(".jp-SideBar .lm-TabBar-tab[data-id='filebrowser']").first.click()
+
+    def shot(self, name, locator=None, passing=False):
+        """A screenshot of the page or one element; ``passing``: of something that may go away
+        at any moment (a best effort: None if it went)."""
+        path = self.output_dir / f"browser-{name}.png"
+        try:
+            if locator is not None:
+                locator.scroll_into_view_if_needed(timeout=2000 if passing else 30_000)
+            (locator or self.page).screenshot(path=str(path), timeout=2000 if passing else 30_000)
+        except Exception:
+            if passing:
+                return None
+            raise
+        assert path.stat().st_size > 3000, path
+        return path
+
+    def run_all(self):
+        page = self.page
+        page.get_by_text(re.compile(r"Python 3 \(ipykernel\) \| Idle")).wait_for(timeout=90_000)
+        prompt = page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt").first
+        for attempt in range(4):  # again if the kernel wasn't listening yet
+            page.locator(".jp-Notebook .jp-Cell").first.click()
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
+            try:
+                page.wait_for_function("(el) => /\\[(\\*|\\d+)\\]/.test(el.textContent)",
+                                       arg=prompt.element_handle(), timeout=15_000)
+                return
+            except Exception:
+                if attempt == 3:
+                    raise
+
+    _DONE_JS = ("() => { const ps = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')];"
+                " const idle = /\\| Idle/.test(document.body.innerText);"
+                " return idle && ps.length > 0 && /\\[\\d+\\]/.test(ps[0].textContent)"
+                " && !ps.some(p => p.textContent.includes('*')); }")
+
+    def finished(self) -> bool:
+        """Run All ended: no cell waiting or running ([*]) and the kernel idle (an error stops it)."""
+        return self.page.evaluate(self._DONE_JS)
+
+    def wait_finished(self, timeout=240):
+        try:
+            self.page.wait_for_function(self._DONE_JS, timeout=timeout * 1000, polling=500)
+        except Exception:
+            self.failure()
+            raise
+        errors = self.errors()
+        if errors:
+            self.failure()
+        assert not errors, f"{self.name}: cells failed: {errors}"
+
+    def failure(self):
+        try:
+            self.page.screenshot(path=str(self.output_dir / f"browser-failure-{self.name}.png"), full_page=True)
+        except Exception:
+            pass
+
+    def errors(self) -> list[str]:
+        return self.page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']").all_inner_texts()
+
+    def visible(self, selector) -> list:
+        """Bounding boxes of the elements matching ``selector`` that are drawn with some size."""
+        return self.page.evaluate(
+            "(sel) => [...document.querySelectorAll(sel)].map(e => e.getBoundingClientRect())"
+            ".filter(r => r.width > 50 && r.height > 30).map(r => [r.width, r.height])", selector)
+
+    def text(self, selector) -> str | None:
+        loc = self.page.locator(selector)
+        try:
+            return loc.first.text_content(timeout=500) if loc.count() else None
+        except Exception:
+            return None
+
+    def close(self):
+        self.page.close()
+
+
+def _copy_tutorial(lab, name) -> str:
+    (lab.root / name).write_text((NOTEBOOKS / name).read_text())
+    return name
+
+
+_BADGE_JS = """(needle) => {
+  const outs = [...document.querySelectorAll('.jp-OutputArea-output')].filter(o => o.textContent.includes(needle));
+  const found = [];
+  for (const out of outs) for (const el of out.querySelectorAll('span')) {
+    const t = el.textContent.trim().toLowerCase();
+    if (t === 'running' || t === 'stopped') found.push([t, getComputedStyle(el).backgroundColor]);
+  }
+  return found;
+}"""
+_DAG_JS = """(names) => {
+  const boxes = [];
+  for (const el of document.querySelectorAll('.jp-OutputArea-output span, .jp-OutputArea-output div')) {
+    const name = names.find(n => el.textContent.trim().startsWith(n));
+    if (!name || el.children.length > 3) continue;
+    const cs = getComputedStyle(el);
+    if (parseFloat(cs.borderTopWidth) > 0 && cs.borderTopStyle !== 'none' && cs.display === 'inline-block')
+      boxes.push([name, cs.backgroundColor, cs.borderTopStyle]);
+  }
+  return boxes;
+}"""
+
+
+def test_untrusted_tutorial_reads_well_before_running(lab, chromium, output_dir):
+    """A fresh clone's notebook is untrusted: JupyterLab sanitizes its saved HTML. Opened before
+    running anything, the executor card's state badge keeps its colour and the DAG is boxes."""
+    nb = Notebook(chromium, lab, _copy_tutorial(lab, "04_dashboards.ipynb"), output_dir)
+    try:
+        page = nb.page
+        card = page.locator(".jp-OutputArea-output", has_text="Dask executor").first
+        card.wait_for(timeout=60_000)
+        badges = page.evaluate(_BADGE_JS, "Dask executor")
+        assert ["running", "rgb(67, 160, 71)"] in badges, badges  # the green 'running' badge
+        assert card.locator("svg").count() == 0  # nothing there relies on inline SVG
+        nb.shot("untrusted-card", card)
+        dag = page.locator(".jp-OutputArea-output", has_text="Workflow monte-carlo").first
+        dag.scroll_into_view_if_needed()
+        boxes = page.evaluate(_DAG_JS, ["chunks", "simulate", "estimate"])
+        assert {b[0] for b in boxes} == {"chunks", "simulate", "estimate"}, boxes
+        assert "dashed" in {b[2] for b in boxes if b[0] == "simulate"}  # a fan-out stage is dashed
+        nb.shot("untrusted-dag", dag)
+        # the saved dashboard (its HTML view) is styled too: badges with colour, tables
+        dash = page.locator(".jp-OutputArea-output", has_text="flowdapt · dask").first
+        dash.scroll_into_view_if_needed()
+        nb.shot("untrusted-dashboard", dash)
+    finally:
+        nb.close()
+
+
+def test_run_all_03_keeps_the_mapper(lab, chromium, output_dir):
+    nb = Notebook(chromium, lab, _copy_tutorial(lab, "03_stage_mapping.ipynb"), output_dir)
+    try:
+        nb.run_all()
+        nb.wait_finished(240)
+        mapper = nb.page.locator(".fnb-stage-mapper").first
+        mapper.wait_for(timeout=30_000)
+        assert nb.visible(".fnb-stage-mapper"), "the StageMapper is blank after Run All"
+        assert mapper.locator(".fnb-stage-row").count() == 4
+        assert mapper.locator("button[title='Run']").count() == 1  # still there to press
+        card = nb.page.locator(".fnb-executor-card").first
+        assert nb.visible(".fnb-executor-card") and "stopped" in card.text_content().lower()
+        nb.shot("03-run-all-mapper", mapper)
+    finally:
+        nb.close()
+
+
+def test_run_all_04_dashboards_live_then_stopped(lab, chromium, output_dir):
+    """Run All of tutorial 04 (Dask, a custom 'licences' resource, a --background run): the start
+    feedback shows before the card, the background output changes, licences are seen in use,
+    every widget is still there after, and the dashboard says STOPPED after %flowdapt stop."""
+    nb = Notebook(chromium, lab, _copy_tutorial(lab, "04_dashboards.ipynb"), output_dir)
+    page = nb.page
+    try:
+        nb.run_all()
+        feedback_seen = card_seen = None
+        progress, licences, running = [], [], []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 240 and not nb.finished():
+            if feedback_seen is None and page.locator(".fnb-start").count():
+                feedback_seen = time.monotonic() - t0
+                nb.shot("04-start-feedback", page.locator(".fnb-start").first, passing=True)
+            if card_seen is None and page.locator(".fnb-executor-card").count():
+                card_seen = time.monotonic() - t0
+            text = nb.text(".flowdapt-progress")
+            if text and (not progress or progress[-1] != text):
+                progress.append(text)
+            used = nb.text(".fnb-dashboard .fnb-in-use[data-resource='licences'] b")
+            if used:
+                licences.append(used)
+                if used.split("/")[0] not in ("0", "") and len([x for x in licences if x[0] != "0"]) == 1:
+                    nb.shot("04-dashboard-licences-in-use", page.locator(".fnb-dashboard").first, passing=True)
+            run_now = nb.text(".fnb-dashboard .fnb-run-running")
+            if run_now and run_now.isdigit():
+                running.append(int(run_now))
+            time.sleep(0.15)
+        nb.wait_finished(60)
+        problems = []
+        if feedback_seen is None:
+            problems.append("no start feedback was seen")
+        elif card_seen is not None and card_seen < feedback_seen:
+            problems.append(f"the card came before the start feedback ({card_seen} < {feedback_seen})")
+        if len(progress) < 2:
+            problems.append(f"the --background output never changed: {progress}")
+        if not any(x.split("/")[0] not in ("0", "") for x in licences):
+            problems.append(f"licences never shown in use: {sorted(set(licences))}")
+        # every widget the tutorial shows is still drawn after Run All
+        for selector, least in ((".fnb-executor-card", 1), (".fnb-dashboard", 1), (".fnb-tasks", 2),
+                                (".fnb-resources", 2)):
+            if len(nb.visible(selector)) < least:
+                problems.append(f"{selector}: {len(nb.visible(selector))} visible after Run All, want {least}")
+        dash = page.locator(".fnb-dashboard").first
+        state = page.locator(".fnb-dashboard .fnb-executor-state").first.get_attribute("data-state")
+        if state != "stopped":
+            problems.append(f"dashboard says {state!r} after %flowdapt stop")
+        in_use = page.locator(".fnb-dashboard .fnb-in-use b").all_inner_texts()
+        if any(x.split("/")[0] not in ("0", "0 B") for x in in_use):
+            problems.append(f"still in use after stop: {in_use}")
+        nb.shot("04-dashboard-stopped", dash)
+        nb.shot("04-background-progress", page.locator(".flowdapt-progress").first)
+        assert not problems, problems
+    finally:
+        nb.close()
+
+
+RAY_NOTEBOOK = [
+    _cell("%load_ext flowdapt_nb"),
+    _cell("%flowdapt executor ray --cpus 2"),
+    _cell("import time\n\ndef items(n):\n    return list(range(n))\n\n"
+          "def nap(x):\n    time.sleep(0.2)\n    return x\n\ndef total(xs):\n    return sum(xs)"),
+    _cell("%%flowdapt workflow naps\n- {name: items, target: items}\n"
+          "- {name: nap, target: nap, type: parameterized, depends_on: [items]}\n"
+          "- {name: total, target: total, depends_on: [nap]}"),
+    _cell("%flowdapt run naps --input n=60 --background"),
+    _cell("%flowdapt dashboard"),
+    _cell("run = _flowdapt_run.wait(240)\nrun.state, run.result"),
+    _cell("%flowdapt stop"),
+]
+
+
+def test_ray_dashboard_sees_200ms_tasks_running_then_stopped(lab, chromium, output_dir):
+    name = "ray_dashboard.ipynb"
+    nb_json = {"cells": RAY_NOTEBOOK, "nbformat": 4, "nbformat_minor": 5,
+               "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)",
+                                           "language": "python"}, "language_info": {"name": "python"}}}
+    (lab.root / name).write_text(json.dumps(nb_json, indent=1))
+    nb = Notebook(chromium, lab, name, output_dir)
+    page = nb.page
+    try:
+        nb.run_all()
+        running, shot = [], False
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 300 and not nb.finished():
+            value = nb.text(".fnb-dashboard .fnb-run-running")
+            if value and value.isdigit():
+                running.append(int(value))
+                if int(value) > 0 and not shot:
+                    shot = bool(nb.shot("ray-dashboard-running", page.locator(".fnb-dashboard").first, passing=True))
+            time.sleep(0.1)
+        nb.wait_finished(60)
+        assert running and max(running) > 0, f"RUNNING never above 0 on Ray: {sorted(set(running))}"
+        assert "('finished', 1770)" in page.locator(".jp-Notebook .jp-CodeCell").nth(6).inner_text()
+        state = page.locator(".fnb-dashboard .fnb-executor-state").first.get_attribute("data-state")
+        nb.shot("ray-dashboard-stopped", page.locator(".fnb-dashboard").first)
+        assert state == "stopped", state
+    finally:
+        nb.close()
