@@ -52,7 +52,7 @@ import workloads as W  # noqa: E402
 cloudpickle.register_pickle_by_value(W)
 
 BACKENDS = ["threads", "processes", "dask", "ray"]
-SECTIONS = ["overhead", "throughput", "dag", "data", "startup", "watching"]
+SECTIONS = ["overhead", "perrun", "throughput", "dag", "data", "startup", "watching"]
 
 # Per size: items per overhead row, CPU-bound items and seconds each, DAG fan-out width and
 # seconds per item, MB through the data pipeline, repetitions of each row, of the data rows (a
@@ -60,11 +60,11 @@ SECTIONS = ["overhead", "throughput", "dag", "data", "startup", "watching"]
 # medians) and of startup.
 SIZES = {
     "tiny": dict(overhead=[20], tp_items=8, tp_seconds=0.005, dag_items=6, dag_seconds=0.002, data_mb=8,
-                 reps=1, data_reps=1, startup_reps=1, watch_items=8),
+                 reps=1, data_reps=1, startup_reps=1, watch_items=8, perrun=20),
     "small": dict(overhead=[1000], tp_items=40, tp_seconds=0.02, dag_items=40, dag_seconds=0.005, data_mb=50,
-                  reps=3, data_reps=5, startup_reps=1, watch_items=40),
+                  reps=3, data_reps=5, startup_reps=1, watch_items=40, perrun=100),
     "full": dict(overhead=[1000, 10000], tp_items=200, tp_seconds=0.02, dag_items=200, dag_seconds=0.005,
-                 data_mb=200, reps=5, data_reps=9, startup_reps=3, watch_items=200),
+                 data_mb=200, reps=5, data_reps=9, startup_reps=3, watch_items=200, perrun=200),
 }
 
 CORES = 2  # workers every backend gets (the machine has 2 cores; see FACTS.md)
@@ -329,6 +329,13 @@ class ThreadsBench(Bench):
         return self._submit(W.combine, reduced.result(), [f.result() for f in rights]).result()
 
 
+    def raw_tiny_dag(self, n):
+        items = self._submit(W.tiny_source, n).result()
+        incs = [self._submit(W.tiny_inc, x) for x in items]
+        total = self._submit(W.tiny_sum, [f.result() for f in incs]).result()
+        return self._submit(W.tiny_double, total).result()
+
+
 class ProcessesBench(ThreadsBench):
     kind = "processes"
     raw_name = "ProcessPoolExecutor+cloudpickle"
@@ -477,6 +484,50 @@ def sec_overhead(b: Bench, res: Results, cfg):
                 target=1.10, samples=s, cpu=(s["cpu"]["fnb"], s["cpu"]["raw"]))
 
 
+def tiny_dag_workflow():
+    import flowdapt_nb as fnb
+    return fnb.Workflow("tiny4", stages=[
+        fnb.Stage("source", W.tiny_source),
+        fnb.Stage("inc", W.tiny_inc, type="parameterized", depends_on=["source"]),
+        fnb.Stage("sum", W.tiny_sum, depends_on=["inc"]),
+        fnb.Stage("double", W.tiny_double, depends_on=["sum"]),
+    ])
+
+
+def sec_perrun(b: Bench, res: Results, cfg):
+    """The fixed cost of a run: many runs of a tiny 4-stage DAG (source, fan-out x4, fan-in, one
+    more) and of a 1-stage workflow, each against the same calls on the raw pool; per-run medians
+    of batches of ``perrun`` runs, in ms."""
+    if b.kind not in ("threads", "processes"):
+        return
+    runs = cfg["perrun"]
+    dag = tiny_dag_workflow()
+    one = fnb_one_stage()
+
+    def batch(fn):
+        def go():
+            value = None
+            for _ in range(runs):
+                value = fn()
+            return value
+        return go
+
+    rows = [("4-stage tiny DAG, per run", dag, {"n": 4}, lambda: b.raw_tiny_dag(4), W.tiny_expected(4)),
+            ("1-stage tiny workflow, per run", one, {"x": 1}, lambda: b._submit(W.tiny_inc, 1).result(), 2)]
+    for case, wf, run_input, raw, want in rows:
+        s = alternate({"fnb": batch(lambda: b.run(wf, run_input)), "raw": batch(raw)}, cfg["reps"], expect(want))
+        per = {k: [t * 1000 / runs for t in s[k]] for k in ("fnb", "raw")}
+        fnb_ms, raw_ms = median(per["fnb"]), median(per["raw"])
+        res.add("perrun", case, b.kind, fnb_ms, raw_ms, b.raw_name.split(".")[0].split("+")[0], unit="ms",
+                target=None, ok=fnb_ms - raw_ms <= 1.0, target_text="<= raw + 1 ms", samples=per,
+                cpu=(s["cpu"]["fnb"], s["cpu"]["raw"]), note=f"+{fnb_ms - raw_ms:.2f} ms a run over the raw pool")
+
+
+def fnb_one_stage():
+    import flowdapt_nb as fnb
+    return fnb.Workflow("one", stages=[fnb.Stage("inc", W.tiny_inc)])
+
+
 def sec_throughput(b: Bench, res: Results, cfg):
     n, rounds, t_item = cfg["tp_items"], cfg["rounds"], cfg["t_item"]
     ideal = n * t_item / CORES
@@ -587,7 +638,41 @@ def sec_startup(kind: str, res: Results, cfg):
     """Executor start to ready vs the engine's own start, alternating, each fully stopped between."""
     import flowdapt_nb as fnb
     one = map_workflow("first", W.inc)
-    times = {"fnb start": [], "raw start": [], "fnb first": [], "raw first": []}
+    times = {"fnb start": [], "raw start": [], "fnb first": [], "raw first": [],
+             "nowait start": [], "nowait first": [], "magic start": [], "magic first": []}
+
+    def make():
+        return (fnb.DaskExecutor(cpus=CORES, threads=1) if kind == "dask"
+                else fnb.RayExecutor(cpus=CORES, logging_level="error"))
+
+    def nowait_once():
+        """start(wait=False): the notebook is free again at t1; the first run waits for the start."""
+        t0 = time.perf_counter()
+        ex = make().start(wait=False)
+        try:
+            t1 = time.perf_counter()
+            assert ex.run(one, input={"items": [1]}).result == [2]
+            t2 = time.perf_counter()
+        finally:
+            ex.close()
+        times["nowait start"].append(t1 - t0)
+        times["nowait first"].append(t2 - t0)
+
+    def magic_once():
+        """``%flowdapt executor KIND --no-wait`` in an IPython shell (no kernel: no widgets), then
+        the first run on the executor it made."""
+        shell = _ipython()
+        t0 = time.perf_counter()
+        shell.run_line_magic("flowdapt", f"executor {kind} --cpus {CORES} --no-wait")
+        t1 = time.perf_counter()
+        ex = shell.user_ns["flowdapt_executor"]
+        try:
+            assert ex.run(one, input={"items": [1]}).result == [2]
+            t2 = time.perf_counter()
+        finally:
+            shell.run_line_magic("flowdapt", "stop")
+        times["magic start"].append(t1 - t0)
+        times["magic first"].append(t2 - t0)
 
     def fnb_once():
         t0 = time.perf_counter()
@@ -630,16 +715,37 @@ def sec_startup(kind: str, res: Results, cfg):
         times["raw start"].append(t1 - t0)
         times["raw first"].append(t2 - t0)
 
+    order = [fnb_once, raw_once, nowait_once, magic_once]
     for rep in range(cfg["startup_reps"]):
-        for f in ((fnb_once, raw_once) if rep % 2 == 0 else (raw_once, fnb_once)):
+        for f in order[rep % len(order):] + order[:rep % len(order)]:
             f()
             settle()
     engine = "LocalCluster()+Client()" if kind == "dask" else "ray.init()"
+    res.add("startup", "start(wait=False) returns", kind, median(times["nowait start"]),
+            median(times["raw start"]), engine, target=None,
+            samples={"fnb": times["nowait start"], "baseline": times["raw start"]},
+            note="time to interactive: the call returns, the start goes on in a thread")
+    res.add("startup", "%flowdapt executor --no-wait returns", kind, median(times["magic start"]),
+            median(times["raw start"]), engine, target=None,
+            samples={"fnb": times["magic start"], "baseline": times["raw start"]},
+            note="time to interactive of the magic (IPython shell, no kernel)")
+    res.add("startup", "start(wait=False) to first task result", kind, median(times["nowait first"]),
+            median(times["raw first"]), engine, target=1.05,
+            samples={"fnb": times["nowait first"], "baseline": times["raw first"]})
     res.add("startup", "start() returns", kind, median(times["fnb start"]), median(times["raw start"]), engine,
             target=None, samples={"fnb": times["fnb start"], "baseline": times["raw start"]})
     res.add("startup", "start to first task result", kind, median(times["fnb first"]),
             median(times["raw first"]), engine, target=None,
             samples={"fnb": times["fnb first"], "baseline": times["raw first"]})
+
+
+def _ipython():
+    """An IPython shell with the flowdapt_nb magics (made once per process)."""
+    from IPython.core.interactiveshell import InteractiveShell
+    shell = InteractiveShell.instance()
+    if "flowdapt_nb" not in shell.extension_manager.loaded:
+        shell.extension_manager.load_extension("flowdapt_nb")
+    return shell
 
 
 # --- processes we started ---------------------------------------------------------------------

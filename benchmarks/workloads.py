@@ -114,3 +114,26 @@ def call_pickled(fn_blob, *args):
 
 def data_expected(mb: int) -> float:
     return 2.0 * (int(mb * 1e6) // 8)
+
+
+# --- per run: a tiny four-stage DAG (source, fan-out, fan-in, one more) ----------------------
+
+
+def tiny_source(n=4):
+    return list(range(n))
+
+
+def tiny_inc(x):
+    return x + 1
+
+
+def tiny_sum(values):
+    return sum(values)
+
+
+def tiny_double(total):
+    return 2 * total
+
+
+def tiny_expected(n: int = 4) -> int:
+    return 2 * sum(x + 1 for x in range(n))

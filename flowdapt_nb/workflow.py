@@ -8,6 +8,8 @@ import inspect
 import math
 import re
 import sys
+import types
+import weakref
 from typing import Any, Callable, Literal, Union
 
 import yaml
@@ -557,9 +559,31 @@ def positional_count(stage: Stage) -> int:
     return len(stage.depends_on) if stage.depends_on else (1 if stage.type == "parameterized" else 0)
 
 
+_signatures: dict = {}  # id(function) -> (weakref to it, what its signature depends on, signature)
+
+
+def signature_of(fn: Callable) -> inspect.Signature:
+    """``inspect.signature``, kept per plain function: every run checks its stages' signatures,
+    and building one costs more than a tiny run's own work. Redefining the function (a new
+    object) or changing its defaults or code is seen; other callables are inspected each time."""
+    if type(fn) is not types.FunctionType:
+        return inspect.signature(fn)
+    stamp = (fn.__code__, fn.__defaults__, fn.__kwdefaults__, fn.__dict__.get("__signature__"),
+             fn.__dict__.get("__wrapped__"), fn.__annotations__)
+    cached = _signatures.get(id(fn))
+    if cached is not None and cached[0]() is fn and all(a is b for a, b in zip(cached[1], stamp)):
+        return cached[2]
+    sig = inspect.signature(fn)
+    if len(_signatures) > 2048:  # notebooks redefine functions: forget the oldest
+        for key in list(_signatures)[:1024]:
+            del _signatures[key]
+    _signatures[id(fn)] = (weakref.ref(fn), stamp, sig)
+    return sig
+
+
 def check_signature(stage: Stage, fn: Callable) -> None:
     try:
-        sig = inspect.signature(fn)
+        sig = signature_of(fn)
     except (TypeError, ValueError):
         return  # builtins without a signature: checked when called
     count = positional_count(stage)
@@ -589,7 +613,7 @@ def root_kwargs(stage: Stage, fn: Callable, run_input: dict) -> dict:
     run_input = run_input or {}
     skip = {stage.map_on} if stage.type == "parameterized" else set()
     try:
-        sig = inspect.signature(fn)
+        sig = signature_of(fn)
     except (TypeError, ValueError):
         return {}
     params = list(sig.parameters.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import queue
 import threading
 import time
 import weakref
@@ -22,6 +23,65 @@ from ..workflow import load_workflow
 _current: "Executor | None" = None
 _live: "weakref.WeakSet[Executor]" = weakref.WeakSet()
 CLOSE_WAIT = 3.0  # seconds close() gives cancelled runs to end before it shuts the backend down
+# Seconds close() waits for a start under way (an engine's start can't be interrupted); a start
+# still going after that stops what it started when it ends.
+START_CLOSE_WAIT = 30.0
+
+
+class _DriverThreads:
+    """An executor's daemon threads that drive runs (one run each at a time), kept ``IDLE`` s
+    after their run, until the executor closes: starting a thread per run cost ~0.3 ms of a tiny
+    run's ~1 ms on a loaded machine."""
+
+    IDLE = 30.0
+    _STOP = object()
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue] = []
+        self._stopped = False
+
+    def start(self, fn) -> None:
+        with self._lock:
+            self._stopped = False
+            inbox = self._idle.pop() if self._idle else None
+        if inbox is None:
+            inbox = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(inbox,), name="flowdapt-nb-run", daemon=True).start()
+        inbox.put(fn)
+
+    def _serve(self, inbox: queue.SimpleQueue) -> None:
+        while True:
+            try:
+                fn = inbox.get(timeout=self.IDLE)
+            except queue.Empty:
+                with self._lock:
+                    if inbox in self._idle:  # else start() just took it: its run is on the way
+                        self._idle.remove(inbox)
+                        return
+                continue
+            if fn is self._STOP:
+                return
+            try:
+                fn()
+            except BaseException:  # drive() keeps the run's outcome; the thread serves on
+                pass
+            fn = None
+            with self._lock:
+                if self._stopped:
+                    return
+                self._idle.append(inbox)
+
+    def stop(self) -> None:
+        """Idle threads end now; a thread driving a run ends after it."""
+        with self._lock:
+            self._stopped = True
+            idle, self._idle = self._idle, []
+        for inbox in idle:
+            inbox.put(self._STOP)
+
+
+_storage_default: dict = {}  # (environment it depends on) -> the default storage folder
 
 
 def current_executor() -> "Executor | None":
@@ -60,6 +120,12 @@ class Executor:
         self._sampler = None
         self._memory = None  # the cluster memory store (or a handle to it) while running
         self._started_at: float | None = None
+        self._drivers = _DriverThreads()
+        self._starting: threading.Event | None = None  # set while a start is under way
+        self._start_phase: str | None = None
+        self._start_error: BaseException | None = None
+        self._start_error_unraised = False
+        self._start_cancelled = False  # close() came during the start
         self._run_store = None  # flowdapt_nb.run_store.RunStore while running (None: runs: off)
 
     # --- lifecycle ---
@@ -72,13 +138,106 @@ class Executor:
         """True when this executor started its cluster (and so stops it on close)."""
         return getattr(self.config, "cluster_address", None) in (None, "local")
 
-    def start(self) -> "Executor":
-        """Start (or attach to) the engine; returns self. Starting twice is a no-op."""
-        global _current
+    @property
+    def state(self) -> str:
+        """'stopped', 'starting: <what it is doing>', 'running', or 'failed: <error>' (a start
+        that failed; the next ``run``/``submit`` raises its error)."""
+        if self.running:
+            return "running"
+        if self._starting is not None:
+            return f"starting: {self._start_phase}" if self._start_phase else "starting"
+        if self._start_error is not None:
+            return f"failed: {type(self._start_error).__name__}: {self._start_error}"
+        return "stopped"
+
+    @property
+    def start_error(self) -> BaseException | None:
+        """The exception of the last start that failed (None after a start that worked)."""
+        return self._start_error
+
+    @property
+    def start_phase(self) -> str | None:
+        """What a start under way is doing now, when the executor says (else None)."""
+        return self._start_phase if self._starting is not None else None
+
+    def _step(self, phase: str) -> None:
+        """Say what the start is doing now (shown in ``state`` and the start feedback)."""
+        self._start_phase = phase
+
+    def start(self, wait: bool = True) -> "Executor":
+        """Start (or attach to) the engine; returns self. Starting twice is a no-op.
+
+        ``wait=False`` returns at once and starts in a thread: ``state`` shows how far it got,
+        the first ``run``/``submit`` (or ``wait_started()``) waits for it, and a start that
+        failed is raised by that call (``state`` says 'failed: ...' until then).
+
+        >>> ex = fnb.RayExecutor().start(wait=False)   # doctest: +SKIP
+        >>> ex.state                                     # doctest: +SKIP
+        'starting: starting the Ray node'
+        """
         with self._lock:
             if self.running:
                 return self
-            backend = self._open()
+            starting = self._starting
+            if starting is None:
+                self._starting = threading.Event()
+                self._start_error = None
+                self._start_error_unraised = False
+                self._start_cancelled = False
+                self._start_phase = None
+        if starting is not None:  # a start already under way
+            if self._start_cancelled:  # close() is undoing it: start again once it is gone
+                starting.wait()
+                return self.start(wait=wait)
+            if wait:
+                self.wait_started()
+            return self
+        if wait:
+            self._start_and_signal(background=False)
+        else:
+            threading.Thread(target=self._start_and_signal, args=(True,), name="flowdapt-nb-start",
+                             daemon=True).start()
+        return self
+
+    def wait_started(self, timeout: float | None = None) -> "Executor":
+        """Wait for a start under way (``start(wait=False)``); raise its error if it failed.
+        A TimeoutError after ``timeout`` s (the start goes on)."""
+        starting = self._starting
+        if starting is not None and not starting.wait(timeout):
+            raise TimeoutError(f"the {type(self).__name__} is still starting after {timeout} s "
+                               f"({self.state})")
+        error = self._start_error
+        if error is not None and self._start_error_unraised:
+            self._start_error_unraised = False  # raised once; a later run starts it again
+            raise error
+        return self
+
+    def _start_and_signal(self, background: bool) -> None:
+        try:
+            self._start_now()
+        except BaseException as exc:
+            self._start_error = exc
+            self._start_error_unraised = background  # a waiting start() raised it already
+            if not background:
+                raise
+        finally:
+            with self._lock:
+                starting, self._starting = self._starting, None
+            starting.set()
+
+    def _start_now(self) -> None:
+        """Open the backend and go live (in the caller's thread, or the start thread)."""
+        global _current
+        backend = self._open()
+        with self._lock:
+            if self._start_cancelled:  # close() came during the start: undo what it made
+                self._backend = backend
+                try:
+                    self._shutdown()
+                finally:
+                    self._backend = None
+                    self._closed = True
+                return
             self._closed = False
             self.events.reopen()
             self._attach_run_store()
@@ -107,6 +266,11 @@ class Executor:
         way. A closed executor refuses ``run``/``submit`` until ``start()`` is called again.
         """
         global _current
+        starting = self._starting
+        if starting is not None:  # a start under way: it undoes itself as soon as it is done
+            self._start_cancelled = True
+            self._closed = True
+            starting.wait(START_CLOSE_WAIT)
         with self._lock:  # held only to take the active runs: their own threads need the lock to end
             if not self.running or self._closing:
                 return
@@ -121,6 +285,7 @@ class Executor:
             for handle, _ in active:
                 handle._finished.wait(max(0.0, deadline - time.monotonic()))
             with self._lock:
+                self._drivers.stop()
                 self._stop_sampler()
                 try:
                     self._shutdown()
@@ -179,7 +344,7 @@ class Executor:
         for w in workers:
             for name, amount in (w.get("resources") or {}).items():
                 totals[name] = totals.get(name, 0) + amount
-        return {"kind": self.kind, "state": "running" if self.running else "stopped",
+        return {"kind": self.kind, "state": self.state,
                 "address": self._address() if self.running else None,
                 "owns_cluster": self.owns_cluster,
                 "dashboard_url": self._dashboard_url() if self.running else None,
@@ -246,6 +411,8 @@ class Executor:
         >>> run = handle.wait()                        # doctest: +SKIP
         """
         global _current
+        if not self.running and (self._starting is not None or self._start_error_unraised):
+            self.wait_started()  # start(wait=False) under way: wait for it; raise its error if it failed
         if self._closed or self._closing:
             raise ExecutorClosedError(f"this {type(self).__name__} was closed; call .start() to start it "
                                       f"again before running")
@@ -283,8 +450,7 @@ class Executor:
 
         if self._run_store is not None:  # recorded as it goes, by the store's own thread
             self._run_store.begin(run, self)
-        handle._thread = threading.Thread(target=drive, name=f"flowdapt-nb-run-{run.uid[:8]}", daemon=True)
-        handle._thread.start()
+        self._drivers.start(drive)
         return handle
 
     def run(self, workflow, input: dict | None = None, namespace: str | None = None,
@@ -315,8 +481,13 @@ class Executor:
         here once so every worker writes where the notebook reads."""
         if self.storage is not None:
             return self.storage
-        from ..artifacts import parse_setting
-        return parse_setting(None)[0]
+        import os
+        from ..artifacts import ENV_VAR, parse_setting
+        key = (os.environ.get(ENV_VAR), os.environ.get("XDG_DATA_HOME"), os.environ.get("HOME"), os.getcwd())
+        folder = _storage_default.get(key)
+        if folder is None:  # resolved once per environment: platformdirs costs ~0.1 ms a run
+            folder = _storage_default[key] = parse_setting(None)[0]
+        return folder
 
     def config_dict(self) -> dict:
         return {"target": self.kind, **self.config.model_dump(mode="json")}

@@ -229,6 +229,7 @@ class DaskExecutor(Executor):
                 worker_resources = {"cpus": threads, **({"gpus": gpus} if gpus else {}), **c.resources}
                 dashboard = f"{c.scheduler_host}:{c.dashboard_port}" if c.dashboard_port is not None \
                     else f"{c.scheduler_host}:0"
+                self._step("starting the Dask scheduler, its dashboard and the workers")
                 self.cluster = LocalCluster(
                     n_workers=0 if c.adaptive else n_workers, threads_per_worker=threads,
                     memory_limit=parse_bytes(c.memory) if c.memory != "auto" else "auto",
@@ -237,10 +238,12 @@ class DaskExecutor(Executor):
                     env=dict(c.env_vars), silence_logs=logging.ERROR)
                 if c.adaptive:
                     self.cluster.adapt(minimum=1, maximum=n_workers)
+                self._step("connecting the client to the new cluster")
                 self.client = Client(self.cluster, timeout=c.connect_timeout, set_as_default=False)
                 if c.adaptive:
                     self.client.wait_for_workers(1, timeout=60)
             else:
+                self._step(f"connecting to the Dask scheduler at {c.cluster_address}")
                 ensure_reachable("Dask", c.cluster_address, 8786, c.connect_timeout)
                 self.client = Client(c.cluster_address, timeout=c.connect_timeout, set_as_default=False)
             actor_future = self.client.submit(MemoryStore, actor=True, pure=False)

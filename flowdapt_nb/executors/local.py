@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -31,14 +33,17 @@ from .local_pool import ProcessPool, ThreadPool, exit_with_parent, send_events
 
 _batch = EventBatch(0.05)  # per worker process: 'running' reports, one queue message per batch
 _loaded: "OrderedDict[str, object]" = OrderedDict()  # per worker process: key -> function or context
+_loads = 0  # per worker process: files unpickled so far (tests check a function is loaded once)
 
 
 def _load_shipped(shipped: tuple):
     """A function or run context the driver wrote to a file once (``_LocalBackend._ship``),
     loaded once per worker process: tasks carry only its key and path."""
+    global _loads
     key, path = shipped
     obj = _loaded.get(key, _loaded)
     if obj is _loaded:
+        _loads += 1
         with open(path, "rb") as f:
             obj = _loaded[key] = cloudpickle.loads(f.read())
         if len(_loaded) > 64:
@@ -139,6 +144,9 @@ class _LocalBackend(Backend):
         self._thread_worker = f"thread:{os.getpid()}"
         if use_processes:
             self._ship_dir = tempfile.mkdtemp(prefix="flowdapt-nb-local-")
+            self._ship_lock = threading.Lock()
+            self._shipped_fns: dict[str, tuple] = {}  # hash of a pickled function -> (key, path)
+            self.function_ships = 0  # function files written (one per function version)
             self.pool = ProcessPool(cpus, on_events=self._on_events)
         else:
             self.pool = ThreadPool(cpus)
@@ -158,11 +166,11 @@ class _LocalBackend(Backend):
             except Exception:  # a bad event must not stop the pool's thread
                 pass
 
-    def _ship(self, data: bytes) -> tuple:
+    def _ship(self, data: bytes, key: str | None = None) -> tuple:
         """Write a pickled function or run context once for the worker processes; tasks then
         carry (key, path), not the bytes (a context holds the whole run input: sent with every
         task it would cost O(items) per task)."""
-        key = uuid.uuid4().hex
+        key = key or uuid.uuid4().hex
         path = os.path.join(self._ship_dir, key)
         with open(path, "wb") as f:
             f.write(data)
@@ -179,11 +187,19 @@ class _LocalBackend(Backend):
         except Exception as exc:
             raise ConfigError(f"function {getattr(fn, '__name__', fn)!r} can't be sent to a worker process "
                               f"({exc}); use LocalExecutor(use_processes=False)", key="target") from None
-        return self._ship(data)
+        # One file per function version (its pickled bytes), kept until close: workers load each
+        # version once, not once per run (loading a notebook function costs ~0.1-1 s cold).
+        key = "fn-" + hashlib.blake2b(data, digest_size=16).hexdigest()
+        with self._ship_lock:
+            shipped = self._shipped_fns.get(key)
+            if shipped is None:
+                shipped = self._shipped_fns[key] = self._ship(data, key)
+                self.function_ships += 1
+        return shipped
 
     def release_run(self, ctx_handle, fn_handles) -> None:
         if self.use_processes:
-            for _, path in [ctx_handle, *fn_handles]:
+            for _, path in [ctx_handle]:  # function files stay for the next run
                 try:
                     os.unlink(path)
                 except OSError:
@@ -280,11 +296,13 @@ class LocalExecutor(Executor):
 
     def _open(self):
         if self.config.use_processes:
+            self._step("starting the cluster memory process")
             self._manager = _StoreManager(ctx=multiprocessing.get_context("spawn"))
             self._manager.start(exit_with_parent, (os.getpid(),))  # no orphan if the driver is killed
             self._memory = self._manager.MemoryStore()
         else:
             self._memory = MemoryStore()
+        self._step("starting the worker pool")
         return _LocalBackend(self, self.cpus, self.config.use_processes)
 
     def _shutdown(self):

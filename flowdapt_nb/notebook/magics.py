@@ -27,6 +27,7 @@ import difflib
 import re
 import sys
 import textwrap
+import threading
 import time
 
 from IPython.core.error import UsageError
@@ -161,6 +162,12 @@ class FlowdaptMagics(Magics, Configurable):
 
     def _require_executor(self, what: str):
         ex = self.current
+        if ex is not None and not ex.running and ex.state.startswith(("starting", "failed")):
+            try:  # started with --no-wait: wait for it here (its error, if it failed, is raised)
+                ex.wait_started()
+            except Exception as exc:
+                raise UsageError(f"%flowdapt {what}: the {ex.kind} executor did not start: "
+                                 f"{type(exc).__name__}: {_one_line(exc)}") from None
         if ex is None or not ex.running:
             raise UsageError(f"%flowdapt {what}: no executor yet; start one with "
                              f"%flowdapt executor local (or dask, ray) or a %%flowdapt executor YAML cell")
@@ -204,6 +211,9 @@ class FlowdaptMagics(Magics, Configurable):
               help="dask/ray: custom resources per worker/node, e.g. --resource hamster_wheels=2")
     @argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE", dest="fields",
               help="any other executor field, value read as YAML, e.g. --set include_dashboard=false")
+    @argument("--no-wait", action="store_true", dest="no_wait",
+              help="return at once: the output shows the start, then the card; the next magic that "
+                   "needs the executor (%%flowdapt run) waits for it")
     def _cmd_executor(self, rest: str, cell: str | None = None):
         """Start an executor (or attach to a cluster) and show its card; replaces the current one.
         As a cell magic, the cell is YAML: a whole Flowdapt config or the executor mapping."""
@@ -212,9 +222,41 @@ class FlowdaptMagics(Magics, Configurable):
                 raise UsageError("%%flowdapt executor takes no options: put every field in the YAML cell")
             new = self._executor_from_cell(cell)
         else:
-            new = self._executor_from_line(self._args(self._cmd_executor, rest))
+            args = self._args(self._cmd_executor, rest)
+            new = self._executor_from_line(args)
+            if args.no_wait:
+                self._start_without_waiting(new)
+                return
         feedback = self._replace_executor(new)
         self._show("ExecutorCard", new, into=feedback)
+
+    def _start_without_waiting(self, new) -> None:
+        """``--no-wait``: start in the background and return; the output shows the start (what
+        ``new.state`` says, ticking), then the executor's card, or the error."""
+        self._close_current()
+        feedback = None
+        if self.progress and _has_kernel(self.shell):
+            from .progress import StartProgress
+            feedback = StartProgress(new)
+        new.start(wait=False)
+        self.current = new
+        self._push(self.executor_variable, new)
+        if feedback is None:
+            print(f"{new.kind} executor {new.state}; %flowdapt run waits for it")
+            return
+
+        def finish():
+            starting = new._starting
+            if starting is not None:
+                starting.wait()
+            if new.running:
+                self._show("ExecutorCard", new, into=feedback)
+            else:
+                error = new.start_error
+                feedback.finish(error=(f"{type(error).__name__}: {_one_line(error)}" if error is not None
+                                       else new.state))
+
+        threading.Thread(target=finish, name="flowdapt-nb-start-shown", daemon=True).start()
 
     def _executor_from_cell(self, cell: str):
         from ..config import executor_from_config

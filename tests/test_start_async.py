@@ -1,0 +1,140 @@
+"""start(wait=False): returns at once, ``state`` shows the start, the first run waits for it, a
+failed start is kept and raised by the next run, close() during a start is bounded and leaves
+no process; and local process workers load a function once per version, not once per run."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import psutil
+import pytest
+
+import flowdapt_nb as fnb
+import stages as st
+from flowdapt_nb import Stage, Workflow
+from flowdapt_nb.errors import ExecutorClosedError
+
+QUICK = Workflow("quick", stages=[Stage("numbers", st.numbers)])
+
+
+def wait_for(predicate, timeout=120, interval=0.02):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def _children():
+    return {p.pid for p in psutil.Process().children(recursive=True)
+            if "resource_tracker" not in " ".join(p.cmdline())}
+
+
+def _dead_address() -> str:
+    """An address on this machine where nothing listens (a port we bound and let go)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"tcp://127.0.0.1:{port}"
+
+
+FACTORIES = {
+    "threads": lambda: fnb.LocalExecutor(use_processes=False, cpus=2),
+    "processes": lambda: fnb.LocalExecutor(use_processes=True, cpus=2),
+    "dask": lambda: fnb.DaskExecutor(cpus=1, threads=1),
+    "ray": lambda: fnb.RayExecutor(cpus=1, include_dashboard=False, logging_level="error"),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", list(FACTORIES))
+def test_start_without_waiting_then_run_waits(kind, ray_cluster):
+    if kind == "ray":
+        ray_cluster.close()  # one Ray per process: the shared one restarts on next use
+    children0 = _children()
+    ex = FACTORIES[kind]()
+    assert ex.state == "stopped"
+    seen = []
+    try:
+        returned = ex.start(wait=False)
+        seen.append(ex.state)
+        assert returned is ex
+        if kind in ("dask", "ray"):  # a cluster takes far longer to start than a call to return
+            assert not ex.running and seen[0].startswith("starting"), seen
+        watcher = threading.Thread(target=lambda: wait_for(lambda: seen.append(ex.state) or ex.running, 240))
+        watcher.start()
+        run = ex.run(QUICK, input={"n": 3})  # waits for the start
+        assert run.result == [0, 1, 2] and ex.state == "running"
+        assert ex.start(wait=False) is ex and ex.running  # starting a running executor: a no-op
+        watcher.join(240)
+        assert seen[-1] == "running"
+        assert all(s.startswith("starting") or s == "running" for s in seen), seen
+        assert ex.info()["state"] == "running" and ex.start_error is None
+    finally:
+        ex.close()
+    assert ex.state == "stopped"
+    assert wait_for(lambda: not (_children() - children0), 60), _children() - children0
+
+
+@pytest.mark.timeout(180)
+def test_start_failure_is_shown_and_raised_by_the_next_run():
+    ex = fnb.DaskExecutor(cluster_address=_dead_address(), connect_timeout=1)
+    ex.start(wait=False)
+    assert wait_for(lambda: ex.state.startswith("failed"), 120), ex.state
+    error = ex.start_error
+    assert error is not None and not ex.running
+    assert ex.info()["state"] == ex.state and type(error).__name__ in ex.state
+    with pytest.raises(type(error)) as raised:
+        ex.run(QUICK, input={"n": 1})
+    assert raised.value is error
+    # the same failure, started the blocking way, raises at once from start()
+    again = fnb.DaskExecutor(cluster_address=_dead_address(), connect_timeout=1)
+    with pytest.raises(type(error)):
+        again.start()
+    assert again.state.startswith("failed") and not again.running
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["processes", "dask"])
+def test_close_during_a_start_is_bounded_and_leaves_no_process(kind):
+    children0 = _children()
+    ex = FACTORIES[kind]()
+    ex.start(wait=False)
+    closer = threading.Thread(target=ex.close)
+    closer.start()
+    closer.join(120)  # a hang guard, not a timing: close() waits at most START_CLOSE_WAIT for the start
+    assert not closer.is_alive(), "close() during a start did not return"
+    assert wait_for(lambda: not ex.running and not ex.state.startswith("starting"), 120), ex.state
+    assert ex.state == "stopped" and not ex.running
+    with pytest.raises(ExecutorClosedError):
+        ex.run(QUICK, input={"n": 1})
+    assert wait_for(lambda: not (_children() - children0), 60), _children() - children0
+
+
+def worker_loads():
+    """Files the worker process has unpickled so far (functions and run contexts)."""
+    from flowdapt_nb.executors import local
+    return local._loads
+
+
+def worker_loads_again():
+    from flowdapt_nb.executors import local
+    return local._loads
+
+
+@pytest.mark.timeout(120)
+def test_process_workers_load_a_function_once_per_version():
+    wf = Workflow("loads", stages=[Stage("worker_loads", worker_loads)])
+    other = Workflow("loads2", stages=[Stage("worker_loads_again", worker_loads_again)])
+    with fnb.LocalExecutor(use_processes=True, cpus=1) as ex:  # one worker: every run sees its count
+        counts = [ex.run(wf).result for _ in range(4)]
+        # the first run loads the function and its context; later runs only their own context
+        assert [b - a for a, b in zip(counts, counts[1:])] == [1, 1, 1], counts
+        assert ex._backend.function_ships == 1
+        after = ex.run(other).result  # a new function: loaded once more, with its context
+        assert after - counts[-1] == 2
+        assert ex._backend.function_ships == 2
+        assert ex.run(wf).result - after == 1  # the first function is still loaded
