@@ -11,8 +11,13 @@ Heavy libraries (Ray, Dask, IPython, pandas) load only when used.
 from __future__ import annotations
 
 import importlib
+import os
 
 __version__ = "0.1.0"
+
+if os.environ.get("FLOWDAPT_NB_STAGE_PREFIX") == "1":  # a process `flowdapt-nb run` started: see cli_streams
+    from .cli_streams import install_stage_prefix as _install_stage_prefix
+    _install_stage_prefix()
 
 _EXPORTS = {
     "ConfigError": "flowdapt_nb.errors",

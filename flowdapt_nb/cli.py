@@ -3,59 +3,35 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import os
+import pickle
 import sys
 import traceback
 from pathlib import Path
 
-from .errors import ConfigError, RunTimeoutError, StageError
+from .cli_progress import TICK, make_view
+from .cli_result import FORMATS, failure_text, failures_table, output_format, write_result
+from .cli_result import jsonable as _jsonable  # noqa: F401  (kept importable here)
+from .cli_streams import PREFIX_ENV, OutputPipe, install_stage_prefix
+from .errors import ClusterLostError, ConfigError, ExecutorClosedError, RunTimeoutError, StageError
 
 
 from .run_input import input_from_args, parse_assignments  # noqa: F401  (parse_assignments: kept importable here)
 
 
-def _jsonable(value) -> tuple[str, str | None]:
-    """The result as one valid JSON text, and a note for stderr when it had to be changed:
-    NaN and infinities become null; a value JSON can't hold becomes its repr as a JSON string."""
-    try:
-        return json.dumps(value, default=_fallback, allow_nan=False), None
-    except ValueError:  # NaN or an infinity somewhere: JSON has no such numbers
-        try:
-            text = json.dumps(_finite(json.loads(json.dumps(value, default=_fallback))), allow_nan=False)
-            return text, "the result holds NaN or infinite numbers; JSON has none, so they print as null"
-        except (TypeError, ValueError, RecursionError):
-            pass
-    except (TypeError, RecursionError):
-        pass
-    return json.dumps(repr(value)), (f"the result ({type(value).__name__}) is not JSON; printed its repr "
-                                     f"as a JSON string")
-
-
-def _finite(value):
-    """Plain JSON data with NaN / infinities replaced by None (iterative: no recursion limit)."""
-    root = [value]
-    stack = [(root, 0)]
-    while stack:
-        holder, key = stack.pop()
-        item = holder[key]
-        if isinstance(item, float) and not math.isfinite(item):
-            holder[key] = None
-        elif isinstance(item, list):
-            stack.extend((item, i) for i in range(len(item)))
-        elif isinstance(item, dict):
-            stack.extend((item, k) for k in item)
-    return root[0]
-
-
-def _fallback(obj):
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    raise TypeError
+EXIT_OK = 0  # the run finished
+EXIT_FAILED = 1  # a stage failed (or --timeout passed)
+EXIT_USAGE = 2  # bad usage, or a bad config / workflow file / run input
+EXIT_EXECUTOR = 3  # the executor could not be reached or started (or its cluster was lost)
+EXIT_INTERRUPTED = 130  # Ctrl-C: the run was cancelled and what it started was stopped
+EXIT_CODES_HELP = """\
+exit codes:
+  0    the run finished (its result is on stdout, or in --output FILE)
+  1    a stage failed, or --timeout passed (the failed stage and its traceback are on stderr)
+  2    bad usage, or a bad config file, workflow file or run input
+  3    the executor could not be reached or started, or its cluster was lost during the run
+  130  interrupted (Ctrl-C): the run was cancelled, then what the run started was stopped"""
 
 
 def _kind_of(data) -> str:
@@ -129,30 +105,6 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-@contextlib.contextmanager
-def _stdout_to_stderr():
-    """While stages run, what anything prints (threads, worker processes started now, Dask and
-    Ray output forwarded to the driver) goes to stderr: stdout carries only the JSON result."""
-    sys.stdout.flush()
-    try:
-        saved = os.dup(1)
-    except OSError:  # no stdout at all
-        yield
-        return
-    try:
-        os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stderr.flush()
-        try:
-            sys.stdout.flush()
-        except (OSError, ValueError):
-            pass
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def cmd_run(args) -> int:
     from .config import executor_from_config
     from .executors.local import LocalExecutor
@@ -166,9 +118,12 @@ def cmd_run(args) -> int:
         for what, path in (("workflow", args.workflow), ("config", args.config)):
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{what} file not found: {path}")
-    except ConfigError as exc:
+        fmt = output_format(args.output, args.format)
+        if fmt != "json" and args.output is None:
+            raise ConfigError(f"--format {fmt} writes a file: give --output FILE")
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:  # the file goes first in these errors: each has its own line numbers
         where = args.workflow
         wf = load_workflow(Path(args.workflow))
@@ -179,45 +134,108 @@ def cmd_run(args) -> int:
             _check_allowed(wf, ex.config.allowed_targets)
     except ConfigError as exc:
         print(_error_line(where, exc), file=sys.stderr)
-        return 2
-    with _stdout_to_stderr():
-        code, run = _start_and_run(ex, wf, run_input, args)
-    if run is None:
+        return EXIT_USAGE
+    # what stages print: unbuffered in the worker processes started now, and prefixed with the
+    # stage and item there and in this process (see cli_streams)
+    os.environ["PYTHONUNBUFFERED"] = "1"
+    os.environ[PREFIX_ENV] = "1"
+    for stream in (sys.stdout, sys.stderr):  # ours too: lines reach the pipe in the order written
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError):
+            pass
+    install_stage_prefix()
+    view = make_view(args.progress, sys.stderr)
+    with OutputPipe(view.output_line) as pipe:
+        code, run, error = _start_and_run(ex, wf, run_input, args, view, pipe)
+    if error:
+        print(error, file=sys.stderr)
+    if run is not None:
+        _report_failed_items(run)
+    if code != EXIT_OK:
         return code
-    for f in run.failures:
-        print(f"warning: stage '{f.stage}' dropped item {f.item}: {f.error}", file=sys.stderr)
-    text, note = _jsonable(run.result)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    print(text)
-    return 0
+    try:
+        write_result(run.result, args.output, fmt, sys.stdout, lambda text: print(f"note: {text}", file=sys.stderr))
+    except (ValueError, TypeError, OSError, pickle.PicklingError) as exc:
+        print(f"error: the run finished but its result could not be written: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
-def _start_and_run(ex, wf, run_input, args):
-    """(exit code, run): the run when it finished, else None and the code of its error."""
+def _report_failed_items(run) -> None:
+    """Items dropped under allow_partial_failure, as a short table on stderr."""
+    rows = [{"stage": f.stage, "item": f.item, "error": f.error} for f in run.failures]
+    if rows:
+        print(failures_table(rows, f"warning: {len(rows)} item(s) failed and were dropped "
+                                   f"(allow_partial_failure):"), file=sys.stderr)
+
+
+def _start_and_run(ex, wf, run_input, args, view, pipe):
+    """(exit code, run or None, error text or None). Ctrl-C cancels the run, then stops the
+    executor (and what it started) before 130 is returned."""
     try:
         ex.start()
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2, None
-    except (ConnectionError, OSError, TimeoutError, RuntimeError) as exc:  # unreachable address, ...
-        print(f"error: could not start the {ex.kind} executor: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1, None
-    try:
-        with ex:
-            return 0, ex.run(wf, input=run_input, namespace=args.namespace, timeout=args.timeout)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2, None
-    except StageError as exc:
-        print(f"error: run failed: {exc}", file=sys.stderr)
-        return 1, None
-    except RunTimeoutError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1, None
+        return EXIT_USAGE, None, f"error: {exc}"
     except KeyboardInterrupt:
-        print("error: cancelled", file=sys.stderr)
-        return 130, None
+        _ignore_sigint()
+        ex.close()  # whatever it had started by then
+        return EXIT_INTERRUPTED, None, "error: interrupted while the executor was starting"
+    except Exception as exc:  # unreachable address, a cluster that would not start, ...
+        return EXIT_EXECUTOR, None, (f"error: could not start the {ex.kind} executor: "
+                                     f"{' '.join(str(exc).split())}")
+    try:
+        with ex:  # closed on the way out, whatever happened: remote tasks cancelled, clusters stopped
+            view.open(pipe.stderr, ex, wf)
+            try:
+                return EXIT_OK, _drive(ex, wf, run_input, args, view), None
+            finally:
+                view.close()
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED, None, "error: interrupted; the run was cancelled and the executor stopped"
+    except ConfigError as exc:
+        return EXIT_USAGE, None, f"error: {exc}"
+    except StageError as exc:
+        text = failure_text(exc, verbose=args.verbose)
+        tracker = view.feed.tracker if view.feed is not None else None
+        failed = tracker.failed_tasks() if tracker is not None else []
+        if len(failed) > 1:
+            text += "\n" + failures_table(failed, f"{len(failed)} task(s) failed:")
+        code = EXIT_EXECUTOR if isinstance(exc.__cause__, ClusterLostError) else EXIT_FAILED
+        return code, exc.run, text
+    except RunTimeoutError as exc:
+        return EXIT_FAILED, getattr(exc, "run", None), f"error: {exc}"
+    except ClusterLostError as exc:
+        return EXIT_EXECUTOR, None, f"error: lost the {ex.kind} executor's cluster: {exc}"
+    except ExecutorClosedError as exc:
+        return EXIT_EXECUTOR, None, f"error: the {ex.kind} executor stopped during the run: {exc}"
+
+
+def _drive(ex, wf, run_input, args, view):
+    """Submit the run and redraw the progress until it ends; its WorkflowRun, or the run's error.
+    On Ctrl-C the run is cancelled (its remote tasks too) before KeyboardInterrupt goes on."""
+    handle = None
+    try:
+        handle = ex.submit(wf, input=run_input, namespace=args.namespace, timeout=args.timeout)
+        view.follow(handle.run)
+        while not handle._finished.wait(TICK):
+            view.tick()
+    except KeyboardInterrupt:
+        _ignore_sigint()  # a second Ctrl-C must not break the stopping half-way
+        view.note("interrupted: cancelling the run and stopping the executor...")
+        if handle is not None:
+            handle.cancel()
+            handle._finished.wait(30)
+        raise
+    return handle.wait()
+
+
+def _ignore_sigint() -> None:
+    import signal
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
 
 
 def _security_note() -> str:
@@ -231,9 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowdapt-nb", description="Run Flowdapt workflows headless.",
                                      epilog=note, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a workflow and print its result as JSON (stage prints go to stderr)",
-                         description="Run a workflow and print its result as JSON on stdout; what stages "
-                                     "print goes to stderr.", epilog=note,
+    run = sub.add_parser("run", help="run a workflow and print its result as JSON (progress and stage prints "
+                                     "go to stderr)",
+                         description="Run a workflow and print its result as JSON on stdout (or write it to "
+                                     "--output FILE). Live progress and what stages print (prefixed with "
+                                     "'(stage[item])') go to stderr, so stdout is only the result.",
+                         epilog=EXIT_CODES_HELP + "\n\n" + note,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("workflow", help="workflow resource YAML file")
     run.add_argument("--config", "-c", help="executor config YAML (default: local executor)")
@@ -242,6 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--namespace", "-n", default=None)
     run.add_argument("--timeout", type=_positive_seconds, default=None, help="seconds before the run is failed")
     run.add_argument("--path", action="append", help="extra folder to import stage targets from")
+    run.add_argument("--progress", choices=("auto", "bar", "plain", "none"), default="auto",
+                     help="progress on stderr: a bar redrawn in place (a terminal), a plain line per stage "
+                          "change and a summary every few seconds (a log), or none; auto (default) picks bar "
+                          "when stderr is a terminal, else plain")
+    run.add_argument("--output", "-o", metavar="FILE",
+                     help="write the result to FILE instead of stdout; the format follows the suffix "
+                          "(.json, .pkl/.pickle, .parquet/.pq) unless --format says")
+    run.add_argument("--format", "-f", choices=FORMATS, default=None,
+                     help="the result's format: json (default; stdout or --output), pickle or parquet (a "
+                          "pandas DataFrame) to --output")
+    run.add_argument("--verbose", "-v", action="store_true",
+                     help="on failure, show the whole traceback (flowdapt_nb's own frames too)")
     run.set_defaults(func=cmd_run)
     val = sub.add_parser("validate", help="check config and workflow files",
                          description="Check config and workflow files. Given with configs, workflows are "
@@ -262,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except Exception:  # pragma: no cover - an internal fault still says what happened
         traceback.print_exc()
-        return 3
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover
