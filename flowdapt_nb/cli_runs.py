@@ -67,6 +67,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                   "result_type": run.result_type, "result_bytes": run.result_bytes,
                   "stages": run.stage_summaries,
                   "failures": [{k: v for k, v in f.items() if k != "exception"} for f in run.failures],
+                  "error_traceback": run.error_traceback,
                   "tasks": [{k: _plain(v) for k, v in r.items()} for r in run.tasks.to_dict("records")]}
         print(json.dumps(record))
         return 0
@@ -84,10 +85,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         print()
         print(run.tasks.to_string(index=False))
     for f in run.failures:
-        where = f"stage '{f.stage}'" + (f" item {f.item}" if f.item is not None else "")
-        print(f"\nfailure in {where}: {f.error}")
+        print(f"\ndropped item {f.item} of stage '{f.stage}': {f.error}")
         if f.traceback:
             print(f.traceback.rstrip())
+    if run.error_traceback:
+        print(f"\nthe error that ended the run:\n{run.error_traceback.rstrip()}")
     return 0
 
 

@@ -12,6 +12,7 @@ import socket
 import time
 from datetime import datetime, timedelta, timezone
 
+from .errors import RemoteError
 from .run import Failure, WorkflowRun, _ts
 from .run_store import SIMPLE_ITEM, apply_lost, get_store
 
@@ -129,7 +130,9 @@ class StoredRun(WorkflowRun):
     """A run read back from the run store: a WorkflowRun with its tasks, stages and failures, and
     the stored extras: ``config`` (executor config), ``workflow_yaml``, ``workflow_hash``,
     ``result_type``, ``result_bytes``, ``stage_summaries``, ``pid``/``host`` of the process that ran
-    it. ``result`` is None (the store keeps its type and size, not the value)."""
+    it, and ``error_traceback`` (the traceback of the error that ended a failed run; ``exception``
+    stands in for that error). ``failures`` are the items dropped under allow_partial_failure.
+    ``result`` is None (the store keeps its type and size, not the value)."""
 
     def dashboard(self):
         """A TaskDashboard of this run, drawn from its stored record."""
@@ -187,9 +190,14 @@ def load_run(uid: str, store=None) -> StoredRun:
         if run.state == "lost" and t["state"] in ("queued", "running"):
             t["state"] = "cancelled"  # its process is gone: it will never end
         run._tasks[(t["stage"], item)] = {**t, "item": item}
-    for f in db.query("SELECT stage, item, error, error_type, traceback FROM failures WHERE run_uid = ? "
+    run.error_traceback = None
+    for f in db.query("SELECT stage, item, error, error_type, traceback, fatal FROM failures WHERE run_uid = ? "
                       "ORDER BY seq", (rec["uid"],)):
-        run._failures.append(Failure(**f, exception=None))
+        if f.pop("fatal"):  # the error that ended the run: its type and the worker's traceback
+            run.exception = RemoteError(f["error_type"], f["error"], f["traceback"])
+            run.error_traceback = f["traceback"]
+        else:
+            run._failures.append(Failure(**f, exception=None))
     return run
 
 

@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     queued REAL, start REAL, "end" REAL, error TEXT, PRIMARY KEY (run_uid, stage, item));
 CREATE TABLE IF NOT EXISTS failures (
     run_uid TEXT NOT NULL, seq INTEGER NOT NULL, stage TEXT, item INTEGER, error TEXT,
-    error_type TEXT, traceback TEXT, PRIMARY KEY (run_uid, seq));
+    error_type TEXT, traceback TEXT, fatal INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run_uid, seq));
 """
 SIMPLE_ITEM = -1  # a simple stage's task (item None) in the tasks table's key
 
@@ -161,9 +161,10 @@ def _stage_summaries(run, rows: list[dict]) -> list[dict]:
 
 
 def _failure_rows(run) -> list[tuple]:
-    """Every failure: items dropped under allow_partial_failure, then the run's own error."""
+    """Every failure: items dropped under allow_partial_failure, then the error that ended the run
+    (``fatal`` 1)."""
     import traceback as tb
-    rows = [(f.stage, f.item, f.error, f.error_type, f.traceback) for f in run.failures]
+    rows = [(f.stage, f.item, f.error, f.error_type, f.traceback, 0) for f in run.failures]
     exc = run.exception
     if exc is not None:
         cause = exc.__cause__ or exc
@@ -171,7 +172,7 @@ def _failure_rows(run) -> list[tuple]:
         if not text:
             text = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
         rows.append((getattr(exc, "stage", None) or run.failed_stage, getattr(exc, "item", None),
-                     run.error or f"{type(exc).__name__}: {exc}", type(cause).__name__, text))
+                     run.error or f"{type(exc).__name__}: {exc}", type(cause).__name__, text, 1))
     return rows
 
 
@@ -204,8 +205,10 @@ class RunStore:
         self._db.executescript(SCHEMA)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._runs: dict = {}  # uid -> WorkflowRun still being written
+        self._owner: dict = {}  # uid -> id() of the executor that runs it
         self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self._start_lock = threading.Lock()  # guards _thread and _attached
+        self._attached = 0  # running executors subscribed: the writer thread ends when none is left
         self._pid = os.getpid()
         self._host = socket.gethostname()
         self._proc_start = _process_start(self._pid)
@@ -214,17 +217,20 @@ class RunStore:
     # --- writing: called from the executor (cheap: a queue put) ---
     def begin(self, run, executor) -> None:
         """A run was submitted: its record is written with the next batch."""
-        self._ensure_writer()
-        self._queue.put(("begin", run, executor.config_dict()))
-
-    def on_event(self, event) -> None:
-        """The event-bus subscriber: task and run events, handed to the writer thread."""
-        self._queue.put(("event", event))
+        self._queue.put(("begin", run, executor.config_dict(), id(executor)))
 
     def attach(self, executor) -> int:
-        """Subscribe to an executor's event bus; returns the token."""
-        self._ensure_writer()
-        return executor.events.subscribe(self.on_event, kinds=("task", "run"))
+        """Subscribe to a started executor's event bus (task and run events go to the writer
+        thread as they are; 'stopped' detaches it); returns the token."""
+        owner, put = id(executor), self._queue.put
+        with self._start_lock:
+            self._attached += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_loop, name="flowdapt-nb-run-store",
+                                                daemon=True)
+                self._thread.start()
+        return executor.events.subscribe(lambda event: put(("event", event, owner)),
+                                         kinds=("task", "run", "executor"))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until what this process handed the writer so far is on disk."""
@@ -235,16 +241,9 @@ class RunStore:
         return done.wait(timeout)
 
     # --- the writer thread ---
-    def _ensure_writer(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._write_loop, name="flowdapt-nb-run-store",
-                                                daemon=True)
-                self._thread.start()
-
     def _write_loop(self) -> None:
+        """Write batches until no executor is attached and nothing is left to write (a closed
+        executor leaves no thread behind; the next start begins a new one)."""
         last_beat = 0.0
         while True:
             batch = [self._queue.get()]
@@ -272,22 +271,34 @@ class RunStore:
             for entry in batch:
                 if entry[0] == "flush":
                     entry[1].set()
+            with self._start_lock:
+                if self._attached <= 0 and not self._runs and self._queue.empty():
+                    self._thread = None
+                    return
 
     def _write(self, batch: list, heartbeat: float | None) -> None:
         begins, touched, ended = [], {}, []
         for entry in batch:
             if entry[0] == "begin":
-                _, run, config = entry
+                _, run, config, owner = entry
                 self._runs[run.uid] = run
+                self._owner[run.uid] = owner
                 begins.append(self._begin_row(run, config))
             elif entry[0] == "event":
-                event = entry[1]
+                event, owner = entry[1], entry[2]
+                if event.kind == "executor":
+                    if event.state == "stopped":  # its bus closes: its runs' records end here
+                        with self._start_lock:
+                            self._attached -= 1
+                        ended.extend(r for uid, r in self._runs.items()
+                                     if self._owner.get(uid) == owner and r not in ended)
+                    continue
                 run = self._runs.get(event.run)
                 if run is None:
                     continue
                 if event.kind == "task":
                     touched.setdefault(run.uid, set()).add((event.stage, event.item))
-                elif event.state in ("finished", "failed", "cancelled"):
+                elif event.state in ("finished", "failed", "cancelled") and run not in ended:
                     ended.append(run)
         with self._lock:
             db = self._db
@@ -298,7 +309,10 @@ class RunStore:
                         "INSERT OR REPLACE INTO runs (uid, name, workflow, workflow_hash, workflow_yaml, "
                         "input_json, namespace, executor, config_json, state, created, pid, host, proc_start, "
                         "heartbeat) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", begins)
+                ending = {run.uid for run in ended}
                 for uid, keys in touched.items():
+                    if uid in ending:
+                        continue  # its final record below writes every row once
                     run = self._runs[uid]
                     with run._lock:
                         rows = [dict(run._tasks[k]) for k in keys if k in run._tasks]
@@ -317,6 +331,7 @@ class RunStore:
                 raise
         for run in ended:
             self._runs.pop(run.uid, None)
+            self._owner.pop(run.uid, None)
 
     def _begin_row(self, run, config: dict) -> tuple:
         text = _workflow_text(run.definition)
@@ -332,13 +347,13 @@ class RunStore:
         db.executemany(_TASK_UPSERT, _task_params(run.uid, rows))
         failures = _failure_rows(run)
         db.execute("DELETE FROM failures WHERE run_uid=?", (run.uid,))
-        db.executemany("INSERT INTO failures VALUES (?,?,?,?,?,?,?)",
+        db.executemany("INSERT INTO failures VALUES (?,?,?,?,?,?,?,?)",
                        [(run.uid, i, *f) for i, f in enumerate(failures)])
         rtype, rbytes = _result_info(run.result)
         db.execute("UPDATE runs SET state=?, error=?, failed_stage=?, started=?, finished=?, result_type=?, "
                    "result_bytes=?, stages_json=?, n_tasks=?, n_failures=?, heartbeat=? WHERE uid=?",
                    (run.state, run.error, run.failed_stage, run._started, run._finished, rtype, rbytes,
-                    json.dumps(_stage_summaries(run, rows)), len(rows), len(failures), time.time(), run.uid))
+                    json.dumps(_stage_summaries(run, rows)), len(rows), len(run.failures), time.time(), run.uid))
 
     # --- reading ---
     def query(self, sql: str, params=()) -> list[sqlite3.Row]:
@@ -366,8 +381,7 @@ def _writer_gone(row: dict, here: str) -> bool:
     if row["host"] == here:
         pid = row["pid"]
         if pid == os.getpid() and row.get("proc_start") == _process_start(pid):
-            store_runs = [uid for s in list(_stores.values()) for uid in list(s._runs)]
-            return row["uid"] not in store_runs
+            return not any(row["uid"] in s._runs for s in list(_stores.values()))
         started = _process_start(pid) if pid else None
         if started is None:
             return True

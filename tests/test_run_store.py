@@ -43,6 +43,7 @@ for uid in uids:
                 "tasks": {k: int(v) for k, v in run.tasks.groupby("state").size().items()},
                 "stages": run.stages.set_index("stage")["state"].to_dict(),
                 "failures": [[f.stage, f.item, f.error_type, f.error, f.traceback or ""] for f in run.failures],
+                "error_traceback": run.error_traceback,
                 "result_type": run.result_type, "workflow_hash": run.workflow_hash,
                 "yaml": run.workflow_yaml, "finished": run.finished_at is not None}
 frame = fnb.runs(store=db)
@@ -75,13 +76,14 @@ def test_runs_on_each_executor_read_back_in_a_new_process(executor):
     assert g["stages"] == {"numbers": "finished", "checked": "finished", "total": "finished"}
     assert [f[:4] for f in g["failures"]] == [["checked", 3, "ValueError", "ValueError: item 3 is bad"]]
     assert "fail_on_three" in g["failures"][0][4]  # the worker's traceback
+    assert g["error_traceback"] is None
     assert g["result_type"] == "builtins.int" and "stages.fail_on_three" in g["yaml"]
 
     b = seen[bad.uid]
     assert b["state"] == "failed" and "explode" in b["error"]
     assert b["stages"]["explode"] == "failed"
-    [failure] = b["failures"]
-    assert failure[0] == "explode" and failure[2] == "KeyError" and "boom happened" in failure[4]
+    assert b["failures"] == []  # no dropped items: the error that ended the run, with its traceback
+    assert "in boom" in b["error_traceback"] and "KeyError: 'boom happened'" in b["error_traceback"]
     assert b["result_type"] is None
     assert seen["listed"][good.uid] == "finished" and seen["listed"][bad.uid] == "failed"
 
@@ -295,10 +297,10 @@ def test_cli_runs_and_show(tmp_path):
     assert [r["uid"] for r in rows] == [bad.uid] and rows[0]["state"] == "failed"
     shown = cli("show", good.uid[:8], "--db", db)
     assert shown.returncode == 0, shown.stderr
-    assert "failure in stage 'checked' item 3: ValueError: item 3 is bad" in shown.stdout
+    assert "dropped item 3 of stage 'checked': ValueError: item 3 is bad" in shown.stdout
     assert "fail_on_three" in shown.stdout  # its traceback
     record = json.loads(cli("show", bad.uid, "--db", db, "--json").stdout)
-    assert record["state"] == "failed" and record["failures"][0]["error_type"] == "KeyError"
+    assert record["state"] == "failed" and record["failures"] == [] and "boom happened" in record["error_traceback"]
     assert len(record["tasks"]) == 2 and record["input"] == {}
     missing = cli("show", "nope", "--db", db)
     assert missing.returncode == 2 and "no stored run 'nope'" in missing.stderr
@@ -316,3 +318,18 @@ def test_cli_run_is_recorded(tmp_path):
                             timeout=120)
     [row] = [json.loads(x) for x in listed.stdout.splitlines()]
     assert row["workflow"] == "clirec" and row["state"] == "finished" and row["tasks"] == 1
+
+
+def test_writer_thread_ends_with_its_executors_and_restarts(tmp_path):
+    db = str(tmp_path / "restart.sqlite")
+    ex = fnb.LocalExecutor(use_processes=False, cpus=1, runs=db).start()
+    store = ex._run_store
+    first = ex.run(PARTIAL, input={"n": 2})
+    assert store._thread is not None and store._thread.is_alive()
+    thread = store._thread
+    ex.close()
+    thread.join(timeout=30)  # nothing left to write, no executor attached: it ends
+    assert not thread.is_alive() and store._thread is None
+    with ex.start():  # a started-again executor records again
+        second = ex.run(PARTIAL, input={"n": 3})
+    assert fnb.runs(store=db)["uid"].tolist() == [second.uid, first.uid]
