@@ -230,6 +230,60 @@ def _drive(ex, wf, run_input, args, view):
     return handle.wait()
 
 
+def cmd_status(args) -> int:
+    """Workers and resources of a running Dask or Ray cluster (connects, reads, disconnects:
+    the cluster itself is left running)."""
+    from .config import executor_from_config
+    address = args.address
+    kind = args.kind or ("dask" if address.startswith(("tcp://", "tls://", "ucx://", "ws://", "wss://")) else "ray")
+    try:
+        ex = executor_from_config({"target": kind, "cluster_address": address, "connect_timeout": args.timeout})
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        ex.start()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        print(f"error: could not reach the {kind} cluster at {address}: {' '.join(str(exc).split())}",
+              file=sys.stderr)
+        return EXIT_EXECUTOR
+    try:
+        info = ex.info()
+    finally:
+        ex.close()
+    print(status_text(info))
+    return EXIT_OK
+
+
+def status_text(info: dict) -> str:
+    """The cluster's kind, address and dashboard, then one row per worker and the totals."""
+    import pandas as pd
+    lines = [f"{info['kind']} cluster at {info.get('address')}",
+             f"dashboard: {info.get('dashboard_url') or 'none'}",
+             f"workers: {len(info.get('workers') or [])}"]
+    workers = info.get("workers") or []
+    if workers:
+        frame = pd.DataFrame([{k: _cell(k, v) for k, v in w.items()} for w in workers])
+        lines.append(frame.to_string(index=False))
+    totals = info.get("resources") or {}
+    if totals:
+        lines.append("resources: " + ", ".join(f"{name} {amount:g}" if isinstance(amount, (int, float))
+                                               else f"{name} {amount}" for name, amount in totals.items()))
+    return "\n".join(lines)
+
+
+def _cell(key: str, value):
+    """A worker table cell: resources as name=amount, memory in GiB."""
+    if isinstance(value, dict):
+        return ", ".join(f"{n}={a:g}" if isinstance(a, (int, float)) else f"{n}={a}" for n, a in value.items())
+    if "memory" in key and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value / 2**30:.1f} GiB"
+    return value
+
+
 def _ignore_sigint() -> None:
     import signal
     try:
@@ -276,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", "-v", action="store_true",
                      help="on failure, show the whole traceback (flowdapt_nb's own frames too)")
     run.set_defaults(func=cmd_run)
+    status = sub.add_parser("status", help="workers and resources of a running Dask or Ray cluster",
+                            description="Connect to a running Dask or Ray cluster, print its workers and "
+                                        "resources, and disconnect (the cluster keeps running). Exits 0, or "
+                                        "3 when the cluster can't be reached.")
+    status.add_argument("address", help="tcp://HOST:PORT for a Dask scheduler; HOST:PORT or ray://HOST:PORT "
+                                        "for Ray")
+    status.add_argument("--kind", choices=("dask", "ray"), default=None,
+                        help="the cluster's kind (default: dask for tcp:// or tls:// addresses, else ray)")
+    status.add_argument("--timeout", type=_positive_seconds, default=10.0, help="seconds to reach it (default 10)")
+    status.set_defaults(func=cmd_status)
     val = sub.add_parser("validate", help="check config and workflow files",
                          description="Check config and workflow files. Given with configs, workflows are "
                                      "checked against their allowed_targets.", epilog=note,

@@ -129,6 +129,9 @@ def test_plain_progress_shows_while_the_run_goes_and_stdout_is_only_the_result(p
         assert proc.poll() is None
         assert "/4 done" in line and "running" in line and "failed" in line and "elapsed" in line
         assert "ETA" in line
+        if config == "threads.yaml":  # while nothing changes, a summary line comes every few seconds
+            summary = read_until(proc, " running: numbers 1/1, square 0/4 (", lines)
+            assert proc.poll() is None and "total 0/-" in summary
         gate.write_text("open")
         out, err = proc.communicate(timeout=WAIT)
     finally:
@@ -294,6 +297,27 @@ def test_ctrl_c_exits_130_after_cancelling_and_leaves_no_process(project):
     assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
 
 
+def test_ctrl_c_on_a_dask_cluster_it_started_stops_the_workers(project):
+    (project / "dask.yaml").write_text("target: dask\ncpus: 2\nthreads: 1\n")
+    proc = start("run", "wf.yaml", "-c", "dask.yaml", "--progress", "plain", "-i", "n=2", cwd=project,
+                 gate=project / "never")
+    lines: list = []
+    try:
+        read_until(proc, "square: running", lines)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "the Dask executor started no worker process"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=WAIT)
+    finally:
+        proc.kill()
+        proc.wait()
+    err = "".join(lines) + err
+    assert proc.returncode == 130, err
+    assert out == "" and "error: interrupted; the run was cancelled and the executor stopped" in err
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
+
+
 # --- a terminal: the bar redrawn in place -------------------------------------------------------
 
 def test_bar_redraws_in_place_in_a_pseudo_terminal(project):
@@ -349,3 +373,25 @@ def test_bar_redraws_in_place_in_a_pseudo_terminal(project):
 def _strip_ansi(text: str) -> str:
     import re
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
+
+
+# --- flowdapt-nb status ADDRESS -----------------------------------------------------------------
+
+def test_status_lists_a_dask_clusters_workers_and_leaves_it_running(dask_executor, tmp_path):
+    info = dask_executor.info()
+    out = cli("status", info["address"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"dask cluster at {info['address']}" in out.stdout
+    assert f"workers: {len(info['workers'])}" in out.stdout
+    for worker in info["workers"]:
+        assert worker["name"] in out.stdout
+    assert "resources: cpus" in out.stdout
+    assert dask_executor.info()["state"] == "running"  # only disconnected, never stopped
+    assert len(dask_executor.info()["workers"]) == len(info["workers"])
+
+
+def test_status_of_an_unreachable_cluster_exits_3(tmp_path):
+    port = _closed_port()
+    out = cli("status", f"tcp://127.0.0.1:{port}", "--timeout", "3", cwd=tmp_path)
+    assert out.returncode == 3 and out.stdout == ""
+    assert f"error: could not reach the dask cluster at tcp://127.0.0.1:{port}" in out.stderr
