@@ -45,7 +45,8 @@ class StageError(RuntimeError):
         self.item = item
         where = f"stage '{stage}'" + (f" (item {item})" if item is not None else "")
         if cause is not None:
-            detail = f"{type(cause).__name__}: {cause}"
+            # a RemoteError's text already starts with the original type's name
+            detail = str(cause) if isinstance(cause, RemoteError) else f"{type(cause).__name__}: {cause}"
             tb = getattr(cause, "remote_traceback", None)
         else:
             detail, tb = "failed", None
@@ -65,11 +66,56 @@ class RunTimeoutError(TimeoutError):
 
 
 class RemoteError(Exception):
-    """Stands in for a worker exception that could not be pickled back to the driver."""
+    """Stands in for a worker exception that could not be pickled back to the driver (or must
+    not be raised on a worker as it is: ``SystemExit``, ``KeyboardInterrupt``).
 
-    def __init__(self, type_name: str, message: str):
+    Keeps the original type's name, its message and the worker's traceback text, and pickles
+    itself with all three, so it crosses any number of process boundaries intact.
+
+    >>> import pickle
+    >>> err = pickle.loads(pickle.dumps(RemoteError("mod.Oops", "it broke", "Traceback ...")))
+    >>> str(err), err.type_name, err.remote_traceback
+    ('mod.Oops: it broke', 'mod.Oops', 'Traceback ...')
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str | None = None):
         self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
         super().__init__(f"{type_name}: {message}")
+
+    @classmethod
+    def standing_in_for(cls, exc: BaseException, tb_text: str | None = None) -> "RemoteError":
+        """A RemoteError for ``exc``: its qualified type name, message and traceback text."""
+        name = type(exc).__qualname__
+        module = type(exc).__module__
+        if module not in (None, "builtins"):
+            name = f"{module}.{name}"
+        return cls(name, str(exc), tb_text if tb_text is not None else getattr(exc, "remote_traceback", None))
+
+    def __reduce__(self):
+        # Exception's default reduce passes self.args (one string) to __init__, which needs two
+        return (type(self), (self.type_name, self.message, self.remote_traceback))
+
+
+class UnserializableResultError(TypeError):
+    """A stage returned a value that can't be serialized to leave its worker.
+
+    Raised on the worker, so the task fails and the run's ``StageError`` names the stage that
+    returned the value (not the stage that would have received it).
+    """
+
+    def __init__(self, type_name: str, detail: str):
+        self.type_name = type_name
+        self.detail = detail
+        super().__init__(f"the stage's result ({type_name}) can't be serialized to leave its worker: {detail}")
+
+    def __reduce__(self):
+        return (type(self), (self.type_name, self.detail))
+
+
+class ClusterLostError(RuntimeError):
+    """The executor lost its cluster (the Dask scheduler or Ray head went away) during a run."""
 
 
 class ExecutorClosedError(RuntimeError):

@@ -69,14 +69,15 @@ def portable_error(exc: BaseException, tb_text: str) -> BaseException:
             return exc
     except Exception:
         pass
-    err = RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc))
-    err.remote_traceback = tb_text
-    return err
+    return RemoteError.standing_in_for(exc, tb_text)
 
 
 def execute(ctx: RunContext, fn: Callable, info: TaskInfo, flat_args, report: Callable | None = None,
-            worker: str | None = None) -> tuple[dict, Any]:
-    """Run one task. Never raises for a stage's error: the error travels in the returned meta."""
+            worker: str | None = None, portable: bool = True) -> tuple[dict, Any]:
+    """Run one task. Never raises for a stage's error: the error travels in the returned meta.
+
+    ``portable=False`` where the error never leaves this process (local threads): the stage's
+    own exception object is kept even when it can't be pickled."""
     worker = worker or default_worker_name()
     start = time.time()
     if report is not None:
@@ -92,7 +93,14 @@ def execute(ctx: RunContext, fn: Callable, info: TaskInfo, flat_args, report: Ca
         value = fn(*args, **info.kwargs)
     except (Exception, SystemExit) as exc:
         tb_text = traceback.format_exc()
-        error = portable_error(exc, tb_text)
+        if portable:
+            error = portable_error(exc, tb_text)
+        else:
+            error = exc
+            try:
+                exc.remote_traceback = tb_text
+            except Exception:  # exceptions with __slots__
+                pass
     finally:
         reset_context(token)
     meta = {"ok": error is None, "start": start, "end": time.time(), "worker": worker, "error": error}

@@ -87,7 +87,9 @@ def ray_cluster():
 
 @pytest.fixture
 def dask_executor(dask_cluster):
-    return dask_cluster.get()
+    ex = dask_cluster.get()
+    yield ex
+    _settle(ex)
 
 
 @pytest.fixture
@@ -112,6 +114,15 @@ def executor(request):
     yield ex
     if request.param in ("threads", "processes"):
         ex.close()
+    _settle(ex)
+
+
+def _settle(ex):
+    """A Dask worker restarting to free a timed-out task's thread comes back before the next
+    test starts (it would count as a new process there, or as a missing worker)."""
+    wait = getattr(ex, "_wait_for_restarts", None)
+    if wait is not None and ex.running:
+        wait()
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
+import pickle
 import sys
+import threading
 import time
+import traceback
 
 from ..config import DaskConfig
 from ..engine import Backend, Outcome, items_of
-from ..errors import ConfigError
+from ..errors import ClusterLostError, ConfigError, RemoteError, UnserializableResultError
 from ..events import ResourceSample
 from ..memory_store import MemoryStore
+from ..output_capture import RunOutputBudget
 from ..units import parse_bytes, usable_cores
 from ..worker import execute
 from ..worker_events import EventBatch
@@ -19,6 +24,12 @@ from .cluster import apply_env, check_resource_request, ensure_reachable, gpu_co
 
 EVENT_TOPIC = "flowdapt-nb-task"
 OUTPUT_TOPIC = "flowdapt-nb-output"
+# Seconds a cancelled (or timed-out) task may take to return by itself before its worker is
+# restarted to free the thread it holds.
+RESTART_GRACE = 2.0
+RESTART_TIMEOUT = 30  # seconds a worker's nanny gets to restart it
+
+logger = logging.getLogger("flowdapt_nb.dask")
 
 
 # --- on the worker ------------------------------------------------------------------------------
@@ -49,7 +60,12 @@ _quiet = _QuietStageFailures()
 
 
 def _dask_task(fn, ctx, info, *flat):
-    """Run one stage call on a Dask worker; failures raise the stage's own exception."""
+    """Run one stage call on a Dask worker; failures raise the stage's own exception.
+
+    Whatever the stage does, the worker survives it: ``SystemExit`` and ``KeyboardInterrupt``
+    (which would end the worker process, and leave the task's future *cancelled*) travel as a
+    RemoteError naming them, and a result that can't be serialized fails here, naming this
+    stage, rather than later where it would be fetched."""
     from distributed import get_worker
     from ..output_capture import capture
     worker = get_worker()
@@ -58,21 +74,71 @@ def _dask_task(fn, ctx, info, *flat):
         worker_log.addFilter(_quiet)
     apply_env(ctx.config.get("env_vars") or {})
 
-    def send(stream, line):
-        worker.log_event(OUTPUT_TOPIC, {"stage": info.stage, "item": info.item, "stream": stream,
-                                        "line": line, "worker": worker.address})
+    def send(stream, text):
+        worker.log_event(OUTPUT_TOPIC, {"run": info.run, "stage": info.stage, "item": info.item,
+                                        "stream": stream, "text": text, "worker": worker.address})
 
+    start = time.time()
     with capture(send):
-        meta, value = execute(ctx, fn, info, flat, lambda event: _batch.add(event, lambda b: _log(worker, b)),
-                              worker.address)
+        try:
+            meta, value = execute(ctx, fn, info, flat,
+                                  lambda event: _batch.add(event, lambda b: _log(worker, b)), worker.address)
+        except BaseException as exc:  # KeyboardInterrupt from the stage: it must not end the worker
+            meta, value = {"ok": False, "start": start, "end": time.time(), "worker": worker.address,
+                           "error": RemoteError.standing_in_for(exc, traceback.format_exc())}, None
+    if meta["ok"]:
+        problem = _unserializable(value)
+        if problem is not None:
+            meta["ok"], meta["error"], value = False, UnserializableResultError(type(value).__name__, problem), None
     finished = {"run": info.run, "stage": info.stage, "item": info.item,
                 "state": "finished" if meta["ok"] else "failed", "time": meta["end"],
                 "start": meta["start"], "end": meta["end"], "worker": worker.address}
     _batch.drop(finished)
     _log(worker, finished)
     if not meta["ok"]:
-        raise meta["error"]
+        error = meta["error"]
+        if not isinstance(error, Exception):  # SystemExit raised here would end the worker
+            error = RemoteError.standing_in_for(error, getattr(error, "remote_traceback", None))
+        raise error
     return value
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _unserializable(value) -> str | None:
+    """Why ``value`` can't leave its worker, or None when it can.
+
+    Dask serializes a result only when another worker or the driver asks for it: a result that
+    can't be would fail there, as a raw TypeError naming no stage, or as the failure of the stage
+    that consumes it. Checked here, it fails the stage that returned it. Pickle protocol 5 with
+    out-of-band buffers copies no array data; the pickle is written nowhere."""
+    if type(value) in _PLAIN:
+        return None
+    try:
+        pickle.Pickler(_Discard(), protocol=5, buffer_callback=_out_of_band).dump(value)
+        return None
+    except Exception as exc:
+        first = exc  # pickle's own words are the clearest ("cannot pickle '_thread.lock' object")
+    from distributed.protocol import serialize
+    pickle_log = logging.getLogger("distributed.protocol.pickle")
+    was_disabled, pickle_log.disabled = pickle_log.disabled, True  # its traceback would say it again
+    try:  # Dask's own serializers and cloudpickle (lambdas, local classes) may still manage
+        serialize(value, on_error="raise")
+        return None
+    except Exception:
+        return f"{type(first).__name__}: {first}"
+    finally:
+        pickle_log.disabled = was_disabled
+
+
+class _Discard:
+    def write(self, data) -> int:
+        return len(data)
+
+
+def _out_of_band(buffer) -> bool:
+    return False  # leave the buffer out of the stream: nothing copies it
 
 
 def _used_resources(dask_scheduler=None) -> dict:
@@ -87,6 +153,33 @@ def _not_our_sampling(record) -> bool:
 
 def _as_items(value):
     return items_of(value, "?", "its dependency's output")
+
+
+def _end_worker_process(dask_worker=None) -> None:
+    """On a worker: end its process now (its nanny starts a fresh one). A graceful close would
+    wait on the thread that a cancelled stage still holds."""
+    os._exit(70)
+
+
+def _running_keys(keys, dask_worker=None) -> list:
+    """On a worker: which of ``keys`` its threads still run (a cancelled task keeps its thread,
+    and with it a slot, until the stage returns)."""
+    state = dask_worker.state
+    return [ts.key for ts in list(state.executing | state.long_running) if ts.key in keys]
+
+
+# Workers we end on purpose: the scheduler (in this process for a LocalCluster) would log an
+# ERROR for the call that ended them, which never answers.
+_ending: set = set()
+
+
+class _QuietEndedWorkers(logging.Filter):
+    def filter(self, record):
+        text = str(record.msg)
+        return not (text.startswith("broadcast to ") and any(f"to {a} failed" in text for a in list(_ending)))
+
+
+logging.getLogger("distributed.scheduler").addFilter(_QuietEndedWorkers())
 
 
 class _DaskMemory:
@@ -110,6 +203,8 @@ class _DaskBackend(Backend):
     def __init__(self, executor: "DaskExecutor", client):
         self.executor = executor
         self.client = client
+        self.address = client.scheduler.address if client.scheduler is not None else "?"
+        self.stoppers: set[threading.Thread] = set()
 
     # Broadcast: scattered data held by one worker alone would be lost with it, and every task
     # needing it would wait forever; replicas let Dask reschedule work after a worker dies.
@@ -121,9 +216,24 @@ class _DaskBackend(Backend):
 
     def put_run(self, ctx, fns):
         """The context and every stage function in one scatter: one round trip per run, not one
-        per stage."""
-        handles = self.client.scatter([ctx, *fns], broadcast=True, hash=False)
+        per stage. Waits while a worker restarts to free a cancelled task's thread: data
+        scattered to it now would be lost with it."""
+        for stopper in list(self.stoppers):
+            stopper.join(RESTART_GRACE + RESTART_TIMEOUT + 5)
+        try:
+            handles = self.client.scatter([ctx, *fns], broadcast=True, hash=False)
+        except Exception as exc:
+            raise self._lost_cluster(exc) or exc
         return handles[0], handles[1:]
+
+    def release_run(self, ctx_handle, fn_handles) -> None:
+        """The run's scattered context and functions go now, not whenever their futures are
+        garbage-collected (a worker restarted later would otherwise report them lost)."""
+        for future in [ctx_handle, *fn_handles]:
+            try:
+                future.release()
+            except Exception:
+                pass
 
     @staticmethod
     def _key(info) -> str:
@@ -163,37 +273,96 @@ class _DaskBackend(Backend):
                 refs.extend(futures)
             start = end
 
-    @staticmethod
-    def _watch(future, on_done) -> None:
+    def _watch(self, future, on_done) -> None:
+        """Every way a future ends reaches the engine: finished, error, lost, cancelled."""
         def done(f):
-            if f.status == "finished":
+            status = f.status
+            if status == "finished":
                 on_done(Outcome(True, f, end=time.time()))
-            elif f.status == "error":
+            elif status == "error":
                 try:
                     exc = f.exception()
                 except Exception as err:  # the scheduler went away
                     exc = err
                 on_done(Outcome(False, error=exc, end=time.time()))
-            elif f.status == "lost":
+            elif status == "lost":
                 on_done(Outcome(False, error=RuntimeError("the task's data was lost: a Dask worker died"),
                                 end=time.time()))
+            else:  # cancelled: by Dask (lost scheduler, lost inputs) or by us (then nobody listens)
+                on_done(Outcome(False, error=self._cancelled_error(f), end=time.time()))
 
         future.add_done_callback(done)
 
+    def _cancelled_error(self, future) -> BaseException:
+        cancelled = getattr(getattr(future, "_state", None), "exception", None)
+        lost = self._lost_cluster(cancelled)
+        if lost is not None:
+            return lost
+        reason = getattr(cancelled, "reason", None) or "unknown"
+        detail = getattr(cancelled, "msg", None)
+        restarted = self.executor.restarts and time.time() - self.executor.restarts[-1]["time"] < 120
+        return RuntimeError(f"Dask cancelled this task (reason: {reason}"
+                            + (f": {detail}" if detail else "") + "); a worker it needed died or its "
+                            "inputs were lost" + ("; a worker was restarted just before to stop a task "
+                                                  "that timed out or was cancelled" if restarted else ""))
+
     def split(self, handle):
         seq = self.client.submit(_as_items, handle, pure=False)
-        count = self.client.submit(len, seq, pure=False).result()
+        try:
+            count = self.client.submit(len, seq, pure=False).result()
+        except Exception as exc:
+            raise self._lost_cluster(exc) or exc
         return [(("i", k), seq) for k in range(count)]
 
     def fetch(self, handle):
-        return handle.result()
+        try:
+            return handle.result()
+        except Exception as exc:
+            raise self._lost_cluster(exc) or exc
 
     def fetch_many(self, handles):
-        return self.client.gather(handles)
+        try:
+            return self.client.gather(handles)
+        except Exception as exc:
+            raise self._lost_cluster(exc) or exc
+
+    def _lost_cluster(self, exc: BaseException) -> ClusterLostError | None:
+        """A ClusterLostError for an exception that says the scheduler went away, else None."""
+        if getattr(exc, "reason", None) == "scheduler-connection-lost" or self.client.status in ("closing", "closed"):
+            return ClusterLostError(
+                f"lost the Dask scheduler at {self.address}: the run can't finish, its tasks and data "
+                f"were on that cluster; start the scheduler again, then close() and start() the executor")
+        return None
 
     def cancel(self, task_refs):
-        if task_refs:
-            self.client.cancel(list(task_refs), force=True)
+        """Cancel the tasks and give their worker threads back: in the background (the engine
+        never waits), a task still running ``RESTART_GRACE`` s later has its worker restarted by
+        its nanny (a thread can't be stopped any other way)."""
+        futures = [f for f in task_refs if f is not None]
+        if not futures:
+            return
+        stopper = threading.Thread(target=self._stop, args=(futures,), name="flowdapt-nb-dask-stop", daemon=True)
+        self.stoppers.add(stopper)
+        stopper.start()
+
+    def _stop(self, futures) -> None:
+        try:
+            keys = {f.key for f in futures}
+            self.client.cancel(futures, force=True, reason="flowdapt-nb run ended (timeout or cancel)")
+            deadline = time.monotonic() + RESTART_GRACE
+            stuck: dict = {}
+            while True:
+                stuck = {w: ks for w, ks in self.client.run(_running_keys, keys, on_error="return").items()
+                         if isinstance(ks, list) and ks}
+                if not stuck or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.2)
+            if stuck:
+                self.executor._restart_workers(sorted(stuck), stuck)
+        except Exception as exc:  # the cluster went away, or closed under us: nothing left to stop
+            logger.debug("stopping cancelled Dask tasks: %s", exc)
+        finally:
+            self.stoppers.discard(threading.current_thread())
 
 
 class DaskExecutor(Executor):
@@ -216,6 +385,8 @@ class DaskExecutor(Executor):
         self.cluster = None
         self._memory = None
         self._advertised: set[str] = set()
+        self._output_budget = RunOutputBudget()
+        self.restarts: list[dict] = []  # workers restarted to free cancelled tasks' threads
 
     # --- lifecycle ---
     def _open(self):
@@ -246,10 +417,8 @@ class DaskExecutor(Executor):
                 self._step(f"connecting to the Dask scheduler at {c.cluster_address}")
                 ensure_reachable("Dask", c.cluster_address, 8786, c.connect_timeout)
                 self.client = Client(c.cluster_address, timeout=c.connect_timeout, set_as_default=False)
-            actor_future = self.client.submit(MemoryStore, actor=True, pure=False)
-            actor = actor_future.result()
-            actor._client, actor._future = self.client, actor_future  # our client is not the default one
-            self._memory = _DaskMemory(actor)
+            self._step("starting cluster memory (a Dask actor)")
+            self._memory = self._new_memory_store()
             self.client.subscribe_topic(EVENT_TOPIC, self._on_task_event)
             self.client.subscribe_topic(OUTPUT_TOPIC, self._on_output)
             self.client.forward_logging()
@@ -284,14 +453,88 @@ class DaskExecutor(Executor):
             self._on_worker_event(one)
 
     def _on_output(self, event) -> None:
+        """A block of lines a task printed: printed here, each line with its stage and worker,
+        up to the run's output budget."""
         _, msg = event
         stream = sys.stdout if msg["stream"] == "stdout" else sys.stderr
+        text = msg.get("text", msg.get("line", ""))
+        text, note = self._output_budget.admit(msg.get("run"), text)
         where = msg["stage"] + (f"[{msg['item']}]" if msg.get("item") is not None else "")
-        print(f"({where} {msg['worker']}) {msg['line']}", file=stream)
+        prefix = f"({where} {msg['worker']}) "
+        if text is not None:
+            stream.write("".join(f"{prefix}{line}\n" for line in text.split("\n")))
+        if note is not None:
+            stream.write(f"{prefix}{note}\n")
+
+    # --- stopping stuck tasks ---
+    def _restart_workers(self, addresses: list, stuck: dict) -> None:
+        """End the worker processes whose threads still run cancelled tasks; their nannies start
+        fresh ones, as after any worker crash, and Dask reruns elsewhere whatever else they ran.
+        A worker without a nanny (``dask worker --no-nanny``) would not come back: it is left
+        alone, and its thread stays busy until the stage returns. The cluster memory lives on one
+        worker: when that one restarts, a new, empty store replaces it, and a warning says so.
+
+        (``Client.restart_workers`` asks the worker to close first, which waits on the stuck
+        thread; when its nanny then kills it, the worker sometimes never comes back.)"""
+        client = self.client
+        if client is None:
+            return
+        memory = self._memory
+        actor_worker = getattr(getattr(memory, "actor", None), "_address", None)
+        infos = client.scheduler_info(n_workers=-1)["workers"]
+        before = len(infos)
+        nannied = [a for a in addresses if (infos.get(a) or {}).get("nanny")]
+        record = {"time": time.time(), "tasks": sorted(k for ks in stuck.values() for k in ks),
+                  "workers": {a: "restarting" if a in nannied else "left running: no nanny" for a in addresses}}
+        self.restarts.append(record)
+        del self.restarts[:-20]
+        logger.warning("restarting Dask worker(s) %s: tasks %s still ran after being cancelled%s",
+                       ", ".join(nannied) or "(none)", ", ".join(record["tasks"]),
+                       "".join(f"; {a} has no nanny, its thread stays busy until the stage returns"
+                               for a in addresses if a not in nannied))
+        if not nannied:
+            return
+        if len(_ending) > 256:
+            _ending.clear()
+        _ending.update(nannied)
+        client.run(_end_worker_process, workers=nannied, on_error="return")
+        # back when the old workers are gone and as many as before are registered again
+        deadline = time.monotonic() + RESTART_TIMEOUT
+        while True:
+            now = client.scheduler_info(n_workers=-1)["workers"]
+            back = len(now) >= before and not set(nannied) & set(now)
+            if back or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        record["workers"].update(dict.fromkeys(nannied, "OK" if back else "timed out"))
+        if actor_worker in nannied and memory is self._memory and self.client is client:
+            try:
+                self._memory = self._new_memory_store()
+                logger.warning("the cluster memory was on restarted Dask worker %s; it starts empty",
+                               actor_worker)
+            except Exception as exc:
+                logger.warning("the cluster memory was on restarted Dask worker %s and could not be "
+                               "made again: %s", actor_worker, exc)
+
+    def _new_memory_store(self) -> "_DaskMemory":
+        actor_future = self.client.submit(MemoryStore, actor=True, pure=False)
+        actor = actor_future.result()
+        actor._client, actor._future = self.client, actor_future  # our client is not the default one
+        return _DaskMemory(actor)
 
     # --- resources ---
     def _worker_infos(self) -> dict:
-        return self.client.scheduler_info(n_workers=-1)["workers"] if self.client is not None else {}
+        if self.client is None:
+            return {}
+        self._wait_for_restarts()
+        return self.client.scheduler_info(n_workers=-1)["workers"]
+
+    def _wait_for_restarts(self) -> None:
+        """A worker restarting to free a cancelled task's thread is away for a few seconds:
+        checks of the workers (a new run's, ``info()``) wait for it rather than see it missing."""
+        backend = self._backend
+        for stopper in list(getattr(backend, "stoppers", ())):
+            stopper.join(RESTART_GRACE + RESTART_TIMEOUT + 5)
 
     def _recent_worker_infos(self, max_age: float = 1.0) -> dict:
         """Worker infos at most ``max_age`` s old: checking a run's stages asks the scheduler

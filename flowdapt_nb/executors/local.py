@@ -94,7 +94,7 @@ def _worker_name() -> str:
 
 
 def _thread_chunk(ctx, fn, tasks: list, worker: str) -> list:
-    return [execute(ctx, fn, info, flat, None, worker) for info, flat in tasks]
+    return [execute(ctx, fn, info, flat, None, worker, portable=False) for info, flat in tasks]
 
 
 def _outcome(meta: dict, value) -> Outcome:
@@ -210,8 +210,8 @@ class _LocalBackend(Backend):
             # a task whose worker dies goes once more to a fresh one before it fails
             future = self.pool.submit(_process_task, fn_handle, ctx_handle, info, cloudpickle.dumps(flat_args))
         else:
-            future = self.pool.submit(execute, ctx_handle, fn_handle, info, flat_args,
-                                      self.executor._on_worker_event, self._thread_worker)
+            future = self.pool.submit(execute, ctx_handle, fn_handle, info, flat_args,  # errors stay in-process
+                                      self.executor._on_worker_event, self._thread_worker, False)
 
         def done(f: cf.Future):
             if f.cancelled():

@@ -1,0 +1,281 @@
+"""Dask under faults (issue 14 points 1, 2, 9): every way a future ends ends its task, a lost
+scheduler fails the run, a timed-out or cancelled task gives its worker thread back, and what
+stages print reaches the driver bounded.
+
+Tests that kill or restart a Dask worker or scheduler use a cluster of their own (an executor
+of their own, or ``dask scheduler``/``dask worker`` processes stopped by PID), never the
+session's shared one: a shared cluster still settling after a lost worker slows later tests.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+import flowdapt_nb as fnb
+from flowdapt_nb import Stage, Workflow
+from flowdapt_nb.errors import ClusterLostError
+from flowdapt_nb.output_capture import TASK_OUTPUT_LIMIT, RunOutputBudget, truncation_note
+
+pytestmark = pytest.mark.timeout(300)
+
+
+
+def numbers(n=3):
+    return list(range(n))
+
+
+QUICK = Workflow("quick", stages=[Stage("numbers", numbers)])
+
+
+def bye():
+    sys.exit(3)
+
+
+def interrupt():
+    raise KeyboardInterrupt("from a stage")
+
+
+def pid():
+    return os.getpid()
+
+
+def stuck(seconds=60):
+    time.sleep(seconds)
+    return "woke"
+
+
+def slow(x, delay=1.0):
+    time.sleep(delay)
+    return x
+
+
+def chatty(lines=30_000, width=99):
+    line = "y" * width
+    for _ in range(lines):
+        print(line)
+    return "printed"
+
+
+def chatty_item(x, lines=2_000):
+    line = "z" * 99
+    for _ in range(lines):
+        print(line)
+    return x
+
+
+def wait_for(predicate, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def close_bounded(ex, limit=60):
+    closer = threading.Thread(target=ex.close, daemon=True)
+    closer.start()
+    closer.join(limit)
+    assert not closer.is_alive(), f"close() still blocked after {limit} s"
+
+
+@pytest.fixture
+def own_dask():
+    """A one-worker, one-thread Dask cluster for this test alone."""
+    ex = fnb.DaskExecutor(cpus=1, threads=1).start()
+    yield ex
+    close_bounded(ex)
+
+
+# --- point 1: every terminal future state ends its task -------------------------------------
+
+@pytest.mark.parametrize("stage_fn, text", [(bye, "SystemExit: 3"), (interrupt, "KeyboardInterrupt: from a stage")],
+                         ids=["sys.exit", "KeyboardInterrupt"])
+@pytest.mark.parametrize("kind", ["dask", "threads", "processes"])
+def test_a_stage_that_exits_or_interrupts_fails_with_a_stage_error(kind, stage_fn, text):
+    ex = {"dask": lambda: fnb.DaskExecutor(cpus=1, threads=1),  # may lose its worker: its own
+          "threads": lambda: fnb.LocalExecutor(use_processes=False, cpus=1),
+          "processes": lambda: fnb.LocalExecutor(use_processes=True, cpus=1)}[kind]().start()
+    try:
+        before = ex.run(Workflow("pid", stages=[Stage("pid", pid)])).result
+        handle = ex.submit(Workflow("w", stages=[Stage("bye", stage_fn)]))
+        with pytest.raises(fnb.StageError) as err:
+            handle.wait(90)  # a hang is a TimeoutError here, not a stalled suite
+        assert err.value.stage == "bye" and text in str(err.value).splitlines()[0], str(err.value)
+        assert handle.run.state == "failed"
+        if kind == "dask":  # the worker survived the stage: same process, no restart
+            assert ex.run(Workflow("pid", stages=[Stage("pid", pid)])).result == before
+        assert ex.run(QUICK, input={"n": 2}).result == [0, 1]
+    finally:
+        close_bounded(ex)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc):
+    """SIGTERM a `dask` process we started (it stops its own children), then SIGKILL what's left."""
+    try:
+        family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.Error:
+        family = [proc.pid]
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+    for p in family:
+        try:
+            psutil.Process(p).kill()
+        except psutil.Error:
+            pass
+    proc.wait(10)
+
+
+def test_a_killed_scheduler_fails_the_run_with_a_lost_cluster_error():
+    bindir = os.path.dirname(sys.executable)
+    port = _free_port()
+    sched = subprocess.Popen([f"{bindir}/dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                              "--dashboard-address", "127.0.0.1:0"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([f"{bindir}/dask", "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "1",
+                               "--nthreads", "2", "--host", "127.0.0.1", "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ex = None
+    try:
+        def listening():
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+        assert wait_for(listening, 60), "the dask scheduler never listened"
+        ex = fnb.DaskExecutor(cluster_address=f"tcp://127.0.0.1:{port}", connect_timeout=15).start()
+        ex.client.wait_for_workers(1, timeout=60)
+        wf = Workflow("w", stages=[Stage("slow", slow, type="parameterized", options={"map_on": "xs"})])
+        handle = ex.submit(wf, input={"xs": list(range(40))})
+        assert wait_for(lambda: (handle.run.tasks.state == "finished").any(), 60)
+        os.kill(sched.pid, signal.SIGKILL)
+        sched.wait(10)
+        with pytest.raises(Exception) as err:
+            handle.wait(90)
+        assert not isinstance(err.value, TimeoutError), "the run still says running"
+        lost = err.value if isinstance(err.value, ClusterLostError) else err.value.__cause__
+        assert isinstance(lost, ClusterLostError), repr(err.value)
+        assert f"lost the Dask scheduler at tcp://127.0.0.1:{port}" in str(err.value)
+        assert handle.run.state == "failed"
+        # a later run on the same executor ends too, in bounded time, with an error
+        later = None
+        try:
+            later = ex.submit(QUICK, input={"n": 2})
+        except Exception:
+            pass  # refused at once: fine
+        if later is not None:
+            with pytest.raises(Exception) as err2:
+                later.wait(120)
+            assert not isinstance(err2.value, TimeoutError), "a run after the loss still says running"
+            assert "lost the Dask scheduler" in str(err2.value), repr(err2.value)
+        close_bounded(ex)
+    finally:
+        if ex is not None and ex.running:
+            close_bounded(ex)
+        _stop(worker)
+        _stop(sched)
+
+
+# --- point 2: a timed-out or cancelled task gives its thread back -----------------------------
+
+@pytest.mark.parametrize("how", ["run timeout", "stage timeout", "cancel"])
+def test_a_timed_out_or_cancelled_task_frees_its_worker(own_dask, how):
+    ex = own_dask
+    if how == "stage timeout":
+        wf = Workflow("stuck", stages=[Stage("stuck", stuck, options={"timeout": 2})])
+    else:
+        wf = Workflow("stuck", stages=[Stage("stuck", stuck)])
+    handle = ex.submit(wf, input={"seconds": 120}, timeout=2 if how == "run timeout" else None)
+    if how == "cancel":
+        assert wait_for(lambda: (handle.run.tasks.state == "running").any(), 60)
+        handle.cancel()
+        handle._finished.wait(30)
+        assert handle.run.state == "cancelled"
+    else:
+        with pytest.raises(fnb.RunTimeoutError):
+            handle.wait(60)
+    # the only worker thread was held by the stuck task: the next run goes only if it was freed
+    quick = ex.submit(QUICK, input={"n": 3})
+    assert quick.wait(90).result == [0, 1, 2]
+    assert ex.restarts and any(t.startswith("stuck-") for t in ex.restarts[-1]["tasks"]), ex.restarts
+    assert list(ex.restarts[-1]["workers"].values()) == ["OK"]
+
+
+def test_cluster_memory_survives_a_restart_as_a_new_empty_store(own_dask):
+    """One worker: the cluster memory lived on the restarted worker. It works afterwards."""
+    ex = own_dask
+    ex.memory_store.put("default", "k", b"1", "bytes")
+    with pytest.raises(fnb.RunTimeoutError):
+        ex.run(Workflow("stuck", stages=[Stage("stuck", stuck)]), input={"seconds": 120}, timeout=2)
+    assert ex.run(QUICK, input={"n": 1}).result == [0]
+    ex.memory_store.put("default", "k2", b"2", "bytes")
+    assert ex.memory_store.get("default", "k2") == b"2"
+
+
+# --- point 9: what stages print is bounded ----------------------------------------------------
+
+def _drain(capfd, until, timeout=60):
+    """Driver output (printed from Dask's client thread) until ``until(text)`` holds."""
+    seen = []
+    def done():
+        out, err = capfd.readouterr()
+        seen.append(out + err)
+        return until("".join(seen))
+    assert wait_for(done, timeout), "".join(seen)[-2000:]
+    time.sleep(0.5)
+    out, err = capfd.readouterr()
+    return "".join(seen) + out + err
+
+
+def test_a_task_forwards_at_most_its_output_limit_and_says_how_much_it_dropped(dask_executor, capfd):
+    lines, width = 30_000, 99
+    capfd.readouterr()
+    assert dask_executor.run(Workflow("chatty", stages=[Stage("chatty", chatty)]),
+                             input={"lines": lines, "width": width}).result == "printed"
+    dropped = lines * (width + 1) - TASK_OUTPUT_LIMIT
+    note = truncation_note(dropped)
+    text = _drain(capfd, lambda t: note in t)
+    forwarded = [line for line in text.splitlines() if line.startswith("(chatty ")]
+    body = sum(len(line.split(") ", 1)[1]) for line in forwarded if "yyy" in line)
+    # the kept bytes are exactly the limit: whole lines plus the newlines between them
+    newlines = sum(1 for line in forwarded if "yyy" in line)
+    assert body + newlines == TASK_OUTPUT_LIMIT, (body, newlines)
+    assert sum(1 for line in forwarded if note in line) == 1
+
+
+def test_a_run_prints_at_most_its_output_budget(dask_executor, capfd, monkeypatch):
+    monkeypatch.setattr(dask_executor, "_output_budget", RunOutputBudget(limit=500_000))
+    capfd.readouterr()
+    wf = Workflow("chatty", stages=[Stage("chatty", chatty_item, type="parameterized", options={"map_on": "xs"})])
+    run = dask_executor.run(wf, input={"xs": list(range(6)), "lines": 2_000})  # 6 x 200 kB
+    assert run.result == list(range(6))
+    text = _drain(capfd, lambda t: "this run printed more than 500000 bytes" in t)
+    printed = [line.split(") ", 1)[1] for line in text.splitlines() if "zzz" in line]
+    assert sum(len(line) + 1 for line in printed) <= 500_000  # each line and its newline
+    assert text.count("this run printed more than") == 1
+
+
+def test_output_budget_forgets_old_runs():
+    budget = RunOutputBudget(limit=10, runs=2)
+    assert budget.admit("a", "x" * 8) == ("x" * 8, None)
+    assert budget.admit("a", "x" * 8)[0] is None and "more than 10 bytes" in budget.admit("b", "y" * 11)[1]
+    budget.admit("c", "z")
+    assert list(budget.used) == ["b", "c"]
