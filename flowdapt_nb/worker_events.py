@@ -16,14 +16,18 @@ class EventBatch:
 
     A task's 'running' report so reaches the driver about ``interval`` after the task started
     (plus the backend's transport): short enough that a task of 100 ms or more is seen running,
-    long enough that many tiny tasks share one message.
+    long enough that many tiny tasks share one message. With ``leading``, a report that comes
+    after a quiet spell goes at once and only the ones after it wait (still one message per
+    ``interval`` at most): for a transport that is slow itself (Ray: an actor call the driver
+    polls), where the wait would otherwise add up.
 
     >>> batch = EventBatch(0.05)
     >>> batch.add({"run": "r", "stage": "a", "item": 0, "state": "running"}, print)  # doctest: +SKIP
     """
 
-    def __init__(self, interval: float):
+    def __init__(self, interval: float, leading: bool = False):
         self.interval = interval
+        self.leading = leading
         self.lock = threading.Lock()
         self.pending: dict = {}  # (run, stage, item) -> its report
         self.send: Callable[[list], None] | None = None
@@ -47,7 +51,8 @@ class EventBatch:
     def _flush_loop(self) -> None:
         while True:
             self.wake.wait()
-            time.sleep(self.interval)  # the first report waits this long; later ones join it
+            if not self.leading:
+                time.sleep(self.interval)  # the first report waits this long; later ones join it
             with self.lock:
                 self.wake.clear()
                 batch, self.pending = list(self.pending.values()), {}
@@ -57,6 +62,8 @@ class EventBatch:
                     send(batch)
                 except Exception:  # telemetry must never fail a task
                     pass
+            if self.leading:
+                time.sleep(self.interval)  # what comes meanwhile waits for the next message
 
 
 def _task_key(event: dict) -> tuple:

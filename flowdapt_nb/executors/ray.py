@@ -29,7 +29,7 @@ _remote: dict = {}  # the remote functions/actors, made on first use (import ray
 
 # --- on the worker ------------------------------------------------------------------------------
 
-_batch = EventBatch(0.05)  # per worker process: 'running' reports, one actor call per batch
+_batch = EventBatch(0.05, leading=True)  # per worker process: 'running' reports, one actor call per batch
 
 
 _MISSING = object()
