@@ -205,6 +205,7 @@ class Engine:
             for d in s.depends_on:
                 self.consumers[d] += 1
         self.terminal = [s.name for s in self.wf.terminal_stages()]
+        self.cache_hits: dict = {}  # stage -> items the stage cache reuses: they end 'cached'
 
     # --- events ---
     def _task_event(self, stage, item, state, t=None, worker=None, error=None, start=None, end=None):
@@ -587,6 +588,10 @@ class Engine:
                         self.publish(TaskEvent(uid, stage_name, item, "running", outcome.start or outcome.end,
                                                outcome.worker))
                     self.publish(TaskEvent(uid, stage_name, item, "finished", outcome.end, outcome.worker))
+        hits = self.cache_hits.get(stage_name)
+        for item, outcome in done if hits else ():
+            if item in hits:
+                self._task_event(stage_name, item, "cached", outcome.end, outcome.worker)
         sr.done += len(done)
         if sr.done == sr.total:
             self._finish_stage(sr.stage)
@@ -602,6 +607,8 @@ class Engine:
         if outcome.ok:
             self._task_event(stage_name, item, "finished", outcome.end, outcome.worker,
                              start=outcome.start, end=outcome.end)
+            if item in self.cache_hits.get(stage_name, ()):
+                self._task_event(stage_name, item, "cached", outcome.end, outcome.worker)
             sr.results[item] = outcome.value
         else:
             exc = outcome.error

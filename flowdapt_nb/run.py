@@ -210,7 +210,7 @@ class WorkflowRun:
         out = []
         for stage in self.definition.stages:
             mine = [r for r in rows if r["stage"] == stage.name]
-            counts = {s: sum(1 for r in mine if r["state"] == s) for s in TASK_STATES}
+            counts = {s: sum(1 for r in mine if r["state"] == s) for s in (*TASK_STATES, "cached")}
             starts = [r["start"] for r in mine if r["start"]]
             ends = [r["end"] for r in mine if r["end"]]
             begin, finish = (min(starts) if starts else None), (max(ends) if ends else None)

@@ -148,7 +148,7 @@ def _stage_summaries(run, rows: list[dict]) -> list[dict]:
     out = []
     for stage in run.definition.stages:
         mine = [r for r in rows if r["stage"] == stage.name]
-        counts = {s: sum(1 for r in mine if r["state"] == s) for s in TASK_STATES}
+        counts = {s: sum(1 for r in mine if r["state"] == s) for s in (*TASK_STATES, "cached")}
         starts = [r["start"] for r in mine if r["start"]]
         ends = [r["end"] for r in mine if r["end"]]
         begin, end = (min(starts) if starts else None), (max(ends) if ends else None)

@@ -22,7 +22,7 @@ from .yamlsrc import Source, read_source
 NAME_PATTERN = re.compile(r"\A[A-Za-z0-9_-]+\Z")
 STAGE_KEYS = ("name", "target", "type", "depends_on", "options", "resources", "description",
               "version", "priority")
-OPTION_KEYS = ("allow_partial_failure", "map_on", "timeout")
+OPTION_KEYS = ("allow_partial_failure", "map_on", "timeout", "cache")
 MAIN = "__main__"  # the allow-list prefix of functions defined in the notebook (or script)
 
 # Said wherever a user meets workflow files: the CLI's --help, %flowdapt help workflow, README.

@@ -404,7 +404,7 @@ class Executor:
         """A stage resource request no worker can ever satisfy is a ConfigError (subclasses)."""
 
     def submit(self, workflow, input: dict | None = None, namespace: str | None = None,
-               timeout: float | None = None) -> RunHandle:
+               timeout: float | None = None, cache: bool | None = None) -> RunHandle:
         """Start a run and return at once with its handle (``wait``, ``cancel``, ``done``, ``run``).
 
         >>> handle = ex.submit(wf, input={"n": 10})   # doctest: +SKIP
@@ -423,6 +423,10 @@ class Executor:
         if timeout is not None and (isinstance(timeout, bool) or timeout <= 0):
             raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}", key="timeout")
         namespace = namespace or self.default_namespace
+        hits: dict = {}
+        if cache or (cache is None and any(s.options.get("cache") for s in wf.stages)):
+            from ..stage_cache import prepare  # cache=True/False for the run, else each stage's options.cache
+            fns, hits = prepare(wf, fns, dict(input or {}), cache, namespace, self._storage_for_workers())
         run = WorkflowRun(wf, input, namespace, self.kind)
         handle = RunHandle(run, self)
         ctx = RunContext(input=dict(input or {}), namespace=namespace, executor=self.kind,
@@ -430,6 +434,7 @@ class Executor:
                          config=self.config_dict(), memory=self._worker_memory_handle(),
                          artifacts=self._storage_for_workers())
         engine = Engine(self._backend, self.events, run, fns, ctx, handle._cancel, timeout)
+        engine.cache_hits = hits
         with self._lock:
             if self._closing or not self.running:
                 raise ExecutorClosedError(f"this {type(self).__name__} was closed while the run was being "
@@ -454,13 +459,15 @@ class Executor:
         return handle
 
     def run(self, workflow, input: dict | None = None, namespace: str | None = None,
-            timeout: float | None = None) -> WorkflowRun:
+            timeout: float | None = None, cache: bool | None = None) -> WorkflowRun:
         """Run a workflow and block until it ends. A failing stage raises ``StageError``;
-        Ctrl-C cancels the run (remote tasks too) and records it as cancelled.
+        Ctrl-C cancels the run (remote tasks too) and records it as cancelled. ``cache=True``
+        reuses stored outputs of stages whose fingerprint is unchanged (``flowdapt_nb.stage_cache``;
+        None: each stage's ``options.cache``).
 
         >>> run = ex.run(wf, input={"n": 10}); run.result   # doctest: +SKIP
         """
-        handle = self.submit(workflow, input=input, namespace=namespace, timeout=timeout)
+        handle = self.submit(workflow, input=input, namespace=namespace, timeout=timeout, cache=cache)
         try:
             while not handle._finished.wait(0.05):
                 pass

@@ -1,0 +1,137 @@
+"""The stage cache (issue 19, part 2): hits and misses per stage after editing a function,
+changing an input and changing a dependency, on every executor; cached tasks show as 'cached';
+cached outputs never cross namespaces."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+
+import cache_stages as cs
+import pytest
+
+import flowdapt_nb as fnb
+from flowdapt_nb import stage_cache
+
+
+def workflow(numbers=cs.numbers, score=cs.score, total=cs.total, **options):
+    return fnb.Workflow("cached_squares", stages=[
+        fnb.Stage("numbers", numbers, options=options),
+        fnb.Stage("score", score, type="parameterized", depends_on=["numbers"], options=options),
+        fnb.Stage("total", total, depends_on=["score"], options=options)])
+
+
+def states(run) -> dict:
+    return {stage: dict(Counter(group["state"])) for stage, group in run.tasks.groupby("stage")}
+
+
+class Marks:
+    """What really ran since the last look (the stages write their names to a file)."""
+
+    def __init__(self, path):
+        self.path, self.seen = path, 0
+
+    def new(self) -> Counter:
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        fresh, self.seen = lines[self.seen:], len(lines)
+        return Counter(fresh)
+
+
+def test_hits_and_misses_on_each_executor(executor, tmp_path):
+    ns = f"cache-{uuid.uuid4().hex[:8]}"  # a namespace of its own: nothing cached before
+    marks = Marks(tmp_path / "ran.txt")
+    inp = {"n": 4, "marker": str(marks.path)}
+
+    first = executor.run(workflow(), input=inp, namespace=ns, cache=True)
+    assert first.result == 14 and marks.new() == {"numbers": 1, "score": 4, "total": 1}
+    assert states(first) == {"numbers": {"finished": 1}, "score": {"finished": 4}, "total": {"finished": 1}}
+
+    again = executor.run(workflow(), input=inp, namespace=ns, cache=True)
+    assert again.result == 14 and marks.new() == {}  # nothing ran
+    assert states(again) == {"numbers": {"cached": 1}, "score": {"cached": 4}, "total": {"cached": 1}}
+    assert again.stages.set_index("stage")["state"].tolist() == ["finished"] * 3
+    assert again.stages["cached"].tolist() == [1, 4, 1]
+
+    edited = executor.run(workflow(score=cs.score_edited), input=inp, namespace=ns, cache=True)
+    assert edited.result == 18  # the edited stage and everything downstream ran; nothing upstream
+    assert marks.new() == {"score": 4, "total": 1}
+    assert states(edited)["numbers"] == {"cached": 1}
+
+    bigger = executor.run(workflow(), input={**inp, "n": 5}, namespace=ns, cache=True)
+    assert bigger.result == 30 and marks.new() == {"numbers": 1, "score": 5, "total": 1}  # a new input
+
+    elsewhere = executor.run(workflow(), input=inp, namespace=f"{ns}-other", cache=True)
+    assert elsewhere.result == 14 and marks.new() == {"numbers": 1, "score": 4, "total": 1}  # namespaces apart
+
+    uncached = executor.run(workflow(), input=inp, namespace=ns)  # cache off: runs, reuses nothing
+    assert marks.new() == {"numbers": 1, "score": 4, "total": 1} and "cached" not in set(uncached.tasks["state"])
+
+
+@pytest.fixture
+def threads():
+    with fnb.LocalExecutor(use_processes=False, cpus=2) as ex:
+        yield ex
+
+
+def test_changing_a_dependency_reruns_downstream_only(threads, tmp_path):
+    ns = f"cache-{uuid.uuid4().hex[:8]}"
+    marks = Marks(tmp_path / "ran.txt")
+    inp = {"n": 3, "marker": str(marks.path)}
+    threads.run(workflow(), input=inp, namespace=ns, cache=True)
+    marks.new()
+    run = threads.run(workflow(numbers=cs.numbers_shifted), input=inp, namespace=ns, cache=True)
+    assert run.result == 1 + 4 + 9 and marks.new() == {"numbers": 1, "score": 3, "total": 1}
+    # the unchanged functions downstream re-ran: their dependency's fingerprint changed
+    assert states(run) == {"numbers": {"finished": 1}, "score": {"finished": 3}, "total": {"finished": 1}}
+
+
+def test_per_stage_option_and_run_override(threads, tmp_path):
+    ns = f"cache-{uuid.uuid4().hex[:8]}"
+    marks = Marks(tmp_path / "ran.txt")
+    inp = {"n": 3, "marker": str(marks.path)}
+    wf = fnb.Workflow("partly_cached", stages=[
+        fnb.Stage("numbers", cs.numbers, options={"cache": True}),
+        fnb.Stage("score", cs.score, type="parameterized", depends_on=["numbers"]),
+        fnb.Stage("total", cs.total, depends_on=["score"])])
+    threads.run(wf, input=inp, namespace=ns)
+    marks.new()
+    run = threads.run(wf, input=inp, namespace=ns)  # options.cache on 'numbers' only
+    assert marks.new() == {"score": 3, "total": 1} and states(run)["numbers"] == {"cached": 1}
+    threads.run(wf, input=inp, namespace=ns, cache=False)  # the run's cache=False wins
+    assert marks.new() == {"numbers": 1, "score": 3, "total": 1}
+
+
+def test_a_global_the_function_reads_is_part_of_its_fingerprint(threads, tmp_path):
+    ns = f"cache-{uuid.uuid4().hex[:8]}"
+    env = {"fnb": fnb, "FACTOR": 2}
+    exec("def scale(x):\n    return x * FACTOR\n", env)  # a notebook-style function reading a global
+    wf = lambda: workflow(score=env["scale"])  # noqa: E731
+    assert threads.run(wf(), input={"n": 3}, namespace=ns, cache=True).result == 6
+    assert set(threads.run(wf(), input={"n": 3}, namespace=ns, cache=True).tasks["state"]) == {"cached"}
+    env["FACTOR"] = 10
+    run = threads.run(wf(), input={"n": 3}, namespace=ns, cache=True)
+    assert run.result == 30 and states(run)["score"] == {"finished": 3}
+
+
+def test_cached_run_of_slow_stages_runs_none_of_them(threads, tmp_path):
+    ns = f"cache-{uuid.uuid4().hex[:8]}"
+    marks = Marks(tmp_path / "ran.txt")
+    inp = {"n": 3, "marker": str(marks.path)}
+    wf = workflow(total=cs.slow_total)
+    threads.run(wf, input=inp, namespace=ns, cache=True)
+    assert marks.new()["slow_total"] == 1
+    started = time.perf_counter()
+    run = threads.run(wf, input=inp, namespace=ns, cache=True)
+    print(f"cached run of a workflow with a 1 s stage: {time.perf_counter() - started:.3f} s")
+    assert marks.new() == {} and states(run)["total"] == {"cached": 1}  # the 1 s stage did not run
+
+
+def test_listing_and_clearing(threads, tmp_path):
+    ns = f"cache-{uuid.uuid4().hex[:8]}"
+    threads.run(workflow(), input={"n": 2}, namespace=ns, cache=True)
+    listed = stage_cache.listing(ns)
+    assert len(listed) == 4 and all(k.startswith(stage_cache.PREFIX) for k in listed["key"])  # 1 + 2 + 1
+    assert stage_cache.clear(ns) == 4 and stage_cache.listing(ns).empty
+    run = threads.run(workflow(), input={"n": 2}, namespace=ns, cache=True)
+    assert "cached" not in set(run.tasks["state"])
