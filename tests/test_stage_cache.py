@@ -135,3 +135,33 @@ def test_listing_and_clearing(threads, tmp_path):
     assert stage_cache.clear(ns) == 4 and stage_cache.listing(ns).empty
     run = threads.run(workflow(), input={"n": 2}, namespace=ns, cache=True)
     assert "cached" not in set(run.tasks["state"])
+
+
+@pytest.fixture
+def shell():
+    from IPython.core.interactiveshell import InteractiveShell
+    sh = InteractiveShell.instance()
+    sh.extension_manager.load_extension("flowdapt_nb")
+    yield sh
+    sh.magics_manager.registry["FlowdaptMagics"]._close_current()
+    sh.extension_manager.unload_extension("flowdapt_nb")
+
+
+def test_magics_run_cache_and_cache_listing(shell, capsys):
+    ns = f"cache-{uuid.uuid4().hex[:8]}"
+    line = lambda text: shell.run_line_magic("flowdapt", text)  # noqa: E731
+    line("executor local --threads --cpus 2")
+    shell.run_cell_magic("flowdapt", "workflow magic_cached",
+                         "- {name: numbers, target: cache_stages.numbers}\n"
+                         "- {name: score, target: cache_stages.score, type: parameterized, depends_on: [numbers]}\n")
+    first = line(f"run magic_cached --input n=3 --namespace {ns} --cache")
+    second = line(f"run magic_cached --input n=3 --namespace {ns} --cache")
+    plain = line(f"run magic_cached --input n=3 --namespace {ns}")
+    assert set(first.tasks["state"]) == {"finished"} and set(plain.tasks["state"]) == {"finished"}
+    assert set(second.tasks["state"]) == {"cached"} and second.result == first.result == [0, 1, 4]
+    listed = line(f"cache --namespace {ns}")
+    assert len(listed) == 4 and set(listed["namespace"]) == {ns}
+    capsys.readouterr()
+    assert line(f"cache clear --namespace {ns}") is None
+    assert f"cleared 4 cached stage output(s) of namespace {ns}" in capsys.readouterr().out
+    assert line(f"cache -n {ns}").empty

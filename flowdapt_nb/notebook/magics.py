@@ -41,7 +41,7 @@ from ..errors import ConfigError
 KINDS = ("local", "dask", "ray")
 CELL_SUBCOMMANDS = ("executor", "workflow")
 SUBCOMMANDS = ("executor", "workflow", "workflows", "run", "status", "dashboard", "memory", "stop", "runs",
-               "compare", "help")
+               "compare", "cache", "help")
 _START_ERRORS = (ConfigError, ConnectionError, OSError, TimeoutError, RuntimeError)
 
 
@@ -450,6 +450,8 @@ class FlowdaptMagics(Magics, Configurable):
     @argument("--background", "-b", action="store_true",
               help="return a RunHandle at once (pushed as _flowdapt_run) while the run goes on")
     @argument("-o", "--output", metavar="VAR", help="also store the handle (--background) or the run under VAR")
+    @argument("--cache", action="store_true",
+              help="reuse stored outputs of stages whose fingerprint is unchanged (the stage cache)")
     def _cmd_run(self, rest: str, cell: str | None = None):
         """Run a stored workflow. Blocks with a live progress display and returns the WorkflowRun;
         Ctrl-C (interrupt the kernel) cancels the run. A failing stage raises StageError."""
@@ -462,7 +464,7 @@ class FlowdaptMagics(Magics, Configurable):
         run_input = self._run_input(args)
         try:
             handle = ex.submit(wf, input=run_input, namespace=args.namespace or self.namespace or None,
-                               timeout=args.timeout)
+                               timeout=args.timeout, cache=True if args.cache else None)
         except ConfigError as exc:
             raise _usage(exc, "%flowdapt run") from None
         self.last_run = handle.run
@@ -612,6 +614,21 @@ class FlowdaptMagics(Magics, Configurable):
         except (KeyError, ValueError) as exc:
             raise UsageError(f"%flowdapt compare: {exc.args[0] if exc.args else exc}") from None
 
+    @magic_arguments(name="flowdapt cache")
+    @argument("action", nargs="?", choices=["list", "clear"], default="list",
+              help="list (default) the stage cache's stored outputs, or clear them")
+    @argument("--namespace", "-n", help="only this namespace (default: all)")
+    def _cmd_cache(self, rest: str, cell: str | None = None):
+        """The stage cache: its stored outputs (namespace, key, size, time), or clear them."""
+        args = self._args(self._cmd_cache, rest)
+        from .. import stage_cache
+        storage = getattr(self.current, "storage", None)
+        if args.action == "clear":
+            count = stage_cache.clear(args.namespace, storage=storage)
+            print(f"cleared {count} cached stage output(s)" + (f" of namespace {args.namespace}" if args.namespace else ""))
+            return None
+        return stage_cache.listing(args.namespace, storage=storage)
+
     def _cmd_help(self, rest: str = "", cell: str | None = None):
         """All subcommands, or one: %flowdapt help run."""
         sub = rest.strip().lower()
@@ -645,7 +662,7 @@ HELP = """\
 %flowdapt workflow NAME         return a stored workflow
 %flowdapt workflows             the stored workflows as a table
 %flowdapt run NAME [--input KEY=VALUE ...] [--input-json JSON] [--namespace NS] [--timeout S]
-                   [--background] [-o VAR]
+                   [--background] [-o VAR] [--cache]
     Run a workflow with a live progress display and return its WorkflowRun; interrupting the
     kernel (Ctrl-C, the stop button) cancels the run and its remote tasks. A failing stage raises
     StageError. --background returns a RunHandle at once (%flowdapt dashboard follows the run).
@@ -655,6 +672,7 @@ HELP = """\
 %flowdapt stop                  close the executor (a cluster it started stops with it)
 %flowdapt runs [--workflow NAME] [--failed] [-n N]  stored runs, newest first, earlier kernels' too
 %flowdapt compare UID UID       two stored runs side by side: input, config, workflow diff, stages
+%flowdapt cache [clear] [--namespace NS]  the stage cache's stored outputs (run --cache uses them)
 %flowdapt help [SUBCOMMAND]     this text, or one subcommand's options (also: SUBCOMMAND --help);
                                 %flowdapt help workflow lists a workflow's fields, with an example
 
