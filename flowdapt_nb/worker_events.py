@@ -66,5 +66,72 @@ class EventBatch:
                 time.sleep(self.interval)  # what comes meanwhile waits for the next message
 
 
+class ChunkWatch:
+    """Tasks run together in a chunk send no 'running' report each (a message per tiny item is
+    what chunks avoid). Each only notes its report in its chunk's slot, which costs no message;
+    a thread looks every ``interval`` seconds while chunks run and sends the report of an item
+    it finds running at two looks in a row, so an item that runs long inside a chunk is still
+    seen running, like a task of its own.
+
+    >>> watch = ChunkWatch(0.05)
+    >>> report = watch.open(send)                            # doctest: +SKIP
+    >>> outcomes = [execute(ctx, fn, info, flat, report) for info, flat in tasks]  # doctest: +SKIP
+    >>> watch.close(report)                                  # doctest: +SKIP
+    """
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.slots: set = set()
+        self.thread: threading.Thread | None = None
+        self.wake = threading.Event()
+
+    def open(self, send: Callable[[list], None]) -> "_Slot":
+        """A slot for one chunk: call it with each item's report; ``send`` takes a list of them."""
+        slot = _Slot(send)
+        with self.lock:
+            self.slots.add(slot)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="flowdapt-nb-chunks", daemon=True)
+                self.thread.start()
+        self.wake.set()
+        return slot
+
+    def close(self, slot: "_Slot | None") -> None:
+        """The chunk ended: its slot is looked at no more (None: there was none)."""
+        if slot is not None:
+            with self.lock:
+                self.slots.discard(slot)
+
+    def _loop(self) -> None:
+        while True:
+            self.wake.wait()
+            time.sleep(self.interval)
+            with self.lock:
+                slots = list(self.slots)
+                if not slots:
+                    self.wake.clear()
+            for slot in slots:
+                event = slot.current
+                if event is not None and event is slot.seen and event is not slot.sent:
+                    slot.sent = event  # running since the last look at least
+                    try:
+                        slot.send([event])
+                    except Exception:  # telemetry must never fail a task
+                        pass
+                slot.seen = event
+
+
+class _Slot:
+    __slots__ = ("send", "current", "seen", "sent")
+
+    def __init__(self, send):
+        self.send = send
+        self.current = self.seen = self.sent = None
+
+    def __call__(self, event: dict) -> None:
+        self.current = event
+
+
 def _task_key(event: dict) -> tuple:
     return event["run"], event["stage"], event["item"]

@@ -152,6 +152,28 @@ def test_tasks_of_200_ms_are_seen_running(kind):
             ex.close()
 
 
+@pytest.mark.parametrize("kind", ["threads", "processes", "ray"])
+def test_a_long_item_inside_a_chunk_is_seen_running(kind):
+    """Tiny items go to workers in chunks, without a report each; one item among them that works
+    for 1.5 s is still reported running while it runs, not only when its chunk comes back."""
+    import live_stages
+    ex = make_executor(kind)
+    received = []
+    token = ex.events.subscribe(lambda e: received.append((time.monotonic(), e.item, e.state)), kinds={"task"})
+    try:
+        wf = fnb.Workflow("chunky", stages=[fnb.Stage("work", live_stages.mostly_tiny, type="parameterized",
+                                                      options={"map_on": "x"})])
+        run = ex.run(wf, input={"x": list(range(600))})
+        assert run.state == "finished"
+        mine = {state: t for t, item, state in received if item == 300}
+        assert mine["finished"] - mine["running"] > 0.5, mine  # seen running well before it ended
+        assert len(run.tasks) == 600
+    finally:
+        ex.events.unsubscribe(token)
+        if kind in ("threads", "processes"):
+            ex.close()
+
+
 # --- the dashboard after its executor stopped ---------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["threads", "processes", "dask"])

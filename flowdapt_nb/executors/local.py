@@ -24,7 +24,7 @@ from ..events import ResourceSample
 from ..memory_store import MemoryStore
 from ..units import auto_cpus, parse_bytes
 from ..worker import TaskInfo, default_worker_name, execute
-from ..worker_events import EventBatch
+from ..worker_events import ChunkWatch, EventBatch
 from .base import Executor
 from .local_pool import ProcessPool, ThreadPool, exit_with_parent, send_events
 
@@ -32,6 +32,7 @@ from .local_pool import ProcessPool, ThreadPool, exit_with_parent, send_events
 # --- process workers ----------------------------------------------------------------------------
 
 _batch = EventBatch(0.05)  # per worker process: 'running' reports, one queue message per batch
+_chunks = ChunkWatch(0.05)  # items of a chunk that run long are reported running all the same
 _loaded: "OrderedDict[str, object]" = OrderedDict()  # per worker process: key -> function or context
 _loads = 0  # per worker process: files unpickled so far (tests check a function is loaded once)
 
@@ -65,8 +66,10 @@ def _process_chunk(fn_shipped: tuple, ctx_shipped: tuple, infos: list, args_blob
     by one when some result can't be pickled: only that item fails)."""
     fn, ctx = _load_shipped(fn_shipped), _load_shipped(ctx_shipped)
     worker = _worker_name()
-    outcomes = [execute(ctx, fn, info, flat, None, worker)
+    report = _chunks.open(send_events)
+    outcomes = [execute(ctx, fn, info, flat, report, worker)
                 for info, flat in zip(infos, cloudpickle.loads(args_blob))]
+    _chunks.close(report)
     try:
         return cloudpickle.dumps(outcomes)
     except Exception:
@@ -93,8 +96,11 @@ def _worker_name() -> str:
     return _my_name
 
 
-def _thread_chunk(ctx, fn, tasks: list, worker: str) -> list:
-    return [execute(ctx, fn, info, flat, None, worker, portable=False) for info, flat in tasks]
+def _thread_chunk(ctx, fn, tasks: list, worker: str, on_event=None) -> list:
+    report = _chunks.open(lambda batch: [on_event(e) for e in batch]) if on_event is not None else None
+    outcomes = [execute(ctx, fn, info, flat, report, worker, portable=False) for info, flat in tasks]
+    _chunks.close(report)
+    return outcomes
 
 
 def _outcome(meta: dict, value) -> Outcome:
@@ -232,7 +238,8 @@ class _LocalBackend(Backend):
             future = self.pool.submit(_process_chunk, fn_handle, ctx_handle, [t[0] for t in tasks],
                                       cloudpickle.dumps([t[1] for t in tasks]), retry=False)
         else:
-            future = self.pool.submit(_thread_chunk, ctx_handle, fn_handle, tasks, self._thread_worker)
+            future = self.pool.submit(_thread_chunk, ctx_handle, fn_handle, tasks, self._thread_worker,
+                                      self.executor._on_worker_event)
 
         def done(f: cf.Future):
             if f.cancelled():

@@ -19,7 +19,7 @@ from ..events import ResourceSample
 from ..memory_store import MemoryStore
 from ..units import parse_bytes, usable_cores
 from ..worker import TaskInfo, execute
-from ..worker_events import EventBatch
+from ..worker_events import ChunkWatch, EventBatch
 from .base import Executor
 from .cluster import check_resource_request, ensure_reachable, free_port, gpu_count
 
@@ -30,6 +30,7 @@ _remote: dict = {}  # the remote functions/actors, made on first use (import ray
 # --- on the worker ------------------------------------------------------------------------------
 
 _batch = EventBatch(0.05, leading=True)  # per worker process: 'running' reports, one actor call per batch
+_chunks = ChunkWatch(0.05)  # items of a chunk that run long are reported running all the same
 
 
 _MISSING = object()
@@ -122,11 +123,13 @@ def _ray_chunk(head, *flat):
     fn, ctx = _run_parts(sink, key, fn_index)
     worker = _worker_name()
     metas, values, pos = [], [], 0
+    report = _chunks.open(_actor(sink).push.remote) if sink is not None else None
     for info, count in zip(infos, counts):
-        meta, value = execute(ctx, fn, TaskInfo(*info), flat[pos:pos + count], None, worker)
+        meta, value = execute(ctx, fn, TaskInfo(*info), flat[pos:pos + count], report, worker)
         pos += count
         metas.append(meta)
         values.append(value if meta["ok"] else None)
+    _chunks.close(report)
     return (metas, *values)
 
 
