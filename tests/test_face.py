@@ -160,7 +160,7 @@ def test_inline_styles_keeps_text_and_escapes():
                          'style="color:red">1</td></tr></table>')
     assert "a &amp; b" in page and "<svg" not in page and ".x{}" not in page
     assert 'style="color:#6a737d"' in page  # the grid's label column
-    assert re.search(r'<td class="fnb-num" style="text-align:right;[^"]*;color:red">', page)
+    assert re.search(r'<td class="fnb-num" style="text-align:left;[^"]*;text-align:right;color:red">', page)
 
 
 def test_card_says_what_local_workers_are(local):

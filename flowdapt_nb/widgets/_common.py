@@ -344,7 +344,8 @@ CLASS_STYLES = {
 DESCENDANT_STYLES = {
     ("fnb-table", "th"): "text-align:left;font-weight:600;font-size:10.5px;text-transform:uppercase;"
                          "letter-spacing:0.04em;color:#6a737d;border-bottom:1px solid #e0e3e7;padding:3px 8px",
-    ("fnb-table", "td"): "padding:4px 8px;border-bottom:1px solid #f0f2f4;vertical-align:middle;white-space:nowrap",
+    ("fnb-table", "td"): "text-align:left;padding:4px 8px;border-bottom:1px solid #f0f2f4;vertical-align:middle;"
+                         "white-space:nowrap",
     ("fnb-stat", "b"): "font-size:18px;font-weight:600;line-height:1.2",
     ("fnb-stat", "span"): "font-size:10.5px;text-transform:uppercase;letter-spacing:0.05em;color:#6a737d",
 }
@@ -381,9 +382,11 @@ class _Inliner(HTMLParser):
             return
         attrs = dict(attrs)
         classes = (attrs.get("class") or "").split()
-        rules = [CLASS_STYLES[c] for c in classes if c in CLASS_STYLES]
         open_classes = {c for entry in self.stack for c in entry[0]}
-        rules += [css for (anc, t), css in DESCENDANT_STYLES.items() if t == tag and anc in open_classes]
+        # descendant rules first, then the element's own classes (so .fnb-num's right alignment
+        # wins over the table cell's left), then its own style attribute
+        rules = [css for (anc, t), css in DESCENDANT_STYLES.items() if t == tag and anc in open_classes]
+        rules += [CLASS_STYLES[c] for c in classes if c in CLASS_STYLES]
         if self.stack:
             parent = self.stack[-1]
             parent[2] += 1
