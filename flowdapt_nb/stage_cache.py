@@ -123,7 +123,12 @@ class CachedCall:
         if object_store.exists(key, strategy="artifact"):
             return object_store.get(key, strategy="artifact")
         value = self.fn(*args, **kwargs)
-        object_store.put(key, value, strategy="artifact")
+        try:
+            object_store.put(key, value, strategy="artifact")
+        except Exception as exc:  # a value that can't be stored is not cached; the task still succeeds
+            import warnings
+            warnings.warn(f"stage cache: output of '{get_run_context().stage}' not stored "
+                          f"({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=2)
         return value
 
 

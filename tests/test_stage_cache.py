@@ -165,3 +165,27 @@ def test_magics_run_cache_and_cache_listing(shell, capsys):
     assert line(f"cache clear --namespace {ns}") is None
     assert f"cleared 4 cached stage output(s) of namespace {ns}" in capsys.readouterr().out
     assert line(f"cache -n {ns}").empty
+
+
+def unpicklable(xs):
+    import threading
+    return threading.Lock()  # no storage can hold it
+
+
+def test_an_output_that_cannot_be_stored_still_succeeds_and_a_stored_run_shows_cached(threads):
+    ns = f"cache-{uuid.uuid4().hex[:8]}"
+    wf = fnb.Workflow("lock_out", stages=[fnb.Stage("numbers", cs.numbers), fnb.Stage("lock", unpicklable,
+                                                                                     depends_on=["numbers"])])
+    with pytest.warns(RuntimeWarning, match="output of 'lock' not stored"):
+        run = threads.run(wf, input={"n": 2}, namespace=ns, cache=True)
+    assert run.state == "finished" and states(run) == {"lock": {"finished": 1}, "numbers": {"finished": 1}}
+    again = threads.run(wf, input={"n": 2}, namespace=ns, cache=True)
+    assert states(again) == {"lock": {"finished": 1}, "numbers": {"cached": 1}}
+    threads._run_store.flush()
+    stored = fnb.load_run(again.uid, store=threads._run_store.path)
+    assert stored.tasks.set_index("stage")["state"].to_dict() == {"numbers": "cached", "lock": "finished"}
+    dash = stored.dashboard()  # the tracker counts a reused output as done
+    try:
+        assert "1/1 done" in repr(dash).split("numbers", 1)[1].splitlines()[0]
+    finally:
+        dash.close()

@@ -67,6 +67,8 @@ class RunTracker:
     def _update(self, stage, item, state, t, worker=None, error=None, queued=None, start=None, end=None) -> bool:
         if stage not in self.counts:
             return False
+        if state == "cached":  # an output the stage cache reused: done, like a finished task
+            state = "finished"
         key = (stage, item)
         row = self.tasks.get(key)
         if row is None:
