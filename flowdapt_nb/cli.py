@@ -241,21 +241,40 @@ def cmd_status(args) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        ex.start()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    import threading
+    outcome: dict = {}
+
+    def look():  # in a thread: a client that hangs while connecting must not hang the command
+        try:
+            ex.start()
+            try:
+                outcome["info"] = ex.info()
+            finally:
+                ex.close()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    looker = threading.Thread(target=look, name="flowdapt-nb-status", daemon=True)
+    looker.start()
+    looker.join(args.timeout + STATUS_GRACE)
+    if looker.is_alive():
+        print(f"error: could not reach the {kind} cluster at {address}: no answer within "
+              f"{args.timeout + STATUS_GRACE:g} s", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(EXIT_EXECUTOR)  # the connecting thread can't be stopped; it started nothing here
+    error = outcome.get("error")
+    if isinstance(error, ConfigError):
+        print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as exc:
-        print(f"error: could not reach the {kind} cluster at {address}: {' '.join(str(exc).split())}",
+    if error is not None:
+        print(f"error: could not reach the {kind} cluster at {address}: {' '.join(str(error).split())}",
               file=sys.stderr)
         return EXIT_EXECUTOR
-    try:
-        info = ex.info()
-    finally:
-        ex.close()
-    print(status_text(info))
+    print(status_text(outcome["info"]))
     return EXIT_OK
+
+
+STATUS_GRACE = 20.0  # seconds past --timeout that `status` waits for a client still connecting
 
 
 def status_text(info: dict) -> str:

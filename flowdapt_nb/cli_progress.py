@@ -321,4 +321,11 @@ def make_view(mode: str, stream) -> QuietView:
             mode = "bar" if stream.isatty() else "plain"
         except (AttributeError, ValueError):
             mode = "plain"
+    if mode == "bar":
+        try:
+            import rich  # noqa: F401
+        except ImportError:  # the bar needs rich; progress still shows, as plain lines
+            view = PlainView()
+            view.output_line("note: the progress bar needs the 'rich' package; showing plain progress lines")
+            return view
     return {"bar": BarView, "plain": PlainView, "none": QuietView}[mode]()

@@ -395,3 +395,14 @@ def test_status_of_an_unreachable_cluster_exits_3(tmp_path):
     out = cli("status", f"tcp://127.0.0.1:{port}", "--timeout", "3", cwd=tmp_path)
     assert out.returncode == 3 and out.stdout == ""
     assert f"error: could not reach the dask cluster at tcp://127.0.0.1:{port}" in out.stderr
+
+
+def test_status_of_a_silent_ray_address_gives_up_with_3(tmp_path):
+    """Something listens but never answers as Ray: the command ends (3), it does not hang."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        out = cli("status", f"127.0.0.1:{port}", "--kind", "ray", "--timeout", "2", cwd=tmp_path, timeout=180)
+    assert out.returncode == 3, out.stderr
+    assert f"error: could not reach the ray cluster at 127.0.0.1:{port}" in out.stderr
