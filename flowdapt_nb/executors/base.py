@@ -467,7 +467,8 @@ class Executor:
 
         >>> run = ex.run(wf, input={"n": 10}); run.result   # doctest: +SKIP
         """
-        handle = self.submit(workflow, input=input, namespace=namespace, timeout=timeout, cache=cache)
+        extra = {"cache": cache} if cache is not None else {}  # a subclass's submit may predate cache=
+        handle = self.submit(workflow, input=input, namespace=namespace, timeout=timeout, **extra)
         try:
             while not handle._finished.wait(0.05):
                 pass
