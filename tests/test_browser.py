@@ -431,6 +431,22 @@ def test_untrusted_tutorial_reads_well_before_running(lab, chromium, output_dir)
         dash = page.locator(".jp-OutputArea-output", has_text="flowdapt · dask").first
         dash.scroll_into_view_if_needed()
         nb.shot("untrusted-dashboard", dash)
+        badges = page.evaluate(_BADGE_JS, "flowdapt · dask")
+        colours = {colour for _, colour in badges}  # the executor's green badge, the run's blue one
+        assert {"rgb(67, 160, 71)", "rgb(30, 136, 229)"} <= colours, badges
+    finally:
+        nb.close()
+    # tutorial 03's StageMapper placeholder: a titled panel and a table, not run-together text
+    nb = Notebook(chromium, lab, _copy_tutorial(lab, "03_stage_mapping.ipynb"), output_dir)
+    try:
+        mapper = nb.page.locator(".jp-OutputArea-output", has_text="Stage mapper: model-selection").first
+        mapper.wait_for(timeout=60_000)
+        assert mapper.locator("svg").count() == 0 and mapper.locator("table").count() == 1
+        framed = nb.page.evaluate(
+            "(el) => [...el.querySelectorAll('div')].some(d => getComputedStyle(d).borderTopStyle === 'solid'"
+            " && d.textContent.includes('Stage mapper'))", mapper.element_handle())
+        assert framed, "the mapper's panel lost its frame"
+        nb.shot("untrusted-mapper", mapper)
     finally:
         nb.close()
 
