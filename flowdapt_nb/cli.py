@@ -190,6 +190,8 @@ def _start_and_run(ex, wf, run_input, args, view, pipe):
             try:
                 return EXIT_OK, _drive(ex, wf, run_input, args, view), None
             finally:
+                if ex.kind == "ray":  # its workers' last lines come a moment later, from log files
+                    view.wait_quiet(RAY_OUTPUT_QUIET, RAY_OUTPUT_WAIT)
                 view.close()
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED, None, "error: interrupted; the run was cancelled and the executor stopped"
@@ -274,6 +276,8 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+RAY_OUTPUT_QUIET = 1.0  # seconds without output before a Ray executor is closed after its run...
+RAY_OUTPUT_WAIT = 3.0  # ...waiting at most this long
 STATUS_GRACE = 20.0  # seconds past --timeout that `status` waits for a client still connecting
 
 

@@ -179,14 +179,29 @@ class QuietView:
     def tick(self) -> None:
         """Redraw from the events that came in (the main thread, a few times a second)."""
 
+    def wait_quiet(self, quiet: float, limit: float) -> None:
+        """Wait until no output line came for ``quiet`` seconds (at most ``limit`` seconds): Ray
+        forwards what workers print from their log files a moment later, and stopping the
+        cluster at once would lose a run's last lines."""
+        end = time.monotonic() + limit
+        first = time.monotonic()
+        while time.monotonic() < end:
+            since = time.monotonic() - max(self.last_output, first)
+            if since >= quiet:
+                return
+            time.sleep(min(quiet - since, 0.05) + 0.001)
+
     def close(self) -> None:
         """The run ended: draw the last state and stop listening."""
         if self.feed is not None:
             self.feed.close()
 
     # --- text ---
+    last_output = 0.0  # time.monotonic() of the last line printed through output_line
+
     def output_line(self, line: str) -> None:
         """A line a stage (or anything in the run) printed."""
+        self.last_output = time.monotonic()
         with self._out_lock:
             if self.stream is None:
                 self._waiting.append(line)
