@@ -236,6 +236,18 @@ def test_a_stage_whose_every_item_failed_lists_them(project):
 
 # --- exit codes ------------------------------------------------------------------------------------
 
+def test_exit_1_when_the_timeout_passes(project):
+    proc = start("run", "wf.yaml", "-c", "procs.yaml", "--progress", "plain", "-i", "n=2", "--timeout", "3",
+                 cwd=project, gate=project / "never")
+    try:
+        out, err = proc.communicate(timeout=WAIT)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 1, err
+    assert out == "" and "error: run squares-" in err and "timed out after 3.0 s" in err
+
+
 def test_exit_2_bad_usage_and_bad_files(project):
     (project / "typo.yaml").write_text("target: local\ncpu: 2\n")
     out = cli("run", "wf.yaml", "-c", "typo.yaml", cwd=project)
