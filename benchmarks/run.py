@@ -872,6 +872,8 @@ def main(argv=None) -> int:
         cfg["reps"] = args.reps
     ray_tmp = tempfile.mkdtemp(prefix="fnb-bench-ray-")
     os.environ.setdefault("RAY_TMPDIR", ray_tmp)
+    # the run store stays on (it is part of a run's cost), writing to a temp file, not the user's
+    os.environ.setdefault("FLOWDAPT_NB_RUNS", os.path.join(ray_tmp, "runs.sqlite"))
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     cfg["rounds"], cfg["t_item"] = W.calibrate_rounds(cfg["tp_seconds"])

@@ -41,7 +41,7 @@ def _load_shipped(shipped: tuple):
     """A function or run context the driver wrote to a file once (``_LocalBackend._ship``),
     loaded once per worker process: tasks carry only its key and path."""
     global _loads
-    key, path = shipped
+    key, path = shipped[:2]
     obj = _loaded.get(key, _loaded)
     if obj is _loaded:
         _loads += 1
@@ -54,8 +54,17 @@ def _load_shipped(shipped: tuple):
     return obj
 
 
+def _load_context(shipped: tuple):
+    """A run's context, with the cluster memory proxy loaded once per worker process: unpickling
+    a manager proxy connects and authenticates to the manager (~1 ms), too much to pay per run."""
+    ctx = _load_shipped(shipped)
+    if shipped[2] is not None and ctx.memory is None:
+        ctx.memory = _load_shipped(shipped[2])
+    return ctx
+
+
 def _process_task(fn_shipped: tuple, ctx_shipped: tuple, info: TaskInfo, args_blob: bytes) -> bytes:
-    fn, ctx = _load_shipped(fn_shipped), _load_shipped(ctx_shipped)
+    fn, ctx = _load_shipped(fn_shipped), _load_context(ctx_shipped)
     flat = cloudpickle.loads(args_blob)
     report = lambda event: _batch.add(event, send_events)  # noqa: E731
     return _pickle_outcome(*execute(ctx, fn, info, flat, report, _worker_name()))
@@ -64,7 +73,7 @@ def _process_task(fn_shipped: tuple, ctx_shipped: tuple, info: TaskInfo, args_bl
 def _process_chunk(fn_shipped: tuple, ctx_shipped: tuple, infos: list, args_blob: bytes):
     """Several tasks of one stage, one after another; their outcomes pickled together (or one
     by one when some result can't be pickled: only that item fails)."""
-    fn, ctx = _load_shipped(fn_shipped), _load_shipped(ctx_shipped)
+    fn, ctx = _load_shipped(fn_shipped), _load_context(ctx_shipped)
     worker = _worker_name()
     report = _chunks.open(send_events)
     outcomes = [execute(ctx, fn, info, flat, report, worker)
@@ -153,6 +162,7 @@ class _LocalBackend(Backend):
             self._ship_lock = threading.Lock()
             self._shipped_fns: dict[str, tuple] = {}  # hash of a pickled function -> (key, path)
             self.function_ships = 0  # function files written (one per function version)
+            self._memory_shipped: tuple | None = None  # (the memory proxy, its (key, path))
             self.pool = ProcessPool(cpus, on_events=self._on_events)
         else:
             self.pool = ThreadPool(cpus)
@@ -183,7 +193,19 @@ class _LocalBackend(Backend):
         return key, path
 
     def put_context(self, ctx):
-        return self._ship(cloudpickle.dumps(ctx)) if self.use_processes else ctx
+        """Threads: the context itself. Processes: (key, path, memory): the context written once
+        for the run without the cluster memory proxy, which is written once per executor
+        (workers keep it: see ``_load_context``)."""
+        if not self.use_processes:
+            return ctx
+        memory = None
+        if ctx.memory is not None:
+            if self._memory_shipped is None or self._memory_shipped[0] is not ctx.memory:
+                self._memory_shipped = (ctx.memory, self._ship(cloudpickle.dumps(ctx.memory)))
+            memory = self._memory_shipped[1]
+            ctx = ctx.for_task(ctx.stage, ctx.item)  # a shallow copy, without the proxy
+            ctx.memory = None
+        return (*self._ship(cloudpickle.dumps(ctx)), memory)
 
     def put_function(self, fn):
         if not self.use_processes:
@@ -205,7 +227,7 @@ class _LocalBackend(Backend):
 
     def release_run(self, ctx_handle, fn_handles) -> None:
         if self.use_processes:
-            for _, path in [ctx_handle]:  # function files stay for the next run
+            for _, path in [ctx_handle[:2]]:  # function and memory files stay for the next run
                 try:
                     os.unlink(path)
                 except OSError:
