@@ -371,6 +371,12 @@ class DaskExecutor(Executor):
     Workers advertise ``cpus`` (threads), ``gpus`` and custom ``resources`` as in Flowdapt, so
     stage resources restrict where tasks run. ``cpus: auto`` is one worker per usable core.
 
+    A run that times out or is cancelled cancels its tasks; a task still running 2 s later
+    (``RESTART_GRACE``) has its worker process ended, and the worker's nanny starts a fresh one
+    (``ex.restarts`` lists these), so the next run doesn't wait behind it. What a stage prints
+    reaches the driver in blocks, at most 1 MB per task and 10 MB per run (see
+    :mod:`flowdapt_nb.output_capture`). A lost scheduler fails the run with ``ClusterLostError``.
+
     >>> ex = DaskExecutor(cpus=2, threads=1).start()   # doctest: +SKIP
     >>> ex.info()["dashboard_url"]                     # doctest: +SKIP
     'http://127.0.0.1:8787/status'
@@ -444,7 +450,11 @@ class DaskExecutor(Executor):
                 self.client.cancel([self._memory.actor._future] if hasattr(self._memory.actor, "_future") else [])
             except Exception:
                 pass
+        stoppers = list(getattr(self._backend, "stoppers", ()))
         self._close_quietly()
+        deadline = time.monotonic() + 2  # with the client closed they end at their next call
+        for stopper in stoppers:
+            stopper.join(max(0.0, deadline - time.monotonic()))
 
     # --- worker events ---
     def _on_task_event(self, event) -> None:
