@@ -207,12 +207,10 @@ class RayConfig(_ClusterFields):
         "mapper_actor": "parameterized stages fan out as plain Ray tasks",
         "tasks_per_worker": "parameterized stages fan out as plain Ray tasks",
         "upload_plugins": "Flowdapt plugins are not used by flowdapt_nb",
-        "connection_monitor_interval": "the connection is checked by Ray itself",
-        "max_reconnect_retries": "the connection is checked by Ray itself",
-        "base_reconnect_delay": "the connection is checked by Ray itself",
-        "max_reconnect_delay": "the connection is checked by Ray itself",
-        "ping_timeout": "the connection is checked by Ray itself",
-        "ping_failure_threshold": "the connection is checked by Ray itself",
+        # connection_monitor_interval, ping_timeout, ping_failure_threshold drive the head monitor
+        "max_reconnect_retries": "a lost head fails the runs and disconnects; start() attaches again",
+        "base_reconnect_delay": "a lost head fails the runs and disconnects; start() attaches again",
+        "max_reconnect_delay": "a lost head fails the runs and disconnects; start() attaches again",
     }
     _flowdapt_defaults = {"strategy": "group_by_group", "upload_plugins": True, "connection_monitor_interval": 15,
                           "max_reconnect_retries": 2048, "base_reconnect_delay": 5.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
@@ -14,7 +15,7 @@ import psutil
 
 from ..config import RayConfig
 from ..engine import Backend, Outcome, items_of
-from ..errors import ConfigError
+from ..errors import ClusterLostError, ConfigError, UnserializableResultError
 from ..events import ResourceSample
 from ..memory_store import MemoryStore
 from ..units import parse_bytes, usable_cores
@@ -22,8 +23,13 @@ from ..worker import TaskInfo, execute
 from ..worker_events import ChunkWatch, EventBatch
 from .base import Executor
 from .cluster import check_resource_request, ensure_reachable, free_port, gpu_count
+from .ray_node import (LOOPBACK, HeadMonitor, driver_outlives_head, ensure_private_token, loopback_node,
+                       tighten_token)
 
 log = logging.getLogger("flowdapt_nb")
+# Seconds a cancelled (or timed-out) task gets to stop by itself before its worker process is
+# killed (Ray's plain cancel reaches a stage in time.sleep or C code only when that returns).
+CANCEL_GRACE = 2.0
 _remote: dict = {}  # the remote functions/actors, made on first use (import ray lazily)
 
 
@@ -112,7 +118,7 @@ def _ray_task(head, *flat):
     meta, value = execute(ctx, fn, TaskInfo(*info), flat, report, _worker_name())
     if not meta["ok"]:
         return meta, None
-    return meta, value
+    return _checked(meta, value)
 
 
 def _ray_chunk(head, *flat):
@@ -126,11 +132,32 @@ def _ray_chunk(head, *flat):
     report = _chunks.open(_actor(sink).push.remote) if sink is not None else None
     for info, count in zip(infos, counts):
         meta, value = execute(ctx, fn, TaskInfo(*info), flat[pos:pos + count], report, worker)
+        if meta["ok"]:
+            meta, value = _checked(meta, value)
         pos += count
         metas.append(meta)
         values.append(value if meta["ok"] else None)
     _chunks.close(report)
     return (metas, *values)
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _checked(meta: dict, value):
+    """(meta, value), or a failed meta when Ray can't serialize the value: Ray would store the
+    error in the value's object, and it would surface later, naming no stage (the run's result)
+    or blaming the stage that receives it. Ray's own serializer decides; arrays' buffers are
+    referenced out of band, not copied."""
+    if type(value) in _PLAIN:
+        return meta, value
+    import ray
+    try:
+        ray._private.worker.global_worker.get_serialization_context().serialize(value)
+        return meta, value
+    except Exception as exc:
+        meta = dict(meta, ok=False, error=UnserializableResultError(type(value).__name__, f"{type(exc).__name__}: {exc}"))
+        return meta, None
 
 
 def _ray_count(value):
@@ -185,17 +212,35 @@ def _remotes():
 
 
 class _RayMemory:
-    """Cluster memory in the configured actor; the same calls as MemoryStore, blocking."""
+    """Cluster memory in the named actor; the same calls as MemoryStore, blocking. Travels to
+    workers as the actor's name (looked up there once per process, again after the actor was
+    replaced)."""
 
-    def __init__(self, actor):
+    def __init__(self, name: str, actor=None):
+        self.name = name
         self.actor = actor
 
-    def __getattr__(self, name):
-        if name.startswith("_") or name == "actor":
-            raise AttributeError(name)
+    def __reduce__(self):
+        return (_RayMemory, (self.name,))
+
+    def __getattr__(self, method_name):
+        if method_name.startswith("_") or method_name in ("actor", "name"):
+            raise AttributeError(method_name)
+        return lambda *args: self._call(method_name, args)
+
+    def _call(self, method_name, args):
         import ray
-        method = getattr(self.actor, name)
-        return lambda *args: ray.get(method.remote(*args))
+        from ray.exceptions import RayActorError
+        for attempt in (1, 2):
+            try:
+                actor = self.actor if self.actor is not None else _actor(self.name)
+                return ray.get(getattr(actor, method_name).remote(*args))
+            except (RayActorError, ValueError) as exc:  # ValueError: no actor of that name now
+                _actors.pop(self.name, None)  # a new actor of that name may have replaced it
+                if self.actor is not None or attempt == 2:
+                    raise RuntimeError(
+                        f"the cluster memory actor '{self.name}' died ({type(exc).__name__}): what it "
+                        f"held is lost; the executor starts a new one at its next run") from None
 
 
 # --- the backend --------------------------------------------------------------------------------
@@ -214,22 +259,82 @@ class _RayBackend(Backend):
         # Tiny items go in chunks of about this much work (a Ray task costs ~0.5 ms to send).
         self.chunk_seconds = 0.02
         self.parallelism = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        # Tasks sent whose outcome hasn't reached the engine: a lost head fails them all at once
+        # (Ray itself would report nothing). meta ref -> (on_done, whether it is a chunk)
+        self._pending: dict = {}
+        self._pending_lock = threading.Lock()
+        self.lost: ClusterLostError | None = None
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_events, name="flowdapt-nb-ray-events", daemon=True)
         self._poller.start()
+        c = executor.config
+        self._monitor = HeadMonitor(self._on_lost, c.connection_monitor_interval, c.ping_timeout,
+                                    c.ping_failure_threshold).start()
 
+    # --- a lost head ---
+    def _check(self) -> None:
+        """Refuse any Ray call once the head is lost: it would block, or, once disconnected,
+        make Ray start a new local cluster in this process."""
+        if self.lost is not None:
+            raise self.lost
+
+    def _get(self, refs):
+        """ray.get that gives up when the head is lost (a plain one would wait for ever)."""
+        from ray.exceptions import GetTimeoutError
+        while True:
+            self._check()
+            try:
+                return self.ray.get(refs, timeout=1.0)
+            except GetTimeoutError:
+                continue
+
+    def _on_lost(self, reason: str) -> None:
+        """From the head monitor: fail every task in flight, then disconnect (in this thread)."""
+        self.lost = ClusterLostError(
+            f"lost the Ray cluster at {self.executor.config.cluster_address or self.executor._address()}: "
+            f"{reason}. The run can't "
+            f"finish: its tasks and data were on that cluster. The executor disconnected (this "
+            f"process keeps running); once the cluster is back, start() the executor again")
+        log.error("%s", self.lost)
+        self.executor._disconnecting = threading.current_thread()
+        with self._pending_lock:
+            pending, self._pending = list(self._pending.values()), {}
+        now = time.time()
+        for on_done, chunk in pending:
+            try:
+                on_done(self.lost if chunk else Outcome(False, error=self.lost, end=now))
+            except Exception:
+                pass
+        self.executor._head_lost(self.lost)
+
+    def _claim(self, meta_ref) -> bool:
+        """True once per task: whoever claims it (Ray's callback, or a lost head) reports it."""
+        with self._pending_lock:
+            return self._pending.pop(meta_ref, None) is not None
+
+    # --- runs and tasks ---
     def put_run(self, ctx, fns):
         """The run's context and functions go to the object store once; the sink actor holds
-        their refs under a key that every task of the run carries."""
+        their refs under a key that every task of the run carries. A helper actor that died
+        (killed, its node lost) is replaced here, before the run needs it."""
+        from ray.exceptions import RayActorError
+        self._check()
+        self.executor._ensure_memory_actor()
         key = uuid.uuid4().hex
         refs = [self.ray.put(ctx)] + [self.ray.put(fn) for fn in fns]
-        self.ray.get(self.sink.register.remote(key, refs))
+        try:
+            self._get(self.sink.register.remote(key, refs))
+        except RayActorError as exc:
+            log.warning("the executor's event sink actor died (%s); starting a new one", type(exc).__name__)
+            self.sink, self.sink_name = self.executor._start_sink()
+            self._get(self.sink.register.remote(key, refs))
         self._runs[key] = refs  # the driver owns them until the run ends
         return key, list(range(1, len(refs)))
 
     def release_run(self, ctx_handle, fn_handles) -> None:
         self._runs.pop(ctx_handle, None)
-        self.sink.release.remote(ctx_handle)
+        if self.lost is None:
+            self.sink.release.remote(ctx_handle)
 
     def _task_fn(self, resources: dict):
         """The remote task with this stage's options, made once per distinct resources."""
@@ -241,13 +346,17 @@ class _RayBackend(Backend):
         return task
 
     def submit(self, fn_handle, ctx_handle, info, flat_args, resources, on_done):
+        self._check()
         head = (self.sink_name, ctx_handle, fn_handle, (info.run, info.stage, info.item, info.layout, info.kwargs))
         meta_ref, value_ref = self._task_fn(resources).remote(head, *flat_args)
+        with self._pending_lock:
+            self._pending[meta_ref] = (on_done, False)
         # Ray calls back when the (small) meta object is ready: no polling, no added latency.
-        meta_ref.future().add_done_callback(lambda fut: self._done(fut, value_ref, on_done))
+        meta_ref.future().add_done_callback(lambda fut: self._done(fut, meta_ref, value_ref, on_done))
         return meta_ref
 
     def submit_chunk(self, fn_handle, ctx_handle, tasks, resources, on_done):
+        self._check()
         flat, counts = [], []
         for info, args in tasks:
             flat.extend(args)
@@ -257,11 +366,13 @@ class _RayBackend(Backend):
         refs = _remotes()["chunk"].options(num_returns=len(tasks) + 1,
                                            **self.executor._task_options(resources)).remote(head, *flat)
         meta_ref, value_refs = refs[0], refs[1:]
-        meta_ref.future().add_done_callback(lambda fut: self._chunk_done(fut, value_refs, on_done))
+        with self._pending_lock:
+            self._pending[meta_ref] = (on_done, True)
+        meta_ref.future().add_done_callback(lambda fut: self._chunk_done(fut, meta_ref, value_refs, on_done))
         return meta_ref
 
-    def _chunk_done(self, fut, value_refs, on_done) -> None:
-        if self._stop.is_set() or fut.cancelled():
+    def _chunk_done(self, fut, meta_ref, value_refs, on_done) -> None:
+        if not self._claim(meta_ref) or self._stop.is_set() or fut.cancelled():
             return
         try:
             metas = fut.result()
@@ -272,8 +383,8 @@ class _RayBackend(Backend):
                  else Outcome(False, None, m["error"], m["start"], m["end"], m["worker"])
                  for m, ref in zip(metas, value_refs)])
 
-    def _done(self, fut, value_ref, on_done) -> None:
-        if self._stop.is_set() or fut.cancelled():
+    def _done(self, fut, meta_ref, value_ref, on_done) -> None:
+        if not self._claim(meta_ref) or self._stop.is_set() or fut.cancelled():
             return
         try:
             meta = fut.result()
@@ -289,6 +400,8 @@ class _RayBackend(Backend):
         # Often while a run is active (a task's 'running' report reaches the driver within ~0.1 s
         # of its start: 0.05 s in the worker's batch, then up to 0.05 s here), rarely when idle.
         while not self._stop.wait(0.05 if self.executor._active else 0.5):
+            if self.lost is not None:
+                return
             try:
                 events = self.ray.get(self.sink.drain.remote(), timeout=5)
             except Exception:
@@ -299,8 +412,9 @@ class _RayBackend(Backend):
     def split(self, handle):
         """Count the items, then one task returns them as that many objects: two round trips
         (a streaming generator took one per item)."""
+        self._check()
         remotes = _remotes()
-        status, count = self.ray.get(remotes["count"].options(num_cpus=0).remote(handle))
+        status, count = self._get(remotes["count"].options(num_cpus=0).remote(handle))
         if status == "error":
             raise count
         if count == 0:
@@ -309,21 +423,49 @@ class _RayBackend(Backend):
         return [(("v",), ref) for ref in ([refs] if count == 1 else refs)]
 
     def fetch(self, handle):
-        return self.ray.get(handle)
+        return self._get(handle)
 
     def fetch_many(self, handles):
-        return self.ray.get(list(handles))
+        return self._get(list(handles))
 
     def cancel(self, task_refs):
-        for ref in task_refs:
+        """Cancel at once (a stage in Python code gets KeyboardInterrupt); what still runs after
+        ``CANCEL_GRACE`` s (time.sleep, C code) has its worker process killed, so its CPU goes
+        back to Ray. The engine never waits: the second step runs in a thread."""
+        refs = [ref for ref in task_refs if ref is not None]
+        if not refs or self.lost is not None:
+            return
+        with self._pending_lock:  # nobody listens for these any more
+            for ref in refs:
+                self._pending.pop(ref, None)
+        for ref in refs:
             try:
                 self.ray.cancel(ref, force=False, recursive=True)
+            except Exception:
+                pass
+        threading.Thread(target=self._force_cancel, args=(refs,), name="flowdapt-nb-ray-cancel",
+                         daemon=True).start()
+
+    def _force_cancel(self, refs) -> None:
+        deadline = time.monotonic() + CANCEL_GRACE
+        while refs and time.monotonic() < deadline and not self._stop.is_set():
+            try:
+                _, refs = self.ray.wait(refs, num_returns=len(refs), timeout=0.2, fetch_local=False)
+            except Exception:
+                return
+        if self._stop.is_set() or self.lost is not None:
+            return  # closing: disconnecting ends this driver's tasks anyway
+        for ref in refs:
+            try:
+                self.ray.cancel(ref, force=True, recursive=True)
             except Exception:
                 pass
 
     def close(self) -> None:
         self._stop.set()
-        self._poller.join(timeout=5)
+        self._monitor.stop()
+        if self._poller is not threading.current_thread():
+            self._poller.join(timeout=5)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -354,8 +496,50 @@ class RayExecutor(Executor):
         self._memory = None
         self._sink = None
         self._memory_actor_name = None
+        self._lost: ClusterLostError | None = None  # why the executor disconnected by itself
+        self._disconnecting: threading.Thread | None = None  # disconnecting after a lost head
 
     # --- lifecycle ---
+    def start(self, wait: bool = True) -> "RayExecutor":
+        """Start a local Ray node (on 127.0.0.1 only), or attach to ``cluster_address``;
+        returns self. Also re-attaches after the executor lost its cluster. ``wait=False``:
+        see :meth:`Executor.start`."""
+        worker = self._disconnecting
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(120)  # Ray can't start again until the old connection is gone
+        self._lost = None
+        return super().start(wait=wait)
+
+    def close(self) -> None:
+        worker = self._disconnecting
+        if worker is not None and worker is not threading.current_thread():
+            # after a lost head, disconnecting takes Ray ~20 s: it goes on in the background
+            worker.join(5)
+            return
+        super().close()
+
+    close.__doc__ = Executor.close.__doc__
+
+    def submit(self, workflow, input=None, namespace=None, timeout=None, cache=None):
+        if self._lost is not None:  # say why, not just "closed"
+            raise ClusterLostError(f"{self._lost} (the executor is disconnected; call start())")
+        return super().submit(workflow, input=input, namespace=namespace, timeout=timeout, cache=cache)
+
+    submit.__doc__ = Executor.submit.__doc__
+
+    def _head_lost(self, error: ClusterLostError) -> None:
+        """The head monitor found the cluster gone: let the runs end on the error they were
+        given, then close (disconnecting from Ray before Ray ends this process)."""
+        self._lost = error
+        self._disconnecting = threading.current_thread()
+        try:
+            deadline = time.monotonic() + 5
+            while self._active and time.monotonic() < deadline:
+                time.sleep(0.05)
+            super().close()
+        finally:
+            self._disconnecting = None
+
     def _runtime_env(self) -> dict:
         c = self.config
         env: dict = {}
@@ -424,6 +608,9 @@ class RayExecutor(Executor):
                 init_kwargs["_memory"] = parse_bytes(c.memory)
             if c.object_store_memory not in (None, "auto"):
                 init_kwargs["object_store_memory"] = parse_bytes(c.object_store_memory)
+            # Every service of the node on loopback: other machines can't reach it (see loopback_node)
+            init_kwargs["_node_ip_address"] = LOOPBACK
+            ensure_private_token()
         else:
             ensure_reachable("Ray", c.cluster_address, 6379, c.connect_timeout)
             init_kwargs["address"] = c.cluster_address
@@ -437,19 +624,50 @@ class RayExecutor(Executor):
                 except Exception:
                     pass
         children_before = _child_pids()
+        self._step("starting the Ray node (GCS, raylet)" if self.owns_cluster
+                   else f"connecting to the Ray cluster at {c.cluster_address}")
         try:
-            self._ctx = self._init_with_retry(init_kwargs, children_before)
+            driver_outlives_head()
+            with loopback_node() if self.owns_cluster else contextlib.nullcontext():
+                self._ctx = self._init_with_retry(init_kwargs, children_before)
+            tighten_token()
             if not self.owns_cluster:
                 self._check_memory_actor(ray.cluster_resources())
-            remotes = _remotes()
-            sink_name = f"flowdapt_nb_events_{uuid.uuid4().hex[:8]}"
-            self._sink = remotes["sink"].options(num_cpus=0, name=sink_name).remote()
-            self._memory = _RayMemory(self._start_memory_actor(remotes["store"]))
+            self._step("starting the event sink and cluster memory (Ray actors)")
+            sink, sink_name = self._start_sink()
+            actor = self._start_memory_actor(_remotes()["store"])
+            self._memory = _RayMemory(self._memory_actor_name, actor)
         except BaseException:
             self._memory = self._sink = None
             _shutdown_and_reap(children_before)  # never leave a half-started Ray behind
             raise
-        return _RayBackend(self, self._sink, sink_name)
+        return _RayBackend(self, sink, sink_name)
+
+    def _start_sink(self):
+        """The actor that collects workers' task reports and holds each run's refs (a new name
+        each time: workers cache actors by name). Restarted by Ray if its process dies; a killed
+        one is replaced at the next run."""
+        name = f"flowdapt_nb_events_{uuid.uuid4().hex[:8]}"
+        self._sink = _remotes()["sink"].options(num_cpus=0, name=name, max_restarts=-1,
+                                                max_task_retries=3).remote()
+        return self._sink, name
+
+    def _ensure_memory_actor(self) -> None:
+        """Before a run: a cluster memory actor that died is replaced (what it held is lost:
+        said in the log here, and to any stage that called it while it was gone)."""
+        import ray
+        from ray.exceptions import RayActorError
+        memory = self._memory
+        if memory is None:
+            return
+        try:
+            ray.get(memory.actor.exists.remote("", ""), timeout=30)
+            return
+        except RayActorError as exc:
+            log.warning("the cluster memory actor '%s' died (%s): what it held is lost; starting a new one",
+                        memory.name, type(exc).__name__)
+        actor = self._start_memory_actor(_remotes()["store"])
+        self._memory = _RayMemory(self._memory_actor_name, actor)
 
     def _init_with_retry(self, init_kwargs: dict, children_before: set[int]):
         """ray.init; a local start that timed out (Ray waits a fixed 30 s for its raylet, too short
@@ -479,8 +697,9 @@ class RayExecutor(Executor):
     def _start_memory_actor(self, store_cls):
         import ray
         spec = self.config.cluster_memory_actor
-        if spec is None:
-            opts = dict(num_cpus=0, max_concurrency=1000, name=f"flowdapt_nb_memory_{uuid.uuid4().hex[:8]}")
+        if spec is None:  # a replacement keeps the name: run contexts already sent name it
+            name = self._memory_actor_name or f"flowdapt_nb_memory_{uuid.uuid4().hex[:8]}"
+            opts = dict(num_cpus=0, max_concurrency=1000, name=name)
         else:
             opts = dict(num_cpus=spec.num_cpus, max_concurrency=spec.max_concurrency, name=spec.name,
                         resources=dict(spec.resources) or None, get_if_exists=True)
@@ -497,7 +716,8 @@ class RayExecutor(Executor):
         backend = self._backend
         if backend is not None:
             backend.close()
-        if not self.owns_cluster:  # leave nothing of ours on a cluster we only visited
+        lost = backend is not None and backend.lost is not None
+        if not self.owns_cluster and not lost:  # leave nothing of ours on a cluster we only visited
             for handle in (self._memory.actor if self._memory else None, self._sink):
                 if handle is not None:
                     try:
@@ -508,8 +728,16 @@ class RayExecutor(Executor):
         ray.shutdown()
 
     # --- resources ---
+    def _connected(self) -> bool:
+        """Ray calls are safe: a call once disconnected would start a new local Ray."""
+        import ray
+        backend = self._backend
+        return backend is not None and backend.lost is None and ray.is_initialized()
+
     def _nodes(self) -> list[dict]:
         import ray
+        if not self._connected():
+            return []
         return [n for n in ray.nodes() if n.get("Alive")]
 
     def _check_stage_resources(self, stage):
@@ -554,6 +782,8 @@ class RayExecutor(Executor):
     def _sample(self):
         import ray
         from ray._private import state as ray_state
+        if not self._connected():
+            return []
         now = time.time()
         try:
             available = ray_state.available_resources_per_node()
