@@ -107,7 +107,8 @@ class capture:
         self.buffers = {"stdout": [], "stderr": []}
         self.sizes = {"stdout": 0, "stderr": 0}
         self.since = {"stdout": None, "stderr": None}  # when the oldest waiting text came
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the buffers
+        self.sending = threading.RLock()  # one sender at a time, so blocks go out in order
 
     def _sink(self, stream, text):
         if not text:
@@ -134,6 +135,10 @@ class capture:
 
     def flush(self, whole_lines: bool = False, due_only: bool = False) -> None:
         """Send what waits: whole lines only (the rest waits for its newline), or everything."""
+        with self.sending:
+            self._flush(whole_lines, due_only)
+
+    def _flush(self, whole_lines: bool, due_only: bool) -> None:
         for stream in ("stdout", "stderr"):
             with self.lock:
                 since = self.since[stream]
@@ -163,6 +168,11 @@ class capture:
     def __exit__(self, *exc):
         _local.sink = None
         _active.discard(self)
+        with self.sending:
+            self._send_rest()
+        return False
+
+    def _send_rest(self) -> None:
         for stream in ("stdout", "stderr"):
             with self.lock:
                 text = "".join(self.buffers[stream])
@@ -173,7 +183,6 @@ class capture:
                 self.send(stream, text)
             if self.dropped[stream]:
                 self.send(stream, truncation_note(self.dropped[stream]))
-        return False
 
 
 class RunOutputBudget:

@@ -279,3 +279,18 @@ def test_output_budget_forgets_old_runs():
     assert budget.admit("a", "x" * 8)[0] is None and "more than 10 bytes" in budget.admit("b", "y" * 11)[1]
     budget.admit("c", "z")
     assert list(budget.used) == ["b", "c"]
+
+
+def test_capture_sends_whole_lines_in_order_up_to_its_limit_then_one_note():
+    from flowdapt_nb.output_capture import capture
+    got = []
+    with capture(lambda stream, text: got.append((stream, text)), limit=50_000):
+        for i in range(10_000):
+            print(f"line {i:05d}")  # 11 bytes each: 110,000 in all
+        print("no newline at the end", end="", file=sys.stderr)
+    out = "\n".join(text for stream, text in got if stream == "stdout" and not text.startswith("[output"))
+    lines = out.split("\n")
+    assert lines == [f"line {i:05d}" for i in range(len(lines) - 1)] + [lines[-1]]
+    assert len(out) == 50_000  # the kept bytes: the limit falls inside a line, which goes as far as it got
+    assert ("stdout", truncation_note(110_000 - 50_000)) in got
+    assert ("stderr", truncation_note(len("no newline at the end"))) in got  # the limit was spent
