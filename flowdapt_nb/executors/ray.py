@@ -104,7 +104,14 @@ def _worker_name() -> str:
     name = _actors.get(None)  # cached beside the actor handles: one per worker process
     if name is None:
         import ray
-        name = _actors[None] = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
+        # The node's own address (its NodeManagerAddress, e.g. 127.0.0.1 for a node started with
+        # --node-ip-address 127.0.0.1); ray.util.get_node_ip_address() in a worker is the
+        # machine's routed IP, which names no node when nodes bind another address.
+        try:
+            ip = ray._private.worker.global_worker.node_ip_address
+        except Exception:
+            ip = ray.util.get_node_ip_address()
+        name = _actors[None] = f"{ip}:{os.getpid()}"
     return name
 
 
@@ -319,7 +326,8 @@ class _RayBackend(Backend):
         (killed, its node lost) is replaced here, before the run needs it."""
         from ray.exceptions import RayActorError
         self._check()
-        self.executor._ensure_memory_actor()
+        memory = self.executor._memory
+        probe = memory.actor.exists.remote("", "") if memory is not None else None  # alongside register
         key = uuid.uuid4().hex
         refs = [self.ray.put(ctx)] + [self.ray.put(fn) for fn in fns]
         try:
@@ -328,6 +336,11 @@ class _RayBackend(Backend):
             log.warning("the executor's event sink actor died (%s); starting a new one", type(exc).__name__)
             self.sink, self.sink_name = self.executor._start_sink()
             self._get(self.sink.register.remote(key, refs))
+        if probe is not None:
+            try:
+                self._get(probe)
+            except RayActorError as exc:
+                self.executor._replace_memory_actor(exc)
         self._runs[key] = refs  # the driver owns them until the run ends
         return key, list(range(1, len(refs)))
 
@@ -652,20 +665,11 @@ class RayExecutor(Executor):
                                                 max_task_retries=3).remote()
         return self._sink, name
 
-    def _ensure_memory_actor(self) -> None:
-        """Before a run: a cluster memory actor that died is replaced (what it held is lost:
-        said in the log here, and to any stage that called it while it was gone)."""
-        import ray
-        from ray.exceptions import RayActorError
-        memory = self._memory
-        if memory is None:
-            return
-        try:
-            ray.get(memory.actor.exists.remote("", ""), timeout=30)
-            return
-        except RayActorError as exc:
-            log.warning("the cluster memory actor '%s' died (%s): what it held is lost; starting a new one",
-                        memory.name, type(exc).__name__)
+    def _replace_memory_actor(self, exc: BaseException) -> None:
+        """Before a run: a cluster memory actor that died is replaced, under the same name (what
+        it held is lost: said in the log here, and to any stage that called it while it was gone)."""
+        log.warning("the cluster memory actor '%s' died (%s): what it held is lost; starting a new one",
+                    self._memory_actor_name, type(exc).__name__)
         actor = self._start_memory_actor(_remotes()["store"])
         self._memory = _RayMemory(self._memory_actor_name, actor)
 

@@ -20,8 +20,8 @@ LOOPBACK = "127.0.0.1"
 DRIVER_RECONNECT_TIMEOUT_S = "600"
 
 # Defaults for Flowdapt's connection fields, when the config leaves them unset.
-MONITOR_INTERVAL = 1.0
-PING_TIMEOUT = 3.0
+MONITOR_INTERVAL = 2.0
+PING_TIMEOUT = 5.0  # generous: a busy machine must not look like a dead head
 PING_FAILURES = 3
 
 
