@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS failures (
     run_uid TEXT NOT NULL, seq INTEGER NOT NULL, stage TEXT, item INTEGER, error TEXT,
     error_type TEXT, traceback TEXT, fatal INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run_uid, seq));
 """
+SCHEMA_VERSION = 1  # PRAGMA user_version of a database this code wrote; bump when SCHEMA changes
 SIMPLE_ITEM = -1  # a simple stage's task (item None) in the tasks table's key
 
 
@@ -197,12 +198,11 @@ class RunStore:
         self._lock = threading.Lock()  # one connection, shared by the writer and readers
         if path != ":memory:":
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA busy_timeout = 30000")
-        if path != ":memory:":
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db = self._connect(path)
+        if not self._schema_fits():
+            self._db = self._set_aside(path)
         self._db.executescript(SCHEMA)
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._runs: dict = {}  # uid -> WorkflowRun still being written
         self._owner: dict = {}  # uid -> id() of the executor that runs it
@@ -213,6 +213,37 @@ class RunStore:
         self._host = socket.gethostname()
         self._proc_start = _process_start(self._pid)
         self.errors = 0  # batches that failed to write (logged; runs go on)
+
+    @staticmethod
+    def _connect(path: str) -> sqlite3.Connection:
+        db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA busy_timeout = 30000")
+        if path != ":memory:":
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+        return db
+
+    def _schema_fits(self) -> bool:
+        """A new database, or one written with this SCHEMA_VERSION."""
+        has_runs = self._db.execute("SELECT 1 FROM sqlite_master WHERE name='runs'").fetchone()
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        return not has_runs or version == SCHEMA_VERSION
+
+    def _set_aside(self, path: str) -> sqlite3.Connection:
+        """A database of another layout (another flowdapt_nb version) is renamed, never mixed
+        with or overwritten: its runs stay readable by the version that wrote them."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        self._db.close()
+        if path == ":memory:":
+            return self._connect(path)
+        aside = f"{path}.v{version}-{int(time.time())}"
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.replace(path + suffix, aside + suffix)
+        import warnings
+        warnings.warn(f"run store {path} has another layout (version {version}): moved to {aside}, "
+                      "starting a new one", stacklevel=3)
+        return self._connect(path)
 
     # --- writing: called from the executor (cheap: a queue put) ---
     def begin(self, run, executor) -> None:

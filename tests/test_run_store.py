@@ -333,3 +333,33 @@ def test_writer_thread_ends_with_its_executors_and_restarts(tmp_path):
     with ex.start():  # a started-again executor records again
         second = ex.run(PARTIAL, input={"n": 3})
     assert fnb.runs(store=db)["uid"].tolist() == [second.uid, first.uid]
+
+
+def test_a_database_of_another_layout_is_set_aside(tmp_path):
+    """A runs file written by another version (other columns, other user_version) is moved aside
+    with a warning, never written into: the new store starts empty and works."""
+    import sqlite3
+    from flowdapt_nb.run_store import RunStore, SCHEMA_VERSION
+    path = tmp_path / "runs.sqlite"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE runs (uid TEXT PRIMARY KEY, state TEXT)")
+    old.execute("CREATE TABLE failures (run_uid TEXT, seq INTEGER, stage TEXT, item INTEGER, error TEXT, "
+                "error_type TEXT, traceback TEXT)")
+    old.execute("INSERT INTO runs VALUES ('old-run', 'finished')")
+    old.commit()
+    old.close()
+    with pytest.warns(UserWarning, match="another layout"):
+        store = RunStore(str(path))
+    assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert store._db.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
+    aside = [p for p in tmp_path.iterdir()
+             if p.name.startswith("runs.sqlite.v0-") and not p.name.endswith(("-wal", "-shm"))]
+    assert aside, list(tmp_path.iterdir())
+    kept = sqlite3.connect(aside[0])
+    assert kept.execute("SELECT uid FROM runs").fetchall() == [("old-run",)]
+    kept.close()
+    # a database this version wrote opens as it is
+    store2 = RunStore(str(tmp_path / "fresh.sqlite"))
+    store2._db.execute("INSERT INTO runs (uid, state) VALUES ('r1', 'finished')")
+    reopened = RunStore(str(tmp_path / "fresh.sqlite"))
+    assert reopened._db.execute("SELECT uid FROM runs").fetchall() == [("r1",)]
