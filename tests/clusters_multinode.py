@@ -171,19 +171,22 @@ class DaskNodes:
     """A Dask scheduler plus worker processes (``dask worker``, one per name, with the given
     ``--resources`` string), all on 127.0.0.1."""
 
-    def __init__(self, workers: dict[str, str], memory_limit: str = "600MB", extra: list[str] | None = None):
+    def __init__(self, workers: dict[str, str], memory_limit: str = "600MB", extra: list[str] | None = None,
+                 scheduler_env: dict[str, str] | None = None):
         self.port, self.dash = free_port(), free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.dir = tempfile.mkdtemp(prefix="fnbdmn", dir="/tmp")
         self.worker_resources = workers
         self.memory_limit = memory_limit
         self.extra = extra or []
+        self.scheduler_env = scheduler_env or {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.worker_ports: dict[str, int] = {}
 
-    def _popen(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def _popen(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
         log = open(Path(self.dir) / f"{name}.log", "wb")
-        proc = subprocess.Popen(cmd, cwd=self.dir, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=self.dir, stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, **(env or {})))
         log.close()
         self.procs[name] = proc
         return proc
@@ -191,7 +194,8 @@ class DaskNodes:
     def start(self) -> "DaskNodes":
         try:
             self._popen("scheduler", [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
-                                      str(self.port), "--dashboard-address", f"127.0.0.1:{self.dash}"])
+                                      str(self.port), "--dashboard-address", f"127.0.0.1:{self.dash}"],
+                        self.scheduler_env)
             wait_port(self.port)
             for name, resources in self.worker_resources.items():
                 port = self.worker_ports[name] = free_port()

@@ -110,3 +110,62 @@ def test_dask_stages_run_on_the_worker_with_their_resources():
             assert "gpu_node" in text and "big_memory" in text, text
         finally:
             ex.close()
+
+
+# --- node loss -------------------------------------------------------------------------------
+
+def slow_square(x):
+    time.sleep(2)
+    return x * x
+
+
+def wait_running_on(run, worker: str, timeout: float = 120) -> None:
+    """Until a task of ``run`` is running on ``worker`` (so killing it loses work in flight)."""
+    def check():
+        t = run.tasks
+        return bool(((t["state"] == "running") & (t["worker"] == worker)).any())
+    wait_for(check, timeout, f"a task running on {worker}")
+
+
+def test_dask_lost_worker_mid_run_is_retried_on_the_survivor():
+    with DaskNodes({"a": "cpus=1", "b": "cpus=1"}) as nodes:
+        ex = dask_executor(nodes, 2)
+        try:
+            wf = Workflow("loss", stages=[Stage("slow", slow_square, type="parameterized",
+                                                options={"map_on": "xs"}, resources={"cpus": 1})])
+            handle = ex.submit(wf, input={"xs": list(range(6))})
+            wait_running_on(handle.run, nodes.worker_address("a"))
+            kill_tree(nodes.procs["a"])  # the node's nanny and worker, SIGKILL: no goodbye to the scheduler
+            run = handle.wait(240)
+            # The scheduler noticed the lost worker and ran its tasks again on the survivor.
+            assert run.state == "finished" and run.result == [x * x for x in range(6)], run.tasks
+            assert set(run.tasks["worker"]) == {nodes.worker_address("b")}, run.tasks
+            wait_for(lambda: len(ex.resources()) == 1, 60, "the lost worker gone from ex.resources()")
+            assert list(ex.resources().iloc[:, 0]) == [nodes.worker_address("b")]
+            assert ex.run(wf, input={"xs": [3]}).result == [9]  # the executor goes on
+        finally:
+            ex.close()
+
+
+def test_dask_lost_only_worker_with_a_resource_fails_the_run_in_bounded_time():
+    # Dask keeps a task that no live worker can run waiting ("no-worker") until a worker with its
+    # resources joins; the scheduler's no-workers-timeout turns that wait into the task's error.
+    env = {"DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT": "5s"}
+    with DaskNodes({"gpu": "cpus=1 gpu_node=1", "big": "cpus=1 big_memory=1"}, scheduler_env=env) as nodes:
+        ex = dask_executor(nodes, 2)
+        try:
+            wf = Workflow("loss", stages=[Stage("on_gpu", slow_square, type="parameterized",
+                                                options={"map_on": "xs"}, resources={"cpus": 1, "gpu_node": 1})])
+            handle = ex.submit(wf, input={"xs": list(range(4))})
+            wait_running_on(handle.run, nodes.worker_address("gpu"))
+            kill_tree(nodes.procs["gpu"])
+            with pytest.raises(fnb.StageError) as err:
+                handle.wait(240)
+            print(type(err.value), err.value)
+            assert "on_gpu" in str(err.value)
+            wait_for(lambda: len(ex.resources()) == 1, 60, "the lost worker gone from ex.resources()")
+            assert list(ex.resources().iloc[:, 0]) == [nodes.worker_address("big")]
+            big = Workflow("next", stages=[Stage("on_big", slow_square, resources={"cpus": 1, "big_memory": 1})])
+            assert ex.run(big, input={"x": 4}).result == 16
+        finally:
+            ex.close()
