@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import ConfigError, ExecutorClosedError, RunTimeoutError, StageError
+from .errors import ClusterLostError, ConfigError, ExecutorClosedError, RunTimeoutError, StageError
 from .events import EventBus, RunEvent, TaskEvent
 from .run import WorkflowRun
 from .workflow import Stage, Workflow, root_kwargs
@@ -531,6 +531,7 @@ class Engine:
 
     def _take(self, key, outcome) -> None:
         """One completion from the queue: a task's, or (key None) a chunk's list of them."""
+        _raise_if_cluster_lost(outcome if key is None else (None, [outcome]))
         if key is None:
             group, outcomes = outcome
             if (group[0].stage, group[0].info.item) in self.inflight:
@@ -673,6 +674,18 @@ class Engine:
         self.outputs.clear()
         self.splits.clear()
         return values[0] if len(values) == 1 else values
+
+
+def _raise_if_cluster_lost(chunk) -> None:
+    """A lost cluster is not the stage's fault: it ends the run with the backend's
+    ClusterLostError instead of failing every item in flight with it."""
+    outcomes = chunk[1]
+    if isinstance(outcomes, ClusterLostError):
+        raise outcomes
+    if isinstance(outcomes, list):
+        for o in outcomes:
+            if isinstance(getattr(o, "error", None), ClusterLostError):
+                raise o.error
 
 
 class _Cancelled(Exception):
