@@ -104,14 +104,7 @@ def _worker_name() -> str:
     name = _actors.get(None)  # cached beside the actor handles: one per worker process
     if name is None:
         import ray
-        # The node's own address (its NodeManagerAddress, e.g. 127.0.0.1 for a node started with
-        # --node-ip-address 127.0.0.1); ray.util.get_node_ip_address() in a worker is the
-        # machine's routed IP, which names no node when nodes bind another address.
-        try:
-            ip = ray._private.worker.global_worker.node_ip_address
-        except Exception:
-            ip = ray.util.get_node_ip_address()
-        name = _actors[None] = f"{ip}:{os.getpid()}"
+        name = _actors[None] = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
     return name
 
 
@@ -413,7 +406,7 @@ class _RayBackend(Backend):
         # Often while a run is active (a task's 'running' report reaches the driver within ~0.1 s
         # of its start: 0.05 s in the worker's batch, then up to 0.05 s here), rarely when idle.
         while not self._stop.wait(0.05 if self.executor._active else 0.5):
-            if self.lost is not None:
+            if not self._connected():
                 return
             try:
                 events = self.ray.get(self.sink.drain.remote(), timeout=5)
@@ -451,24 +444,32 @@ class _RayBackend(Backend):
         with self._pending_lock:  # nobody listens for these any more
             for ref in refs:
                 self._pending.pop(ref, None)
-        for ref in refs:
+        threading.Thread(target=self._stop_tasks, args=(refs,), name="flowdapt-nb-ray-cancel",
+                         daemon=True).start()
+
+    def _connected(self) -> bool:
+        """Ray calls from a background thread are safe: once closing or disconnected, one would
+        start a new local Ray (ray.cancel/wait/get start one when none is connected). Closing
+        ends this driver's tasks anyway."""
+        return not self._stop.is_set() and self.lost is None and self.ray.is_initialized()
+
+    def _stop_tasks(self, refs) -> None:
+        for ref in refs:  # one call per task: thousands of them must not hold up the engine
+            if not self._connected():
+                return
             try:
                 self.ray.cancel(ref, force=False, recursive=True)
             except Exception:
                 pass
-        threading.Thread(target=self._force_cancel, args=(refs,), name="flowdapt-nb-ray-cancel",
-                         daemon=True).start()
-
-    def _force_cancel(self, refs) -> None:
         deadline = time.monotonic() + CANCEL_GRACE
-        while refs and time.monotonic() < deadline and not self._stop.is_set():
+        while refs and time.monotonic() < deadline and self._connected():
             try:
                 _, refs = self.ray.wait(refs, num_returns=len(refs), timeout=0.2, fetch_local=False)
             except Exception:
                 return
-        if self._stop.is_set() or self.lost is not None:
-            return  # closing: disconnecting ends this driver's tasks anyway
         for ref in refs:
+            if not self._connected():
+                return
             try:
                 self.ray.cancel(ref, force=True, recursive=True)
             except Exception:
