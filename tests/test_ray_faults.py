@@ -131,8 +131,8 @@ def test_killed_head_fails_the_run_and_the_driver_lives_on():
     assert "KILLING" in lines, out + proc.stderr[-3000:]
     # the run failed on a lost-cluster error naming the address (not "running" for ever)
     assert "FAILED" in lines, out + proc.stderr[-3000:]
-    assert "ClusterLostError" in lines["FAILED"], lines["FAILED"]
-    assert "lost the Ray cluster at" in lines["FAILED"], lines["FAILED"]
+    assert lines["FAILED"].startswith("FAILED ClusterLostError"), lines["FAILED"]
+    assert f"lost the Ray cluster at {head.address}" in lines["FAILED"], lines["FAILED"]
     assert lines["STATE"] == "STATE failed", out
     assert "CLOSED" in lines, out
     # a later run says the cluster is lost (it does not start a new local Ray in this process)
