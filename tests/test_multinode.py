@@ -169,3 +169,39 @@ def test_dask_lost_only_worker_with_a_resource_fails_the_run_in_bounded_time():
             assert ex.run(big, input={"x": 4}).result == 16
         finally:
             ex.close()
+
+
+# Not strict: it passes when the executor's own actors (event sink, cluster memory) live on a
+# node that survives, and fails when Ray placed one of them on the killed node. Two bugs in
+# executors/ray.py seen here (reported to its owner): the event sink comes back empty after Ray
+# restarts it elsewhere, so retried tasks fail with "run ... is over" and the run was once
+# recorded 'finished' with those items missing; and the dead memory actor can't be replaced under
+# its name (ActorAlreadyExistsError), so the next run fails.
+@pytest.mark.xfail(strict=False, reason="executor actors on the lost Ray node: sink state lost, "
+                                        "memory actor name still taken (see comment)")
+def test_ray_lost_worker_node_mid_run_is_retried_on_the_survivors(ray_cluster):
+    ray_cluster.close()  # one Ray connection per process
+    with RayNodes({"a": [], "b": []}) as nodes:
+        ex = fnb.RayExecutor(cluster_address=nodes.address, logging_level="error", connect_timeout=60)
+        ex.start()
+        try:
+            wait_for(lambda: len(ex.info()["workers"]) == 3, 120, "3 Ray nodes")
+            wf = Workflow("loss", stages=[Stage("slow", slow_square, type="parameterized",
+                                                options={"map_on": "xs"}, resources={"cpus": 1})])
+            handle = ex.submit(wf, input={"xs": list(range(9))})
+
+            def running_on_a():
+                t = handle.run.tasks
+                pids = [int(w.rsplit(":", 1)[1]) for w in t[t["state"] == "running"]["worker"].dropna()]
+                return any(nodes.node_of_pid(p) == "a" for p in pids)
+            wait_for(running_on_a, 120, "a task running on node a")
+            kill_tree(nodes.procs["a"])  # the node's raylet and its workers, SIGKILL
+            run = handle.wait(240)
+            # Ray retries a task whose worker died (max_retries, 3 by default) on a live node.
+            table = run.tasks[["item", "state", "worker", "error"]].to_string()
+            assert run.state == "finished" and run.result == [x * x for x in range(9)], table
+            assert all(nodes.node_of_pid(int(w.rsplit(":", 1)[1])) in ("head", "b") for w in run.tasks["worker"])
+            wait_for(lambda: len(ex.resources()) == 2, 90, "the lost node gone from ex.resources()")
+            assert ex.run(wf, input={"xs": [3]}).result == [9]  # the executor goes on
+        finally:
+            ex.close()
