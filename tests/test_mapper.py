@@ -290,3 +290,25 @@ def test_row_layout_keeps_the_delete_button_and_the_badge_has_a_fixed_width():
         assert row.state_w.layout.width == "92px"
     finally:
         mapper.close()
+
+
+def test_finished_run_stays_shown_until_the_stages_change(threads):
+    """Every notebook cell re-checks the mapper (post_run_cell): a cell that edits nothing must not
+    grey out the last run (tutorial 03 after Run All); editing a stage does."""
+    def numbers(n=3):
+        return list(range(n))
+
+    mapper = widgets.StageMapper(namespace={"numbers": numbers}, executor=threads)
+    try:
+        mapper.add_stage("numbers", "numbers")
+        mapper.run_w.click()
+        mapper._handle.wait(30)
+        poll(threads, lambda: mapper.run_state == "finished")
+        mapper._post_run_cell()  # what IPython calls after any later cell
+        assert mapper.run_state == "finished" and mapper.stages["numbers"].state_w.value != ""
+        assert ">finished<" in mapper.status_w.value
+        mapper.set_stage("numbers", allow_partial_failure=False)
+        mapper._post_run_cell()
+        assert mapper.run_state == "" and ">finished<" not in mapper.status_w.value
+    finally:
+        mapper.close()

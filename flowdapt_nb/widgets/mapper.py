@@ -64,6 +64,7 @@ class StageMapper(FeedWidget):
         self._own_executor = None
         self._watched = None
         self._tracker: RunTracker | None = None
+        self._run_mapped: list | None = None  # the stages as they were when the last run started
         self._handle = None
         self._rows: list[_StageRow] = []
         self._hold = 0
@@ -351,7 +352,9 @@ class StageMapper(FeedWidget):
                 if list(row.dep_add_w.options) != others:
                     row.dep_add_w.options = others
             self._propose()
-            if self._tracker is not None and self._tracker.run.done:
+            # A finished run's status goes only when the stages really changed: a notebook cell
+            # that edits nothing (every cell triggers this) must not grey out the last run.
+            if self._tracker is not None and self._tracker.run.done and self._mapped() != self._run_mapped:
                 self._reset_run()
             self._validate()
             self._redraw()
@@ -513,6 +516,7 @@ class StageMapper(FeedWidget):
         stages' states as it runs (``handle.wait()`` blocks until it ends)."""
         self._clear_run()
         wf = self.workflow
+        self._run_mapped = self._mapped()
         ex = self._executor_for(executor)
         self.executor = ex
         with self._draw_lock:
@@ -542,6 +546,10 @@ class StageMapper(FeedWidget):
                 changed = True
         if changed:
             self._redraw()
+
+    def _mapped(self) -> list:
+        """The stages as edited now (compared with what the last run was started from)."""
+        return [row.fields() for row in self._rows]
 
     def _reset_run(self) -> None:
         self._tracker = None
