@@ -138,3 +138,62 @@ def test_process_workers_load_a_function_once_per_version():
         assert after - counts[-1] == 2
         assert ex._backend.function_ships == 2
         assert ex.run(wf).result - after == 1  # the first function is still loaded
+
+
+@pytest.mark.timeout(300)
+def test_kernel_executor_magic_no_wait_returns_then_the_card_replaces_the_start(tmp_path):
+    """In a real kernel: ``%flowdapt executor dask --no-wait`` ends its cell while the start goes
+    on (its output shows the start); the card replaces that output once the executor runs, and
+    the next ``%flowdapt run`` works (it would wait for the start)."""
+    import os
+    import queue
+    from jupyter_client import KernelManager
+
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
+               JUPYTER_DATA_DIR=str(tmp_path / "data"), JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
+               IPYTHONDIR=str(tmp_path / "ipython"))
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(env=env, cwd=str(tmp_path))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        setup = ("def numbers(n=4):\n    return list(range(n))\n"
+                 "get_ipython().run_line_magic('load_ext', 'flowdapt_nb')\n"
+                 "get_ipython().run_cell_magic('flowdapt', 'workflow nums', '- {name: numbers, target: numbers}')\n")
+        reply = kc.execute_interactive(setup, timeout=60, output_hook=lambda m: None)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        msg_id = kc.execute("%flowdapt executor dask --cpus 1 --no-wait\n"
+                            "print('cell done:', flowdapt_executor.state)")
+        msgs, deadline, card_at, idle_at = [], time.monotonic() + 240, None, None
+        while time.monotonic() < deadline and card_at is None:
+            try:
+                m = kc.get_iopub_msg(timeout=1)
+            except queue.Empty:
+                continue
+            msgs.append(m)
+            if (m["msg_type"] == "status" and m["content"]["execution_state"] == "idle"
+                    and m["parent_header"].get("msg_id") == msg_id):
+                idle_at = len(msgs) - 1
+            if (m["msg_type"] == "update_display_data"
+                    and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]):
+                card_at = len(msgs) - 1
+        assert card_at is not None, [m["msg_type"] for m in msgs]
+        displays = [m for m in msgs if m["msg_type"] == "display_data"
+                    and "Starting the Dask executor" in m["content"]["data"].get("text/plain", "")]
+        assert displays, "no start feedback"
+        feedback_id = displays[0]["content"]["transient"]["display_id"]
+        assert msgs[card_at]["content"]["transient"]["display_id"] == feedback_id
+        printed = "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream")
+        assert "cell done: starting" in printed  # the cell ended before the executor was up
+        assert idle_at is not None and idle_at < card_at  # ... and the card came after it
+        out = []
+        reply = kc.execute_interactive("r = %flowdapt run nums --input n=3\nprint(r.result)", timeout=120,
+                                       output_hook=out.append)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert "[0, 1, 2]" in "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
+        reply = kc.execute_interactive("%flowdapt stop", timeout=60, output_hook=lambda m: None)
+        assert reply["content"]["status"] == "ok"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)

@@ -126,6 +126,7 @@ class Executor:
         self._start_error: BaseException | None = None
         self._start_error_unraised = False
         self._start_cancelled = False  # close() came during the start
+        self._start_parked: threading.Event | None = None  # holds a background start's thread
         self._run_store = None  # flowdapt_nb.run_store.RunStore while running (None: runs: off)
 
     # --- lifecycle ---
@@ -213,6 +214,7 @@ class Executor:
         return self
 
     def _start_and_signal(self, background: bool) -> None:
+        parked = self._start_parked = threading.Event() if background else None
         try:
             self._start_now()
         except BaseException as exc:
@@ -224,6 +226,10 @@ class Executor:
             with self._lock:
                 starting, self._starting = self._starting, None
             starting.set()
+        if parked is not None and self.running:
+            # Ray starts its node's processes with a parent-death signal (Linux PR_SET_PDEATHSIG),
+            # which fires when the *thread* that started them ends: this one waits for close().
+            parked.wait()
 
     def _start_now(self) -> None:
         """Open the backend and go live (in the caller's thread, or the start thread)."""
@@ -292,6 +298,8 @@ class Executor:
                 finally:
                     self._backend = None
                     self._closed = True
+                    if self._start_parked is not None:  # the thread of a background start ends
+                        self._start_parked.set()
                     if _current is self:
                         _current = None
                     # subscribers (an ExecutorCard shown elsewhere) learn it stopped, then the bus closes
