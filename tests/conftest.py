@@ -35,7 +35,11 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 _ARTIFACTS_TMP = tempfile.mkdtemp(prefix="fnb-artifacts-")
 os.environ.setdefault("FLOWDAPT_NB_ARTIFACTS", _ARTIFACTS_TMP)
 # So do the runs the suite records (the run store), and every process a test starts inherits it.
-os.environ.setdefault("FLOWDAPT_NB_RUNS", os.path.join(tempfile.mkdtemp(prefix="fnb-runs-"), "runs.sqlite"))
+# The nbval-run notebooks/ inherit both too: the whole suite collects tests/ (this file) first.
+# (No conftest.py at the root or in notebooks/: Ray and pool workers and pytest itself import
+# this file as plain `conftest`, and another one would shadow it.)
+_RUNS_TMP = tempfile.mkdtemp(prefix="fnb-runs-")
+os.environ.setdefault("FLOWDAPT_NB_RUNS", os.path.join(_RUNS_TMP, "runs.sqlite"))
 
 EXECUTOR_KINDS = ["threads", "processes", "dask", "ray"]
 OUTPUT_DIR = ROOT / "test-output"
@@ -138,7 +142,7 @@ def pytest_sessionfinish(session, exitstatus):
         except Exception as exc:  # pragma: no cover
             warnings.warn(f"closing a shared cluster failed: {exc}")
     import shutil
-    for folder in (_ARTIFACTS_TMP, _RAY_TMP):
+    for folder in (_ARTIFACTS_TMP, _RAY_TMP, _RUNS_TMP):
         shutil.rmtree(folder, ignore_errors=True)
     # Nothing we started may outlive the suite: Ray, Dask, Jupyter or pool processes.
     leftovers = []
