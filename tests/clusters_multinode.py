@@ -202,6 +202,7 @@ class DaskNodes:
                 self._popen(name, [str(BIN / "dask"), "worker", self.address, "--host", "127.0.0.1",
                                    "--worker-port", str(port), "--nthreads", "1", "--nworkers", "1",
                                    "--memory-limit", self.memory_limit, "--name", name,
+                                   "--local-directory", str(Path(self.dir) / name),
                                    *(["--resources", resources] if resources else []), *self.extra])
         except BaseException:
             self.stop()
