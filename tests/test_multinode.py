@@ -251,3 +251,26 @@ def test_dask_fan_out_larger_than_worker_memory_completes_by_spilling():
             stop.set()
             watcher.join(10)
             ex.close()
+
+
+def too_big(x):
+    """About 400 MB in one piece: more than a whole 300 MB worker."""
+    block = os.urandom(400 * 2**20)
+    return len(block)
+
+
+def test_dask_item_that_can_never_fit_fails_the_stage_clearly():
+    # The nanny ends a worker past 95 % of its memory limit; the run fails naming the stage and
+    # the worker's death (seen here: "Dask cancelled this task ...; a worker it needed died"),
+    # not a hang, and the driver is untouched.
+    with DaskNodes({"a": "cpus=1", "b": "cpus=1"}, memory_limit="300MB") as nodes:
+        ex = dask_executor(nodes, 2)
+        try:
+            wf = Workflow("huge", stages=[Stage("huge", too_big)])
+            with pytest.raises(fnb.StageError) as err:
+                ex.run(wf, input={"x": 1}, timeout=240)
+            text = str(err.value)
+            assert "stage 'huge'" in text and "died" in text, text
+            assert ex.run(Workflow("ok", stages=[Stage("ok", block_size)]), input={"block": b"abc"}).result == 3
+        finally:
+            ex.close()
