@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -159,6 +160,7 @@ class RayNodes:
     def stop(self) -> None:
         for name in [n for n in self.procs if n != "head"] + (["head"] if "head" in self.procs else []):
             stop_tree(self.procs[name])
+        shutil.rmtree(self.temp, ignore_errors=True)
 
     def __enter__(self):
         return self.start()
@@ -221,6 +223,7 @@ class DaskNodes:
     def stop(self) -> None:
         for name in [n for n in self.procs if n != "scheduler"] + (["scheduler"] if "scheduler" in self.procs else []):
             stop_tree(self.procs[name])
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self):
         return self.start()

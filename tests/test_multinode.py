@@ -9,6 +9,7 @@ from pathlib import Path
 import threading
 import time
 
+import psutil
 import pytest
 
 import flowdapt_nb as fnb
@@ -227,9 +228,13 @@ def test_dask_fan_out_larger_than_worker_memory_completes_by_spilling():
     with DaskNodes({"a": "cpus=1", "b": "cpus=1"}, memory_limit="300MB") as nodes:
         ex = dask_executor(nodes, 2)
         peak, stop = [0], threading.Event()
+        driver = psutil.Process()
+        driver_base = driver_peak = driver.memory_info().rss
 
         def watch_disk():  # the workers' spill files live under their local directory (nodes.dir)
+            nonlocal driver_peak
             while not stop.wait(0.2):
+                driver_peak = max(driver_peak, driver.memory_info().rss)
                 size = 0
                 for p in Path(nodes.dir).rglob("*"):
                     try:
@@ -247,6 +252,9 @@ def test_dask_fan_out_larger_than_worker_memory_completes_by_spilling():
             run = ex.run(wf, input={"xs": list(range(16))}, timeout=240)
             assert run.state == "finished" and not run.failures and run.result == 16 * 50 * 2**20
             assert peak[0] > 100 * 2**20, f"spilled at most {peak[0] / 2**20:.0f} MiB to disk"
+            # The blocks never travel to the driver: its memory stays flat (well under one block).
+            assert driver_peak - driver_base < 40 * 2**20, f"driver grew {(driver_peak - driver_base) / 2**20:.0f} MiB"
+            print(f"spill peak {peak[0] / 2**20:.0f} MiB, driver growth {(driver_peak - driver_base) / 2**20:.1f} MiB")
         finally:
             stop.set()
             watcher.join(10)
