@@ -174,14 +174,8 @@ def test_dask_lost_only_worker_with_a_resource_fails_the_run_in_bounded_time():
             ex.close()
 
 
-# Not strict: it passes when the executor's own actors (event sink, cluster memory) live on a
-# node that survives, and fails when Ray placed one of them on the killed node. Two bugs in
-# executors/ray.py seen here (reported to its owner): the event sink comes back empty after Ray
-# restarts it elsewhere, so retried tasks fail with "run ... is over" (allow_partial_failure,
-# on by default, then drops those items: the run 'finishes' with them in run.failures); and the
-# dead memory actor can't be replaced under its name (ActorAlreadyExistsError): the next run fails.
-@pytest.mark.xfail(strict=False, reason="executor actors on the lost Ray node: sink state lost, "
-                                        "memory actor name still taken (see comment)")
+# The executor's own actors (event sink, cluster memory) live on the driver's node (here the
+# head), so losing a worker node takes neither the runs' refs nor cluster memory with it.
 def test_ray_lost_worker_node_mid_run_is_retried_on_the_survivors(ray_cluster):
     ray_cluster.close()  # one Ray connection per process
     with RayNodes({"a": [], "b": []}) as nodes:
@@ -189,6 +183,13 @@ def test_ray_lost_worker_node_mid_run_is_retried_on_the_survivors(ray_cluster):
         ex.start()
         try:
             wait_for(lambda: len(ex.info()["workers"]) == 3, 120, "3 Ray nodes")
+            import ray
+            from ray._private.state import actors  # from the GCS: this head runs no dashboard
+            helpers = [a for a in actors(actor_state_name="ALIVE").values()
+                       if (a.get("Name") or "").startswith("flowdapt_nb_")]
+            head_id = ray.get_runtime_context().get_node_id()
+            assert len(helpers) >= 2, helpers
+            assert all(a["Address"]["NodeID"] == head_id for a in helpers), helpers
             wf = Workflow("loss", stages=[Stage("slow", slow_square, type="parameterized",
                                                 options={"map_on": "xs"}, resources={"cpus": 1})])
             handle = ex.submit(wf, input={"xs": list(range(9))})

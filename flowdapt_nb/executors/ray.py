@@ -491,6 +491,16 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def _on_driver_node():
+    """Our helper actors (event sink, cluster memory) live on the driver's node: on a
+    multi-node cluster, losing a worker node must not take the run's refs and the cluster
+    memory with it (a restarted sink elsewhere would come back empty). Soft: a node that
+    can't host them never blocks the start."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+
+
 class RayExecutor(Executor):
     """Runs stages as Ray tasks: a local Ray it starts, or a cluster (``cluster_address``).
 
@@ -662,8 +672,8 @@ class RayExecutor(Executor):
         each time: workers cache actors by name). Restarted by Ray if its process dies; a killed
         one is replaced at the next run."""
         name = f"flowdapt_nb_events_{uuid.uuid4().hex[:8]}"
-        self._sink = _remotes()["sink"].options(num_cpus=0, name=name, max_restarts=-1,
-                                                max_task_retries=3).remote()
+        self._sink = _remotes()["sink"].options(num_cpus=0, name=name, max_restarts=-1, max_task_retries=3,
+                                                scheduling_strategy=_on_driver_node()).remote()
         return self._sink, name
 
     def _replace_memory_actor(self, exc: BaseException) -> None:
@@ -704,7 +714,7 @@ class RayExecutor(Executor):
         spec = self.config.cluster_memory_actor
         if spec is None:  # a replacement keeps the name: run contexts already sent name it
             name = self._memory_actor_name or f"flowdapt_nb_memory_{uuid.uuid4().hex[:8]}"
-            opts = dict(num_cpus=0, max_concurrency=1000, name=name)
+            opts = dict(num_cpus=0, max_concurrency=1000, name=name, scheduling_strategy=_on_driver_node())
         else:
             opts = dict(num_cpus=spec.num_cpus, max_concurrency=spec.max_concurrency, name=spec.name,
                         resources=dict(spec.resources) or None, get_if_exists=True)
