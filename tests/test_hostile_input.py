@@ -694,3 +694,21 @@ def test_pure_python_loader_gives_the_same_errors(depth, monkeypatch):
     assert f"YAML nested more than {MAX_DEPTH} levels deep" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(fnb.ConfigError, match="YAML aliases expand this document by 490,329,036 values"):
         fnb.executor_from_config(BOMB_CONFIG)
+
+
+@pytest.mark.parametrize("namespace", [0, False, "", 123])
+def test_run_namespace_must_be_a_non_empty_string(namespace):
+    """ex.run(namespace=0) used to mean the default namespace silently."""
+    wf = fnb.Workflow("ns", stages=[fnb.Stage("one", lambda: 1)])
+    with fnb.LocalExecutor(use_processes=False, cpus=1) as ex:
+        with pytest.raises(fnb.ConfigError, match="namespace must be a non-empty string"):
+            ex.run(wf, namespace=namespace)
+        assert ex.run(wf, namespace=None).result == 1
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -1, True, "10"])
+def test_run_timeout_must_be_positive_and_finite(timeout):
+    wf = fnb.Workflow("to", stages=[fnb.Stage("one", lambda: 1)])
+    with fnb.LocalExecutor(use_processes=False, cpus=1) as ex:
+        with pytest.raises(fnb.ConfigError, match="timeout must be a positive, finite number"):
+            ex.run(wf, timeout=timeout)

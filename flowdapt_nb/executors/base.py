@@ -428,8 +428,13 @@ class Executor:
             self.start()
         _current = self  # cluster memory from the notebook means the executor used last
         wf, fns = self._validate_run(workflow, input)
-        if timeout is not None and (isinstance(timeout, bool) or timeout <= 0):
-            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}", key="timeout")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout < float("inf")):
+            raise ConfigError(f"timeout must be a positive, finite number of seconds, got {timeout!r}", key="timeout")
+        if namespace is not None and (not isinstance(namespace, str) or not namespace):
+            # 0, False or "" are mistakes, not "the default" (None is)
+            raise ConfigError(f"namespace must be a non-empty string (None means the executor's default), "
+                              f"got {namespace!r}", key="namespace")
         namespace = namespace or self.default_namespace
         hits: dict = {}
         if cache or (cache is None and any(s.options.get("cache") for s in wf.stages)):
