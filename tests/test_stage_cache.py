@@ -12,7 +12,7 @@ import cache_stages as cs
 import pytest
 
 import flowdapt_nb as fnb
-from flowdapt_nb import stage_cache
+from flowdapt_nb import stage_cache, widgets
 
 
 def workflow(numbers=cs.numbers, score=cs.score, total=cs.total, **options):
@@ -189,3 +189,17 @@ def test_an_output_that_cannot_be_stored_still_succeeds_and_a_stored_run_shows_c
         assert "1/1 done" in repr(dash).split("numbers", 1)[1].splitlines()[0]
     finally:
         dash.close()
+    # a live dashboard of the cached run shows the reuse: the stage's cached count, the task's state
+    tasks = widgets.TaskDashboard(threads)
+    try:
+        third = threads.run(wf, input={"n": 2}, namespace=ns, cache=True)
+        deadline = time.monotonic() + 30  # the dashboard redraws from the event feed, throttled
+        while not (tasks.run_id == third.uid and tasks.run_state == "finished"
+                   and tasks.stage_counts.get("numbers", {}).get("cached") == 1):
+            assert time.monotonic() < deadline, (tasks.run_id, third.uid, tasks.stage_counts)
+            time.sleep(0.05)
+        assert tasks.stage_counts["numbers"]["done"] == 1 and tasks.stage_counts["lock"]["cached"] == 0
+        assert [r["state"] for r in tasks.recent_tasks if r["stage"] == "numbers"] == ["cached"]
+        assert "1 cached" in tasks._body.value
+    finally:
+        tasks.close()

@@ -35,6 +35,7 @@ class RunTracker:
         self.recent: OrderedDict[tuple, float] = OrderedDict()
         self.recent_limit = recent
         self.failed: OrderedDict[tuple, str | None] = OrderedDict()
+        self.cached: set[tuple] = set()  # tasks whose output the stage cache reused (counted as done)
         self._seed()
 
     def _seed(self) -> None:
@@ -67,9 +68,10 @@ class RunTracker:
     def _update(self, stage, item, state, t, worker=None, error=None, queued=None, start=None, end=None) -> bool:
         if stage not in self.counts:
             return False
-        if state == "cached":  # an output the stage cache reused: done, like a finished task
-            state = "finished"
         key = (stage, item)
+        if state == "cached":  # an output the stage cache reused: done, like a finished task,
+            state = "finished"  # and shown as cached (stage_counts' 'cached', the task's state)
+            self.cached.add(key)
         row = self.tasks.get(key)
         if row is None:
             row = self.tasks[key] = {"stage": stage, "item": item, "state": None, "worker": None,
@@ -118,12 +120,16 @@ class RunTracker:
 
     def stage_counts(self) -> dict:
         """{stage: {done, running, failed, queued, cancelled, total}} (the bars' values)."""
-        out = {}
-        for stage, c in self.counts.items():
-            row = {_KEY_OF[k]: v for k, v in c.items()}
-            row["total"] = sum(c.values())
-            out[stage] = row
-        return out
+        return {stage: self.stage_counts_of(stage) for stage in self.counts}
+
+    def stage_counts_of(self, stage: str) -> dict:
+        """One stage's counts: done (cached included), running, failed, queued, cancelled, total
+        and cached (reused by the stage cache)."""
+        c = self.counts[stage]
+        row = {_KEY_OF[k]: v for k, v in c.items()}
+        row["total"] = sum(c.values())
+        row["cached"] = sum(1 for s, _ in self.cached if s == stage)
+        return row
 
     def stage_state(self, stage: str) -> str:
         """The stage's state by the one rule every view uses (``flowdapt_nb.states.stage_state``)."""
@@ -178,7 +184,8 @@ class RunTracker:
     def _row(self, key) -> dict:
         r = self.tasks[key]
         duration = (r["end"] - r["start"]) if r["start"] and r["end"] else None
-        return {"stage": r["stage"], "item": r["item"], "state": r["state"], "worker": r["worker"],
+        state = "cached" if key in self.cached and r["state"] == "finished" else r["state"]
+        return {"stage": r["stage"], "item": r["item"], "state": state, "worker": r["worker"],
                 "start": r["start"], "end": r["end"], "duration": duration, "error": r["error"],
                 "changed": self.recent.get(key)}
 

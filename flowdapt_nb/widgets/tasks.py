@@ -275,6 +275,8 @@ class TaskDashboard(FeedWidget):
                 extra.append(f'<span class="fnb-err">{c["failed"]} failed</span>')
             if c["cancelled"]:
                 extra.append(f'<span style="color:#fb8c00">{c["cancelled"]} cancelled</span>')
+            if c.get("cached"):
+                extra.append(f'<span style="color:#43a047">{c["cached"]} cached</span>')
             rate = fmt_rate(tracker.throughput(stage, now)) if param else "–"
             rows.append(
                 f'<tr data-stage="{esc(stage)}"><td><b>{esc(stage)}</b>{kind}</td><td>{badge(state)}</td>'
@@ -315,9 +317,7 @@ class TaskDashboard(FeedWidget):
 
     @staticmethod
     def _counts_row(tracker, stage) -> dict:
-        c = tracker.counts[stage]
-        return {"done": c["finished"], "running": c["running"], "failed": c["failed"], "queued": c["queued"],
-                "cancelled": c["cancelled"], "total": sum(c.values())}
+        return tracker.stage_counts_of(stage)
 
     def __repr__(self) -> str:
         tracker = self._tracker
