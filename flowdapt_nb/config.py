@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import typing
 import warnings
 from typing import Any, Literal, Union
@@ -165,6 +166,13 @@ class DaskConfig(_ClusterFields):
     dashboard_port: int | None = Field(None, ge=0, le=65535)
     scheduler_scheme: str = "tcp"
     upload_plugins: Union[bool, list, None] = False
+    # TLS for attaching to a scheduler started with `--protocol tls` (distributed.security.Security's names)
+    tls_ca_file: str | None = Field(None, description="PEM file of the CA that signed the scheduler's and "
+                                    "workers' certificates (Security(tls_ca_file=...)); with cluster_address tls://...")
+    tls_client_cert: str | None = Field(None, description="PEM certificate this client presents, signed by a CA "
+                                        "the scheduler trusts (Security(tls_client_cert=...))")
+    tls_client_key: str | None = Field(None, description="PEM private key of tls_client_cert "
+                                       "(Security(tls_client_key=...)); may be left out if tls_client_cert holds it")
 
     _inert = {"upload_plugins": "Flowdapt plugins are not used by flowdapt_nb",
               "pip": "install packages into the environment the workers run in"}
@@ -176,6 +184,16 @@ class DaskConfig(_ClusterFields):
     _v_port_none = field_validator("scheduler_port", mode="before")(classmethod(_none_is(0)))
 
     _v_threads = _count_or_auto("threads")
+
+    @field_validator("tls_ca_file", "tls_client_cert", "tls_client_key")
+    @classmethod
+    def _pem_file(cls, v):
+        if v is None:
+            return v
+        path = os.path.expanduser(str(v))
+        if not os.path.isfile(path):
+            raise ValueError(f"no such file {v!r}")
+        return os.path.abspath(path)
 
 
 class RayConfig(_ClusterFields):

@@ -365,6 +365,32 @@ class _DaskBackend(Backend):
             self.stoppers.discard(threading.current_thread())
 
 
+_TLS_FIELDS = ("tls_ca_file", "tls_client_cert", "tls_client_key")
+
+
+def _security(c: DaskConfig):
+    """The ``distributed.security.Security`` for attaching to ``cluster_address``, or None (plain tcp).
+
+    TLS fields need a ``tls://`` address, and a ``tls://`` address needs at least ``tls_ca_file``
+    and ``tls_client_cert`` (a scheduler started with TLS only talks to clients that present one).
+    """
+    given = {name: getattr(c, name) for name in _TLS_FIELDS if getattr(c, name) is not None}
+    tls = c.cluster_address.startswith("tls://")
+    if given and not tls:
+        name = next(iter(given))
+        raise ConfigError(f"'{name}' is set but cluster_address '{c.cluster_address}' is not tls://...",
+                          key=name, hint="write the scheduler's address as tls://HOST:PORT")
+    if not tls:
+        return None
+    missing = [n for n in ("tls_ca_file", "tls_client_cert") if n not in given]
+    if missing:
+        raise ConfigError(f"cluster_address '{c.cluster_address}' uses TLS but '{missing[0]}' is not set",
+                          key=missing[0], hint="give tls_ca_file, tls_client_cert and tls_client_key "
+                                               "(PEM file paths)")
+    from distributed.security import Security
+    return Security(require_encryption=True, **given)
+
+
 class DaskExecutor(Executor):
     """Runs stages on Dask: a LocalCluster it owns, or a running cluster (``cluster_address``).
 
@@ -400,6 +426,11 @@ class DaskExecutor(Executor):
         c = self.config
         try:
             if self.owns_cluster:
+                tls_set = [n for n in _TLS_FIELDS if getattr(c, n) is not None]
+                if tls_set:  # an owned cluster isn't started with these certificates: say so, don't ignore
+                    raise ConfigError(f"'{tls_set[0]}' is for attaching to a TLS scheduler but no "
+                                      f"cluster_address is set", key=tls_set[0],
+                                      hint="give cluster_address: tls://HOST:PORT")
                 n_workers = usable_cores() if c.cpus == "auto" else int(c.cpus)
                 threads = 1 if c.threads == "auto" else int(c.threads)
                 gpus = {"disabled": 0, "auto": gpu_count()}.get(c.gpus, c.gpus)
@@ -421,8 +452,20 @@ class DaskExecutor(Executor):
                     self.client.wait_for_workers(1, timeout=60)
             else:
                 self._step(f"connecting to the Dask scheduler at {c.cluster_address}")
+                security = _security(c)
                 ensure_reachable("Dask", c.cluster_address, 8786, c.connect_timeout)
-                self.client = Client(c.cluster_address, timeout=c.connect_timeout, set_as_default=False)
+                try:
+                    self.client = Client(c.cluster_address, timeout=c.connect_timeout, set_as_default=False,
+                                         **({"security": security} if security is not None else {}))
+                except (OSError, TypeError) as exc:
+                    if security is None:
+                        raise
+                    # a refused handshake fails at once; say which address and which settings to check
+                    raise ConnectionError(
+                        f"no TLS connection to the Dask scheduler at cluster_address '{c.cluster_address}' "
+                        f"within {c.connect_timeout:g} s ({exc}); check the certificate settings tls_ca_file, tls_client_cert "
+                        f"and tls_client_key: the client certificate must be signed by a CA the scheduler "
+                        f"trusts, and tls_ca_file must be the CA that signed the scheduler's") from None
             self._step("starting cluster memory (a Dask actor)")
             self._memory = self._new_memory_store()
             self.client.subscribe_topic(EVENT_TOPIC, self._on_task_event)
