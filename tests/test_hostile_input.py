@@ -710,5 +710,5 @@ def test_run_namespace_must_be_a_non_empty_string(namespace):
 def test_run_timeout_must_be_positive_and_finite(timeout):
     wf = fnb.Workflow("to", stages=[fnb.Stage("one", lambda: 1)])
     with fnb.LocalExecutor(use_processes=False, cpus=1) as ex:
-        with pytest.raises(fnb.ConfigError, match="timeout must be a positive, finite number"):
+        with pytest.raises(fnb.ConfigError, match="timeout must be a positive number of seconds"):
             ex.run(wf, timeout=timeout)

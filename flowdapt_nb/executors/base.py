@@ -430,7 +430,7 @@ class Executor:
         wf, fns = self._validate_run(workflow, input)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not 0 < timeout < float("inf")):
-            raise ConfigError(f"timeout must be a positive, finite number of seconds, got {timeout!r}", key="timeout")
+            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}", key="timeout")
         if namespace is not None and (not isinstance(namespace, str) or not namespace):
             # 0, False or "" are mistakes, not "the default" (None is)
             raise ConfigError(f"namespace must be a non-empty string (None means the executor's default), "
