@@ -29,7 +29,7 @@ def test_benchmark_runs_at_tiny_size(tmp_path):
     data = json.loads((tmp_path / "bench-tiny.json").read_text())
     rows = data["rows"]
     sections = {r["section"] for r in rows}
-    assert sections == {"overhead", "throughput", "dag", "data", "startup", "watching"}
+    assert sections == {"overhead", "throughput", "dag", "data", "startup", "watching", "perrun"}
     assert {r["backend"] for r in rows} == {"threads", "processes", "dask", "ray"}
     assert not data["meta"]["failures"]
     assert not data["meta"]["leftovers"], "the benchmark left processes running"

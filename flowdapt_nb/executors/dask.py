@@ -589,6 +589,18 @@ class DaskExecutor(Executor):
         for stopper in list(getattr(backend, "stoppers", ())):
             stopper.join(RESTART_GRACE + RESTART_TIMEOUT + 5)
 
+    def _wait_for_workers(self) -> dict:
+        """Workers a nanny is restarting (one that died for memory, say) come back in a few
+        seconds: a run waits for them up to connect_timeout instead of failing at once."""
+        deadline = time.monotonic() + self.config.connect_timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            infos = self._worker_infos()
+            if infos:
+                self._infos_cache = (time.monotonic(), infos)
+                return infos
+        return {}
+
     def _recent_worker_infos(self, max_age: float = 1.0) -> dict:
         """Worker infos at most ``max_age`` s old: checking a run's stages asks the scheduler
         once, not once per stage."""
@@ -602,7 +614,10 @@ class DaskExecutor(Executor):
     def _check_stage_resources(self, stage):
         workers = self._recent_worker_infos()
         if not workers and not self.config.adaptive:
-            raise ConfigError("the Dask cluster has no workers", key="cluster_address")
+            workers = self._wait_for_workers()
+        if not workers and not self.config.adaptive:
+            raise ConfigError(f"the Dask cluster has no workers (none joined within connect_timeout, "
+                              f"{self.config.connect_timeout:g} s)", key="cluster_address")
         offered = [dict(w.get("resources") or {}) for w in workers.values()]
         soft = {"cpus": max((w.get("nthreads", 1) for w in workers.values()), default=1),
                 "memory": max((w.get("memory_limit") or 0 for w in workers.values()), default=0) or float("inf")}
