@@ -198,7 +198,7 @@ def test_an_output_that_cannot_be_stored_still_succeeds_and_a_stored_run_shows_c
                    and tasks.stage_counts.get("numbers", {}).get("cached") == 1):
             assert time.monotonic() < deadline, (tasks.run_id, third.uid, tasks.stage_counts)
             time.sleep(0.05)
-        assert tasks.stage_counts["numbers"]["done"] == 1 and tasks.stage_counts["lock"]["cached"] == 0
+        assert tasks.stage_counts["numbers"]["done"] == 1 and "cached" not in tasks.stage_counts["lock"]
         assert [r["state"] for r in tasks.recent_tasks if r["stage"] == "numbers"] == ["cached"]
         assert "1 cached" in tasks._body.value
     finally:

@@ -56,8 +56,10 @@ def counts_from_tasks(run) -> dict:
     for stage in run.definition.stage_names:
         mine = tasks[tasks["stage"] == stage]
         row = {v: int((mine["state"] == k).sum()) for k, v in names.items()}
-        row["cached"] = int((mine["state"] == "cached").sum())  # reused outputs count as done too
-        row["done"] += row["cached"]
+        cached = int((mine["state"] == "cached").sum())  # reused outputs count as done too
+        row["done"] += cached
+        if cached:
+            row["cached"] = cached
         row["total"] = len(mine)
         out[stage] = row
     return out

@@ -123,12 +123,14 @@ class RunTracker:
         return {stage: self.stage_counts_of(stage) for stage in self.counts}
 
     def stage_counts_of(self, stage: str) -> dict:
-        """One stage's counts: done (cached included), running, failed, queued, cancelled, total
-        and cached (reused by the stage cache)."""
+        """One stage's counts: done (cached included), running, failed, queued, cancelled, total,
+        and cached (reused by the stage cache) when there are any."""
         c = self.counts[stage]
         row = {_KEY_OF[k]: v for k, v in c.items()}
         row["total"] = sum(c.values())
-        row["cached"] = sum(1 for s, _ in self.cached if s == stage)
+        cached = sum(1 for s, _ in self.cached if s == stage)
+        if cached:  # only when the stage cache was used: the usual counts keep their shape
+            row["cached"] = cached
         return row
 
     def stage_state(self, stage: str) -> str:
