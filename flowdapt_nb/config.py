@@ -7,7 +7,6 @@ warning. An unknown key is an error naming it, its YAML line and the nearest val
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
 import typing
 import warnings
@@ -16,6 +15,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .executors import registry
 from .units import parse_bytes
 from .yamlsrc import Source, read_source
 
@@ -254,45 +254,10 @@ class RayConfig(_ClusterFields):
 
 # --- executor targets ---------------------------------------------------------------------------
 
-_SHORT_NAMES = {
-    "local": "flowdapt_nb.executors.local.LocalExecutor",
-    "dask": "flowdapt_nb.executors.dask.DaskExecutor",
-    "ray": "flowdapt_nb.executors.ray.RayExecutor",
-}
-_ALIASES = {
-    "flowdapt.compute.executor.local.LocalExecutor": "local",
-    "flowdapt.compute.executor.dask.DaskExecutor": "dask",
-    "flowdapt.compute.executor.ray.RayExecutor": "ray",
-    "flowdapt_nb.LocalExecutor": "local",
-    "flowdapt_nb.DaskExecutor": "dask",
-    "flowdapt_nb.RayExecutor": "ray",
-}
-
-
 def resolve_executor_class(target: str, line: int | None = None):
-    """Map a target (short name, Flowdapt class path or our own dotted path) to a class."""
-    from .executors.base import Executor
-
-    if not isinstance(target, str) or not target:
-        raise ConfigError("'target' must name an executor: local, dask, ray, or a class path",
-                          key="target", line=line)
-    name = _ALIASES.get(target, target)
-    path = _SHORT_NAMES.get(name.lower(), name)
-    module_name, _, attr = path.rpartition(".")
-    valid = "local, dask, ray, or a class path such as flowdapt.compute.executor.ray.RayExecutor"
-    if not module_name:
-        near = difflib.get_close_matches(target.lower(), list(_SHORT_NAMES), n=1)
-        hint = f"did you mean '{near[0]}'?" if near else f"valid: {valid}"
-        raise ConfigError(f"unknown executor target '{target}'", key="target", line=line, hint=hint)
-    try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"executor target '{target}' does not import ({exc})", key="target",
-                          line=line, hint=f"valid: {valid}") from None
-    if not (isinstance(cls, type) and issubclass(cls, Executor)):
-        raise ConfigError(f"executor target '{target}' is not a flowdapt_nb Executor class",
-                          key="target", line=line, hint=f"valid: {valid}")
-    return cls
+    """Map a target (short name, Flowdapt class path or our own dotted path) to a class
+    (the table is ``executors.registry``)."""
+    return registry.resolve(target, line)
 
 
 def validate_fields(model_cls, data: dict, source: Source | None = None, prefix=()):
@@ -454,7 +419,7 @@ def executor_from_config(src, **overrides):
     key = "target" if "target" in mapping else "__target__"
     if key not in mapping:
         raise ConfigError("the executor config has no 'target'", key="target", line=source.line_of(prefix),
-                          hint="valid: local, dask, ray, or flowdapt.compute.executor.<kind>.<Kind>Executor")
+                          hint=f"valid: {registry.valid_text()}, or flowdapt.compute.executor.<kind>.<Kind>Executor")
     cls = resolve_executor_class(mapping[key], line=source.line_of(prefix + (key,)))
     fields = {k: v for k, v in mapping.items() if k != key}
     model = validate_fields(cls.Config, fields, source, prefix)

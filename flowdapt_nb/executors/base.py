@@ -19,6 +19,7 @@ from ..run import RunHandle, WorkflowRun
 from ..sizes import estimate_bytes
 from ..units import parse_bytes
 from ..workflow import load_workflow
+from . import registry
 
 _current: "Executor | None" = None
 _live: "weakref.WeakSet[Executor]" = weakref.WeakSet()
@@ -104,6 +105,30 @@ class Executor:
 
     kind = "base"
     Config: type[ExecutorFields] = ExecutorFields
+    # What the rest of the package knows about a kind lives here, on its class (see
+    # ``executors.registry``); a subclass that leaves one out gets the default
+    # ``__init_subclass__`` derives from its ``kind`` and class name.
+    aliases: tuple[str, ...] = ()  # other names a config's target may use (Flowdapt's class path...)
+    title: str = ""  # the executor card's title, e.g. "Ray executor"
+    native_dashboard: str | None = None  # the engine's own dashboard, as a link names it (None: none)
+    # options of ``%flowdapt executor KIND`` this kind takes; each fills the field of its name
+    # (--address: cluster_address, --resource: resources); a FlowdaptMagics trait named
+    # ``<kind>_<field>`` (e.g. ray_logging_level) fills that field too
+    magic_options: tuple[str, ...] = ("--cpus", "--gpus", "--memory", "--resource", "--address")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "kind" in own:
+            label = cls.kind.capitalize()
+            if "title" not in own:
+                cls.title = f"{label} executor"
+            if "aliases" not in own:  # Flowdapt's class path and our top-level name
+                cls.aliases = (f"flowdapt.compute.executor.{cls.kind}.{cls.__name__}",
+                               f"flowdapt_nb.{cls.__name__}")
+            if "native_dashboard" not in own:
+                cls.native_dashboard = f"{label} dashboard"
+        registry.note_class(cls)
 
     def __init__(self, _config: ExecutorFields | None = None, _compute: dict | None = None, **fields):
         self.config = _config if _config is not None else validate_fields(self.Config, fields)
@@ -574,3 +599,6 @@ class Executor:
     def _repr_html_(self) -> str:
         from ..render import executor_html
         return executor_html(self)
+
+
+registry.note_class(Executor)

@@ -316,6 +316,9 @@ class LocalExecutor(Executor):
 
     kind = "local"
     Config = LocalConfig
+    title = "Local executor"
+    native_dashboard = None
+    magic_options = ("--cpus", "--threads", "--processes")
 
     def __init__(self, _config=None, _compute=None, **fields):
         super().__init__(_config, _compute, **fields)

@@ -33,12 +33,12 @@ import time
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, CaselessStrEnum, Int, Unicode
+from traitlets import Bool, Int, Unicode
 from traitlets.config import Configurable
 
 from ..errors import ConfigError
+from ..executors import registry
 
-KINDS = ("local", "dask", "ray")
 CELL_SUBCOMMANDS = ("executor", "workflow")
 SUBCOMMANDS = ("executor", "workflow", "workflows", "run", "status", "dashboard", "memory", "stop", "runs",
                "compare", "cache", "help")
@@ -75,11 +75,39 @@ def _has_kernel(shell) -> bool:
     return getattr(shell, "kernel", None) is not None
 
 
+class ExecutorKind(Unicode):
+    """A trait holding an executor kind of ``executors.registry`` (any case, kept lower-case)."""
+
+    info_text = "an executor kind (local, dask, ray, or one a registered Executor subclass names)"
+
+    def validate(self, obj, value):
+        value = super().validate(obj, value)
+        if value.lower() in registry.kinds():
+            return value.lower()
+        self.error(obj, value)
+
+
+# Options of '%flowdapt executor' and the executor field each fills (for kinds that take it:
+# their class's magic_options); --threads/--processes are the local pool's choice.
+_OPTION_FIELDS = {"--cpus": "cpus", "--gpus": "gpus", "--memory": "memory", "--resource": "resources",
+                  "--address": "cluster_address"}
+
+
+def _takers(flag: str) -> str:
+    """'dask and ray': the kinds whose magic takes an option."""
+    names = [k for k, cls in registry.classes().items() if flag in cls.magic_options]
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def _kind_help() -> str:
+    return f"{' | '.join(registry.kinds())} (default: %%config FlowdaptMagics.executor)"
+
+
 @magics_class
 class FlowdaptMagics(Magics, Configurable):
     """The ``%flowdapt`` line and ``%%flowdapt`` cell magic. ``%flowdapt help`` lists subcommands."""
 
-    executor = CaselessStrEnum(KINDS, default_value="local",
+    executor = ExecutorKind("local",
                                help="Executor kind started by '%flowdapt executor' with no kind.").tag(config=True)
     cpus = Int(0, help="Default --cpus for executors the magic starts (0: the executor's 'auto').").tag(config=True)
     local_processes = Bool(False, help="'%flowdapt executor local' without --threads/--processes uses "
@@ -170,7 +198,8 @@ class FlowdaptMagics(Magics, Configurable):
                                  f"{type(exc).__name__}: {_one_line(exc)}") from None
         if ex is None or not ex.running:
             raise UsageError(f"%flowdapt {what}: no executor yet; start one with "
-                             f"%flowdapt executor local (or dask, ray) or a %%flowdapt executor YAML cell")
+                             f"%flowdapt executor local (or {', '.join(registry.kinds()[1:])}) or a %%flowdapt "
+                             f"executor YAML cell")
         return ex
 
     # --- display ----------------------------------------------------------------------------------
@@ -200,7 +229,7 @@ class FlowdaptMagics(Magics, Configurable):
 
     # --- executor ---------------------------------------------------------------------------------
     @magic_arguments(name="flowdapt executor")
-    @argument("kind", nargs="?", help="local | dask | ray (default: %%config FlowdaptMagics.executor)")
+    @argument("kind", nargs="?", help=_kind_help())
     @argument("--cpus", type=int, help="local: pool size; dask: workers; ray: CPUs (default 'auto')")
     @argument("--gpus", help="dask/ray: GPUs (a number, or 'auto')")
     @argument("--memory", help="dask: memory per worker; ray: memory (e.g. 8GB)")
@@ -271,49 +300,20 @@ class FlowdaptMagics(Magics, Configurable):
         from ..run_input import parse_assignments
         where = "%flowdapt executor"
         kind = (args.kind or self.executor).lower()
-        if kind not in KINDS:
-            raise UsageError(f"{where}: unknown executor '{kind}'; {_nearest(kind, KINDS)}valid: local, dask, ray")
+        kinds = registry.kinds()
+        if kind not in kinds:
+            raise UsageError(f"{where}: unknown executor '{kind}'; {_nearest(kind, kinds)}"
+                             f"valid: {', '.join(kinds)}")
+        cls = registry.get(kind)
         try:
             resources = parse_assignments(args.resource, "--resource")
             extra = parse_assignments(args.fields, "--set")
         except ConfigError as exc:
             raise _usage(exc, where) from None
-        fields: dict = {}
-        if kind == "local":
-            given = [flag for flag, value in (("--gpus", args.gpus), ("--memory", args.memory),
-                                              ("--address", args.address), ("--resource", resources)) if value]
-            if given:
-                raise UsageError(f"{where}: only dask and ray take {', '.join(given)}; the local executor "
-                                 f"takes --cpus, --threads, --processes")
-            if args.threads and args.processes:
-                raise UsageError(f"{where}: give --threads or --processes, not both")
-            fields["use_processes"] = True if args.processes else False if args.threads else self.local_processes
-            cpus = args.cpus or self.cpus
-            if cpus:
-                fields["cpus"] = cpus
-        else:
-            if args.threads or args.processes:
-                raise UsageError(f"{where}: --threads/--processes choose the local executor's pool; "
-                                 f"{kind} takes --cpus, --gpus, --memory, --resource, --address")
-            if args.address:
-                given = [flag for flag, value in (("--cpus", args.cpus), ("--gpus", args.gpus),
-                                                  ("--memory", args.memory), ("--resource", resources)) if value]
-                if given:
-                    raise UsageError(f"{where}: {', '.join(given)} can't be used with --address: they size a "
-                                     f"cluster we start; an attached cluster has its own resources")
-                fields["cluster_address"] = args.address
-            else:
-                cpus = args.cpus or self.cpus
-                if cpus:
-                    fields["cpus"] = cpus
-                if args.gpus is not None:
-                    fields["gpus"] = int(args.gpus) if args.gpus.isdigit() else args.gpus
-                if args.memory:
-                    fields["memory"] = args.memory
-                if resources:
-                    fields["resources"] = resources
-            if kind == "ray":
-                fields["logging_level"] = self.ray_logging_level
+        try:
+            fields = self._fields_from_options(kind, cls, args, resources)
+        except ValueError as exc:
+            raise UsageError(f"{where}: {exc}") from None
         fields.update(extra)
         if "target" in fields:
             raise UsageError(f"{where}: the executor kind is the first argument, not --set target=...")
@@ -321,6 +321,44 @@ class FlowdaptMagics(Magics, Configurable):
             return executor_from_config({"target": kind, **fields})
         except ConfigError as exc:
             raise _usage(exc, where) from None
+
+    def _fields_from_options(self, kind: str, cls, args, resources: dict) -> dict:
+        """The executor fields the line's options give, for a kind that takes them (its
+        class's ``magic_options``); a ValueError says which option this kind doesn't take."""
+        takes = cls.magic_options
+        values = {"--cpus": args.cpus, "--gpus": args.gpus, "--memory": args.memory, "--address": args.address,
+                  "--resource": resources, "--threads": args.threads, "--processes": args.processes}
+        own = ", ".join(takes)
+        pool = [flag for flag in ("--threads", "--processes") if values[flag] and flag not in takes]
+        if pool:
+            raise ValueError(f"--threads/--processes choose the local executor's pool; {kind} takes {own}")
+        refused = [flag for flag, value in values.items() if value and flag not in takes]
+        if refused:
+            raise ValueError(f"only {_takers(refused[0])} take {', '.join(refused)}; the {kind} executor "
+                             f"takes {own}")
+        if args.threads and args.processes:
+            raise ValueError("give --threads or --processes, not both")
+        fields: dict = {}
+        if "--threads" in takes or "--processes" in takes:
+            fields["use_processes"] = True if args.processes else False if args.threads else self.local_processes
+        if args.address and "--address" in takes:
+            given = [flag for flag in ("--cpus", "--gpus", "--memory", "--resource") if values[flag]]
+            if given:
+                raise ValueError(f"{', '.join(given)} can't be used with --address: they size a "
+                                 f"cluster we start; an attached cluster has its own resources")
+            fields["cluster_address"] = args.address
+        else:  # what a given option (or a default trait) sizes, None where nothing is given
+            sized = {"--cpus": args.cpus or self.cpus or None, "--memory": args.memory or None,
+                     "--gpus": None if args.gpus is None else int(args.gpus) if args.gpus.isdigit() else args.gpus,
+                     "--resource": resources or None}
+            for flag, value in sized.items():
+                if flag in takes and value is not None:
+                    fields[_OPTION_FIELDS[flag]] = value
+        for trait in self.trait_names():  # e.g. ray_logging_level fills a Ray executor's logging_level
+            name = trait.removeprefix(f"{kind}_")
+            if trait.startswith(f"{kind}_") and name in cls.Config.model_fields:
+                fields[name] = getattr(self, trait)
+        return fields
 
     def _replace_executor(self, new):
         """Close the current executor (ours: the magics started it), then start ``new``, showing
@@ -526,7 +564,7 @@ class FlowdaptMagics(Magics, Configurable):
             raise UsageError("%flowdapt status takes no arguments")
         ex = self.current
         if ex is None or not ex.running:
-            print("no executor; start one with %flowdapt executor local (or dask, ray)")
+            print(f"no executor; start one with %flowdapt executor local (or {', '.join(registry.kinds()[1:])})")
             return None
         self._show("ExecutorCard", ex)
         history = ex.history[-10:]

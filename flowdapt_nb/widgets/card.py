@@ -10,9 +10,6 @@ from traitlets import Dict, Int, Unicode
 
 from ._common import FeedWidget, badge, esc, fmt_amount, html_widget, style_widget
 
-_KIND_TITLES = {"local": "Local executor", "dask": "Dask executor", "ray": "Ray executor"}
-
-
 class ExecutorCard(FeedWidget):
     """A card for one executor.
 
@@ -136,7 +133,7 @@ class ExecutorCard(FeedWidget):
         self.refresh_button.disabled = self.state == "stopping"
 
     def _inner_html(self) -> str:
-        title = _KIND_TITLES.get(self.kind, f"{self.kind} executor")
+        title = getattr(type(self.executor), "title", "") or f"{self.kind} executor"  # the class says
         state_colour = {"running": "finished", "stopping": "cancelled", "stopped": "skipped"}.get(self.state, "failed")
         dash = (f'<a class="fnb-link" href="{esc(self.dashboard_url)}" target="_blank" rel="noopener">'
                 f'{esc(self.dashboard_url)} ↗</a>' if self.dashboard_url else '<span class="fnb-muted">none</span>')

@@ -8,9 +8,6 @@ from ._common import FeedWidget, badge, esc, html_widget, style_widget
 from .resources import ResourceDashboard
 from .tasks import TaskDashboard
 
-_NATIVE = {"ray": "Ray dashboard", "dask": "Dask dashboard"}
-
-
 class Dashboard(FeedWidget):
     """TaskDashboard and ResourceDashboard of one executor, under a header that links the
     engine's own dashboard.
@@ -54,7 +51,7 @@ class Dashboard(FeedWidget):
 
     def _header_html(self) -> str:
         kind = self.executor.kind
-        native = _NATIVE.get(kind)
+        native = getattr(type(self.executor), "native_dashboard", None)  # e.g. "Ray dashboard"
         link = (f'<a class="fnb-link fnb-native-link" href="{esc(self.dashboard_url)}" target="_blank" '
                 f'rel="noopener">Open {native} ↗</a>' if self.dashboard_url and native else "")
         state = self.executor_state
