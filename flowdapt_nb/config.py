@@ -384,8 +384,33 @@ def split_config(src) -> tuple[Source, tuple, dict]:
             storage, where = compute.pop("artifacts"), prefix[:-1] + ("artifacts",)
         if storage is not None:
             compute["storage"] = _storage_setting(storage, source, where)
+        if isinstance(data["services"], dict) and "database" in data["services"]:
+            database = _database_setting(data["services"]["database"], source)
+            if database is not _NOT_OURS:
+                compute["runs"] = database
         return source, prefix, compute
     return source, (), compute
+
+
+_NOT_OURS = object()  # a services.database setting for Flowdapt's own server: not the run store's
+
+
+def _database_setting(setting, source: Source):
+    """``services.database``: where Flowdapt keeps its runs, read as the run store's ``runs:``
+    setting (a file path, ':memory:', or off/false; null or true: the default database).
+    A mapping naming a Flowdapt database class (``__target__``) is for Flowdapt's server: a
+    warning says the default run store is used instead."""
+    path = ("services", "database")
+    if setting is None or isinstance(setting, bool) or (isinstance(setting, str) and setting.strip()):
+        return setting
+    if isinstance(setting, dict) and ("__target__" in setting or "target" in setting):
+        warnings.warn("services.database names a Flowdapt database class, which flowdapt_nb does not use; "
+                      "runs go to the default run store (give services.database a file path, ':memory:' "
+                      "or off to choose)", UserWarning, stacklevel=4)
+        return _NOT_OURS
+    raise ConfigError(f"'services.database' is the run store: a file path, ':memory:', or off "
+                      f"(the same values as runs:), got {setting!r}", key="services.database",
+                      line=source.line_of(path), hint="e.g. services: {database: ~/runs.sqlite}")
 
 
 def _storage_setting(setting, source: Source, path: tuple):
@@ -409,8 +434,10 @@ def executor_from_config(src, **overrides):
         raise ConfigError("the executor config must be a mapping with a 'target'",
                           line=source.line_of(prefix))
     mapping = {**mapping, **overrides}
-    if "allowed_targets" in compute and "allowed_targets" not in mapping:  # services.compute.allowed_targets
-        mapping["allowed_targets"] = compute.pop("allowed_targets")
+    for name in ("allowed_targets", "runs"):  # services.compute.allowed_targets, services.database
+        if name in compute:  # the executor mapping's own key wins
+            value = compute.pop(name)
+            mapping.setdefault(name, value)
     if "artifacts" in mapping:  # storage for object_store artifacts, given beside the executor fields
         compute["storage"] = _storage_setting(mapping.pop("artifacts"), source, prefix + ("artifacts",))
     if "target" in mapping and "__target__" in mapping:

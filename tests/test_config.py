@@ -122,3 +122,46 @@ def test_import_is_light():
             "'pandas', 'ipywidgets') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _with_database(value: str, executor: str = "{target: local, use_processes: false, cpus: 1}") -> str:
+    return f"services:\n  database: {value}\n  compute:\n    executor: {executor}\n"
+
+
+def test_services_database_is_the_run_store_setting(tmp_path):
+    """Flowdapt keeps runs in the database under services: the same values as runs:."""
+    import sqlite3
+    import time
+    db = tmp_path / "flowdapt-runs.sqlite"
+    ex = fnb.executor_from_config(_with_database(str(db)))
+    assert ex.config.runs == str(db)
+    with ex:
+        run = ex.run(fnb.Workflow("db", stages=[fnb.Stage("one", lambda: 1)]))
+    deadline = time.monotonic() + 30  # the store writes from its own thread (0.5 s batches)
+    rows: list = []
+    while not rows and time.monotonic() < deadline:
+        with sqlite3.connect(db) as con:
+            rows = con.execute("SELECT uid FROM runs WHERE uid = ?", (run.uid,)).fetchall()
+        time.sleep(0.05)
+    assert rows == [(run.uid,)]
+    assert fnb.executor_from_config(_with_database("':memory:'")).config.runs == ":memory:"
+    assert fnb.executor_from_config(_with_database("off")).config.runs is False
+    assert fnb.executor_from_config(_with_database("null")).config.runs is None  # the default store
+    mine = fnb.executor_from_config(_with_database("':memory:'", "{target: local, runs: off}"))
+    assert mine.config.runs is False  # runs: beside the executor wins
+
+
+@pytest.mark.parametrize("value", ["5", "[a.sqlite]", "''", "{path: x.sqlite}"])
+def test_services_database_bad_value_is_one_clear_error(value):
+    with pytest.raises(fnb.ConfigError) as info:
+        fnb.executor_from_config(_with_database(value))
+    text = str(info.value)
+    assert text.startswith("line 2: ") and "'services.database'" in text
+    assert "a file path, ':memory:', or off" in text and info.value.key == "services.database"
+
+
+def test_services_database_of_flowdapt_server_warns():
+    setting = "{__target__: flowdapt.lib.database.storage.tdb.TinyDBStorage}"
+    with pytest.warns(UserWarning, match="services.database names a Flowdapt database class"):
+        ex = fnb.executor_from_config(_with_database(setting))
+    assert ex.config.runs is None
