@@ -10,7 +10,9 @@ import re
 import sys
 import types
 import weakref
-from typing import Any, Callable, Literal, Union
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -48,7 +50,7 @@ class Stage(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     name: str
-    target: Union[str, Callable, None] = None
+    target: str | Callable | None = None
     type: Literal["simple", "parameterized"] = "simple"
     depends_on: list[str] = Field(default_factory=list)
     options: dict[str, Any] = Field(default_factory=dict)
@@ -173,121 +175,366 @@ class Workflow(BaseModel):
         return workflow_html(self)
 
 
-def _config_error_from(exc: ValidationError, source: Source, prefix, stage: str | None = None):
-    err = exc.errors()[0]
-    loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc)
-    msg = err["msg"].removeprefix("Value error, ")
-    return ConfigError(f"'{key}': {msg}", key=key, stage=stage, line=source.line_of(prefix + loc))
+# --- the one validator --------------------------------------------------------------------------
+# Every rule a workflow must follow lives here, once. It collects problems as data (Problem);
+# load_workflow raises them all in one ConfigError, the StageMapper shows each on its stage's row.
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a workflow: what, where (stage, key, YAML line) and what is valid.
+
+    >>> [p.text for p in workflow_problems({"metadata": {"name": "w"},
+    ...                                     "spec": {"stages": [{"name": "a", "depends_on": ["b"]}]}})]
+    ["has no target; give an import path or a notebook function's name", "depends on unknown stage 'b'; stages: a"]
+    """
+
+    message: str
+    stage: str | None = None  # the stage's name, when the problem is one stage's
+    key: str | None = None  # the key at fault: depends_on, options.map_on, metadata.name, ...
+    line: int | None = None  # its YAML line, when the workflow was read from YAML
+    hint: str | None = None  # what would be valid
+    index: int | None = None  # the stage's position in spec.stages; None: the workflow as a whole
+    stages: tuple[int, ...] = ()  # every stage position it concerns, when several (a cycle's)
+
+    @classmethod
+    def from_error(cls, exc: ConfigError, index: int | None = None) -> Problem:
+        return cls(exc.message, stage=exc.stage, key=exc.key, line=exc.line, hint=exc.hint, index=index)
+
+    def error(self) -> ConfigError:
+        return ConfigError(self.message, key=self.key, line=self.line, stage=self.stage, hint=self.hint)
+
+    @property
+    def text(self) -> str:
+        """The message and what is valid, without line and stage (for a row that shows its stage)."""
+        return f"{self.message}; {self.hint}" if self.hint else self.message
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        """The stage positions to mark: ``stages``, else ``index``; () for the workflow's own."""
+        return self.stages or (() if self.index is None else (self.index,))
+
+    def __str__(self) -> str:
+        return str(self.error())
 
 
-def check_workflow(wf: Workflow, source: Source | None = None, prefix=("spec", "stages")) -> None:
-    """Structural checks before any run: names, dependencies, cycles, fan-out inputs."""
-    source = source or Source(None)
-    if not isinstance(wf.name, str) or not NAME_PATTERN.fullmatch(wf.name):
-        raise ConfigError(f"workflow name {wf.name!r} is not valid: use letters, digits, '_' and '-'",
-                          key="metadata.name", line=source.line_of(("metadata", "name")))
-    if not wf.stages:
-        raise ConfigError(f"workflow '{wf.name}' has no stages; give at least one under spec.stages",
-                          key="spec.stages", line=source.line_of(("spec",)))
-    seen: dict[str, int] = {}
-    for i, stage in enumerate(wf.stages):
-        line = source.line_of(prefix + (i,))
-        if not isinstance(stage.name, str) or not NAME_PATTERN.fullmatch(stage.name):
-            raise ConfigError(f"stage name {stage.name!r} is not valid: use letters, digits, '_' and '-'",
-                              key="name", line=line)
-        if stage.name in seen:
-            raise ConfigError(f"duplicate stage name '{stage.name}' (stage {seen[stage.name] + 1} "
-                              f"has it too); stage names must be unique", stage=stage.name, line=line)
-        seen[stage.name] = i
-        if stage.target is None or stage.target == "":
-            raise ConfigError("has no target; give an import path or a notebook function's name",
-                              stage=stage.name, key="target", line=line)
-        for key in stage.options:
-            if key not in OPTION_KEYS:
-                near = difflib.get_close_matches(key, OPTION_KEYS, n=1)
-                hint = f"did you mean '{near[0]}'?" if near else "valid options: " + ", ".join(OPTION_KEYS)
-                raise ConfigError(f"unknown option '{key}'", stage=stage.name, key=f"options.{key}",
-                                  line=source.line_of(prefix + (i, "options", key)), hint=hint)
-        apf = stage.options.get("allow_partial_failure", True)
-        if not isinstance(apf, bool):
-            raise ConfigError(f"options.allow_partial_failure must be true or false, got {apf!r}",
-                              stage=stage.name, key="options.allow_partial_failure",
-                              line=source.line_of(prefix + (i, "options", "allow_partial_failure")))
-        map_on = stage.options.get("map_on")
-        if map_on is not None and (not isinstance(map_on, str) or not map_on):
-            raise ConfigError(f"options.map_on must name a key of the run input (a string), got {map_on!r}",
-                              stage=stage.name, key="options.map_on",
-                              line=source.line_of(prefix + (i, "options", "map_on")))
-        timeout = stage.options.get("timeout")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or not math.isfinite(timeout) or timeout <= 0):
-            raise ConfigError(f"options.timeout must be a positive number of seconds, got {timeout!r}",
-                              stage=stage.name, key="options.timeout",
-                              line=source.line_of(prefix + (i, "options", "timeout")))
-        _check_resources(stage, source.line_of(prefix + (i, "resources")))
-    names = set(seen)
-    for i, stage in enumerate(wf.stages):
-        line = source.line_of(prefix + (i, "depends_on"))
-        for dep in stage.depends_on:
-            if dep == stage.name:
-                raise ConfigError("depends on itself", stage=stage.name, key="depends_on", line=line)
-            if dep not in names:
-                near = difflib.get_close_matches(dep, list(names), n=1)
-                hint = f"did you mean '{near[0]}'?" if near else "stages: " + ", ".join(seen)
-                raise ConfigError(f"depends on unknown stage '{dep}'", stage=stage.name,
-                                  key="depends_on", line=line, hint=hint)
-        if len(set(stage.depends_on)) != len(stage.depends_on):
-            raise ConfigError("lists a dependency twice in depends_on", stage=stage.name, line=line)
-        if stage.type == "parameterized" and not stage.depends_on and not stage.map_on:
-            raise ConfigError("is parameterized with no dependency: set options.map_on to the input "
-                              "key whose list it maps over", stage=stage.name, key="options.map_on",
-                              line=source.line_of(prefix + (i,)))
-    cycle = _find_cycle(wf)
-    if cycle:
-        raise ConfigError("dependency cycle " + " -> ".join(cycle), stage=cycle[0], key="depends_on",
-                          line=source.line_of(prefix + (wf.stage_names.index(cycle[0]), "depends_on")))
+def problems_error(problems: list[Problem]) -> ConfigError:
+    """All problems as one ConfigError, in one line: it reads (and carries key, line and stage) as
+    the first one, followed by the others; ``.problems`` holds them all."""
+    err = problems[0].error()
+    if len(problems) > 1:
+        rest = " ".join(f"({n}) {p}" for n, p in enumerate(problems[1:], 2))
+        err.args = (f"{err} [and {len(problems) - 1} more: {rest}]",)
+    err.problems = list(problems)  # type: ignore[attr-defined]
+    return err
 
 
-def _check_resources(stage: Stage, line):
+def validate_workflow(src, *, namespace: dict | None = None) -> tuple[Workflow | None, list[Problem]]:
+    """Check a workflow (a Workflow, YAML text, a path, a dict) against every rule; returns it
+    built when there is no problem, and every problem found.
+
+    With ``namespace`` (a dict), each stage's target is also resolved there as a run would
+    (importing modules) and its signature checked against the DAG."""
+    if isinstance(src, Workflow):
+        chk = _Checks(Source(None))
+        _check_stages(chk, src.name, list(enumerate(src.stages)), src.stage_names, namespace)
+        return (None if chk.problems else src), chk.problems
+    try:
+        source = read_source(src, "workflow")
+    except ConfigError as exc:
+        return None, [Problem.from_error(exc)]
+    return _validate(source, namespace)
+
+
+def workflow_problems(src, *, namespace: dict | None = None) -> list[Problem]:
+    """Every problem of a workflow, as data (see :func:`validate_workflow`); [] when it is valid."""
+    return validate_workflow(src, namespace=namespace)[1]
+
+
+def check_workflow(wf: Workflow) -> None:
+    """Structural checks before any run (names, dependencies, cycles, fan-out inputs); one
+    ConfigError listing every problem."""
+    problems = workflow_problems(wf)
+    if problems:
+        raise problems_error(problems)
+
+
+class _Checks:
+    """Problems found so far, each given the YAML line of its key path."""
+
+    prefix = ("spec", "stages")
+
+    def __init__(self, source: Source):
+        self.source = source
+        self.problems: list[Problem] = []
+
+    def workflow(self, message: str, path: tuple = (), **fields) -> None:
+        self.problems.append(Problem(message, line=self.source.line_of(path), **fields))
+
+    def stage(self, i: int, stage, message: str, *path, **fields) -> None:
+        line = self.source.line_of(self.prefix + (i, *path))
+        self.problems.append(Problem(message, stage=stage, line=line, index=i, **fields))
+
+
+def _validate(source: Source, namespace: dict | None = None) -> tuple[Workflow | None, list[Problem]]:
+    source = _expand_shorthand(source)
+    chk = _Checks(source)
+    raw_stages = _document_problems(source.data, chk)
+    if raw_stages is None:
+        return None, chk.problems
+    built = [(i, stage) for i, raw in enumerate(raw_stages)
+             if (stage := _stage_from_raw(i, raw, chk)) is not None]
+    names = [raw["name"] for raw in raw_stages if isinstance(raw, dict) and isinstance(raw.get("name"), str)]
+    metadata = source.data.get("metadata") or {}
+    name = str(metadata["name"]) if isinstance(metadata, dict) and "name" in metadata else None
+    _check_stages(chk, name, built, names, namespace, count=len(raw_stages))
+    if chk.problems:
+        return None, chk.problems
+    extra_meta = {k: v for k, v in metadata.items() if k != "name"}
+    return Workflow.model_construct(name=name, stages=[s for _, s in built], metadata=extra_meta), []
+
+
+def _expand_shorthand(source: Source) -> Source:
+    """``{name, stages}`` (a notebook cell's shorthand) as the full resource, lines kept."""
+    data = source.data
+    if not (isinstance(data, dict) and "spec" not in data and "stages" in data):
+        return source
+    data = {"kind": "workflow", "metadata": {"name": data.get("name")}, "spec": {"stages": data["stages"]}}
+    return Source(data, {("spec",) + k if k[0] == "stages" else k: v for k, v in source.lines.items()},
+                  source.origin, source.line_offset)
+
+
+_TOP_KEYS = ("kind", "metadata", "spec", "version", "api_version", "apiVersion", "status")
+_EXECUTOR_KEYS = ("target", "__target__", "services")
+
+
+def _document_problems(data, chk: _Checks) -> list | None:
+    """The resource's own keys; returns its stages as given, or None when there are none to check."""
+    if not isinstance(data, dict):
+        chk.workflow("a workflow must be a mapping with kind, metadata and spec")
+        return None
+    if "spec" not in data and any(k in data for k in _EXECUTOR_KEYS):
+        key = next(k for k in _EXECUTOR_KEYS if k in data)
+        chk.workflow("this is an executor config, not a workflow", (key,), key=key,
+                     hint="a workflow resource has kind: workflow, metadata.name and spec.stages")
+        return None
+    for key in data:
+        if key not in _TOP_KEYS:
+            near = difflib.get_close_matches(str(key), ["kind", "metadata", "spec"], n=1)
+            chk.workflow(f"unknown key '{key}' in the workflow", (key,), key=str(key),
+                         hint=f"did you mean '{near[0]}'?" if near else "valid: kind, metadata, spec")
+    kind = data.get("kind", "workflow")
+    if str(kind).lower() != "workflow":
+        chk.workflow(f"kind is {kind!r}; a workflow resource has kind: workflow", ("kind",), key="kind")
+        return None
+    metadata = data.get("metadata") or {}
+    if not isinstance(metadata, dict) or "name" not in metadata:
+        chk.workflow("the workflow needs metadata.name", ("metadata",), key="metadata.name")
+    return _spec_stages(data.get("spec"), chk)
+
+
+def _spec_stages(spec, chk: _Checks) -> list | None:
+    for key in spec if isinstance(spec, dict) else ():
+        if key != "stages":
+            near = difflib.get_close_matches(str(key), ["stages"], n=1)
+            chk.workflow(f"unknown key 'spec.{key}'", ("spec", key), key=f"spec.{key}",
+                         hint="did you mean 'stages'?" if near else "a workflow spec holds only 'stages'")
+    if not isinstance(spec, dict) or "stages" not in spec:
+        chk.workflow("the workflow needs spec.stages, a list of stages", ("spec",), key="spec.stages")
+        return None
+    if not isinstance(spec["stages"], list):
+        chk.workflow("spec.stages must be a list of stages (each starting with '- name:')", ("spec", "stages"),
+                     key="spec.stages")
+        return None
+    return spec["stages"]
+
+
+def _stage_from_raw(i: int, raw, chk: _Checks) -> Stage | None:
+    """One stage as given (a mapping) checked for its keys and their types, then built."""
+    if not isinstance(raw, dict):
+        chk.stage(i, None, f"stage {i + 1} must be a mapping with name and target")
+        return None
+    name = raw.get("name")
+    found = len(chk.problems)
+    for key in raw:
+        if key not in STAGE_KEYS:
+            near = difflib.get_close_matches(str(key), STAGE_KEYS, n=1)
+            chk.stage(i, name, f"unknown key '{key}'", key, key=str(key),
+                      hint=f"did you mean '{near[0]}'?" if near else "valid keys: " + ", ".join(STAGE_KEYS))
+    deps = raw.get("depends_on", [])
+    if isinstance(deps, str):
+        chk.stage(i, name, f"depends_on must be a list, e.g. depends_on: [{deps}]", "depends_on", key="depends_on")
+    if raw.get("type", "simple") not in STAGE_TYPES:
+        chk.stage(i, name, f"type {raw.get('type')!r} is not valid; use simple or parameterized", "type",
+                  key="type")
+    target = raw.get("target", "")
+    if not isinstance(target, str) and not callable(target):  # Flowdapt's API takes callables too
+        chk.stage(i, name, f"target must be an import path, a notebook function's name or a callable, "
+                           f"not {type(target).__name__}", "target", key="target")
+    if len(chk.problems) > found:
+        return None
+    try:
+        return Stage(**{k: v for k, v in raw.items() if v is not None or k == "target"})
+    except ValidationError as exc:
+        chk.problems += _validation_problems(exc, chk.source, chk.prefix + (i,), stage=name, index=i)
+        return None
+
+
+def _validation_problems(exc: ValidationError, source: Source, path: tuple, stage=None,
+                         index: int | None = None) -> list[Problem]:
+    out = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        out.append(Problem(f"'{key}': {err['msg'].removeprefix('Value error, ')}", stage=stage, key=key,
+                           line=source.line_of(path + loc), index=index))
+    return out
+
+
+def _config_error_from(exc: ValidationError, source: Source, prefix, stage: str | None = None) -> ConfigError:
+    return _validation_problems(exc, source, tuple(prefix), stage)[0].error()
+
+
+def _check_stages(chk: _Checks, name, built: list[tuple[int, Stage]], names: list[str],
+                  namespace: dict | None = None, count: int | None = None) -> None:
+    """The rules on built stages: names, targets, options, resources, dependencies, cycles, and
+    (with a namespace) the targets resolved."""
+    if name is not None and (not isinstance(name, str) or not NAME_PATTERN.fullmatch(name)):
+        chk.workflow(f"workflow name {name!r} is not valid: use letters, digits, '_' and '-'",
+                     ("metadata", "name"), key="metadata.name")
+    if (len(built) if count is None else count) == 0:
+        chk.workflow(f"workflow '{name}' has no stages; give at least one under spec.stages", ("spec",),
+                     key="spec.stages")
+    first: dict[str, int] = {}
+    for i, stage in built:
+        _stage_problems(i, stage, first, chk)
+    known = list(dict.fromkeys(names))
+    for i, stage in built:
+        _dependency_problems(i, stage, known, chk)
+    _cycle_problems(built, chk)
+    if namespace is not None:
+        _target_problems(built, namespace, chk)
+
+
+def _stage_problems(i: int, stage: Stage, first: dict[str, int], chk: _Checks) -> None:
+    name = stage.name
+    if not name:
+        chk.stage(i, None, f"stage {i + 1} has no name", key="name",
+                  hint="give it one of letters, digits, '_' and '-'")
+    elif not NAME_PATTERN.fullmatch(name):
+        chk.stage(i, None, f"stage name {name!r} is not valid: use letters, digits, '_' and '-'", key="name")
+    elif name in first:
+        chk.stage(i, name, f"duplicate stage name '{name}' (stage {first[name] + 1} has it too)",
+                  hint=f"stage names must be unique: rename it or the other stage also named '{name}'")
+    else:
+        first[name] = i
+    if stage.target is None or stage.target == "":
+        chk.stage(i, name, "has no target", key="target", hint="give an import path or a notebook function's name")
+    _option_problems(i, stage, chk)
+    _resource_problems(i, stage, chk)
+
+
+def _bad_timeout(value) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    return not math.isfinite(value) or value <= 0
+
+
+def _option_problems(i: int, stage: Stage, chk: _Checks) -> None:
+    for key in stage.options:
+        if key not in OPTION_KEYS:
+            near = difflib.get_close_matches(key, OPTION_KEYS, n=1)
+            chk.stage(i, stage.name, f"unknown option '{key}'", "options", key, key=f"options.{key}",
+                      hint=f"did you mean '{near[0]}'?" if near else "valid options: " + ", ".join(OPTION_KEYS))
+    apf = stage.options.get("allow_partial_failure", True)
+    if not isinstance(apf, bool):
+        chk.stage(i, stage.name, f"options.allow_partial_failure must be true or false, got {apf!r}",
+                  "options", "allow_partial_failure", key="options.allow_partial_failure")
+    map_on = stage.options.get("map_on")
+    if map_on is not None and (not isinstance(map_on, str) or not map_on):
+        chk.stage(i, stage.name, f"options.map_on must name a key of the run input (a string), got {map_on!r}",
+                  "options", "map_on", key="options.map_on")
+    timeout = stage.options.get("timeout")
+    if _bad_timeout(timeout):
+        chk.stage(i, stage.name, f"options.timeout must be a positive number of seconds, got {timeout!r}",
+                  "options", "timeout", key="options.timeout")
+
+
+def _resource_problems(i: int, stage: Stage, chk: _Checks) -> None:
     from .units import parse_bytes
     for name, amount in stage.resources.items():
         if name == "memory":
             try:
                 parse_bytes(amount)
             except ValueError as exc:
-                raise ConfigError(f"resources.memory: {exc}", stage=stage.name, key="resources.memory",
-                                  line=line) from None
+                chk.stage(i, stage.name, f"resources.memory: {exc}", "resources", key="resources.memory")
         elif isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
-            raise ConfigError(f"resources.{name} must be a non-negative number, got {amount!r}",
-                              stage=stage.name, key=f"resources.{name}", line=line)
+            chk.stage(i, stage.name, f"resources.{name} must be a non-negative number, got {amount!r}",
+                      "resources", key=f"resources.{name}")
 
 
-def _find_cycle(wf: Workflow) -> list[str] | None:
-    deps = {s.name: s.depends_on for s in wf.stages}
-    state: dict[str, int] = {}
+def _dependency_problems(i: int, stage: Stage, names: list[str], chk: _Checks) -> None:
+    for dep in stage.depends_on:
+        if dep == stage.name:
+            chk.stage(i, stage.name, "depends on itself", "depends_on", key="depends_on")
+        elif dep not in names:
+            near = difflib.get_close_matches(dep, names, n=1)
+            chk.stage(i, stage.name, f"depends on unknown stage '{dep}'", "depends_on", key="depends_on",
+                      hint=f"did you mean '{near[0]}'?" if near else "stages: " + ", ".join(names))
+    if len(set(stage.depends_on)) != len(stage.depends_on):
+        chk.stage(i, stage.name, "lists a dependency twice in depends_on", "depends_on")
+    if stage.type == "parameterized" and not stage.depends_on and not stage.map_on:
+        chk.stage(i, stage.name, "is parameterized with no dependency: set options.map_on to the input key whose "
+                                 "list it maps over", key="options.map_on")
+
+
+def _cycle_problems(built: list[tuple[int, Stage]], chk: _Checks) -> None:
+    """Every dependency cycle, reported once on its first stage and marking all of its stages."""
+    position: dict[str, int] = {}
+    for i, stage in built:
+        position.setdefault(stage.name, i)
+    deps = {s.name: [d for d in s.depends_on if d in position and d != s.name] for _, s in built}
+    for cycle in _cycles(deps):
+        chk.stage(position[cycle[0]], cycle[0], "dependency cycle " + " -> ".join(cycle), "depends_on",
+                  key="depends_on", stages=tuple(position[n] for n in cycle[:-1]))
+
+
+def _cycles(deps: dict[str, list[str]]) -> list[list[str]]:
+    """The cycles a depth-first search meets (each once, as a -> b -> a), in the order met."""
+    found: list[list[str]] = []
+    keys: set[frozenset] = set()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
     stack: list[str] = []
 
-    def visit(name):
-        state[name] = 1
-        stack.append(name)
-        for dep in deps[name]:
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in deps.get(node, []):
             if state.get(dep) == 1:
-                return stack[stack.index(dep):] + [dep]
-            if dep not in state:
-                found = visit(dep)
-                if found:
-                    return found
-        state[name] = 2
+                cycle = stack[stack.index(dep):] + [dep]
+                if frozenset(cycle) not in keys:
+                    keys.add(frozenset(cycle))
+                    found.append(cycle)
+            elif dep not in state:
+                visit(dep)
         stack.pop()
-        return None
+        state[node] = 2
 
-    for name in deps:
-        if name not in state:
-            found = visit(name)
-            if found:
-                return found
-    return None
+    for node in deps:
+        if node not in state:
+            visit(node)
+    return found
+
+
+def _target_problems(built: list[tuple[int, Stage]], namespace: dict, chk: _Checks) -> None:
+    for i, stage in built:
+        if stage.target is None or stage.target == "":
+            continue  # said already: has no target
+        try:
+            resolve_target(stage, namespace)
+        except ConfigError as exc:
+            chk.stage(i, stage.name, exc.message, "target", key=exc.key, hint=exc.hint)
 
 
 def topological_order(wf: Workflow) -> list[str]:
@@ -304,7 +551,8 @@ def topological_order(wf: Workflow) -> list[str]:
 # --- loading ------------------------------------------------------------------------------------
 
 def load_workflow(src) -> Workflow:
-    """Load a Flowdapt workflow resource from YAML text, a path, or a dict.
+    """Load a Flowdapt workflow resource from YAML text, a path, or a dict; a ConfigError lists
+    every problem (see :func:`workflow_problems`).
 
     >>> wf = load_workflow('''
     ... kind: workflow
@@ -318,81 +566,9 @@ def load_workflow(src) -> Workflow:
     """
     if isinstance(src, Workflow):
         return src
-    source = read_source(src, "workflow")
-    data = source.data
-    if not isinstance(data, dict):
-        raise ConfigError("a workflow must be a mapping with kind, metadata and spec",
-                          line=source.line_of(()))
-    prefix: tuple = ("spec", "stages")
-    if "spec" not in data and "stages" in data:  # shorthand: {name, stages}
-        data = {"kind": "workflow", "metadata": {"name": data.get("name")}, "spec": {"stages": data["stages"]}}
-        source = Source(data, {("spec",) + k if k[0] == "stages" else k: v for k, v in source.lines.items()},
-                        source.origin, source.line_offset)
-    if ("target" in data or "__target__" in data or "services" in data) and "spec" not in data:
-        key = next(k for k in ("target", "__target__", "services") if k in data)
-        raise ConfigError("this is an executor config, not a workflow", key=key, line=source.line_of((key,)),
-                          hint="a workflow resource has kind: workflow, metadata.name and spec.stages")
-    for key in data:
-        if key not in ("kind", "metadata", "spec", "version", "api_version", "apiVersion", "status"):
-            near = difflib.get_close_matches(str(key), ["kind", "metadata", "spec"], n=1)
-            raise ConfigError(f"unknown key '{key}' in the workflow", key=str(key),
-                              line=source.line_of((key,)),
-                              hint=f"did you mean '{near[0]}'?" if near else "valid: kind, metadata, spec")
-    kind = data.get("kind", "workflow")
-    if str(kind).lower() != "workflow":
-        raise ConfigError(f"kind is {kind!r}; a workflow resource has kind: workflow", key="kind",
-                          line=source.line_of(("kind",)))
-    metadata = data.get("metadata") or {}
-    if not isinstance(metadata, dict) or "name" not in metadata:
-        raise ConfigError("the workflow needs metadata.name", key="metadata.name",
-                          line=source.line_of(("metadata",)))
-    spec = data.get("spec")
-    for key in spec if isinstance(spec, dict) else ():
-        if key != "stages":
-            near = difflib.get_close_matches(str(key), ["stages"], n=1)
-            raise ConfigError(f"unknown key 'spec.{key}'", key=f"spec.{key}", line=source.line_of(("spec", key)),
-                              hint="did you mean 'stages'?" if near else "a workflow spec holds only 'stages'")
-    if not isinstance(spec, dict) or "stages" not in spec:
-        raise ConfigError("the workflow needs spec.stages, a list of stages", key="spec.stages",
-                          line=source.line_of(("spec",)))
-    raw_stages = spec["stages"]
-    if not isinstance(raw_stages, list):
-        raise ConfigError("spec.stages must be a list of stages (each starting with '- name:')",
-                          key="spec.stages", line=source.line_of(("spec", "stages")))
-    stages = []
-    for i, raw in enumerate(raw_stages):
-        line = source.line_of(prefix + (i,))
-        if not isinstance(raw, dict):
-            raise ConfigError(f"stage {i + 1} must be a mapping with name and target", line=line)
-        name = raw.get("name")
-        for key in raw:
-            if key not in STAGE_KEYS:
-                near = difflib.get_close_matches(str(key), STAGE_KEYS, n=1)
-                hint = f"did you mean '{near[0]}'?" if near else "valid keys: " + ", ".join(STAGE_KEYS)
-                raise ConfigError(f"unknown key '{key}'", stage=name, key=str(key),
-                                  line=source.line_of(prefix + (i, key)), hint=hint)
-        deps = raw.get("depends_on", [])
-        if isinstance(deps, str):
-            raise ConfigError(f"depends_on must be a list, e.g. depends_on: [{deps}]", stage=name,
-                              key="depends_on", line=source.line_of(prefix + (i, "depends_on")))
-        if raw.get("type", "simple") not in STAGE_TYPES:
-            raise ConfigError(f"type {raw.get('type')!r} is not valid; use simple or parameterized",
-                              stage=name, key="type", line=source.line_of(prefix + (i, "type")))
-        target = raw.get("target", "")
-        if not isinstance(target, str) and not callable(target):  # Flowdapt's API takes callables too
-            raise ConfigError(f"target must be an import path, a notebook function's name or a callable, "
-                              f"not {type(target).__name__}",
-                              stage=name, key="target", line=source.line_of(prefix + (i, "target")))
-        try:
-            stages.append(Stage(**{k: v for k, v in raw.items() if v is not None or k == "target"}))
-        except ValidationError as exc:
-            raise _config_error_from(exc, source, prefix + (i,), stage=name) from None
-    extra_meta = {k: v for k, v in metadata.items() if k != "name"}
-    try:
-        wf = Workflow.model_construct(name=str(metadata["name"]), stages=stages, metadata=extra_meta)
-    except ValidationError as exc:  # pragma: no cover - model_construct doesn't validate
-        raise _config_error_from(exc, source, ()) from None
-    check_workflow(wf, source, prefix)
+    wf, problems = _validate(read_source(src, "workflow"))
+    if problems or wf is None:
+        raise problems_error(problems)
     return wf
 
 
@@ -628,5 +804,5 @@ def root_kwargs(stage: Stage, fn: Callable, run_input: dict) -> dict:
         have = ", ".join(sorted(run_input)) or "none"
         raise ConfigError(f"needs input {', '.join(repr(m) for m in missing)} (input keys given: {have})",
                           stage=stage.name, key=missing[0],
-                          hint="pass it in the run input, e.g. input={'%s': ...}" % missing[0])
+                          hint=f"pass it in the run input, e.g. input={{'{missing[0]}': ...}}")
     return {k: v for k, v in run_input.items() if k in names and k not in skip}

@@ -9,9 +9,9 @@ import html
 import time
 
 import pytest
+from conftest import make_executor
 
 import flowdapt_nb as fnb
-from conftest import make_executor
 from flowdapt_nb import cli
 from flowdapt_nb.errors import ConfigError
 from flowdapt_nb.run_input import FORMS, input_from_args, parse_assignments, parse_run_input

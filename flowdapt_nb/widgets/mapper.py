@@ -8,10 +8,10 @@ Everything the widget does is reachable from code too (``add_stage``, ``load``, 
 from __future__ import annotations
 
 import inspect
-from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import ipywidgets as widgets
 import yaml
@@ -20,11 +20,30 @@ from traitlets import Dict, List, Unicode
 from ..dag import dag_svg
 from ..errors import ConfigError
 from ..run_input import parse_run_input
-from ..workflow import NAME_PATTERN, Stage, Workflow, _check_resources, load_workflow, resolve_target, user_namespace
+from ..workflow import (
+    Problem,
+    Stage,
+    Workflow,
+    load_workflow,
+    problems_error,
+    user_namespace,
+    validate_workflow,
+)
 from ._common import FeedWidget, badge, esc, fmt_duration, html_widget, style_widget
-from ._stage_row import _ROW_CSS, _PLACEHOLDER_INPUT, _StageRow, _internal, _shell_hidden, _signature, \
-    _wrap_row, dependency_adder, format_resources, parse_resources
+from ._stage_row import (
+    _PLACEHOLDER_INPUT,
+    _ROW_CSS,
+    _internal,
+    _shell_hidden,
+    _signature,
+    _StageRow,
+    _wrap_row,
+    dependency_adder,
+    format_resources,
+    parse_resources,
+)
 from ._tracker import RunTracker
+
 
 class StageMapper(FeedWidget):
     """Build a workflow from notebook functions, watch its DAG, run it, export it.
@@ -69,6 +88,7 @@ class StageMapper(FeedWidget):
         self._rows: list[_StageRow] = []
         self._hold = 0
         self._built: Workflow | None = None
+        self._problems: list[Problem] = []
         self.name = name
 
         # --- toolbar ---
@@ -359,7 +379,9 @@ class StageMapper(FeedWidget):
             self._validate()
             self._redraw()
 
-    def _spec(self, row: _StageRow, ns: dict) -> dict:
+    def _spec(self, row: _StageRow, ns: dict) -> tuple[dict, Problem | None]:
+        """A row as a stage mapping for the validator, and the problem reading its resources box
+        (a text field of this editor, not a workflow rule), if any."""
         f = row.fields()
         target: Any = f["target"]
         if target in self._callables:
@@ -372,102 +394,53 @@ class StageMapper(FeedWidget):
                 options["map_on"] = f["map_on"]
             if not f["allow_partial_failure"] or row.explicit_partial:
                 options["allow_partial_failure"] = f["allow_partial_failure"]
-        spec = {"name": f["name"], "target": target, "type": f["type"], "depends_on": f["depends_on"],
-                "options": options, "resources": parse_resources(f["resources"])}
+        problem = None
+        try:
+            resources = parse_resources(f["resources"])
+        except (ValueError, yaml.YAMLError) as exc:
+            resources = {}
+            problem = Problem(str(exc), stage=f["name"], key="resources", index=self._rows.index(row))
+        spec = {"name": f["name"], "target": target, "type": row.extra.get("_bad_type", f["type"]),
+                "depends_on": f["depends_on"], "options": options, "resources": resources}
         spec.update({k: v for k, v in row.extra.items() if not k.startswith("_")})
-        return spec
+        return spec, problem
 
     def _validate(self) -> dict:
+        """Check the mapping with the one workflow validator (``workflow.validate_workflow``, as
+        ``load_workflow`` does, plus each target resolved) and show each problem on its row."""
         ns = self._ns()
-        rows = self._rows
-        names = [r.name for r in rows]
-        counts = Counter(names)
-        problems: dict[int, list[str]] = {i: [] for i in range(len(rows))}
-        specs: list[dict | None] = []
-        for i, row in enumerate(rows):
-            name = names[i]
-            msgs = problems[i]
-            f = row.fields()
-            if not name:
-                msgs.append("give the stage a name")
-            elif not NAME_PATTERN.match(name):
-                msgs.append(f"name {name!r} is not valid: use letters, digits, '_' and '-'")
-            elif counts[name] > 1:
-                msgs.append(f"another stage is also named '{name}'; stage names must be unique")
-            if "_bad_type" in row.extra:
-                msgs.append(f"type {row.extra['_bad_type']!r} is not valid; use simple or parameterized")
-            for dep in f["depends_on"]:
-                if dep == name:
-                    msgs.append("depends on itself")
-                elif dep not in names:
-                    import difflib
-                    near = difflib.get_close_matches(dep, [n for n in names if n], n=1)
-                    msgs.append(f"depends on unknown stage '{dep}'" + (f"; did you mean '{near[0]}'?" if near else ""))
-            if f["type"] == "parameterized" and not f["depends_on"] and not f["map_on"]:
-                msgs.append("is parameterized with no dependency: set map_on to the input key whose list "
-                            "it maps over")
-            try:
-                spec = self._spec(row, ns)
-            except (ValueError, yaml.YAMLError) as exc:
-                msgs.append(str(exc))
-                specs.append(None)
-                continue
-            specs.append(spec)
-            try:
-                stage = Stage(**{**spec, "name": name or "stage"})
-            except Exception as exc:
-                msgs.append(str(exc).splitlines()[0])
-                continue
-            try:
-                _check_resources(stage, None)
-            except ConfigError as exc:
-                msgs.append(exc.message)
-            if not f["target"]:
-                msgs.append("pick a function (or type an import path)")
-            else:
-                try:
-                    resolve_target(stage, ns)
-                except ConfigError as exc:
-                    msgs.append(exc.message + (f"; {exc.hint}" if exc.hint else ""))
-        # cycles (every one of them, each marked on its stages)
-        known = {n: [d for d in rows[i].deps_w.value if d in counts and d != n] for i, n in enumerate(names) if n}
-        for cycle in _cycles(known):
-            text = "dependency cycle " + " -> ".join(cycle)
-            for i, n in enumerate(names):
-                if n in cycle[:-1] and text not in problems[i]:
-                    problems[i].append(text)
-        workflow_error = ""
-        if not NAME_PATTERN.match(self.name or ""):
-            workflow_error = f"workflow name {self.name!r} is not valid: use letters, digits, '_' and '-'"
-        elif not rows:
-            workflow_error = "add at least one stage"
-        built = None
-        if not workflow_error and not any(problems.values()):
-            try:
-                built = Workflow(self.name, stages=[Stage(**s) for s in specs])
-            except ConfigError as exc:
-                if exc.stage in names:
-                    problems[names.index(exc.stage)].append(exc.message)
-                else:
-                    workflow_error = str(exc)
-            except Exception as exc:
-                workflow_error = f"{type(exc).__name__}: {exc}"
+        specs = [self._spec(row, ns) for row in self._rows]
+        document = {"kind": "workflow", "metadata": {"name": self.name}, "spec": {"stages": [s for s, _ in specs]}}
+        built, problems = validate_workflow(document, namespace=ns)
+        problems = [p for _, p in specs if p is not None] + problems
+        per_row: list[list[str]] = [[] for _ in self._rows]
+        for problem in problems:
+            for i in problem.positions:
+                if problem.text not in per_row[i]:
+                    per_row[i].append(problem.text)
         errors = {}
-        for i, row in enumerate(rows):
-            message = "; ".join(problems[i])
+        for i, row in enumerate(self._rows):
+            message = "; ".join(per_row[i])
             row.set_error(message)
             if message:
-                errors[names[i] or f"stage {i + 1}"] = message
+                errors[row.name or f"stage {i + 1}"] = message
+        self._problems = problems
         self.errors = errors
-        self.workflow_error = workflow_error
-        self._built = built
-        self.yaml = built.to_yaml() if built is not None else ""
+        self.workflow_error = "; ".join(p.text for p in problems if not p.positions)
+        self._built = built if not problems else None
+        self.yaml = self._built.to_yaml() if self._built is not None else ""
         return errors
 
     def validate(self) -> dict:
         """Check the mapping now; returns ``errors`` ({stage: message}), also shown on the stages."""
         with self._draw_lock:
             return self._validate()
+
+    @property
+    def problems(self) -> list[Problem]:
+        """Every problem of the mapping as data (``workflow.Problem``: stage, key, message, hint,
+        the rows it concerns), as ``load_workflow`` finds them, plus targets that do not resolve."""
+        return list(self._problems)
 
     @property
     def valid(self) -> bool:
@@ -479,10 +452,7 @@ class StageMapper(FeedWidget):
         with self._draw_lock:
             self._validate()
             if self._built is None:
-                if self.workflow_error:
-                    raise ConfigError(self.workflow_error)
-                stage, message = next(iter(self.errors.items()))
-                raise ConfigError(message, stage=stage)
+                raise problems_error(self._problems)  # every problem, as load_workflow raises them
             return self._built
 
     def export_yaml(self, path: str | Path | None = None) -> str:
@@ -811,34 +781,6 @@ class StageMapper(FeedWidget):
         if self.workflow_error:
             lines.append(f"  ! {self.workflow_error}")
         return "\n".join(lines)
-
-
-def _cycles(deps: dict[str, list[str]]) -> list[list[str]]:
-    """Every elementary cycle found by depth-first search (each reported once, as a -> b -> a)."""
-    found: list[list[str]] = []
-    keys: set[frozenset] = set()
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(node):
-        state[node] = 1
-        stack.append(node)
-        for dep in deps.get(node, []):
-            if state.get(dep) == 1:
-                cycle = stack[stack.index(dep):] + [dep]
-                key = frozenset(cycle)
-                if key not in keys:
-                    keys.add(key)
-                    found.append(cycle)
-            elif dep not in state:
-                visit(dep)
-        stack.pop()
-        state[node] = 2
-
-    for node in deps:
-        if node not in state:
-            visit(node)
-    return found
 
 
 def _stored_workflows() -> dict:
