@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import queue
 import threading
@@ -83,6 +84,26 @@ class _DriverThreads:
 
 
 _storage_default: dict = {}  # (environment it depends on) -> the default storage folder
+
+
+def _close_at_exit() -> None:
+    """At interpreter exit, close every executor still running: a cluster it started is
+    stopped, an attached one only disconnected (distributed and ipyparallel close their
+    clusters at exit the same way). ``__del__`` alone is not enough: at exit it may run late,
+    after the engines' own exit hooks, or never."""
+    for ex in list(_live):
+        try:
+            if ex.running:
+                ex.close()
+        except Exception:  # one executor's failure must not leave the others running
+            pass
+
+
+def _keep_exit_hook_first() -> None:
+    """(Re-)register ``_close_at_exit`` so it runs before the exit hooks Ray, Dask and
+    multiprocessing registered while this executor started (atexit runs the newest first)."""
+    atexit.unregister(_close_at_exit)
+    atexit.register(_close_at_exit)
 
 
 def current_executor() -> "Executor | None":
@@ -276,6 +297,7 @@ class Executor:
             self._started_at = time.time()
             _current = self
             _live.add(self)
+            _keep_exit_hook_first()
             self._start_sampler()
         return self
 
