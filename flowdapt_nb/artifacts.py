@@ -232,7 +232,7 @@ def _is_frame(value) -> bool:
 
 def _dump(value, f) -> str:
     """Write ``value`` into the open binary file ``f``; returns its format."""
-    import cloudpickle
+    from . import pickling
     if _is_frame(value) and _parquet_safe(value):
         start = f.tell()
         try:
@@ -241,13 +241,7 @@ def _dump(value, f) -> str:
         except Exception:  # a type Parquet can't hold after all: pickle it instead
             f.seek(start)
             f.truncate()
-    try:
-        cloudpickle.dump(value, f, protocol=5)
-    except Exception as exc:
-        if isinstance(exc, (TypeError, AttributeError)) or "pickle" in type(exc).__name__.lower():
-            raise TypeError(f"artifacts hold values cloudpickle can pickle; {type(value).__name__} "
-                            f"is not: {exc}") from exc
-        raise
+    pickling.dump(value, f, "artifacts hold")  # an unpicklable value: one TypeError, as the object store says it
     return "cloudpickle"
 
 

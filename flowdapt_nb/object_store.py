@@ -32,6 +32,7 @@ import logging
 
 import cloudpickle
 
+from . import pickling
 from .artifacts import ArtifactStore, check_name, store_for
 from .context import current_context
 
@@ -132,13 +133,7 @@ def put(key: str, value, namespace: str | None = None, strategy: str | None = No
 
 
 def _pickle(value) -> bytes:
-    try:
-        return cloudpickle.dumps(value)
-    except Exception as exc:
-        if isinstance(exc, (TypeError, AttributeError)) or "pickl" in type(exc).__name__.lower():
-            raise TypeError(f"the object store holds values cloudpickle can pickle; "
-                            f"{type(value).__name__} is not: {exc}") from None
-        raise
+    return pickling.dumps(value, "the object store holds")
 
 
 def _memory(scope: _Scope, strategy: str, method: str, *args, default=None):

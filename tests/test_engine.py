@@ -288,3 +288,42 @@ def test_process_pool_runs_lambdas_and_notebook_functions():
                                                             depends_on=["n"])))
         assert run.result == [8, 9]
         assert len(set(run.tasks.worker)) >= 1 and all(w.startswith("") for w in run.tasks.worker)
+
+
+# --- shared helpers: one pickling error, one LRU ------------------------------------------------
+
+class _RefusesPickling:
+    """pickle.PicklingError from its own __reduce__ (a type whose library forbids pickling)."""
+
+    def __reduce__(self):
+        import pickle
+        raise pickle.PicklingError("this object stays where it is")
+
+
+def test_unpicklable_values_are_one_type_error_in_every_store(tmp_path):
+    import threading
+    for value, why in ((threading.Lock(), "lock"), (_RefusesPickling(), "this object stays")):
+        with pytest.raises(TypeError, match=rf"^artifacts hold values cloudpickle can pickle; .*{why}"):
+            fnb.object_store.put("bad", value, "ns", strategy="artifact", storage=str(tmp_path))
+        with pytest.raises(TypeError, match=rf"^the object store holds values cloudpickle can pickle; .*{why}"):
+            with fnb.LocalExecutor(use_processes=False, cpus=1, _compute={"storage": str(tmp_path)}):
+                fnb.object_store.put("bad", value, "ns", strategy="cluster_memory")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing half-written
+
+
+def test_lru_keeps_the_most_recently_used():
+    from flowdapt_nb.lru import LRU
+    loads = []
+    cache = LRU(2)
+
+    def load(key):
+        loads.append(key)
+        return key.upper()
+
+    assert [cache.get_or_load(k, lambda k=k: load(k)) for k in "aba"] == ["A", "B", "A"]
+    assert loads == ["a", "b"]  # "a" the second time came from the cache
+    cache.put("c", "C")  # "b" is the least recently used now: it goes
+    assert "b" not in cache and "a" in cache and len(cache) == 2
+    assert cache.get("b") is None and cache.get("a") == "A"
+    with pytest.raises(ValueError):
+        LRU(0)

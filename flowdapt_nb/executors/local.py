@@ -11,7 +11,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from multiprocessing.managers import SyncManager
 
 import cloudpickle
@@ -21,6 +20,7 @@ from ..config import LocalConfig
 from ..engine import Backend, Outcome, items_of
 from ..errors import ConfigError
 from ..events import ResourceSample
+from ..lru import LRU
 from ..memory_store import MemoryStore
 from ..units import auto_cpus, parse_bytes
 from ..worker import TaskInfo, default_worker_name, execute
@@ -33,25 +33,22 @@ from .local_pool import ProcessPool, ThreadPool, exit_with_parent, send_events
 
 _batch = EventBatch(0.05)  # per worker process: 'running' reports, one queue message per batch
 _chunks = ChunkWatch(0.05)  # items of a chunk that run long are reported running all the same
-_loaded: "OrderedDict[str, object]" = OrderedDict()  # per worker process: key -> function or context
+_loaded: LRU[str, object] = LRU(64)  # per worker process: key -> function or context
 _loads = 0  # per worker process: files unpickled so far (tests check a function is loaded once)
 
 
 def _load_shipped(shipped: tuple):
     """A function or run context the driver wrote to a file once (``_LocalBackend._ship``),
     loaded once per worker process: tasks carry only its key and path."""
-    global _loads
     key, path = shipped[:2]
-    obj = _loaded.get(key, _loaded)
-    if obj is _loaded:
+
+    def load():
+        global _loads
         _loads += 1
         with open(path, "rb") as f:
-            obj = _loaded[key] = cloudpickle.loads(f.read())
-        if len(_loaded) > 64:
-            _loaded.popitem(last=False)
-    else:
-        _loaded.move_to_end(key)
-    return obj
+            return cloudpickle.loads(f.read())
+
+    return _loaded.get_or_load(key, load)
 
 
 def _load_context(shipped: tuple):
