@@ -18,16 +18,19 @@ from ..memory_store import MemoryStore
 from ..output_capture import RunOutputBudget
 from ..units import parse_bytes, usable_cores
 from ..worker import execute
-from ..worker_events import EventBatch
+from ..worker_events import ChunkWatch, EventBatch
 from .base import Executor
 from .cluster import apply_env, check_resource_request, ensure_reachable, gpu_count
 
 EVENT_TOPIC = "flowdapt-nb-task"
 OUTPUT_TOPIC = "flowdapt-nb-output"
+CHUNK_TOPIC = "flowdapt-nb-chunk"  # one report per chunk: how each of its items ended
 # Seconds a cancelled (or timed-out) task may take to return by itself before its worker is
 # restarted to free the thread it holds.
 RESTART_GRACE = 2.0
 RESTART_TIMEOUT = 30  # seconds a worker's nanny gets to restart it
+CHUNK_SECONDS = 0.05  # work per chunk once a fan-out's items turn out tiny (see Backend.chunk_seconds)
+REPORT_GRACE = 2.0  # seconds a finished chunk waits for its report before the driver fetches it
 
 logger = logging.getLogger("flowdapt_nb.dask")
 
@@ -47,6 +50,7 @@ def _log(worker, payload) -> None:
 # driver's process: tiny tasks then cost one report each, not two. 'finished' goes at once, so it
 # reaches the driver before the task's result does.
 _batch = EventBatch(0.02)
+_chunks = ChunkWatch(0.05)  # items of a chunk that run long are reported running all the same
 
 
 class _QuietStageFailures(logging.Filter):
@@ -59,20 +63,25 @@ class _QuietStageFailures(logging.Filter):
 _quiet = _QuietStageFailures()
 
 
-def _dask_task(fn, ctx, info, *flat):
-    """Run one stage call on a Dask worker; failures raise the stage's own exception.
-
-    Whatever the stage does, the worker survives it: ``SystemExit`` and ``KeyboardInterrupt``
-    (which would end the worker process, and leave the task's future *cancelled*) travel as a
-    RemoteError naming them, and a result that can't be serialized fails here, naming this
-    stage, rather than later where it would be fetched."""
+def _on_worker(ctx):
+    """This Dask worker, set up for a run's tasks (its logging filter, the run's env vars)."""
     from distributed import get_worker
-    from ..output_capture import capture
     worker = get_worker()
     worker_log = logging.getLogger("distributed.worker")
     if _quiet not in worker_log.filters:
         worker_log.addFilter(_quiet)
     apply_env(ctx.config.get("env_vars") or {})
+    return worker
+
+
+def _call(worker, fn, ctx, info, flat, report) -> tuple[dict, object]:
+    """One stage call with what it prints forwarded: (meta, value); never raises.
+
+    Whatever the stage does, the worker survives it: ``SystemExit`` and ``KeyboardInterrupt``
+    (which would end the worker process, and leave the task's future *cancelled*) come back as
+    a RemoteError naming them, and a result that can't be serialized fails here, naming this
+    stage, rather than later where it would be fetched."""
+    from ..output_capture import capture
 
     def send(stream, text):
         worker.log_event(OUTPUT_TOPIC, {"run": info.run, "stage": info.stage, "item": info.item,
@@ -81,8 +90,7 @@ def _dask_task(fn, ctx, info, *flat):
     start = time.time()
     with capture(send):
         try:
-            meta, value = execute(ctx, fn, info, flat,
-                                  lambda event: _batch.add(event, lambda b: _log(worker, b)), worker.address)
+            meta, value = execute(ctx, fn, info, flat, report, worker.address)
         except BaseException as exc:  # KeyboardInterrupt from the stage: it must not end the worker
             meta, value = {"ok": False, "start": start, "end": time.time(), "worker": worker.address,
                            "error": RemoteError.standing_in_for(exc, traceback.format_exc())}, None
@@ -90,6 +98,15 @@ def _dask_task(fn, ctx, info, *flat):
         problem = _unserializable(value)
         if problem is not None:
             meta["ok"], meta["error"], value = False, UnserializableResultError(type(value).__name__, problem), None
+    return meta, value
+
+
+def _dask_task(fn, ctx, info, *flat):
+    """Run one stage call on a Dask worker; failures raise the stage's own exception (see
+    ``_call`` for what the worker survives)."""
+    worker = _on_worker(ctx)
+    meta, value = _call(worker, fn, ctx, info, flat,
+                        lambda event: _batch.add(event, lambda b: _log(worker, b)))
     finished = {"run": info.run, "stage": info.stage, "item": info.item,
                 "state": "finished" if meta["ok"] else "failed", "time": meta["end"],
                 "start": meta["start"], "end": meta["end"], "worker": worker.address}
@@ -101,6 +118,117 @@ def _dask_task(fn, ctx, info, *flat):
             error = RemoteError.standing_in_for(error, getattr(error, "remote_traceback", None))
         raise error
     return value
+
+
+def _dask_task_picked(fn, ctx, info, picks, *sources):
+    """``_dask_task`` for a task whose arguments include items of chunks: Dask moves each chunk
+    here once, and the items are picked out on this worker."""
+    return _dask_task(fn, ctx, info, *picks.unpack(sources))
+
+
+def _dask_chunk(fn, ctx, spec, *sources):
+    """Several calls of one stage, one after another, on one worker: a chunk is one Dask task,
+    so tiny items pay Dask's per-task cost once per chunk, not once each.
+
+    Returns (values, report): the items' values in order (None where an item failed), and the
+    report that also goes to the driver at once on ``CHUNK_TOPIC`` (it says how each item
+    ended, with its timings and its own error). A failing item never fails the chunk: the
+    chunk's future fails only when the chunk as a whole does (its worker died), and the engine
+    then sends its items again one by one."""
+    worker = _on_worker(ctx)
+    flat = spec.picks.unpack(sources)
+    report = _chunks.open(lambda batch: _log(worker, batch))
+    metas, values, pos = [], [], 0
+    try:
+        for info, count in zip(spec.infos, spec.counts):
+            meta, value = _call(worker, fn, ctx, info, flat[pos:pos + count], report)
+            pos += count
+            metas.append((meta["start"], meta["end"], None if meta["ok"] else _pickled_error(meta["error"])))
+            values.append(value)
+    finally:
+        _chunks.close(report)
+    blob = pickle.dumps(metas, protocol=5)
+    try:
+        worker.log_event(CHUNK_TOPIC, {"key": spec.key, "worker": worker.address, "metas": blob})
+    except Exception:  # the driver then asks for the report itself (see _DaskBackend._late_report)
+        pass
+    return values, blob
+
+
+def _chunk_report(chunk) -> bytes:
+    """A finished chunk's report, fetched when its CHUNK_TOPIC message did not come."""
+    return chunk[1]
+
+
+def _pick(chunk, pos):
+    """One item of a chunk as a future of its own (for ``split``)."""
+    return chunk[0][pos]
+
+
+def _pickled_error(error: BaseException) -> bytes:
+    """An item's error for the chunk's report, pickled alone: one error the driver can't load
+    (its class is not importable there) spoils no other item's."""
+    import cloudpickle
+    try:
+        return cloudpickle.dumps(error)
+    except Exception:
+        return cloudpickle.dumps(RemoteError.standing_in_for(error, getattr(error, "remote_traceback", None)))
+
+
+class _Picks:
+    """Where each argument of a task comes from: (source index, position in that chunk's
+    values, or None for the source itself). Sources are the distinct futures the task gets,
+    so a chunk that many items come from travels once. Dask does not look inside this object
+    (a list of tuples it would walk item by item)."""
+
+    __slots__ = ("picks",)
+
+    def __init__(self, picks: list):
+        self.picks = picks
+
+    def unpack(self, sources) -> list:
+        return [sources[i] if pos is None else sources[i][0][pos] for i, pos in self.picks]
+
+
+class _ChunkSpec:
+    """What a chunk runs: its key (for its report), each item's TaskInfo and argument count,
+    and where the arguments come from. Opaque to Dask, which would otherwise walk every
+    TaskInfo looking for futures."""
+
+    __slots__ = ("key", "infos", "counts", "picks")
+
+    def __init__(self, key: str, infos: list, counts: list, picks: _Picks):
+        self.key, self.infos, self.counts, self.picks = key, infos, counts, picks
+
+
+class _Item:
+    """The handle of an item that ran in a chunk: the chunk's future and the item's position.
+    Consumers get the chunk's future as an argument and pick the item out on their own worker
+    (``_Picks``); nothing passes through the driver unless the driver needs the value."""
+
+    __slots__ = ("future", "pos")
+
+    def __init__(self, future, pos: int):
+        self.future, self.pos = future, pos
+
+
+def _pack(flat: list) -> tuple[_Picks, list]:
+    """Task arguments (futures and chunk items) as (picks, distinct source futures)."""
+    sources: list = []
+    index: dict = {}
+    picks = []
+    for arg in flat:
+        item = isinstance(arg, _Item)
+        future = arg.future if item else arg
+        key = getattr(future, "key", None)
+        i = index.get(key) if key is not None else None
+        if i is None:
+            i = len(sources)
+            sources.append(future)
+            if key is not None:
+                index[key] = i
+        picks.append((i, arg.pos if item else None))
+    return _Picks(picks), sources
 
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
@@ -149,6 +277,23 @@ def _used_resources(dask_scheduler=None) -> dict:
 def _not_our_sampling(record) -> bool:
     """A scheduler in this process logs each sample's call as 'Run out-of-band function': not news."""
     return not (str(record.msg).startswith("Run out-of-band") and "_used_resources" in str(record.args))
+
+
+def _task_call(fn_handle, ctx_handle, info, flat) -> tuple:
+    """(task function, its arguments) for one lone task: items of chunks among the arguments go
+    as their chunks' futures, picked out on the worker."""
+    if any(isinstance(arg, _Item) for arg in flat):
+        picks, sources = _pack(flat)
+        return _dask_task_picked, (fn_handle, ctx_handle, info, picks, *sources)
+    return _dask_task, (fn_handle, ctx_handle, info, *flat)
+
+
+def _loaded_error(blob: bytes) -> BaseException:
+    """An item's error from its chunk's report; a RemoteError when its class can't be loaded here."""
+    try:
+        return pickle.loads(blob)
+    except Exception as exc:
+        return RemoteError("Exception", f"an error whose class can't be loaded in the driver ({exc})")
 
 
 def _as_items(value):
@@ -205,6 +350,21 @@ class _DaskBackend(Backend):
         self.client = client
         self.address = client.scheduler.address if client.scheduler is not None else "?"
         self.stoppers: set[threading.Thread] = set()
+        # Tiny items go in chunks of about this much work: a Dask task costs the driver's
+        # scheduler and the worker ~1-3 ms, about as much as a raw client.map item.
+        self.chunk_seconds = CHUNK_SECONDS
+        self.parallelism = 1  # worker threads, read at each run's start (sizes chunks)
+        # Chunks sent and not yet reported to the engine; each chunk's report (its CHUNK_TOPIC
+        # message), kept when it comes before the future's completion, as it normally does; and
+        # chunks whose future finished first, waiting for their report.
+        self._sent: set = set()
+        self._reports: dict = {}
+        self._late: dict = {}
+        self._chunk_lock = threading.Lock()
+        # (run, stage, item) -> (start, end, worker) from a lone task's own 'finished' report,
+        # which reaches the driver just before the future's completion: the engine sizes chunks
+        # from these timings.
+        self._timings: dict = {}
 
     # Broadcast: scattered data held by one worker alone would be lost with it, and every task
     # needing it would wait forever; replicas let Dask reschedule work after a worker dies.
@@ -224,6 +384,11 @@ class _DaskBackend(Backend):
             handles = self.client.scatter([ctx, *fns], broadcast=True, hash=False)
         except Exception as exc:
             raise self._lost_cluster(exc) or exc
+        try:  # the run's stages were just checked against the workers: this is a cached look
+            infos = self.executor._recent_worker_infos(5.0)
+            self.parallelism = max(1, sum(int(w.get("nthreads") or 1) for w in infos.values()))
+        except Exception:
+            pass
         return handles[0], handles[1:]
 
     def release_run(self, ctx_handle, fn_handles) -> None:
@@ -241,57 +406,163 @@ class _DaskBackend(Backend):
 
     def submit(self, fn_handle, ctx_handle, info, flat_args, resources, on_done):
         worker_resources = self.executor._task_resources(resources)
-        future = self.client.submit(_dask_task, fn_handle, ctx_handle, info, *flat_args, pure=False,
-                                    key=self._key(info), resources=worker_resources or None)
-        self._watch(future, on_done)
+        func, args = _task_call(fn_handle, ctx_handle, info, flat_args)
+        future = self.client.submit(func, *args, pure=False, key=self._key(info),
+                                    resources=worker_resources or None)
+        self._watch(future, on_done, info)
         return future
 
     def submit_many(self, ctx_handle, calls, refs):
         """Consecutive tasks with the same function, resources and argument count (a fanned-out
         stage) go to the scheduler as one ``client.map``: one graph update, not one per task."""
+        prepared = [(*_task_call(fn_handle, ctx_handle, info, flat), fn_handle, info, resources, on_done)
+                    for fn_handle, info, flat, resources, on_done in calls]
         start = 0
-        while start < len(calls):
-            fn_handle, _, flat, resources, _ = calls[start]
+        while start < len(prepared):
+            func, args, fn_handle, _, resources, _ = prepared[start]
             end = start + 1
-            while (end < len(calls) and calls[end][0] is fn_handle and calls[end][3] == resources
-                   and len(calls[end][2]) == len(flat)):
+            while (end < len(prepared) and prepared[end][0] is func and prepared[end][2] is fn_handle
+                   and prepared[end][4] == resources and len(prepared[end][1]) == len(args)):
                 end += 1
-            group = calls[start:end]
+            group = prepared[start:end]
+            worker_resources = self.executor._task_resources(resources)
             if len(group) == 1:
-                _, info, flat_args, resources, on_done = group[0]
-                refs.append(self.submit(fn_handle, ctx_handle, info, flat_args, resources, on_done))
+                futures = [self.client.submit(func, *args, pure=False, key=self._key(group[0][3]),
+                                              resources=worker_resources or None)]
             else:
-                n = len(group)
-                columns = [[call[2][i] for call in group] for i in range(len(flat))]
-                worker_resources = self.executor._task_resources(resources)
-                futures = self.client.map(_dask_task, [fn_handle] * n, [ctx_handle] * n,
-                                          [call[1] for call in group], *columns, pure=False,
-                                          key=[self._key(call[1]) for call in group],
+                columns = [[call[1][i] for call in group] for i in range(len(args))]
+                futures = self.client.map(func, *columns, pure=False, key=[self._key(call[3]) for call in group],
                                           resources=worker_resources or None)
-                for future, call in zip(futures, group):
-                    self._watch(future, call[4])
-                refs.extend(futures)
+            for future, call in zip(futures, group):
+                self._watch(future, call[5], call[3])
+            refs.extend(futures)
             start = end
 
-    def _watch(self, future, on_done) -> None:
-        """Every way a future ends reaches the engine: finished, error, lost, cancelled."""
+    def submit_chunk(self, fn_handle, ctx_handle, tasks, resources, on_done):
+        """One Dask task runs the items one after another (``_dask_chunk``); each item's outcome
+        comes from the chunk's report, and an item's value stays in the chunk's result on its
+        worker (its handle is an ``_Item``)."""
+        infos = [info for info, _ in tasks]
+        first = infos[0]
+        key = f"{first.stage}-{first.item}+{len(infos)}-{first.run[:8]}"
+        picks, sources = _pack([arg for _, args in tasks for arg in args])
+        spec = _ChunkSpec(key, infos, [len(args) for _, args in tasks], picks)
+        worker_resources = self.executor._task_resources(resources)
+        with self._chunk_lock:
+            self._sent.add(key)
+        try:
+            future = self.client.submit(_dask_chunk, fn_handle, ctx_handle, spec, *sources, pure=False, key=key,
+                                        resources=worker_resources or None)
+        except BaseException:
+            with self._chunk_lock:
+                self._sent.discard(key)
+            raise
+        future.add_done_callback(lambda f: self._chunk_done(f, on_done))
+        return future
+
+    def _chunk_done(self, future, on_done) -> None:
+        """A chunk's future ended: its items' outcomes (from its report) or, when the chunk
+        failed as a whole, the error; the engine then sends the items again one by one."""
+        key = future.key
+        if future.status != "finished":
+            with self._chunk_lock:
+                self._sent.discard(key)
+                self._reports.pop(key, None)
+            on_done(self._failure(future))
+            return
+        with self._chunk_lock:
+            report = self._reports.pop(key, None)
+            if report is None:
+                self._late[key] = (future, on_done)
+            else:
+                self._sent.discard(key)
+        if report is None:  # not in yet (it normally comes first): wait a moment, then ask for it
+            timer = threading.Timer(REPORT_GRACE, self._late_report, (key,))
+            timer.daemon = True
+            timer.start()
+            return
+        on_done(self._outcomes(future, report["metas"], report["worker"]))
+
+    def _on_chunk_report(self, msg: dict) -> None:
+        """A chunk's report from its worker (CHUNK_TOPIC): kept until its future completes, or,
+        when the future completed first, handed on now. Reports of chunks this backend did not
+        send (another client's, on a shared cluster) are ignored."""
+        key = msg.get("key")
+        with self._chunk_lock:
+            if key not in self._sent:
+                return
+            late = self._late.pop(key, None)
+            if late is None:
+                self._reports[key] = msg
+                return
+            self._sent.discard(key)
+        future, on_done = late
+        on_done(self._outcomes(future, msg["metas"], msg["worker"]))
+
+    def _late_report(self, key) -> None:
+        """A finished chunk whose report never came: ask its worker for the copy in its result."""
+        with self._chunk_lock:
+            late = self._late.pop(key, None)
+            self._sent.discard(key)
+        if late is None:
+            return
+        future, on_done = late
+        try:
+            blob = self.client.submit(_chunk_report, future, pure=False).result(timeout=60)
+            who = self.client.who_has([future]).get(key) or ["?"]
+        except Exception as exc:
+            on_done(self._lost_cluster(exc) or exc)
+            return
+        on_done(self._outcomes(future, blob, who[0]))
+
+    def _outcomes(self, future, blob: bytes, worker: str) -> list:
+        outcomes = []
+        for pos, (start, end, error) in enumerate(pickle.loads(blob)):
+            if error is None:
+                outcomes.append(Outcome(True, _Item(future, pos), None, start, end, worker))
+            else:
+                outcomes.append(Outcome(False, None, _loaded_error(error), start, end, worker))
+        return outcomes
+
+    def _failure(self, future) -> BaseException:
+        """Why a future ended without a result (error, lost data, cancelled)."""
+        status = future.status
+        if status == "error":
+            try:
+                exc = future.exception()
+            except Exception as err:  # the scheduler went away
+                exc = err
+            return self._lost_cluster(exc) or exc
+        if status == "lost":
+            return RuntimeError("the task's data was lost: a Dask worker died")
+        return self._cancelled_error(future)  # by Dask (lost scheduler, lost inputs) or by us
+
+    def _watch(self, future, on_done, info) -> None:
+        """Every way a future ends reaches the engine: finished, error, lost, cancelled; with
+        the task's timings from its worker when its report came first (it normally does)."""
+        key = (info.run, info.stage, info.item)
+
         def done(f):
-            status = f.status
-            if status == "finished":
-                on_done(Outcome(True, f, end=time.time()))
-            elif status == "error":
+            start, end, worker = self._timings.pop(key, None) or (None, time.time(), None)
+            if f.status == "finished":
+                on_done(Outcome(True, f, None, start, end, worker))
+            elif f.status == "error":  # the stage's own error: Dask's exception is the stage's
                 try:
                     exc = f.exception()
                 except Exception as err:  # the scheduler went away
                     exc = err
-                on_done(Outcome(False, error=exc, end=time.time()))
-            elif status == "lost":
-                on_done(Outcome(False, error=RuntimeError("the task's data was lost: a Dask worker died"),
-                                end=time.time()))
-            else:  # cancelled: by Dask (lost scheduler, lost inputs) or by us (then nobody listens)
-                on_done(Outcome(False, error=self._cancelled_error(f), end=time.time()))
+                on_done(Outcome(False, error=exc, start=start, end=end, worker=worker))
+            else:
+                on_done(Outcome(False, error=self._failure(f), end=time.time()))
 
         future.add_done_callback(done)
+
+    def _note_timing(self, event: dict) -> None:
+        """A lone task's 'finished' or 'failed' report: its timings, for its outcome."""
+        if len(self._timings) > 100_000:  # reports whose futures never completed here
+            self._timings.clear()
+        self._timings[(event["run"], event["stage"], event["item"])] = (event.get("start"), event.get("end"),
+                                                                        event.get("worker"))
 
     def _cancelled_error(self, future) -> BaseException:
         cancelled = getattr(getattr(future, "_state", None), "exception", None)
@@ -307,6 +578,8 @@ class _DaskBackend(Backend):
                                                   "that timed out or was cancelled" if restarted else ""))
 
     def split(self, handle):
+        if isinstance(handle, _Item):
+            handle = self.client.submit(_pick, handle.future, handle.pos, pure=False)
         seq = self.client.submit(_as_items, handle, pure=False)
         try:
             count = self.client.submit(len, seq, pure=False).result()
@@ -315,16 +588,19 @@ class _DaskBackend(Backend):
         return [(("i", k), seq) for k in range(count)]
 
     def fetch(self, handle):
-        try:
-            return handle.result()
-        except Exception as exc:
-            raise self._lost_cluster(exc) or exc
+        return self.fetch_many([handle])[0]
 
     def fetch_many(self, handles):
+        """Values to the driver: each chunk that items come from travels once, whole."""
+        futures: dict = {}
+        for h in handles:
+            future = h.future if isinstance(h, _Item) else h
+            futures.setdefault(future.key, future)
         try:
-            return self.client.gather(handles)
+            values = dict(zip(futures, self.client.gather(list(futures.values()))))
         except Exception as exc:
             raise self._lost_cluster(exc) or exc
+        return [values[h.future.key][0][h.pos] if isinstance(h, _Item) else values[h.key] for h in handles]
 
     def _lost_cluster(self, exc: BaseException) -> ClusterLostError | None:
         """A ClusterLostError for an exception that says the scheduler went away, else None."""
@@ -338,7 +614,7 @@ class _DaskBackend(Backend):
         """Cancel the tasks and give their worker threads back: in the background (the engine
         never waits), a task still running ``RESTART_GRACE`` s later has its worker restarted by
         its nanny (a thread can't be stopped any other way)."""
-        futures = [f for f in task_refs if f is not None]
+        futures = list({f.key: f for f in task_refs if f is not None}.values())  # a chunk's items share one
         if not futures:
             return
         stopper = threading.Thread(target=self._stop, args=(futures,), name="flowdapt-nb-dask-stop", daemon=True)
@@ -470,6 +746,7 @@ class DaskExecutor(Executor):
             self._memory = self._new_memory_store()
             self.client.subscribe_topic(EVENT_TOPIC, self._on_task_event)
             self.client.subscribe_topic(OUTPUT_TOPIC, self._on_output)
+            self.client.subscribe_topic(CHUNK_TOPIC, self._on_chunk_report)
             self.client.forward_logging()
         except BaseException:
             self._close_quietly()
@@ -502,8 +779,16 @@ class DaskExecutor(Executor):
     # --- worker events ---
     def _on_task_event(self, event) -> None:
         _, batch = event
+        backend = self._backend
         for one in batch if isinstance(batch, (list, tuple)) else [batch]:  # a batch (msgpack: a tuple) or one
+            if one.get("state") != "running" and backend is not None and one.get("run") in self._active:
+                backend._note_timing(one)
             self._on_worker_event(one)
+
+    def _on_chunk_report(self, event) -> None:
+        backend = self._backend
+        if backend is not None:
+            backend._on_chunk_report(event[1])
 
     def _on_output(self, event) -> None:
         """A block of lines a task printed: printed here, each line with its stage and worker,
