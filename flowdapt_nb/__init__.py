@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 if os.environ.get("FLOWDAPT_NB_STAGE_PREFIX") == "1":  # a process `flowdapt-nb run` started: see cli_streams
     from .cli_streams import install_stage_prefix as _install_stage_prefix
+
     _install_stage_prefix()
 
 _EXPORTS = {
@@ -64,9 +65,11 @@ def __dir__():
 def load_ipython_extension(ipython) -> None:
     """``%load_ext flowdapt_nb`` registers the ``%flowdapt`` magics."""
     from .notebook.magics import load_ipython_extension as load
+
     load(ipython)
 
 
 def unload_ipython_extension(ipython) -> None:
     from .notebook.magics import unload_ipython_extension as unload
+
     unload(ipython)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 
-def run_workflow(workflow, input: dict | None = None, executor=None, namespace: str = "default",
-                 timeout: float | None = None):
+def run_workflow(
+    workflow,
+    input: dict | None = None,
+    executor=None,
+    namespace: str = "default",
+    timeout: float | None = None,
+):
     """Run ``workflow`` (a Workflow, YAML text, path or dict) and return its WorkflowRun.
 
     With ``executor=None`` a local thread pool is started for this run and closed after it.
@@ -17,5 +22,6 @@ def run_workflow(workflow, input: dict | None = None, executor=None, namespace: 
     if executor is not None:
         return executor.run(workflow, input=input, namespace=namespace, timeout=timeout)
     from .executors.local import LocalExecutor
+
     with LocalExecutor(use_processes=False) as ex:
         return ex.run(workflow, input=input, namespace=namespace, timeout=timeout)

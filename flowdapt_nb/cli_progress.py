@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.live import Live
 
 SUMMARY_EVERY = 5.0  # seconds between plain summary lines
 TICK = 0.1  # seconds between the main thread's redraws
@@ -79,6 +83,7 @@ class RunFeed:
     def follow(self, run) -> None:
         """Track ``run`` (seeded from its record, so nothing before this is lost)."""
         from .widgets._tracker import RunTracker
+
         self.tracker = RunTracker(run)
         self.update()
 
@@ -106,18 +111,30 @@ class RunFeed:
         out = []
         for stage in t.stage_names:
             c = counts[stage]
-            out.append({"stage": stage, "state": t.stage_state(stage), "done": c["done"], "total": c["total"],
-                        "running": c["running"], "failed": c["failed"], "cancelled": c["cancelled"],
-                        "rate": t.throughput(stage, now) if c["total"] > 1 else None, "elapsed": t.elapsed(stage, now),
-                        "eta": t.eta(stage, now)})
+            out.append(
+                {
+                    "stage": stage,
+                    "state": t.stage_state(stage),
+                    "done": c["done"],
+                    "total": c["total"],
+                    "running": c["running"],
+                    "failed": c["failed"],
+                    "cancelled": c["cancelled"],
+                    "rate": t.throughput(stage, now) if c["total"] > 1 else None,
+                    "elapsed": t.elapsed(stage, now),
+                    "eta": t.eta(stage, now),
+                }
+            )
         return out
 
 
 def stage_line(row: dict) -> str:
     """``square: running 3/10 done, 2 running, 0 failed, 1.5/s, elapsed 2.0s, ETA 4.7s``"""
     total = row["total"] if row["total"] else "-"
-    text = (f"{row['stage']}: {row['state']} {row['done']}/{total} done, {row['running']} running, "
-            f"{row['failed']} failed")
+    text = (
+        f"{row['stage']}: {row['state']} {row['done']}/{total} done, {row['running']} running, "
+        f"{row['failed']} failed"
+    )
     if row["cancelled"]:
         text += f", {row['cancelled']} cancelled"
     if row["rate"] is not None:
@@ -140,8 +157,15 @@ def end_line(run) -> str:
         for row in run._tasks.values():
             if row["state"] in totals:
                 totals[row["state"]] += 1
-    counted = ", ".join(f"{n} {name}" for name, n in (("done", totals["finished"]), ("failed", totals["failed"]),
-                                                     ("cancelled", totals["cancelled"])) if n or name == "done")
+    counted = ", ".join(
+        f"{n} {name}"
+        for name, n in (
+            ("done", totals["finished"]),
+            ("failed", totals["failed"]),
+            ("cancelled", totals["cancelled"]),
+        )
+        if n or name == "done"
+    )
     took = f" in {seconds_text(run.duration)}" if run.duration is not None else ""
     return f"run {run.name} {run.state}{took}: {counted}"
 
@@ -170,6 +194,7 @@ class QuietView:
 
     def follow(self, run) -> None:
         self.run = run
+        assert self.feed is not None, "open() comes before follow()"
         self.feed.follow(run)
         self.opened()
 
@@ -248,10 +273,19 @@ class PlainView(QuietView):
             parts = []
             for row in rows:
                 total = row["total"] or "-"
-                extra = f" ({row['running']} running" + (f", {row['failed']} failed" if row["failed"] else "") \
-                    + (f", {rate_text(row['rate'])}, ETA {seconds_text(row['eta'])}"
-                       if row["state"] == "running" else "") + ")"
-                parts.append(f"{row['stage']} {row['done']}/{total}" + (extra if row["state"] == "running" else ""))
+                extra = (
+                    f" ({row['running']} running"
+                    + (f", {row['failed']} failed" if row["failed"] else "")
+                    + (
+                        f", {rate_text(row['rate'])}, ETA {seconds_text(row['eta'])}"
+                        if row["state"] == "running"
+                        else ""
+                    )
+                    + ")"
+                )
+                parts.append(
+                    f"{row['stage']} {row['done']}/{total}" + (extra if row["state"] == "running" else "")
+                )
             self.note(f"{self._stamp()} {self.run.name} running: " + ", ".join(parts))
 
     def close(self) -> None:
@@ -266,16 +300,24 @@ class BarView(QuietView):
 
     def open(self, stream, executor, workflow) -> None:
         from rich.console import Console
+
         self.console = Console(file=stream, stderr=True, highlight=False, soft_wrap=False)
-        self.live = None
+        self.live: Live | None = None
         super().open(stream, executor, workflow)
 
     def opened(self) -> None:
         from rich.live import Live
+
         self.header = header_line(self.executor, self.workflow)
         # our own redraws (tick) only; what the stages print comes through the console above it
-        self.live = Live(self._render(), console=self.console, auto_refresh=False, transient=False,
-                         redirect_stdout=False, redirect_stderr=False)
+        self.live = Live(
+            self._render(),
+            console=self.console,
+            auto_refresh=False,
+            transient=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
         self.live.start()
 
     def _render(self):
@@ -283,23 +325,45 @@ class BarView(QuietView):
         from rich.progress_bar import ProgressBar
         from rich.table import Table
         from rich.text import Text
+
         from .states import colour
+
         table = Table(box=None, padding=(0, 1), show_header=True, header_style="bold", pad_edge=False)
-        for name, justify in (("stage", "left"), ("", "left"), ("done", "right"), ("running", "right"),
-                              ("failed", "right"), ("rate", "right"), ("elapsed", "right"), ("ETA", "right"),
-                              ("state", "left")):
+        for name, justify in (
+            ("stage", "left"),
+            ("", "left"),
+            ("done", "right"),
+            ("running", "right"),
+            ("failed", "right"),
+            ("rate", "right"),
+            ("elapsed", "right"),
+            ("ETA", "right"),
+            ("state", "left"),
+        ):
             table.add_column(name, justify=justify, no_wrap=True)
         for row in self.feed.rows():
             total = row["total"]
-            bar = ProgressBar(total=max(total, 1), completed=row["done"] + row["failed"], width=24,
-                              pulse=row["state"] == "running" and not row["done"] and not row["failed"],
-                              complete_style=colour("failed" if row["failed"] else "running"),
-                              finished_style=colour(row["state"]), pulse_style=colour("running"))
+            bar = ProgressBar(
+                total=max(total, 1),
+                completed=row["done"] + row["failed"],
+                width=24,
+                pulse=row["state"] == "running" and not row["done"] and not row["failed"],
+                complete_style=colour("failed" if row["failed"] else "running"),
+                finished_style=colour(row["state"]),
+                pulse_style=colour("running"),
+            )
             eta = seconds_text(row["eta"]) if row["state"] in ("running", "queued") else ""
-            table.add_row(row["stage"], bar, f"{row['done']}/{total or '-'}", str(row["running"]),
-                          Text(str(row["failed"]), style="red" if row["failed"] else ""),
-                          rate_text(row["rate"]), seconds_text(row["elapsed"]), eta,
-                          Text(row["state"], style=colour(row["state"])))
+            table.add_row(
+                row["stage"],
+                bar,
+                f"{row['done']}/{total or '-'}",
+                str(row["running"]),
+                Text(str(row["failed"]), style="red" if row["failed"] else ""),
+                rate_text(row["rate"]),
+                seconds_text(row["elapsed"]),
+                eta,
+                Text(row["state"], style=colour(row["state"])),
+            )
         if self.run.done:
             footer = end_line(self.run)
         else:
@@ -307,7 +371,7 @@ class BarView(QuietView):
         return Group(Text(self.header, style="bold"), table, Text(footer))
 
     def tick(self) -> None:
-        if self.live is None:
+        if self.live is None or self.feed is None:
             return
         self.feed.update()
         with self._out_lock:
@@ -315,6 +379,7 @@ class BarView(QuietView):
 
     def _write(self, line: str) -> None:
         from rich.text import Text
+
         if getattr(self, "live", None) is not None:
             self.console.print(Text(line), soft_wrap=True)  # above the live table
         else:

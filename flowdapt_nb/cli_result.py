@@ -17,6 +17,7 @@ TABLE_ROWS = 20  # rows of the failures table before "... and N more"
 
 # --- the result ---------------------------------------------------------------------------------
 
+
 def jsonable(value) -> tuple[str, str | None]:
     """The result as one valid JSON text, and a note for stderr when it had to be changed:
     NaN and infinities become null; a value JSON can't hold becomes its repr as a JSON string."""
@@ -30,8 +31,9 @@ def jsonable(value) -> tuple[str, str | None]:
             pass
     except (TypeError, RecursionError):
         pass
-    return json.dumps(repr(value)), (f"the result ({type(value).__name__}) is not JSON; printed its repr "
-                                     f"as a JSON string")
+    return json.dumps(repr(value)), (
+        f"the result ({type(value).__name__}) is not JSON; printed its repr as a JSON string"
+    )
 
 
 def _finite(value):
@@ -67,8 +69,10 @@ def output_format(path: str | None, fmt: str | None) -> str:
         return "json"
     suffix = Path(path).suffix.lower()
     if suffix not in _SUFFIXES:
-        raise ValueError(f"--output {path}: can't tell the format from the suffix {suffix or '(none)'!r}; "
-                         f"use .json, .pkl, .pickle, .parquet or .pq, or give --format json|pickle|parquet")
+        raise ValueError(
+            f"--output {path}: can't tell the format from the suffix {suffix or '(none)'!r}; "
+            f"use .json, .pkl, .pickle, .parquet or .pq, or give --format json|pickle|parquet"
+        )
     return _SUFFIXES[suffix]
 
 
@@ -78,11 +82,14 @@ def write_result(value, path: str | None, fmt: str, stdout, note) -> None:
     be written in that format (parquet of something that is not a DataFrame)."""
     if fmt == "parquet":
         import pandas as pd
+
         if isinstance(value, pd.Series):
             value = value.to_frame()
         if not isinstance(value, pd.DataFrame):
-            raise ValueError(f"--format parquet needs a pandas DataFrame (or Series) result; this run's result "
-                             f"is {type(value).__name__}: use --format json or pickle")
+            raise ValueError(
+                f"--format parquet needs a pandas DataFrame (or Series) result; this run's result "
+                f"is {type(value).__name__}: use --format json or pickle"
+            )
         if path is None:
             raise ValueError("--format parquet writes a file: give --output FILE")
         value.to_parquet(path)
@@ -113,6 +120,7 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 # --- failures -----------------------------------------------------------------------------------
 
+
 def failure_text(exc, verbose: bool = False) -> str:
     """A failed run, for stderr: which stage failed and how, then its traceback; only the
     user's frames unless ``verbose`` (flowdapt_nb's own and the libraries' before it hidden)."""
@@ -121,6 +129,7 @@ def failure_text(exc, verbose: bool = False) -> str:
     tb = getattr(cause, "remote_traceback", None) if cause is not None else None
     if tb is None and cause is not None and cause.__traceback__ is not None:
         import traceback
+
         tb = "".join(traceback.format_exception(cause)).rstrip()
     lines = [f"error: run failed: {headline}"]
     if tb:
@@ -128,6 +137,7 @@ def failure_text(exc, verbose: bool = False) -> str:
             lines.append(tb.rstrip())
         else:
             from .notebook.tracebacks import user_traceback_text
+
             shown = user_traceback_text(tb)
             lines.append(shown)
             if shown.strip() != tb.strip():
@@ -142,7 +152,8 @@ def failures_table(rows: list[dict], title: str) -> str:
     shown = rows[:TABLE_ROWS]
     cells = [("stage", "item", "error")] + [
         (str(r.get("stage")), "-" if r.get("item") is None else str(r.get("item")), _one_line(r.get("error")))
-        for r in shown]
+        for r in shown
+    ]
     widths = [max(len(c[i]) for c in cells) for i in range(2)]
     lines = [title]
     for stage, item, error in cells:

@@ -11,22 +11,34 @@ NOT_FOUND = 2  # like a usage error: the uid (or the database) given is not ther
 
 def add_commands(sub) -> None:
     """Add the run store's subcommands to the CLI's subparsers."""
-    runs = sub.add_parser("runs", help="stored runs, newest first (every process's, earlier ones too)",
-                          description="Stored runs, newest first: this machine's notebooks, scripts and "
-                                      "CLI runs recorded in the run store. A run whose process ended "
-                                      "mid-run shows as 'lost'.")
+    runs = sub.add_parser(
+        "runs",
+        help="stored runs, newest first (every process's, earlier ones too)",
+        description="Stored runs, newest first: this machine's notebooks, scripts and "
+        "CLI runs recorded in the run store. A run whose process ended "
+        "mid-run shows as 'lost'.",
+    )
     runs.add_argument("--workflow", "-w", help="only this workflow's runs")
-    runs.add_argument("--state", "-s", help="only runs in this state (finished, failed, cancelled, running, lost)")
+    runs.add_argument(
+        "--state", "-s", help="only runs in this state (finished, failed, cancelled, running, lost)"
+    )
     runs.add_argument("--failed", action="store_true", help="only failed and lost runs")
     runs.add_argument("--since", help="only runs started at or after this ISO date/time (UTC unless given)")
     runs.add_argument("--limit", "-n", type=int, default=50, help="at most this many (default 50; 0: all)")
-    runs.add_argument("--db", help="the run store's database (default: $FLOWDAPT_NB_RUNS, else the user data dir)")
+    runs.add_argument(
+        "--db", help="the run store's database (default: $FLOWDAPT_NB_RUNS, else the user data dir)"
+    )
     runs.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     runs.set_defaults(func=cmd_runs)
-    show = sub.add_parser("show", help="one stored run: state, timings, stages, failures with tracebacks",
-                          description="One stored run by uid, a unique uid prefix, or its name.")
+    show = sub.add_parser(
+        "show",
+        help="one stored run: state, timings, stages, failures with tracebacks",
+        description="One stored run by uid, a unique uid prefix, or its name.",
+    )
     show.add_argument("uid")
-    show.add_argument("--db", help="the run store's database (default: $FLOWDAPT_NB_RUNS, else the user data dir)")
+    show.add_argument(
+        "--db", help="the run store's database (default: $FLOWDAPT_NB_RUNS, else the user data dir)"
+    )
     show.add_argument("--tasks", action="store_true", help="also list every task")
     show.add_argument("--json", action="store_true", help="the record as one JSON object")
     show.set_defaults(func=cmd_show)
@@ -34,9 +46,12 @@ def add_commands(sub) -> None:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     from .run_history import runs
+
     state = ("failed", "lost") if args.failed else args.state
     try:
-        frame = runs(workflow=args.workflow, state=state, since=args.since, store=args.db, limit=args.limit or None)
+        frame = runs(
+            workflow=args.workflow, state=state, since=args.since, store=args.db, limit=args.limit or None
+        )
     except ValueError as exc:
         print(f"flowdapt-nb runs: {exc}", file=sys.stderr)
         return NOT_FOUND
@@ -47,7 +62,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if frame.empty:
         print("no stored runs" + (" matching" if (args.workflow or state or args.since) else ""))
         return 0
-    shown = frame[["uid", "workflow", "state", "executor", "started_at", "duration", "tasks", "failures", "error"]].copy()
+    shown = frame[
+        ["uid", "workflow", "state", "executor", "started_at", "duration", "tasks", "failures", "error"]
+    ].copy()
     shown["uid"] = shown["uid"].str[:12]
     shown["error"] = shown["error"].fillna("").str.slice(0, 60)
     print(shown.to_string(index=False))
@@ -56,27 +73,38 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from .run_history import load_run
+
     try:
         run = load_run(args.uid, store=args.db)
     except (KeyError, ValueError) as exc:
         print(f"flowdapt-nb show: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return NOT_FOUND
     if args.json:
-        record = {**{k: _plain(v) for k, v in run.summary().items()}, "input": run.input, "config": run.config,
-                  "workflow_hash": run.workflow_hash, "workflow_yaml": run.workflow_yaml,
-                  "result_type": run.result_type, "result_bytes": run.result_bytes,
-                  "stages": run.stage_summaries,
-                  "failures": [{k: v for k, v in f.items() if k != "exception"} for f in run.failures],
-                  "error_traceback": run.error_traceback,
-                  "tasks": [{k: _plain(v) for k, v in r.items()} for r in run.tasks.to_dict("records")]}
+        record = {
+            **{k: _plain(v) for k, v in run.summary().items()},
+            "input": run.input,
+            "config": run.config,
+            "workflow_hash": run.workflow_hash,
+            "workflow_yaml": run.workflow_yaml,
+            "result_type": run.result_type,
+            "result_bytes": run.result_bytes,
+            "stages": run.stage_summaries,
+            "failures": [{k: v for k, v in f.items() if k != "exception"} for f in run.failures],
+            "error_traceback": run.error_traceback,
+            "tasks": [{k: _plain(v) for k, v in r.items()} for r in run.tasks.to_dict("records")],
+        }
         print(json.dumps(record))
         return 0
     print(repr(run))
-    print(f"uid {run.uid}  workflow {run.workflow} ({run.workflow_hash})  executor {run.executor}  "
-          f"namespace {run.namespace}")
+    print(
+        f"uid {run.uid}  workflow {run.workflow} ({run.workflow_hash})  executor {run.executor}  "
+        f"namespace {run.namespace}"
+    )
     print(f"started {run.started_at}  finished {run.finished_at}  input {json.dumps(run.input)}")
     if run.result_type:
-        print(f"result: {run.result_type}" + (f", about {run.result_bytes} bytes" if run.result_bytes else ""))
+        print(
+            f"result: {run.result_type}" + (f", about {run.result_bytes} bytes" if run.result_bytes else "")
+        )
     if run.error:
         print(f"error: {run.error}")
     print()
@@ -101,6 +129,7 @@ def _plain(value):
         return value.isoformat()
     try:
         import pandas as pd
+
         if pd.isna(value):
             return None
     except (TypeError, ValueError):

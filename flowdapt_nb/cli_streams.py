@@ -28,8 +28,10 @@ PREFIX_ENV = "FLOWDAPT_NB_STAGE_PREFIX"
 
 # --- the (stage[item]) prefix -------------------------------------------------------------------
 
+
 def _task_label() -> str | None:
     from .context import current_context
+
     ctx = current_context()
     if ctx is None or ctx.stage is None or ctx.executor == "dask":
         return None
@@ -118,6 +120,7 @@ def uninstall_stage_prefix() -> None:
 
 # --- descriptors 1 and 2 into one pipe ----------------------------------------------------------
 
+
 class OutputPipe:
     """``with OutputPipe(emit) as pipe:`` sends every line written to fd 1 or 2 meanwhile to
     ``emit(line)`` (from a reader thread); ``pipe.stderr`` is a text file on the real stderr for
@@ -132,7 +135,7 @@ class OutputPipe:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def __enter__(self) -> "OutputPipe":
+    def __enter__(self) -> OutputPipe:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -146,21 +149,29 @@ class OutputPipe:
         read_fd, write_fd = os.pipe()
         os.set_inheritable(read_fd, False)
         self._read_fd = read_fd
-        self.stderr = open(os.dup(saved[2]), "w", encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
-                           errors="replace", buffering=1, closefd=True)
+        self.stderr = open(
+            os.dup(saved[2]),
+            "w",
+            encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+            errors="replace",
+            buffering=1,
+            closefd=True,
+        )
         os.dup2(write_fd, 1)
         os.dup2(write_fd, 2)
         os.close(write_fd)
-        self._thread = threading.Thread(target=self._read, name="flowdapt-nb-output-pipe", daemon=True)
+        self._thread = threading.Thread(
+            target=self._read, args=(read_fd,), name="flowdapt-nb-output-pipe", daemon=True
+        )
         self._thread.start()
         return self
 
-    def _read(self) -> None:
+    def _read(self, fd: int) -> None:
         rest = b""
         while True:
             try:
-                ready, _, _ = select.select([self._read_fd], [], [], 0.1)
-                chunk = os.read(self._read_fd, 65536) if ready else None
+                ready, _, _ = select.select([fd], [], [], 0.1)
+                chunk = os.read(fd, 65536) if ready else None
             except (OSError, ValueError):
                 break
             if chunk == b"":
@@ -199,10 +210,11 @@ class OutputPipe:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        try:
-            os.close(self._read_fd)
-        except OSError:
-            pass
+        if self._read_fd is not None:
+            try:
+                os.close(self._read_fd)
+            except OSError:
+                pass
         try:
             self.stderr.flush()
         except (OSError, ValueError):

@@ -21,8 +21,9 @@ def _check_namespace(namespace) -> str | None:
     """None (the default namespace) or a non-empty string: ``0``, ``False`` or ``""`` are mistakes,
     not "the default", and a number would break every listing."""
     if namespace is not None and (not isinstance(namespace, str) or not namespace):
-        raise TypeError(f"cluster memory namespaces are non-empty strings (None means the default), "
-                        f"got {namespace!r}")
+        raise TypeError(
+            f"cluster memory namespaces are non-empty strings (None means the default), got {namespace!r}"
+        )
     return namespace
 
 
@@ -32,10 +33,13 @@ def _store_and_namespace(namespace: str | None):
     if ctx is not None and ctx.memory is not None:
         return ctx.memory, namespace if namespace is not None else ctx.namespace
     from .executors.base import current_executor
+
     ex = current_executor()
     if ex is None:
-        raise RuntimeError("cluster memory needs a running executor: start one first "
-                           "(e.g. fnb.LocalExecutor().start() or %flowdapt executor local)")
+        raise RuntimeError(
+            "cluster memory needs a running executor: start one first "
+            "(e.g. fnb.LocalExecutor().start() or %flowdapt executor local)"
+        )
     return ex.memory_store, namespace if namespace is not None else ex.default_namespace
 
 
@@ -51,7 +55,9 @@ def put(key: str, value, namespace: str | None = None) -> None:
     try:
         blob = cloudpickle.dumps(value)
     except Exception as exc:
-        raise TypeError(f"cluster memory holds picklable values; {type(value).__name__} is not: {exc}") from None
+        raise TypeError(
+            f"cluster memory holds picklable values; {type(value).__name__} is not: {exc}"
+        ) from None
     store.put(ns, _check_key(key), blob, type(value).__name__)
 
 
@@ -84,6 +90,7 @@ def clear(namespace: str | None = None) -> int:
 def listing(namespace: str | None = None):
     """pandas DataFrame of what cluster memory holds: namespace, key, type, size, put_at."""
     import pandas as pd
+
     store, _ = _store_and_namespace(None)
     rows = store.listing(_check_namespace(namespace))
     frame = pd.DataFrame(rows, columns=["namespace", "key", "type", "bytes", "put_at"])

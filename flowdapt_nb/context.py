@@ -11,6 +11,10 @@ class RunInfo(str):
     """The current run as seen from a stage: compares equal to the run's uid, and has
     ``.uid``, ``.name`` and ``.workflow``."""
 
+    uid: str
+    name: str
+    workflow: str
+
     def __new__(cls, uid: str, name: str = "", workflow: str = ""):
         obj = super().__new__(cls, uid)
         obj.uid, obj.name, obj.workflow = uid, name, workflow
@@ -35,7 +39,7 @@ class RunContext:
     stage: str | None = None
     item: int | None = None
 
-    def for_task(self, stage: str, item: int | None) -> "RunContext":
+    def for_task(self, stage: str, item: int | None) -> RunContext:
         """This context as one task sees it: a shallow copy with its stage and item (cheaper
         than ``dataclasses.replace``, which matters when tasks take microseconds)."""
         task = object.__new__(RunContext)
@@ -56,8 +60,9 @@ def get_run_context() -> RunContext:
     """
     ctx = _current.get()
     if ctx is None:
-        raise RuntimeError("get_run_context() works only inside a running workflow stage; "
-                           "outside one there is no run")
+        raise RuntimeError(
+            "get_run_context() works only inside a running workflow stage; outside one there is no run"
+        )
     return ctx
 
 

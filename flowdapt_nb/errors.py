@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 
+def attach_remote_traceback(exc: BaseException, text: str | None) -> None:
+    """Keep a worker's formatted traceback on ``exc`` as ``exc.remote_traceback`` (read back with
+    ``getattr(exc, "remote_traceback", None)``); exception types with ``__slots__`` refuse it."""
+    try:
+        exc.remote_traceback = text  # type: ignore[attr-defined]  # an attribute we add to any exception
+    except Exception:  # exceptions with __slots__
+        pass
+
+
 class ConfigError(ValueError):
     """A bad executor config or workflow.
 
@@ -14,13 +23,21 @@ class ConfigError(ValueError):
     flowdapt_nb.errors.ConfigError: line 3: unknown key 'cpu'; did you mean 'cpus'?
     """
 
-    def __init__(self, message: str, *, key: str | None = None, line: int | None = None,
-                 stage: str | None = None, hint: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        key: str | None = None,
+        line: int | None = None,
+        stage: str | None = None,
+        hint: str | None = None,
+    ):
         self.key = key
         self.line = line
         self.stage = stage
         self.hint = hint
         self.message = message
+        self.problems: list = []  # every problem when a workflow has several (workflow.Problem records)
         text = message
         if stage is not None and f"stage '{stage}'" not in message:
             text = f"stage '{stage}': {text}"
@@ -85,7 +102,7 @@ class RemoteError(Exception):
         super().__init__(f"{type_name}: {message}")
 
     @classmethod
-    def standing_in_for(cls, exc: BaseException, tb_text: str | None = None) -> "RemoteError":
+    def standing_in_for(cls, exc: BaseException, tb_text: str | None = None) -> RemoteError:
         """A RemoteError for ``exc``: its qualified type name, message and traceback text."""
         name = type(exc).__qualname__
         module = type(exc).__module__
@@ -108,7 +125,9 @@ class UnserializableResultError(TypeError):
     def __init__(self, type_name: str, detail: str):
         self.type_name = type_name
         self.detail = detail
-        super().__init__(f"the stage's result ({type_name}) can't be serialized to leave its worker: {detail}")
+        super().__init__(
+            f"the stage's result ({type_name}) can't be serialized to leave its worker: {detail}"
+        )
 
     def __reduce__(self):
         return (type(self), (self.type_name, self.detail))

@@ -8,8 +8,8 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from .states import TASK_STATES  # noqa: E402,F401  (the one state model; re-exported)
 from .states import advances as _advances  # noqa: E402
@@ -71,7 +71,11 @@ class ResourceSample:
     kind: str = "sample"
 
     def to_row(self) -> dict:
-        row = {k: v for k, v in asdict(self).items() if k not in ("resources_total", "resources_available", "kind")}
+        row = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("resources_total", "resources_available", "kind")
+        }
         for name, amount in self.resources_total.items():
             row[f"{name}_total"] = amount
             row[f"{name}_available"] = self.resources_available.get(name)
@@ -146,7 +150,9 @@ class EventBus:
                 _call(sub.callback, event)
 
     def _start_dispatcher(self) -> None:
-        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="flowdapt-nb-events", daemon=True)
+        self._dispatcher = threading.Thread(
+            target=self._dispatch_loop, name="flowdapt-nb-events", daemon=True
+        )
         self._dispatcher.start()
 
     def _dispatch_loop(self) -> None:
@@ -201,6 +207,7 @@ def _call(callback, payload) -> None:
         callback(payload)
     except Exception:  # a broken subscriber must not break the run
         import logging
+
         logging.getLogger("flowdapt_nb").exception("event subscriber failed")
 
 

@@ -52,5 +52,8 @@ class MemoryStore:
     def listing(self, namespace: str | None = None) -> list[tuple[str, str, str, int, float]]:
         """(namespace, key, type, size in bytes, time put) for each entry."""
         with self._lock:
-            return [(ns, key, type_name, len(blob), t) for (ns, key), (blob, type_name, t)
-                    in sorted(self._data.items()) if namespace is None or ns == namespace]
+            return [
+                (ns, key, type_name, len(blob), t)
+                for (ns, key), (blob, type_name, t) in sorted(self._data.items())
+                if namespace is None or ns == namespace
+            ]

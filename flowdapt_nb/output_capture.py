@@ -71,7 +71,7 @@ def install() -> None:
 
 # One thread per process sends what captures left waiting (a stage that prints a line and then
 # computes for a minute shows that line at once, not at its end).
-_active: "weakref.WeakSet[capture]" = weakref.WeakSet()
+_active: weakref.WeakSet[capture] = weakref.WeakSet()
 _flusher: threading.Thread | None = None
 
 
@@ -104,9 +104,12 @@ class capture:
         self.limit = limit
         self.kept = 0
         self.dropped = {"stdout": 0, "stderr": 0}
-        self.buffers = {"stdout": [], "stderr": []}
+        self.buffers: dict[str, list[str]] = {"stdout": [], "stderr": []}
         self.sizes = {"stdout": 0, "stderr": 0}
-        self.since = {"stdout": None, "stderr": None}  # when the oldest waiting text came
+        self.since: dict[str, float | None] = {
+            "stdout": None,
+            "stderr": None,
+        }  # when the oldest waiting text came
         self.lock = threading.Lock()  # the buffers
         self.sending = threading.RLock()  # one sender at a time, so blocks go out in order
 
@@ -151,7 +154,7 @@ class capture:
                     if cut < 0 and self.sizes[stream] < FLUSH_BYTES:
                         continue  # a line still being written
                     if cut >= 0:
-                        text, rest = text[:cut], text[cut + 1:]
+                        text, rest = text[:cut], text[cut + 1 :]
                 self.buffers[stream] = [rest] if rest else []
                 self.sizes[stream] = _nbytes(rest) if rest else 0
                 self.since[stream] = time.monotonic() if rest else None
@@ -192,7 +195,7 @@ class RunOutputBudget:
     def __init__(self, limit: int = RUN_OUTPUT_LIMIT, runs: int = 64):
         self.limit = limit
         self.runs = runs
-        self.used: dict[str, int] = {}  # run uid -> bytes printed (insertion order: oldest first)
+        self.used: dict[str | None, int] = {}  # run uid -> bytes printed (insertion order: oldest first)
         self.lock = threading.Lock()
 
     def admit(self, run: str | None, text: str) -> tuple[str | None, str | None]:
@@ -207,5 +210,7 @@ class RunOutputBudget:
             return text, None
         if used > self.limit:
             return None, None
-        return None, (f"[output truncated: this run printed more than {self.limit} bytes; "
-                      f"the rest of its output is dropped]")
+        return None, (
+            f"[output truncated: this run printed more than {self.limit} bytes; "
+            f"the rest of its output is dropped]"
+        )

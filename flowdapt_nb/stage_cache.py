@@ -34,6 +34,7 @@ def _value_bytes(value) -> bytes:
     except Exception:
         try:
             import cloudpickle
+
             data = cloudpickle.dumps(value)
         except Exception:
             return repr(value).encode()
@@ -85,15 +86,21 @@ def _part(value, seen: set, depth: int):
 def stage_fingerprints(wf, fns: dict, run_input: dict) -> dict[str, str]:
     """Each stage's fingerprint, dependencies first."""
     from .workflow import root_kwargs, topological_order
+
     out: dict[str, str] = {}
     for name in topological_order(wf):
         stage = wf.stage(name)
         options = {k: v for k, v in (stage.options or {}).items() if k != "cache"}
         taken = root_kwargs(stage, fns[name], run_input) if not stage.depends_on else {}
         mapped = run_input.get(stage.map_on) if stage.type == "parameterized" and stage.map_on else None
-        out[name] = _digest(function_fingerprint(fns[name]), stage.type, _value_bytes(options),
-                            _value_bytes(sorted(taken.items())), _value_bytes(mapped),
-                            *(out[d] for d in stage.depends_on))
+        out[name] = _digest(
+            function_fingerprint(fns[name]),
+            stage.type,
+            _value_bytes(options),
+            _value_bytes(sorted(taken.items())),
+            _value_bytes(mapped),
+            *(out[d] for d in stage.depends_on),
+        )
     return out
 
 
@@ -110,7 +117,7 @@ class CachedCall:
         self.fingerprint = fingerprint
         self.__name__ = getattr(fn, "__name__", "stage")
         self.__qualname__ = getattr(fn, "__qualname__", self.__name__)
-        self.__module__ = getattr(fn, "__module__", None)
+        self.__module__ = getattr(fn, "__module__", None) or type(fn).__module__
         try:
             self.__signature__ = inspect.signature(fn)
         except (TypeError, ValueError):
@@ -119,6 +126,7 @@ class CachedCall:
     def __call__(self, *args, **kwargs):
         from . import object_store
         from .context import get_run_context
+
         key = cache_key(self.fingerprint, get_run_context().item)
         if object_store.exists(key, strategy="artifact"):
             return object_store.get(key, strategy="artifact")
@@ -127,8 +135,13 @@ class CachedCall:
             object_store.put(key, value, strategy="artifact")
         except Exception as exc:  # a value that can't be stored is not cached; the task still succeeds
             import warnings
-            warnings.warn(f"stage cache: output of '{get_run_context().stage}' not stored "
-                          f"({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=2)
+
+            warnings.warn(
+                f"stage cache: output of '{get_run_context().stage}' not stored "
+                f"({type(exc).__name__}: {exc})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return value
 
 
@@ -137,10 +150,13 @@ def wants_cache(stage, run_cache: bool | None) -> bool:
     return bool(run_cache) if run_cache is not None else bool((stage.options or {}).get("cache"))
 
 
-def prepare(wf, fns: dict, run_input: dict, run_cache: bool | None, namespace: str, storage) -> tuple[dict, dict]:
+def prepare(
+    wf, fns: dict, run_input: dict, run_cache: bool | None, namespace: str, storage
+) -> tuple[dict, dict]:
     """Wrap the stages that cache; returns (fns to run, {stage: set of items already cached}).
     The second says which tasks will be reused (None in the set: a simple stage's one task)."""
     from . import object_store
+
     cached_stages = [s for s in wf.stages if wants_cache(s, run_cache)]
     if not cached_stages:
         return fns, {}
@@ -154,7 +170,7 @@ def prepare(wf, fns: dict, run_input: dict, run_cache: bool | None, namespace: s
         found = set()
         for key in keys:
             if key.startswith(head):
-                tail = key[len(head):]
+                tail = key[len(head) :]
                 found.add(None if tail == "s" else int(tail) if tail.isdigit() else tail)
         hits[stage.name] = found
     return wrapped, hits
@@ -163,6 +179,7 @@ def prepare(wf, fns: dict, run_input: dict, run_cache: bool | None, namespace: s
 def listing(namespace: str | None = None, *, storage=None):
     """pandas DataFrame of cached stage outputs: namespace, key, size, time stored."""
     from . import object_store
+
     frame = object_store.listing(namespace, storage=storage)
     if frame.empty or "key" not in frame:
         return frame
@@ -172,6 +189,7 @@ def listing(namespace: str | None = None, *, storage=None):
 def clear(namespace: str | None = None, *, storage=None) -> int:
     """Delete cached stage outputs (of one namespace, or all); returns how many."""
     from . import object_store
+
     frame = listing(namespace, storage=storage)
     count = 0
     for row in frame.to_dict("records"):

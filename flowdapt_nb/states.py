@@ -34,9 +34,20 @@ RUN_TERMINAL = frozenset({"finished", "failed", "cancelled"})
 
 _RANK = {"queued": 0, "running": 1, "finished": 2, "cached": 2, "failed": 3, "cancelled": 4}
 
-COLOURS = {"pending": "#9e9e9e", "queued": "#b0bec5", "running": "#1e88e5", "finished": "#43a047",
-           "cached": "#43a047", "done": "#43a047", "failed": "#e53935", "cancelled": "#fb8c00",
-           "skipped": "#bdbdbd", "stopping": "#fb8c00", "stopped": "#757575", "starting": "#1e88e5"}
+COLOURS = {
+    "pending": "#9e9e9e",
+    "queued": "#b0bec5",
+    "running": "#1e88e5",
+    "finished": "#43a047",
+    "cached": "#43a047",
+    "done": "#43a047",
+    "failed": "#e53935",
+    "cancelled": "#fb8c00",
+    "skipped": "#bdbdbd",
+    "stopping": "#fb8c00",
+    "stopped": "#757575",
+    "starting": "#1e88e5",
+}
 UNKNOWN_COLOUR = "#757575"
 
 
@@ -60,8 +71,9 @@ def is_terminal(state) -> bool:
     return str(state) in TERMINAL
 
 
-def stage_state(counts: dict, *, run_state: str, failed_stage: str | None = None,
-                stage: str | None = None) -> str:
+def stage_state(
+    counts: dict, *, run_state: str, failed_stage: str | None = None, stage: str | None = None
+) -> str:
     """A stage's state from its tasks' counts (``{task state: n}``) and its run's state.
 
     No task yet: pending while the run goes, skipped (or cancelled) once it ended. Any task queued

@@ -15,6 +15,7 @@ def gpu_stats():
     when pynvml is missing or there is no GPU (neither is an error)."""
     try:
         import pynvml
+
         pynvml.nvmlInit()
         count = pynvml.nvmlDeviceGetCount()
         if not count:
@@ -85,6 +86,7 @@ class ResourceSampler:
 
     def history_frame(self):
         import pandas as pd
+
         with self._lock:
             rows = [s.to_row() for q in self._history.values() for s in q]
         frame = pd.DataFrame(rows)
@@ -99,10 +101,12 @@ class ResourceSampler:
 
 # --- what our own running tasks hold ----------------------------------------------------------
 
+
 def stage_request(stage) -> dict:
     """The resources one task of ``stage`` holds while it runs, in our names (cpus, gpus,
     memory in bytes, custom names); a task with no cpus given holds one."""
     from .units import parse_bytes
+
     held: dict[str, float] = {"cpus": 1.0}
     for name, amount in (stage.resources or {}).items():
         try:

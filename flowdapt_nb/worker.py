@@ -7,13 +7,14 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import cloudpickle
 
 from .context import RunContext, reset_context, set_context
-from .errors import RemoteError
+from .errors import RemoteError, attach_remote_traceback
 
 
 @dataclass
@@ -44,7 +45,7 @@ def regroup(layout: tuple, flat: tuple | list) -> list:
             args.append(flat[pos])
             pos += 1
         elif tag == "g":
-            args.append(list(flat[pos:pos + entry[1]]))
+            args.append(list(flat[pos : pos + entry[1]]))
             pos += entry[1]
         elif tag == "i":
             args.append(flat[pos][entry[1]])
@@ -59,10 +60,7 @@ def regroup(layout: tuple, flat: tuple | list) -> list:
 def portable_error(exc: BaseException, tb_text: str) -> BaseException:
     """The exception itself when it pickles (type and message kept), else a RemoteError;
     either way with ``remote_traceback`` holding the worker's traceback."""
-    try:
-        exc.remote_traceback = tb_text
-    except Exception:  # exceptions with __slots__
-        pass
+    attach_remote_traceback(exc, tb_text)
     try:
         restored = cloudpickle.loads(cloudpickle.dumps(exc))
         if type(restored) is type(exc):
@@ -72,8 +70,15 @@ def portable_error(exc: BaseException, tb_text: str) -> BaseException:
     return RemoteError.standing_in_for(exc, tb_text)
 
 
-def execute(ctx: RunContext, fn: Callable, info: TaskInfo, flat_args, report: Callable | None = None,
-            worker: str | None = None, portable: bool = True) -> tuple[dict, Any]:
+def execute(
+    ctx: RunContext,
+    fn: Callable,
+    info: TaskInfo,
+    flat_args,
+    report: Callable | None = None,
+    worker: str | None = None,
+    portable: bool = True,
+) -> tuple[dict, Any]:
     """Run one task. Never raises for a stage's error: the error travels in the returned meta.
 
     ``portable=False`` where the error never leaves this process (local threads): the stage's
@@ -82,8 +87,16 @@ def execute(ctx: RunContext, fn: Callable, info: TaskInfo, flat_args, report: Ca
     start = time.time()
     if report is not None:
         try:
-            report({"run": info.run, "stage": info.stage, "item": info.item, "state": "running",
-                    "time": start, "worker": worker})
+            report(
+                {
+                    "run": info.run,
+                    "stage": info.stage,
+                    "item": info.item,
+                    "state": "running",
+                    "time": start,
+                    "worker": worker,
+                }
+            )
         except Exception:  # telemetry must never fail a task
             pass
     token = set_context(ctx.for_task(info.stage, info.item))
@@ -97,10 +110,7 @@ def execute(ctx: RunContext, fn: Callable, info: TaskInfo, flat_args, report: Ca
             error = portable_error(exc, tb_text)
         else:
             error = exc
-            try:
-                exc.remote_traceback = tb_text
-            except Exception:  # exceptions with __slots__
-                pass
+            attach_remote_traceback(exc, tb_text)
     finally:
         reset_context(token)
     meta = {"ok": error is None, "start": start, "end": time.time(), "worker": worker, "error": error}

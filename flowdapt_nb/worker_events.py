@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 class EventBatch:
@@ -39,7 +39,9 @@ class EventBatch:
             self.pending[_task_key(event)] = event
             self.send = send
             if self.thread is None:
-                self.thread = threading.Thread(target=self._flush_loop, name="flowdapt-nb-events", daemon=True)
+                self.thread = threading.Thread(
+                    target=self._flush_loop, name="flowdapt-nb-events", daemon=True
+                )
                 self.thread.start()
         self.wake.set()
 
@@ -57,7 +59,7 @@ class EventBatch:
                 self.wake.clear()
                 batch, self.pending = list(self.pending.values()), {}
                 send = self.send
-            if batch:
+            if batch and send is not None:
                 try:
                     send(batch)
                 except Exception:  # telemetry must never fail a task
@@ -86,7 +88,7 @@ class ChunkWatch:
         self.thread: threading.Thread | None = None
         self.wake = threading.Event()
 
-    def open(self, send: Callable[[list], None]) -> "_Slot":
+    def open(self, send: Callable[[list], None]) -> _Slot:
         """A slot for one chunk: call it with each item's report; ``send`` takes a list of them."""
         slot = _Slot(send)
         with self.lock:
@@ -97,7 +99,7 @@ class ChunkWatch:
         self.wake.set()
         return slot
 
-    def close(self, slot: "_Slot | None") -> None:
+    def close(self, slot: _Slot | None) -> None:
         """The chunk ended: its slot is looked at no more (None: there was none)."""
         if slot is not None:
             with self.lock:

@@ -46,7 +46,7 @@ class Source:
             path = path[:-1]
         return None
 
-    def sub(self, prefix) -> "Source":
+    def sub(self, prefix) -> Source:
         """The source of the mapping found at ``prefix``, keeping line numbers."""
         prefix = tuple(prefix)
         data = self.data
@@ -83,14 +83,20 @@ def _check_shape(root, error) -> None:
             height[nid] = 1 + max((height[id(k)] for k in kids), default=0)
             entered.discard(nid)
             if height[nid] > MAX_DEPTH:
-                raise error(f"YAML nested more than {MAX_DEPTH} levels deep", node.start_mark,
-                            "flatten the structure; configs and workflows need only a few levels")
+                raise error(
+                    f"YAML nested more than {MAX_DEPTH} levels deep",
+                    node.start_mark,
+                    "flatten the structure; configs and workflows need only a few levels",
+                )
             continue
         if nid in size:
             continue
         if nid in entered:
-            raise error("a YAML alias refers to the anchor it is inside (a recursive structure)",
-                        node.start_mark, "an alias (*name) may only repeat a value defined before it")
+            raise error(
+                "a YAML alias refers to the anchor it is inside (a recursive structure)",
+                node.start_mark,
+                "an alias (*name) may only repeat a value defined before it",
+            )
         entered.add(nid)
         nodes[nid] = node
         stack.append((node, True))
@@ -101,9 +107,12 @@ def _check_shape(root, error) -> None:
     extra = size[id(root)] - len(nodes)
     if extra > MAX_ALIAS_EXPANSION:
         worst = max((nid for nid, n in refs.items() if n > 1), key=lambda nid: size[nid] * (refs[nid] - 1))
-        raise error(f"YAML aliases expand this document by {extra:,} values (at most "
-                    f"{MAX_ALIAS_EXPANSION:,}); the anchor here is repeated {refs[worst]} times",
-                    nodes[worst].start_mark, "write the values out, or repeat fewer aliases")
+        raise error(
+            f"YAML aliases expand this document by {extra:,} values (at most "
+            f"{MAX_ALIAS_EXPANSION:,}); the anchor here is repeated {refs[worst]} times",
+            nodes[worst].start_mark,
+            "write the values out, or repeat fewer aliases",
+        )
 
 
 def _collect_lines(root, out, duplicates) -> tuple[bool, Any]:
@@ -117,7 +126,9 @@ def _collect_lines(root, out, duplicates) -> tuple[bool, Any]:
     aliased = False
     too_deep = None
     collections = (yaml.MappingNode, yaml.SequenceNode)
-    stack = [(root, (), 0)]  # path None: walked for its shape only (complex keys, merged mappings)
+    stack: list[tuple[Any, tuple[str | int, ...] | None, int]] = [
+        (root, (), 0)
+    ]  # path None: walked for its shape only (complex keys, merged mappings)
     while stack:
         node, path, depth = stack.pop()
         if id(node) in seen:
@@ -166,8 +177,11 @@ def parse_yaml(text: str, origin: str | None = None, line_offset: int = 0) -> So
         try:
             node = loader.get_single_node()
         except RecursionError:  # the pure-Python composer recurses once per level
-            raise error(f"YAML nested more than {MAX_DEPTH} levels deep", None,
-                        "flatten the structure; configs and workflows need only a few levels") from None
+            raise error(
+                f"YAML nested more than {MAX_DEPTH} levels deep",
+                None,
+                "flatten the structure; configs and workflows need only a few levels",
+            ) from None
         except yaml.YAMLError as exc:
             raise _syntax_error(exc, text, where, line_offset) from None
         lines: dict = {}
@@ -176,15 +190,21 @@ def parse_yaml(text: str, origin: str | None = None, line_offset: int = 0) -> So
             # before construction: merge keys change the nodes
             aliased, too_deep = _collect_lines(node, lines, duplicates)
             if too_deep is not None:
-                raise error(f"YAML nested more than {MAX_DEPTH} levels deep", too_deep.start_mark,
-                            "flatten the structure; configs and workflows need only a few levels")
+                raise error(
+                    f"YAML nested more than {MAX_DEPTH} levels deep",
+                    too_deep.start_mark,
+                    "flatten the structure; configs and workflows need only a few levels",
+                )
             if aliased:  # only then can the document be deeper or larger than its text
                 _check_shape(node, error)
         if duplicates:
             path, first, again = duplicates[0]
-            raise ConfigError(f"{where}duplicate key '{path[-1]}' (first on line {first + line_offset})",
-                              key=".".join(map(str, path)), line=again + line_offset,
-                              hint="a key may appear once in a mapping: keep one of them")
+            raise ConfigError(
+                f"{where}duplicate key '{path[-1]}' (first on line {first + line_offset})",
+                key=".".join(map(str, path)),
+                line=again + line_offset,
+                hint="a key may appear once in a mapping: keep one of them",
+            )
         try:
             data = loader.construct_document(node) if node is not None else None
         except yaml.YAMLError as exc:
@@ -208,8 +228,11 @@ def _syntax_error(exc: yaml.YAMLError, text: str, where: str, line_offset: int) 
         hint = "YAML indents with spaces, never tabs: replace the tab with spaces"
     elif isinstance(exc, yaml.reader.ReaderError):  # no mark: a character position instead
         line = text.count("\n", 0, exc.position) + 1 + line_offset
-        problem = _one_line(f"unacceptable character #x{exc.character:04x}: {exc.reason}"
-                            if isinstance(exc.character, int) else exc.reason)
+        problem = _one_line(
+            f"unacceptable character #x{exc.character:04x}: {exc.reason}"
+            if isinstance(exc.character, int)
+            else exc.reason
+        )
         hint = "remove the control character (YAML text may not hold them)"
     else:
         hint = "check the indentation and the ':' after each key"
@@ -228,9 +251,12 @@ def decode_yaml_bytes(data: bytes, origin: str) -> str:
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise ConfigError(f"{origin}: the file is not UTF-8 text (byte 0x{data[exc.start]:02x} cannot be "
-                          f"decoded)", line=line, hint="save it as UTF-8") from None
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{origin}: the file is not UTF-8 text (byte 0x{data[exc.start]:02x} cannot be decoded)",
+            line=line,
+            hint="save it as UTF-8",
+        ) from None
 
 
 def read_source(src, what: str = "config") -> Source:
@@ -239,8 +265,9 @@ def read_source(src, what: str = "config") -> Source:
         return src
     if isinstance(src, dict):
         return Source(src)
-    if isinstance(src, os.PathLike) or (isinstance(src, str) and "\n" not in src
-                                        and src.strip().lower().endswith((".yaml", ".yml"))):
+    if isinstance(src, os.PathLike) or (
+        isinstance(src, str) and "\n" not in src and src.strip().lower().endswith((".yaml", ".yml"))
+    ):
         path = Path(src).expanduser()
         if not path.is_file():
             raise ConfigError(f"{what} file not found: {path}")
@@ -251,5 +278,6 @@ def read_source(src, what: str = "config") -> Source:
         return parse_yaml(decode_yaml_bytes(raw, str(path)), origin=str(path))
     if isinstance(src, str):
         return parse_yaml(src)
-    raise ConfigError(f"{what} must be YAML text, a path to a .yaml file, or a dict, "
-                      f"not {type(src).__name__}")
+    raise ConfigError(
+        f"{what} must be YAML text, a path to a .yaml file, or a dict, not {type(src).__name__}"
+    )

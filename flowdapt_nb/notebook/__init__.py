@@ -19,15 +19,18 @@ __all__ = ["FlowdaptMagics", "load_ipython_extension", "unload_ipython_extension
 def __getattr__(name: str):
     if name in __all__:
         from . import magics
+
         return getattr(magics, name)
     raise AttributeError(f"module 'flowdapt_nb.notebook' has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython) -> None:
     from .magics import load_ipython_extension as load
+
     load(ipython)
 
 
 def unload_ipython_extension(ipython) -> None:
     from .magics import unload_ipython_extension as unload
+
     unload(ipython)

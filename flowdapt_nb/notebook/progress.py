@@ -18,8 +18,10 @@ _COUNTED = ("queued", "running", "finished", "failed", "cancelled")
 
 def stage_counts(run) -> list[tuple[str, str, dict]]:
     """(stage, type, {state: count}) per stage, from the run's stage table."""
-    return [(row["stage"], row["type"], {s: int(row[s]) for s in _COUNTED})
-            for row in run.stages.to_dict("records")]
+    return [
+        (row["stage"], row["type"], {s: int(row[s]) for s in _COUNTED})
+        for row in run.stages.to_dict("records")
+    ]
 
 
 def progress_text(run) -> str:
@@ -40,19 +42,27 @@ def progress_html(run) -> str:
     rows = []
     for name, kind, c in stage_counts(run):
         total = sum(c.values())
-        segs = "".join(f'<div title="{s}: {c[s]}" style="width:{100 * c[s] / total:.1f}%;'
-                       f'background:{STATE_COLOURS[s]}"></div>' for s in _COUNTED if total and c[s])
-        rows.append(f'<tr><td style="padding:0 8px 0 0">{html.escape(name)}{" [*]" if kind == "parameterized" else ""}'
-                    f'</td><td><div style="display:flex;width:220px;height:10px;background:#eceff1;'
-                    f'border-radius:2px;overflow:hidden">{segs}</div></td>'
-                    f'<td style="padding:0 0 0 8px">{c["finished"]}/{total}'
-                    + "".join(f" &middot; {c[s]} {s}" for s in ("running", "failed", "cancelled") if c[s])
-                    + "</td></tr>")
+        segs = "".join(
+            f'<div title="{s}: {c[s]}" style="width:{100 * c[s] / total:.1f}%;'
+            f'background:{STATE_COLOURS[s]}"></div>'
+            for s in _COUNTED
+            if total and c[s]
+        )
+        rows.append(
+            f'<tr><td style="padding:0 8px 0 0">{html.escape(name)}{" [*]" if kind == "parameterized" else ""}'
+            f'</td><td><div style="display:flex;width:220px;height:10px;background:#eceff1;'
+            f'border-radius:2px;overflow:hidden">{segs}</div></td>'
+            f'<td style="padding:0 0 0 8px">{c["finished"]}/{total}'
+            + "".join(f" &middot; {c[s]} {s}" for s in ("running", "failed", "cancelled") if c[s])
+            + "</td></tr>"
+        )
     error = f'<div style="color:#e53935">{html.escape(run.error)}</div>' if run.error else ""
-    return (f'<div class="flowdapt-progress" data-state="{html.escape(run.state)}"><b>{html.escape(run.name)}'
-            f'</b> <span class="fnb-progress-state" style="color:{colour}">{html.escape(run.state)}</span> '
-            f'<span class="fnb-progress-elapsed">{dur}</span>'
-            f'<table style="border-collapse:collapse">{"".join(rows)}</table>{error}</div>')
+    return (
+        f'<div class="flowdapt-progress" data-state="{html.escape(run.state)}"><b>{html.escape(run.name)}'
+        f'</b> <span class="fnb-progress-state" style="color:{colour}">{html.escape(run.state)}</span> '
+        f'<span class="fnb-progress-elapsed">{dur}</span>'
+        f'<table style="border-collapse:collapse">{"".join(rows)}</table>{error}</div>'
+    )
 
 
 class RunProgress:
@@ -66,6 +76,7 @@ class RunProgress:
 
     def __init__(self, executor, handle, tick: float = 0.5):
         from IPython.display import display
+
         self.run = handle.run
         self._events = executor.events
         self._lock = threading.Lock()
@@ -78,7 +89,9 @@ class RunProgress:
             return
         self._token = executor.events.subscribe(self._on_events, kinds={"task", "run"}, throttle=0.1)
         self._stop = threading.Event()
-        self._ticker = threading.Thread(target=self._tick, args=(tick,), name="flowdapt-nb-progress", daemon=True)
+        self._ticker = threading.Thread(
+            target=self._tick, args=(tick,), name="flowdapt-nb-progress", daemon=True
+        )
         self._ticker.start()
 
     def _bundle(self) -> dict:
@@ -132,10 +145,12 @@ def show_live_handle(handle) -> None:
 def register_live_handles(shell) -> None:
     """Make RunHandles display as live progress in this kernel (idempotent)."""
     from ..run import RunHandle
+
     shell.display_formatter.ipython_display_formatter.for_type(RunHandle, show_live_handle)
 
 
 # --- an executor starting ----------------------------------------------------------------------
+
 
 def start_phase(executor) -> str:
     """What a starting executor is doing now, read from what it has set up so far."""
@@ -176,6 +191,7 @@ class StartProgress:
 
     def __init__(self, executor, tick: float = 0.25):
         from IPython.display import display
+
         self.executor = executor
         self.started = time.monotonic()
         self.steps: list[list] = []  # [phase, seconds since start when it began]
@@ -185,7 +201,9 @@ class StartProgress:
         self._note_phase()
         self._display = display(self._bundle(), raw=True, display_id=True)
         self._stop = threading.Event()
-        self._ticker = threading.Thread(target=self._tick, args=(tick,), name="flowdapt-nb-starting", daemon=True)
+        self._ticker = threading.Thread(
+            target=self._tick, args=(tick,), name="flowdapt-nb-starting", daemon=True
+        )
         self._ticker.start()
 
     @property
@@ -218,8 +236,10 @@ class StartProgress:
         lines = [f"Starting the {kind} executor… {now:.1f} s"]
         for i, (phase, began) in enumerate(self.steps):
             ended = self.steps[i + 1][1] if i + 1 < len(self.steps) else None
-            lines.append(f"  {'✓' if ended is not None else '…'} {phase} "
-                         f"({(ended if ended is not None else now) - began:.1f} s)")
+            lines.append(
+                f"  {'✓' if ended is not None else '…'} {phase} "
+                f"({(ended if ended is not None else now) - began:.1f} s)"
+            )
         return "\n".join(lines)
 
     def html(self) -> str:
@@ -229,13 +249,17 @@ class StartProgress:
         for i, (phase, began) in enumerate(self.steps):
             ended = self.steps[i + 1][1] if i + 1 < len(self.steps) else None
             mark, colour = ("✓", "#43a047") if ended is not None else ("…", "#1e88e5")
-            rows.append(f'<div class="fnb-start-step" style="color:{colour}">{mark} {html.escape(phase)} '
-                        f'<span style="color:#6a737d">{(ended if ended is not None else now) - began:.1f} s'
-                        f'</span></div>')
-        return (f'<div class="fnb-start" data-kind="{html.escape(self.executor.kind)}" style="border:1px solid '
-                f'#e0e3e7;border-radius:8px;padding:8px 12px;max-width:640px"><b>Starting the {kind} executor…'
-                f'</b> <span class="fnb-start-elapsed" style="font-variant-numeric:tabular-nums">{now:.1f} s'
-                f'</span>{"".join(rows)}</div>')
+            rows.append(
+                f'<div class="fnb-start-step" style="color:{colour}">{mark} {html.escape(phase)} '
+                f'<span style="color:#6a737d">{(ended if ended is not None else now) - began:.1f} s'
+                f"</span></div>"
+            )
+        return (
+            f'<div class="fnb-start" data-kind="{html.escape(self.executor.kind)}" style="border:1px solid '
+            f'#e0e3e7;border-radius:8px;padding:8px 12px;max-width:640px"><b>Starting the {kind} executor…'
+            f'</b> <span class="fnb-start-elapsed" style="font-variant-numeric:tabular-nums">{now:.1f} s'
+            f"</span>{''.join(rows)}</div>"
+        )
 
     def _bundle(self) -> dict:
         return {"text/plain": self.text(), "text/html": self.html()}
@@ -251,10 +275,15 @@ class StartProgress:
             try:
                 if error is not None:
                     kind = self.executor.kind.capitalize()
-                    self._display.update({"text/plain": f"The {kind} executor did not start ({took:.1f} s): {error}",
-                                          "text/html": f'<div class="fnb-start fnb-start-failed" style="color:#c62828">'
-                                                       f'The {kind} executor did not start ({took:.1f} s): '
-                                                       f'{html.escape(error)}</div>'}, raw=True)
+                    self._display.update(
+                        {
+                            "text/plain": f"The {kind} executor did not start ({took:.1f} s): {error}",
+                            "text/html": f'<div class="fnb-start fnb-start-failed" style="color:#c62828">'
+                            f"The {kind} executor did not start ({took:.1f} s): "
+                            f"{html.escape(error)}</div>",
+                        },
+                        raw=True,
+                    )
                 elif replacement is not None:
                     self._display.update(replacement)
                 else:

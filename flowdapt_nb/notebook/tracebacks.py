@@ -15,11 +15,20 @@ import sysconfig
 import types
 
 _OURS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the flowdapt_nb package
-_LIBRARIES = tuple({os.path.abspath(p) for p in (sysconfig.get_paths().get("stdlib"),
-                                                  sysconfig.get_paths().get("purelib"),
-                                                  sysconfig.get_paths().get("platlib")) if p})
-HIDDEN_NOTE = ("(flowdapt_nb's own frames are hidden; %config FlowdaptMagics.full_tracebacks = True "
-               "shows them)")
+_LIBRARIES = tuple(
+    {
+        os.path.abspath(p)
+        for p in (
+            sysconfig.get_paths().get("stdlib"),
+            sysconfig.get_paths().get("purelib"),
+            sysconfig.get_paths().get("platlib"),
+        )
+        if p
+    }
+)
+HIDDEN_NOTE = (
+    "(flowdapt_nb's own frames are hidden; %config FlowdaptMagics.full_tracebacks = True shows them)"
+)
 
 
 def is_ours(filename: str) -> bool:
@@ -56,14 +65,17 @@ def user_traceback_text(text: str) -> str:
     lines = text.rstrip().splitlines()
     if not lines:
         return text
-    head, blocks, tail, current = [], [], [], None
+    head: list[str] = []
+    tail: list[str] = []
+    blocks: list[tuple[str, list[str]]] = []  # (file of the frame, its lines)
+    current: list[str] | None = None  # the lines of the frame being read
     for line in lines:
         match = _FRAME.match(line)
         if match:
-            current = [match.group(1), [line]]
-            blocks.append(current)
+            current = [line]
+            blocks.append((match.group(1), current))
         elif current is not None and line.startswith("    "):
-            current[1].append(line)
+            current.append(line)
         elif not blocks:
             head.append(line)
         else:
@@ -104,15 +116,17 @@ def show_user_frames(exc: BaseException, shell, magics) -> BaseException:
     """Make IPython show ``exc`` (a StageError) through ``stage_error_traceback``: IPython calls an
     exception's ``_render_traceback_`` instead of formatting it itself. The switch is read when
     the error is shown."""
+
     def render():
         try:
-            return stage_error_traceback(shell, type(exc), exc, exc.__traceback__,
-                                         full=bool(getattr(magics, "full_tracebacks", False)))
+            return stage_error_traceback(
+                shell, type(exc), exc, exc.__traceback__, full=bool(getattr(magics, "full_tracebacks", False))
+            )
         except Exception:  # never lose the error over its display
             return shell.InteractiveTB.structured_traceback(type(exc), exc, exc.__traceback__)
 
     try:
-        exc._render_traceback_ = render
+        exc._render_traceback_ = render  # type: ignore[attr-defined]  # IPython's per-exception hook
     except AttributeError:  # pragma: no cover - an exception type with __slots__
         pass
     return exc

@@ -79,7 +79,7 @@ CSS = """
 .fnb-stage-error{color:#c62828;font-size:11.5px}
 .fnb-dag svg{max-width:100%;height:auto}
 </style>
-"""
+"""  # noqa: E501  (one CSS rule runs long; the text is saved in the tutorials' outputs, so it stays as is)
 
 
 def esc(value) -> str:
@@ -147,18 +147,29 @@ def level_colour(frac: float | None) -> str:
 def gauge(frac: float | None, text: str, colour: str | None = None) -> str:
     """A small horizontal gauge with its value as text (coloured by level unless ``colour``)."""
     width = 0 if frac is None else max(0.0, min(1.0, frac)) * 100
-    return (f'<div class="fnb-gauge"><div class="fnb-gauge-track"><div class="fnb-gauge-fill" '
-            f'style="width:{width:.1f}%;background:{colour or level_colour(frac)}"></div></div>'
-            f'<span class="fnb-gauge-text">{esc(text)}</span></div>')
+    return (
+        f'<div class="fnb-gauge"><div class="fnb-gauge-track"><div class="fnb-gauge-fill" '
+        f'style="width:{width:.1f}%;background:{colour or level_colour(frac)}"></div></div>'
+        f'<span class="fnb-gauge-text">{esc(text)}</span></div>'
+    )
 
 
-def sparkline(points: list[tuple[float, float]], t0: float, t1: float, vmax: float | None = None,
-              width: int = 120, height: int = 26, colour: str = "#1e88e5") -> str:
+def sparkline(
+    points: list[tuple[float, float]],
+    t0: float,
+    t1: float,
+    vmax: float | None = None,
+    width: int = 120,
+    height: int = 26,
+    colour: str = "#1e88e5",
+) -> str:
     """An SVG sparkline of ``(time, value)`` points over the window ``[t0, t1]``."""
     pts = [(t, v) for t, v in points if v is not None and t >= t0]
     if not pts:
-        return (f'<svg class="fnb-spark" width="{width}" height="{height}"><line x1="0" y1="{height - 1}" '
-                f'x2="{width}" y2="{height - 1}" stroke="#cfd8dc" stroke-dasharray="2,3"/></svg>')
+        return (
+            f'<svg class="fnb-spark" width="{width}" height="{height}"><line x1="0" y1="{height - 1}" '
+            f'x2="{width}" y2="{height - 1}" stroke="#cfd8dc" stroke-dasharray="2,3"/></svg>'
+        )
     top = vmax if vmax else max(v for _, v in pts) or 1.0
     span = max(t1 - t0, 1e-9)
 
@@ -172,10 +183,12 @@ def sparkline(points: list[tuple[float, float]], t0: float, t1: float, vmax: flo
     last_x = (pts[-1][0] - t0) / span * (width - 2) + 1
     area = f"{first_x:.1f},{height - 1} {line} {last_x:.1f},{height - 1}"
     last = xy(*pts[-1]).split(",")
-    return (f'<svg class="fnb-spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
-            f'<polygon points="{area}" fill="{colour}" fill-opacity="0.15"/>'
-            f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="1.5" '
-            f'stroke-linejoin="round"/><circle cx="{last[0]}" cy="{last[1]}" r="2" fill="{colour}"/></svg>')
+    return (
+        f'<svg class="fnb-spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
+        f'<polygon points="{area}" fill="{colour}" fill-opacity="0.15"/>'
+        f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="1.5" '
+        f'stroke-linejoin="round"/><circle cx="{last[0]}" cy="{last[1]}" r="2" fill="{colour}"/></svg>'
+    )
 
 
 def stacked_bar(counts: dict, total: int) -> str:
@@ -186,15 +199,20 @@ def stacked_bar(counts: dict, total: int) -> str:
     for key in ("done", "failed", "cancelled", "running", "queued"):
         n = counts.get(key, 0)
         if n:
-            segs.append(f'<div class="fnb-seg fnb-seg-{key}" style="width:{n / total * 100:.2f}%" '
-                        f'title="{n} {key}"></div>')
+            segs.append(
+                f'<div class="fnb-seg fnb-seg-{key}" style="width:{n / total * 100:.2f}%" '
+                f'title="{n} {key}"></div>'
+            )
     return f'<div class="fnb-bar">{"".join(segs)}</div>'
 
 
 def legend() -> str:
     items = [("done", "#43a047"), ("running", "#1e88e5"), ("failed", "#e53935"), ("queued", "#b0bec5")]
-    return '<div class="fnb-legend">' + "".join(
-        f'<span><span class="fnb-dot" style="background:{c}"></span>{k}</span>' for k, c in items) + "</div>"
+    return (
+        '<div class="fnb-legend">'
+        + "".join(f'<span><span class="fnb-dot" style="background:{c}"></span>{k}</span>' for k, c in items)
+        + "</div>"
+    )
 
 
 def ago(t: float | None, now: float | None = None) -> str:
@@ -301,36 +319,39 @@ _MONO = "font-family:SFMono-Regular,Menlo,Consolas,monospace;font-size:11.5px"
 CLASS_STYLES = {
     "fnb": f"{_FONT};font-size:12.5px;line-height:1.45;color:#1f2328;white-space:normal",
     "fnb-panel": "border:1px solid #e0e3e7;border-radius:8px;padding:10px 14px;background:#ffffff;margin:4px 0;"
-                 "overflow-x:auto",
+    "overflow-x:auto",
     "fnb-box": "border:1px solid #e0e3e7;border-radius:8px;padding:10px 14px;background:#ffffff;margin:4px 0",
     "fnb-head": "display:flex;align-items:center;gap:10px;flex-wrap:wrap;margin-bottom:8px",
     "fnb-title": "font-weight:600;font-size:14px",
     "fnb-sub": "font-weight:600;font-size:11px;text-transform:uppercase;letter-spacing:0.05em;color:#6a737d;"
-               "margin:10px 0 4px",
+    "margin:10px 0 4px",
     "fnb-muted": _MUTED,
     "fnb-spacer": "flex:1",
     "fnb-badge": "display:inline-block;border-radius:10px;padding:0 8px;font-size:10.5px;line-height:18px;"
-                 "color:#ffffff;font-weight:600;text-transform:uppercase;letter-spacing:0.04em;white-space:nowrap",
+    "color:#ffffff;font-weight:600;text-transform:uppercase;letter-spacing:0.04em;white-space:nowrap",
     "fnb-stats": "display:flex;gap:22px;flex-wrap:wrap;margin:2px 0 8px",
     "fnb-stat": "display:flex;flex-direction:column",
     "fnb-table": "border-collapse:collapse;width:100%",
     "fnb-num": "text-align:right",
     "fnb-mono": _MONO,
     "fnb-bar": "display:flex;height:12px;border-radius:6px;overflow:hidden;background:#eceff1;min-width:180px;"
-               "width:100%",
+    "width:100%",
     "fnb-seg": "height:100%",
-    "fnb-seg-done": "background:#43a047", "fnb-seg-failed": "background:#e53935",
-    "fnb-seg-cancelled": "background:#fb8c00", "fnb-seg-queued": "background:#b0bec5",
+    "fnb-seg-done": "background:#43a047",
+    "fnb-seg-failed": "background:#e53935",
+    "fnb-seg-cancelled": "background:#fb8c00",
+    "fnb-seg-queued": "background:#b0bec5",
     "fnb-seg-running": "background:#1e88e5",
     "fnb-legend": "display:flex;gap:14px;font-size:11px;color:#6a737d;margin-top:4px",
     "fnb-dot": "display:inline-block;width:9px;height:9px;border-radius:2px;margin-right:4px;vertical-align:-1px",
-    "fnb-err": "color:#c62828", "fnb-ok": "color:#2e7d32",
+    "fnb-err": "color:#c62828",
+    "fnb-ok": "color:#2e7d32",
     "fnb-pre": "font-family:SFMono-Regular,Menlo,Consolas,monospace;font-size:11.5px;white-space:pre-wrap;"
-               "background:#f6f8fa;border:1px solid #e0e3e7;border-left:3px solid #e53935;border-radius:4px;"
-               "padding:8px 10px;margin:4px 0;max-height:320px;overflow:auto",
+    "background:#f6f8fa;border:1px solid #e0e3e7;border-left:3px solid #e53935;border-radius:4px;"
+    "padding:8px 10px;margin:4px 0;max-height:320px;overflow:auto",
     "fnb-gauge": "display:flex;align-items:center;gap:6px",
     "fnb-gauge-track": "position:relative;width:90px;height:8px;border-radius:4px;background:#eceff1;"
-                       "overflow:hidden;flex:none",
+    "overflow:hidden;flex:none",
     "fnb-gauge-fill": "position:absolute;left:0;top:0;bottom:0;border-radius:4px",
     "fnb-gauge-text": "min-width:86px",
     "fnb-cell": "display:flex;flex-direction:column",
@@ -343,9 +364,12 @@ CLASS_STYLES = {
 # (ancestor class, tag): the style sheet's descendant rules
 DESCENDANT_STYLES = {
     ("fnb-table", "th"): "text-align:left;font-weight:600;font-size:10.5px;text-transform:uppercase;"
-                         "letter-spacing:0.04em;color:#6a737d;border-bottom:1px solid #e0e3e7;padding:3px 8px",
-    ("fnb-table", "td"): "text-align:left;padding:4px 8px;border-bottom:1px solid #f0f2f4;vertical-align:middle;"
-                         "white-space:nowrap",
+    "letter-spacing:0.04em;color:#6a737d;border-bottom:1px solid #e0e3e7;padding:3px 8px",
+    (
+        "fnb-table",
+        "td",
+    ): "text-align:left;padding:4px 8px;border-bottom:1px solid #f0f2f4;vertical-align:middle;"
+    "white-space:nowrap",
     ("fnb-stat", "b"): "font-size:18px;font-weight:600;line-height:1.2",
     ("fnb-stat", "span"): "font-size:10.5px;text-transform:uppercase;letter-spacing:0.05em;color:#6a737d",
 }
@@ -396,8 +420,9 @@ class _Inliner(HTMLParser):
             rules.append(attrs["style"])
         if rules:
             attrs["style"] = ";".join(r.strip().rstrip(";") for r in rules if r.strip())
-        text = "".join(f' {k}="{html.escape(v, quote=True)}"' if v is not None else f" {k}"
-                       for k, v in attrs.items())
+        text = "".join(
+            f' {k}="{html.escape(v, quote=True)}"' if v is not None else f" {k}" for k, v in attrs.items()
+        )
         self.out.append(f"<{tag}{text}{' /' if closed else ''}>")
         if not closed and tag not in _VOID:
             self.stack.append([classes, tag, 0])

@@ -9,8 +9,13 @@ from collections import OrderedDict
 from ..states import TASK_STATES, TERMINAL, advances, stage_state
 
 COUNT_KEYS = ("done", "running", "failed", "queued", "cancelled")
-_KEY_OF = {"finished": "done", "running": "running", "failed": "failed", "queued": "queued",
-           "cancelled": "cancelled"}
+_KEY_OF = {
+    "finished": "done",
+    "running": "running",
+    "failed": "failed",
+    "queued": "queued",
+    "cancelled": "cancelled",
+}
 
 
 class RunTracker:
@@ -50,9 +55,17 @@ class RunTracker:
         for r in rows:
             if r.get("state") is None:
                 continue
-            self._update(r["stage"], r["item"], r["state"], r.get("end") or r.get("start") or r.get("queued"),
-                         worker=r.get("worker"), error=r.get("error"), queued=r.get("queued"),
-                         start=r.get("start"), end=r.get("end"))
+            self._update(
+                r["stage"],
+                r["item"],
+                r["state"],
+                r.get("end") or r.get("start") or r.get("queued"),
+                worker=r.get("worker"),
+                error=r.get("error"),
+                queued=r.get("queued"),
+                start=r.get("start"),
+                end=r.get("end"),
+            )
 
     # --- feeding ---
     def apply(self, event) -> bool:
@@ -62,10 +75,21 @@ class RunTracker:
         start = event.time if event.state == "running" else None
         end = event.time if event.state in TERMINAL else None
         queued = event.time if event.state == "queued" else None
-        return self._update(event.stage, event.item, event.state, event.time, worker=event.worker,
-                            error=event.error, queued=queued, start=start, end=end)
+        return self._update(
+            event.stage,
+            event.item,
+            event.state,
+            event.time,
+            worker=event.worker,
+            error=event.error,
+            queued=queued,
+            start=start,
+            end=end,
+        )
 
-    def _update(self, stage, item, state, t, worker=None, error=None, queued=None, start=None, end=None) -> bool:
+    def _update(
+        self, stage, item, state, t, worker=None, error=None, queued=None, start=None, end=None
+    ) -> bool:
         if stage not in self.counts:
             return False
         key = (stage, item)
@@ -74,36 +98,19 @@ class RunTracker:
             self.cached.add(key)
         row = self.tasks.get(key)
         if row is None:
-            row = self.tasks[key] = {"stage": stage, "item": item, "state": None, "worker": None,
-                                     "queued": None, "start": None, "end": None, "error": None}
-        changed = False
-        old = row["state"]
-        if state in _KEY_OF and advances(old, state) and old != state:
-            if old is not None:
-                self.counts[stage][old] -= 1
-            self.counts[stage][state] += 1
-            row["state"] = state
-            changed = True
-        if queued is not None and row["queued"] is None:
-            row["queued"] = queued
-        if start is not None and (row["start"] is None or start < row["start"]):
-            row["start"] = start
-            changed = True
-        if end is not None and row["end"] is None:
-            row["end"] = end
-        if worker and row["worker"] != worker:
-            row["worker"] = worker
-            changed = True
-        if error and row["error"] != error:
-            row["error"] = error
-            changed = True
-        if row["start"] is not None:
-            first = self.first_start.get(stage)
-            if first is None or row["start"] < first:
-                self.first_start[stage] = row["start"]
-        if row["end"] is not None and row["state"] in ("finished", "failed"):
-            if row["end"] > self.last_end.get(stage, 0):
-                self.last_end[stage] = row["end"]
+            row = self.tasks[key] = {
+                "stage": stage,
+                "item": item,
+                "state": None,
+                "worker": None,
+                "queued": None,
+                "start": None,
+                "end": None,
+                "error": None,
+            }
+        changed = self._advance_state(stage, row, state)
+        changed = _merge_details(row, worker, error, queued, start, end) or changed
+        self._note_stage_span(stage, row)
         if row["state"] == "failed":
             self.failed[key] = row["error"]
         if changed:
@@ -112,6 +119,30 @@ class RunTracker:
             while len(self.recent) > self.recent_limit:
                 self.recent.popitem(last=False)
         return changed
+
+    def _advance_state(self, stage, row: dict, state) -> bool:
+        """Move the task to ``state`` if that is forward (counts follow); whether it moved."""
+        old = row["state"]
+        if state not in _KEY_OF or not advances(old, state) or old == state:
+            return False
+        if old is not None:
+            self.counts[stage][old] -= 1
+        self.counts[stage][state] += 1
+        row["state"] = state
+        return True
+
+    def _note_stage_span(self, stage, row: dict) -> None:
+        """The stage's first task start and last task end, as far as this task moves them."""
+        if row["start"] is not None:
+            first = self.first_start.get(stage)
+            if first is None or row["start"] < first:
+                self.first_start[stage] = row["start"]
+        if (
+            row["end"] is not None
+            and row["state"] in ("finished", "failed")
+            and row["end"] > self.last_end.get(stage, 0)
+        ):
+            self.last_end[stage] = row["end"]
 
     # --- reading ---
     @property
@@ -135,8 +166,9 @@ class RunTracker:
 
     def stage_state(self, stage: str) -> str:
         """The stage's state by the one rule every view uses (``flowdapt_nb.states.stage_state``)."""
-        return stage_state(self.counts[stage], run_state=self.run.state, failed_stage=self.run.failed_stage,
-                           stage=stage)
+        return stage_state(
+            self.counts[stage], run_state=self.run.state, failed_stage=self.run.failed_stage, stage=stage
+        )
 
     def stage_states(self) -> dict:
         return {s: self.stage_state(s) for s in self.stage_names}
@@ -171,8 +203,11 @@ class RunTracker:
         return self.last_end.get(stage, first) - first
 
     def mean_duration(self, stage: str) -> float | None:
-        durations = [r["end"] - r["start"] for (s, _), r in self.tasks.items()
-                     if s == stage and r["state"] == "finished" and r["start"] and r["end"]]
+        durations = [
+            r["end"] - r["start"]
+            for (s, _), r in self.tasks.items()
+            if s == stage and r["state"] == "finished" and r["start"] and r["end"]
+        ]
         return sum(durations) / len(durations) if durations else None
 
     def recent_tasks(self, limit: int = 10) -> list[dict]:
@@ -187,9 +222,17 @@ class RunTracker:
         r = self.tasks[key]
         duration = (r["end"] - r["start"]) if r["start"] and r["end"] else None
         state = "cached" if key in self.cached and r["state"] == "finished" else r["state"]
-        return {"stage": r["stage"], "item": r["item"], "state": state, "worker": r["worker"],
-                "start": r["start"], "end": r["end"], "duration": duration, "error": r["error"],
-                "changed": self.recent.get(key)}
+        return {
+            "stage": r["stage"],
+            "item": r["item"],
+            "state": state,
+            "worker": r["worker"],
+            "start": r["start"],
+            "end": r["end"],
+            "duration": duration,
+            "error": r["error"],
+            "changed": self.recent.get(key),
+        }
 
     def expected_tasks(self) -> int | None:
         """How many tasks the run will have, or None while a fan-out that hasn't started could
@@ -211,6 +254,26 @@ class RunTracker:
         return out
 
 
+def _merge_details(row: dict, worker, error, queued, start, end) -> bool:
+    """Fill in a task's worker, error and times from a report; whether anything shown changed
+    (queued and end times alone do not count)."""
+    changed = False
+    if queued is not None and row["queued"] is None:
+        row["queued"] = queued
+    if start is not None and (row["start"] is None or start < row["start"]):
+        row["start"] = start
+        changed = True
+    if end is not None and row["end"] is None:
+        row["end"] = end
+    if worker and row["worker"] != worker:
+        row["worker"] = worker
+        changed = True
+    if error and row["error"] != error:
+        row["error"] = error
+        changed = True
+    return changed
+
+
 def task_label(stage: str, item) -> str:
     return f"{stage}[{item}]" if item is not None else stage
 
@@ -228,6 +291,7 @@ def traceback_of(run, stage: str, item) -> str | None:
         if tb:
             return tb
         import traceback
+
         return "".join(traceback.format_exception(cause)).rstrip()
     lock = getattr(run, "_lock", None)
     records = getattr(run, "_tasks", {})

@@ -9,8 +9,18 @@ from collections import deque
 
 from traitlets import Dict, Float, Int, List, Unicode
 
-from ._common import (FeedWidget, ago, badge, esc, fmt_amount, fmt_bytes, gauge, html_widget, sparkline,
-                      style_widget)
+from ._common import (
+    FeedWidget,
+    ago,
+    badge,
+    esc,
+    fmt_amount,
+    fmt_bytes,
+    gauge,
+    html_widget,
+    sparkline,
+    style_widget,
+)
 
 _HIDDEN = ("object_store_memory",)
 
@@ -38,7 +48,7 @@ class ResourceDashboard(FeedWidget):
     ``totals`` ({resource: amount over all workers}; in use is all 0 once the executor stopped).
     """
 
-    workers = List()
+    workers: List[str] = List()
     latest = Dict()
     samples = Int(0)
     window = Float(300.0)
@@ -118,9 +128,15 @@ class ResourceDashboard(FeedWidget):
 
     @staticmethod
     def _row(sample) -> dict:
-        row = {"time": sample.time, "cpu_percent": sample.cpu_percent, "memory_used": sample.memory_used,
-               "memory_limit": sample.memory_limit, "gpu_percent": sample.gpu_percent,
-               "gpu_memory_used": sample.gpu_memory_used, "gpu_memory_limit": sample.gpu_memory_limit}
+        row = {
+            "time": sample.time,
+            "cpu_percent": sample.cpu_percent,
+            "memory_used": sample.memory_used,
+            "memory_limit": sample.memory_limit,
+            "gpu_percent": sample.gpu_percent,
+            "gpu_memory_used": sample.gpu_memory_used,
+            "gpu_memory_limit": sample.gpu_memory_limit,
+        }
         for name, total in sample.resources_total.items():
             row[f"{name}_total"] = total
             row[f"{name}_used"] = _used(sample, name)
@@ -130,14 +146,21 @@ class ResourceDashboard(FeedWidget):
     def _inner_html(self, now: float | None = None) -> str:
         now = now or time.time()
         stopped = self.stopped
-        state = (f'<span class="fnb-executor-state" data-state="{self.executor_state}">'
-                 f'{badge("skipped" if stopped else "finished", self.executor_state)}</span>')
-        title = (f'<div class="fnb-head"><span class="fnb-title">Resources</span>{state}'
-                 f'<span class="fnb-muted">{len(self._series)} worker{"s" if len(self._series) != 1 else ""}'
-                 f' · last {self._window_text()}</span><span class="fnb-spacer"></span>')
+        state = (
+            f'<span class="fnb-executor-state" data-state="{self.executor_state}">'
+            f"{badge('skipped' if stopped else 'finished', self.executor_state)}</span>"
+        )
+        title = (
+            f'<div class="fnb-head"><span class="fnb-title">Resources</span>{state}'
+            f'<span class="fnb-muted">{len(self._series)} worker{"s" if len(self._series) != 1 else ""}'
+            f' · last {self._window_text()}</span><span class="fnb-spacer"></span>'
+        )
         if not self._series:
-            waiting = "The executor stopped before a resource sample." if stopped else \
-                "Waiting for the first resource sample…"
+            waiting = (
+                "The executor stopped before a resource sample."
+                if stopped
+                else "Waiting for the first resource sample…"
+            )
             return f'<div class="fnb-resources">{title}</div><div class="fnb-empty">{waiting}</div></div>'
         newest = max(q[-1].time for q in self._series.values())
         oldest = min(q[0].time for q in self._series.values())
@@ -151,10 +174,14 @@ class ResourceDashboard(FeedWidget):
         latest = {w: q[-1] for w, q in self._series.items()}
         summary = self._summary(latest)
         muted = ' style="opacity:.45"' if stopped else ""  # greyed: the last figures, not live ones
-        has_gpu = any(s.gpu_percent is not None or any(_is_gpu(k) for k in s.resources_total)
-                      for s in latest.values())
-        head = ('<tr><th>worker</th><th>cpu</th><th>memory</th>' + ('<th>gpu</th>' if has_gpu else '')
-                + '<th>logical resources in use</th></tr>')
+        has_gpu = any(
+            s.gpu_percent is not None or any(_is_gpu(k) for k in s.resources_total) for s in latest.values()
+        )
+        head = (
+            "<tr><th>worker</th><th>cpu</th><th>memory</th>"
+            + ("<th>gpu</th>" if has_gpu else "")
+            + "<th>logical resources in use</th></tr>"
+        )
         rows = []
         for worker in sorted(self._series):
             q = self._series[worker]
@@ -162,20 +189,28 @@ class ResourceDashboard(FeedWidget):
             if s.cpu_percent is not None:
                 pts = [(x.time, x.cpu_percent) for x in q]
                 top = max(100.0, max(v or 0 for _, v in pts))
-                cpu_cell = (gauge(s.cpu_percent / top, f"{s.cpu_percent:.0f}%")
-                            + sparkline(pts, t0, now, vmax=top, width=170, height=24, colour="#1e88e5"))
+                cpu_cell = gauge(s.cpu_percent / top, f"{s.cpu_percent:.0f}%") + sparkline(
+                    pts, t0, now, vmax=top, width=170, height=24, colour="#1e88e5"
+                )
             else:
                 cpu_cell = '<span class="fnb-muted">not measured here</span>'
             if s.memory_used is not None:
                 frac = s.memory_used / s.memory_limit if s.memory_limit else None
-                text = fmt_bytes(s.memory_used) + (f" of {fmt_bytes(s.memory_limit)}" if s.memory_limit else "")
+                text = fmt_bytes(s.memory_used) + (
+                    f" of {fmt_bytes(s.memory_limit)}" if s.memory_limit else ""
+                )
                 used = [(x.time, x.memory_used) for x in q]
-                top = max(v or 0 for _, v in used) * 1.25 or None  # the trend, not the limit, fills the height
-                mem_cell = gauge(frac, text) + sparkline(used, t0, now, vmax=top, width=170, height=24,
-                                                          colour="#8e24aa")
+                top = (
+                    max(v or 0 for _, v in used) * 1.25 or None
+                )  # the trend, not the limit, fills the height
+                mem_cell = gauge(frac, text) + sparkline(
+                    used, t0, now, vmax=top, width=170, height=24, colour="#8e24aa"
+                )
             else:
                 mem_cell = '<span class="fnb-muted">not measured here</span>'
-            gpu_cell = f'<td><div class="fnb-cell">{self._gpu_cell(s, q, t0, now)}</div></td>' if has_gpu else ""
+            gpu_cell = (
+                f'<td><div class="fnb-cell">{self._gpu_cell(s, q, t0, now)}</div></td>' if has_gpu else ""
+            )
             res = []
             for name in sorted(s.resources_total):
                 if name in _HIDDEN or (has_gpu and _is_gpu(name)):
@@ -184,17 +219,22 @@ class ResourceDashboard(FeedWidget):
                 used_now = 0.0 if stopped else _used(s, name)
                 frac = (used_now / total) if total and used_now is not None else None
                 pts = [(x.time, _used(x, name)) for x in q]
-                res.append(f'<div class="fnb-res" data-resource="{esc(name)}" title="{esc(name)}: '
-                           f'{fmt_amount(name, used_now)} of '
-                           f'{fmt_amount(name, total)} in use"><span class="fnb-mono" style="min-width:90px">'
-                           f'{esc(name)}</span>{gauge(frac, f"{fmt_amount(name, used_now)} / {fmt_amount(name, total)}", "#00897b")}'
-                           f'{sparkline(pts, t0, now, vmax=total or None, width=70, height=16, colour="#00897b")}'
-                           f'</div>')
-            rows.append(f'<tr data-worker="{esc(worker)}"{muted}><td class="fnb-mono" title="{esc(worker)}" '
-                        f'style="vertical-align:top">{esc(_short(worker))}</td>'
-                        f'<td><div class="fnb-cell">{cpu_cell}</div></td><td><div class="fnb-cell">{mem_cell}</div></td>'
-                        f'{gpu_cell}<td style="white-space:normal"><div class="fnb-cell">'
-                        f'{"".join(res) or "<span class=fnb-muted>none declared</span>"}</div></td></tr>')
+                res.append(
+                    f'<div class="fnb-res" data-resource="{esc(name)}" title="{esc(name)}: '
+                    f"{fmt_amount(name, used_now)} of "
+                    f'{fmt_amount(name, total)} in use"><span class="fnb-mono" style="min-width:90px">'
+                    f"{esc(name)}</span>"
+                    f"{gauge(frac, f'{fmt_amount(name, used_now)} / {fmt_amount(name, total)}', '#00897b')}"
+                    f"{sparkline(pts, t0, now, vmax=total or None, width=70, height=16, colour='#00897b')}"
+                    f"</div>"
+                )
+            rows.append(
+                f'<tr data-worker="{esc(worker)}"{muted}><td class="fnb-mono" title="{esc(worker)}" '
+                f'style="vertical-align:top">{esc(_short(worker))}</td>'
+                f'<td><div class="fnb-cell">{cpu_cell}</div></td><td><div class="fnb-cell">{mem_cell}</div></td>'
+                f'{gpu_cell}<td style="white-space:normal"><div class="fnb-cell">'
+                f"{''.join(res) or '<span class=fnb-muted>none declared</span>'}</div></td></tr>"
+            )
         table = f'<table class="fnb-table fnb-workers">{head}{"".join(rows)}</table>'
         return f'<div class="fnb-resources">{title}{summary}{table}</div>'
 
@@ -203,19 +243,27 @@ class ResourceDashboard(FeedWidget):
         mem_used = sum(s.memory_used or 0 for s in latest.values())
         mem_limit = sum(s.memory_limit or 0 for s in latest.values())
         totals, used = self.totals, self.in_use
-        stats = [f'<div class="fnb-stat"><b class="fnb-workers-count">{len(latest)}</b><span>workers</span></div>']
+        stats = [
+            f'<div class="fnb-stat"><b class="fnb-workers-count">{len(latest)}</b><span>workers</span></div>'
+        ]
         if cpus:
-            stats.append(f'<div class="fnb-stat"><b class="fnb-cpu-total">{sum(cpus) / len(cpus):.0f}%</b>'
-                         f'<span>mean cpu</span></div>')
+            stats.append(
+                f'<div class="fnb-stat"><b class="fnb-cpu-total">{sum(cpus) / len(cpus):.0f}%</b>'
+                f"<span>mean cpu</span></div>"
+            )
         if mem_limit:
-            stats.append(f'<div class="fnb-stat"><b>{fmt_bytes(mem_used)}</b><span>of {fmt_bytes(mem_limit)} '
-                         f'memory</span></div>')
+            stats.append(
+                f'<div class="fnb-stat"><b>{fmt_bytes(mem_used)}</b><span>of {fmt_bytes(mem_limit)} '
+                f"memory</span></div>"
+            )
         muted = ' style="opacity:.45"' if self.stopped else ""
         for name in sorted(totals, key=lambda n: ("memory" in n.lower(), n))[:6]:
             what = "reserved" if "memory" in name.lower() else "in use"  # beside the memory measured
-            stats.append(f'<div class="fnb-stat fnb-in-use" data-resource="{esc(name)}"{muted}><b>'
-                         f'{fmt_amount(name, used.get(name, 0.0))}/{fmt_amount(name, totals[name])}'
-                         f'</b><span>{esc(name)} {what}</span></div>')
+            stats.append(
+                f'<div class="fnb-stat fnb-in-use" data-resource="{esc(name)}"{muted}><b>'
+                f"{fmt_amount(name, used.get(name, 0.0))}/{fmt_amount(name, totals[name])}"
+                f"</b><span>{esc(name)} {what}</span></div>"
+            )
         return '<div class="fnb-stats">' + "".join(stats) + "</div>"
 
     @staticmethod
@@ -224,9 +272,15 @@ class ResourceDashboard(FeedWidget):
             text = f"{s.gpu_percent:.0f}%"
             if s.gpu_memory_used is not None and s.gpu_memory_limit:
                 text += f" · {fmt_bytes(s.gpu_memory_used)}"
-            return (gauge(s.gpu_percent / 100, text)
-                    + sparkline([(x.time, x.gpu_percent) for x in q], t0, now, vmax=100, width=150, height=24,
-                                colour="#f4511e"))
+            return gauge(s.gpu_percent / 100, text) + sparkline(
+                [(x.time, x.gpu_percent) for x in q],
+                t0,
+                now,
+                vmax=100,
+                width=150,
+                height=24,
+                colour="#f4511e",
+            )
         for name, total in s.resources_total.items():
             if _is_gpu(name):
                 used = _used(s, name)
@@ -243,22 +297,28 @@ class ResourceDashboard(FeedWidget):
             return f"ResourceDashboard({self.executor.kind}): no samples yet"
         lines = [f"ResourceDashboard: {len(self._series)} worker(s), last {self._window_text()}"]
         if self.stopped:
-            lines[0] += (f"; executor stopped, last sample "
-                         f"{time.strftime('%H:%M:%S', time.localtime(self.last_sample))}, nothing in use")
+            lines[0] += (
+                f"; executor stopped, last sample "
+                f"{time.strftime('%H:%M:%S', time.localtime(self.last_sample))}, nothing in use"
+            )
         for worker in sorted(self._series):
             s = self._series[worker][-1]
             parts = []
             if s.cpu_percent is not None:
                 parts.append(f"cpu {s.cpu_percent:.0f}%")
             if s.memory_used is not None:
-                parts.append(f"mem {fmt_bytes(s.memory_used)}"
-                             + (f"/{fmt_bytes(s.memory_limit)}" if s.memory_limit else ""))
+                parts.append(
+                    f"mem {fmt_bytes(s.memory_used)}"
+                    + (f"/{fmt_bytes(s.memory_limit)}" if s.memory_limit else "")
+                )
             if s.gpu_percent is not None:
                 parts.append(f"gpu {s.gpu_percent:.0f}%")
             for name in sorted(s.resources_total):
                 if name not in _HIDDEN:
                     used = 0.0 if self.stopped else _used(s, name)
-                    parts.append(f"{name} {fmt_amount(name, used)}/{fmt_amount(name, s.resources_total[name])}")
+                    parts.append(
+                        f"{name} {fmt_amount(name, used)}/{fmt_amount(name, s.resources_total[name])}"
+                    )
             lines.append(f"  {_short(worker)}: " + ", ".join(parts))
         return "\n".join(lines)
 

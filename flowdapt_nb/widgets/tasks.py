@@ -8,8 +8,18 @@ import time
 import ipywidgets as widgets
 from traitlets import Dict, Int, List, Unicode
 
-from ._common import (FeedWidget, ago, badge, esc, fmt_duration, fmt_rate, html_widget, legend, stacked_bar,
-                      style_widget)
+from ._common import (
+    FeedWidget,
+    ago,
+    badge,
+    esc,
+    fmt_duration,
+    fmt_rate,
+    html_widget,
+    legend,
+    stacked_bar,
+    style_widget,
+)
 from ._tracker import RunTracker, task_label, traceback_of
 
 _FOLLOW = "__follow__"
@@ -36,8 +46,8 @@ class TaskDashboard(FeedWidget):
     stage_states = Dict()
     throughput = Dict()
     eta = Dict()
-    recent_tasks = List()
-    failed_tasks = List()
+    recent_tasks: List[dict] = List()
+    failed_tasks: List[dict] = List()
     traceback_text = Unicode("")
     redraws = Int(0)
 
@@ -48,16 +58,21 @@ class TaskDashboard(FeedWidget):
         self._pinned = run is not None
         self._tracker: RunTracker | None = None
         self._body = html_widget()
-        self._picker = widgets.Dropdown(description="run", layout=widgets.Layout(width="340px"),
-                                        style={"description_width": "28px"})
-        self._picker_row = widgets.HBox([self._picker], layout=widgets.Layout(justify_content="flex-end",
-                                                                               display="none"))
-        self._failed_pick = widgets.Dropdown(description="traceback of",
-                                             layout=widgets.Layout(width="auto", min_width="420px"),
-                                             style={"description_width": "82px"})
+        self._picker = widgets.Dropdown(
+            description="run", layout=widgets.Layout(width="340px"), style={"description_width": "28px"}
+        )
+        self._picker_row = widgets.HBox(
+            [self._picker], layout=widgets.Layout(justify_content="flex-end", display="none")
+        )
+        self._failed_pick = widgets.Dropdown(
+            description="traceback of",
+            layout=widgets.Layout(width="auto", min_width="420px"),
+            style={"description_width": "82px"},
+        )
         self._traceback = html_widget()
-        self._failed_box = widgets.VBox([self._failed_pick, self._traceback],
-                                        layout=widgets.Layout(display="none"))
+        self._failed_box = widgets.VBox(
+            [self._failed_pick, self._traceback], layout=widgets.Layout(display="none")
+        )
         self.children = [style_widget(), self._picker_row, self._body, self._failed_box]
         self.add_class("fnb-box")
         self.add_class("fnb-task-dashboard")
@@ -119,11 +134,17 @@ class TaskDashboard(FeedWidget):
             kind = event.kind
             if kind == "run":
                 runs_changed = True
-                if not self._pinned and event.state == "running" and (
-                        self._tracker is None or self._tracker.uid != event.run):
+                if (
+                    not self._pinned
+                    and event.state == "running"
+                    and (self._tracker is None or self._tracker.uid != event.run)
+                ):
                     run = self._find_run(event.run)
-                    if run is not None and (self._tracker is None or self._tracker.run.done
-                                            or self._is_newer(run, self._tracker.run)):
+                    if run is not None and (
+                        self._tracker is None
+                        or self._tracker.run.done
+                        or self._is_newer(run, self._tracker.run)
+                    ):
                         self._follow(run)
                 changed = changed or (self._tracker is not None and event.run == self._tracker.uid)
             elif kind == "task" and self._tracker is not None:
@@ -187,7 +208,7 @@ class TaskDashboard(FeedWidget):
         run = self.run
         text = (traceback_of(run, stage, item) if run is not None else None) or "no traceback recorded"
         self.traceback_text = text
-        self._traceback.value = (f'<div class="fnb"><div class="fnb-pre">{esc(_user_frames(text))}</div></div>')
+        self._traceback.value = f'<div class="fnb"><div class="fnb-pre">{esc(_user_frames(text))}</div></div>'
         return text
 
     def _redraw(self) -> None:
@@ -215,7 +236,7 @@ class TaskDashboard(FeedWidget):
         if not failed:
             self._failed_box.layout.display = "none"
             return
-        options = [("pick a failed task to see its traceback", _NO_TRACEBACK)]
+        options: list[tuple[str, object]] = [("pick a failed task to see its traceback", _NO_TRACEBACK)]
         for f in failed[:200]:  # the first 200: a dropdown is no place for thousands
             err = (f["error"] or "failed").splitlines()[0][:80]
             options.append((f"{task_label(f['stage'], f['item'])} · {err}", (f["stage"], f["item"])))
@@ -229,31 +250,40 @@ class TaskDashboard(FeedWidget):
         now = now or time.time()
         tracker = self._tracker
         if tracker is None:
-            return ('<div class="fnb-tasks"><div class="fnb-head"><span class="fnb-title">Tasks</span>'
-                    f'{badge("pending", "idle")}</div><div class="fnb-empty">No runs yet on this '
-                    f'{esc(self.executor.kind)} executor: submit one (<code>ex.submit(wf, input)</code>) '
-                    'and it shows up here.</div></div>')
+            return (
+                '<div class="fnb-tasks"><div class="fnb-head"><span class="fnb-title">Tasks</span>'
+                f'{badge("pending", "idle")}</div><div class="fnb-empty">No runs yet on this '
+                f"{esc(self.executor.kind)} executor: submit one (<code>ex.submit(wf, input)</code>) "
+                "and it shows up here.</div></div>"
+            )
         run = tracker.run
         totals = tracker.totals()
         expected = tracker.expected_tasks()  # None until every fan-out's size is known
-        error = (f'<div class="fnb-err fnb-run-error" style="margin:0 0 6px">{esc(run.error)}</div>'
-                 if run.error else "")
-        head = (f'<div class="fnb-head"><span class="fnb-title">{esc(run.workflow)}</span>'
-                f'{badge(run.state)}<span class="fnb-muted fnb-mono">{esc(run.name)}</span>'
-                f'<span class="fnb-spacer"></span><span class="fnb-muted">{esc(run.executor)} executor'
-                f'{" · namespace " + esc(run.namespace) if run.namespace != "default" else ""}</span></div>')
+        error = (
+            f'<div class="fnb-err fnb-run-error" style="margin:0 0 6px">{esc(run.error)}</div>'
+            if run.error
+            else ""
+        )
+        head = (
+            f'<div class="fnb-head"><span class="fnb-title">{esc(run.workflow)}</span>'
+            f'{badge(run.state)}<span class="fnb-muted fnb-mono">{esc(run.name)}</span>'
+            f'<span class="fnb-spacer"></span><span class="fnb-muted">{esc(run.executor)} executor'
+            f"{' · namespace ' + esc(run.namespace) if run.namespace != 'default' else ''}</span></div>"
+        )
         failed_colour = "#e53935" if totals["failed"] else "inherit"
-        stats = ('<div class="fnb-stats">'
-                 f'<div class="fnb-stat"><b class="fnb-run-done">{totals["done"]}'
-                 f'{"" if expected is None else f"/{expected}"}</b>'
-                 f'<span>tasks done{" (total not known yet)" if expected is None else ""}</span></div>'
-                 f'<div class="fnb-stat"><b class="fnb-run-running" style="color:#1e88e5">{totals["running"]}</b>'
-                 '<span>running</span></div>'
-                 f'<div class="fnb-stat"><b class="fnb-run-queued">{totals["queued"]}</b><span>queued</span></div>'
-                 f'<div class="fnb-stat"><b class="fnb-run-failed" style="color:{failed_colour}">{totals["failed"]}'
-                 '</b><span>failed</span></div>'
-                 f'<div class="fnb-stat"><b class="fnb-run-elapsed">{fmt_duration(run.duration)}</b>'
-                 '<span>elapsed</span></div></div>')
+        stats = (
+            '<div class="fnb-stats">'
+            f'<div class="fnb-stat"><b class="fnb-run-done">{totals["done"]}'
+            f"{'' if expected is None else f'/{expected}'}</b>"
+            f"<span>tasks done{' (total not known yet)' if expected is None else ''}</span></div>"
+            f'<div class="fnb-stat"><b class="fnb-run-running" style="color:#1e88e5">{totals["running"]}</b>'
+            "<span>running</span></div>"
+            f'<div class="fnb-stat"><b class="fnb-run-queued">{totals["queued"]}</b><span>queued</span></div>'
+            f'<div class="fnb-stat"><b class="fnb-run-failed" style="color:{failed_colour}">{totals["failed"]}'
+            "</b><span>failed</span></div>"
+            f'<div class="fnb-stat"><b class="fnb-run-elapsed">{fmt_duration(run.duration)}</b>'
+            "<span>elapsed</span></div></div>"
+        )
         rows = []
         for stage in tracker.stage_names:
             c = self._counts_row(tracker, stage)
@@ -263,11 +293,17 @@ class TaskDashboard(FeedWidget):
                 time_text = f"~{fmt_duration(eta)} left" if eta is not None else "–"
             elif state == "pending":
                 waiting = [d for d in tracker.deps[stage] if tracker.stage_state(d) != "finished"]
-                time_text = f'<span class="fnb-muted">after {esc(", ".join(waiting))}</span>' if waiting else "–"
+                time_text = (
+                    f'<span class="fnb-muted">after {esc(", ".join(waiting))}</span>' if waiting else "–"
+                )
             else:
                 time_text = fmt_duration(tracker.elapsed(stage, now))
             param = tracker.types[stage] == "parameterized"
-            kind = " <span class='fnb-muted' title='parameterized: one task per item'>[*]</span>" if param else ""
+            kind = (
+                " <span class='fnb-muted' title='parameterized: one task per item'>[*]</span>"
+                if param
+                else ""
+            )
             extra = []
             if c["running"]:
                 extra.append(f'<span style="color:#1e88e5">{c["running"]} running</span>')
@@ -282,37 +318,48 @@ class TaskDashboard(FeedWidget):
                 f'<tr data-stage="{esc(stage)}"><td><b>{esc(stage)}</b>{kind}</td><td>{badge(state)}</td>'
                 f'<td style="width:45%;min-width:180px">{stacked_bar(c, c["total"])}</td>'
                 f'<td class="fnb-num fnb-count">{c["done"]}/{c["total"] if c["total"] else "?"}</td>'
-                f'<td>{" · ".join(extra)}</td>'
-                f'<td class="fnb-num">{rate}</td><td class="fnb-num">{time_text}</td></tr>')
-        stages = ('<table class="fnb-table fnb-stages"><tr><th>stage</th><th>state</th><th>progress</th>'
-                  '<th class="fnb-num">done</th><th></th><th class="fnb-num">throughput</th>'
-                  '<th class="fnb-num">time</th></tr>' + "".join(rows) + "</table>" + legend())
+                f"<td>{' · '.join(extra)}</td>"
+                f'<td class="fnb-num">{rate}</td><td class="fnb-num">{time_text}</td></tr>'
+            )
+        stages = (
+            '<table class="fnb-table fnb-stages"><tr><th>stage</th><th>state</th><th>progress</th>'
+            '<th class="fnb-num">done</th><th></th><th class="fnb-num">throughput</th>'
+            '<th class="fnb-num">time</th></tr>' + "".join(rows) + "</table>" + legend()
+        )
         recent = tracker.recent_tasks(self.recent_limit)
         if recent:
             trs = []
             for r in recent:
                 err = (r["error"] or "").splitlines()[0][:140] if r["error"] else ""
-                trs.append(f'<tr><td class="fnb-muted">{ago(r["changed"], now)}</td>'
-                           f'<td class="fnb-mono">{esc(task_label(r["stage"], r["item"]))}</td>'
-                           f'<td>{badge(r["state"])}</td><td class="fnb-mono fnb-muted">{esc(r["worker"] or "–")}</td>'
-                           f'<td class="fnb-num">{fmt_duration(r["duration"]) if r["duration"] is not None else "–"}</td>'
-                           f'<td class="fnb-err fnb-mono" style="white-space:normal">{esc(err)}</td></tr>')
-            recent_html = ('<div class="fnb-sub">Recent tasks</div><table class="fnb-table fnb-recent"><tr>'
-                           '<th>when</th><th>task</th><th>state</th><th>worker</th><th class="fnb-num">duration</th>'
-                           '<th>error</th></tr>' + "".join(trs) + "</table>")
+                trs.append(
+                    f'<tr><td class="fnb-muted">{ago(r["changed"], now)}</td>'
+                    f'<td class="fnb-mono">{esc(task_label(r["stage"], r["item"]))}</td>'
+                    f'<td>{badge(r["state"])}</td><td class="fnb-mono fnb-muted">{esc(r["worker"] or "–")}</td>'
+                    f'<td class="fnb-num">{fmt_duration(r["duration"]) if r["duration"] is not None else "–"}</td>'
+                    f'<td class="fnb-err fnb-mono" style="white-space:normal">{esc(err)}</td></tr>'
+                )
+            recent_html = (
+                '<div class="fnb-sub">Recent tasks</div><table class="fnb-table fnb-recent"><tr>'
+                '<th>when</th><th>task</th><th>state</th><th>worker</th><th class="fnb-num">duration</th>'
+                "<th>error</th></tr>" + "".join(trs) + "</table>"
+            )
         else:
             recent_html = '<div class="fnb-empty">No tasks yet.</div>'
         failures = ""
         if tracker.failed:
             dropped = len(run.failures)
             note = f" · {dropped} dropped under allow_partial_failure" if dropped else ""
-            failures = (f'<div class="fnb-sub fnb-err">Failed tasks ({len(tracker.failed)}){note}</div>'
-                        '<table class="fnb-table fnb-failed">'
-                        + "".join(f'<tr><td class="fnb-mono" style="width:1%">{esc(task_label(s, i))}</td>'
-                                  f'<td class="fnb-mono fnb-err" style="white-space:normal">'
-                                  f'{esc((e or "failed").splitlines()[0])}</td></tr>'
-                                  for (s, i), e in list(tracker.failed.items())[:20])
-                        + "</table>")
+            failures = (
+                f'<div class="fnb-sub fnb-err">Failed tasks ({len(tracker.failed)}){note}</div>'
+                '<table class="fnb-table fnb-failed">'
+                + "".join(
+                    f'<tr><td class="fnb-mono" style="width:1%">{esc(task_label(s, i))}</td>'
+                    f'<td class="fnb-mono fnb-err" style="white-space:normal">'
+                    f"{esc((e or 'failed').splitlines()[0])}</td></tr>"
+                    for (s, i), e in list(tracker.failed.items())[:20]
+                )
+                + "</table>"
+            )
         return f'<div class="fnb-tasks">{head}{error}{stats}{stages}{failures}{recent_html}</div>'
 
     @staticmethod
@@ -344,7 +391,9 @@ def _user_frames(text: str) -> str:
     lines = text.splitlines()
     out, skip = [], False
     for line in lines:
-        if line.startswith('  File "') and ("flowdapt_nb/worker.py" in line or "flowdapt_nb\\worker.py" in line):
+        if line.startswith('  File "') and (
+            "flowdapt_nb/worker.py" in line or "flowdapt_nb\\worker.py" in line
+        ):
             skip = True
             continue
         if skip and (line.startswith("    ") and not line.startswith('  File "')):
