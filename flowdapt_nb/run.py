@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .states import RUN_STATES, RUN_TERMINAL, TASK_STATES, TERMINAL, advances, stage_state  # noqa: F401
+
 TASK_COLUMNS = ["stage", "item", "state", "worker", "queued", "start", "end", "duration", "error"]
 
 
@@ -27,7 +28,7 @@ def _ts(t: float | None):
     """A UTC datetime to the millisecond (microseconds are noise in a table)."""
     if t is None:
         return None
-    stamp = datetime.fromtimestamp(t, tz=timezone.utc)
+    stamp = datetime.fromtimestamp(t, tz=UTC)
     return stamp.replace(microsecond=stamp.microsecond // 1000 * 1000)
 
 
@@ -40,6 +41,37 @@ def _new_row(stage: str, item: int | None, state: str | None = None, queued: flo
     """A task's row in ``WorkflowRun.tasks``, before anything else is known of it."""
     return {"stage": stage, "item": item, "state": state, "worker": None, "queued": queued,
             "start": None, "end": None, "error": None}
+
+
+def stage_summaries(run, rows: list[dict] | None = None) -> list[dict]:
+    """Per stage of ``run``, in workflow order: stage, type, state (``states.stage_state``), tasks,
+    a count per task state (and 'cached'), start (first task start), end (last task end; Unix
+    times) and duration (seconds, None while a task is still queued or running).
+
+    ``rows`` are the run's task rows (a copy taken under its lock); read from ``run`` when None.
+    ``WorkflowRun.stages`` and the run store both summarise stages with this."""
+    if rows is None:
+        with run._lock:
+            rows = [dict(r) for r in run._tasks.values()]
+    by_stage: dict[str, list[dict]] = {}
+    for r in rows:
+        by_stage.setdefault(r["stage"], []).append(r)
+    out = []
+    for stage in run.definition.stages:
+        mine = by_stage.get(stage.name, [])
+        counts = dict.fromkeys((*TASK_STATES, "cached"), 0)
+        for r in mine:
+            if r["state"] in counts:
+                counts[r["state"]] += 1
+        starts = [r["start"] for r in mine if r["start"]]
+        ends = [r["end"] for r in mine if r["end"]]
+        begin, end = (min(starts) if starts else None), (max(ends) if ends else None)
+        active = counts["queued"] + counts["running"]
+        state = stage_state(counts, run_state=run.state, failed_stage=run.failed_stage, stage=stage.name)
+        out.append({"stage": stage.name, "type": stage.type, "state": state, "tasks": len(mine), **counts,
+                    "start": begin, "end": end,
+                    "duration": (end - begin) if begin and end and not active else None})
+    return out
 
 
 class WorkflowRun:
@@ -205,22 +237,13 @@ class WorkflowRun:
         """pandas DataFrame, one row per stage: state (``states.stage_state``), task counts, started and
         finished_at (UTC datetimes), duration (seconds), throughput (finished tasks per second)."""
         import pandas as pd
-        with self._lock:
-            rows = [dict(r) for r in self._tasks.values()]
         out = []
-        for stage in self.definition.stages:
-            mine = [r for r in rows if r["stage"] == stage.name]
-            counts = {s: sum(1 for r in mine if r["state"] == s) for s in (*TASK_STATES, "cached")}
-            starts = [r["start"] for r in mine if r["start"]]
-            ends = [r["end"] for r in mine if r["end"]]
-            begin, finish = (min(starts) if starts else None), (max(ends) if ends else None)
-            active = counts["queued"] + counts["running"]
-            state = stage_state(counts, run_state=self.state, failed_stage=self.failed_stage, stage=stage.name)
-            duration = _seconds(finish - begin) if begin and finish and not active else None
-            out.append({"stage": stage.name, "type": stage.type, "state": state, "tasks": len(mine),
-                        **counts, "started": _ts(begin), "finished_at": _ts(finish) if not active else None,
+        for s in stage_summaries(self):
+            begin, finish, duration = s.pop("start"), s.pop("end"), _seconds(s.pop("duration"))
+            active = s["queued"] + s["running"]
+            out.append({**s, "started": _ts(begin), "finished_at": _ts(finish) if not active else None,
                         "duration": duration,
-                        "throughput": (counts["finished"] / duration) if duration else None})
+                        "throughput": (s["finished"] / duration) if duration else None})
         return pd.DataFrame(out)
 
     # --- display ---

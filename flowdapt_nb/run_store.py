@@ -6,10 +6,11 @@ Where: ``$FLOWDAPT_NB_RUNS`` when set, else ``<user data dir>/runs.sqlite`` (bes
 state, timings, per-stage summaries, every task row, every failure with its traceback, and the
 result's type and estimated size (never the result itself).
 
-Why a writer thread: the executor's event bus hands events to ``_Writer.put`` (a C queue put), and
-one daemon thread per database writes them in batches at most ~0.5 s apart, so the engine's thread
-never waits on disk and a killed process loses at most the last batch. SQLite runs in WAL mode with
-a busy timeout, so two kernels writing the same file are safe.
+Why a writer thread: the executor hands a run to ``RunStore.begin`` and its event bus hands run
+events to a queue (a C queue put); one daemon thread per database writes in batches ~0.5 s apart,
+reading the task rows that changed from the runs themselves, so the engine's thread never waits on
+disk nor does anything per task for the store, and a killed process loses at most the last batch.
+SQLite runs in WAL mode with a busy timeout, so two kernels writing the same file are safe.
 
 A run whose writer process is gone while its record still says pending/running reads back as
 ``lost`` (the process was killed or exited mid-run).
@@ -26,6 +27,8 @@ import socket
 import sqlite3
 import threading
 import time
+
+from .run import stage_summaries
 
 ENV_VAR = "FLOWDAPT_NB_RUNS"
 OFF = ("off", "false", "no", "none", "disabled")
@@ -76,11 +79,11 @@ def resolve_setting(setting) -> str | None:
     return os.path.abspath(os.path.expanduser(str(setting)))
 
 
-_stores: dict[str, "RunStore"] = {}
+_stores: dict[str, RunStore] = {}
 _stores_lock = threading.Lock()
 
 
-def get_store(setting=None) -> "RunStore | None":
+def get_store(setting=None) -> RunStore | None:
     """The store for a ``runs:`` setting (one per database per process), or None when off."""
     path = resolve_setting(setting)
     if path is None:
@@ -92,7 +95,7 @@ def get_store(setting=None) -> "RunStore | None":
         return store
 
 
-def attach_executor(executor) -> "RunStore | None":
+def attach_executor(executor) -> RunStore | None:
     """The store an executor's ``runs:`` setting names, subscribed to its events; None when off.
     A store that can't be opened (a read-only folder, a damaged file) is a warning, never a
     failed start: runs then go unrecorded."""
@@ -124,11 +127,33 @@ def _jsonable(value, depth: int = 0):
     return text if len(text) <= REPR_LIMIT else text[:REPR_LIMIT] + "…"
 
 
-def _workflow_text(definition) -> str:
+_yaml_cache: dict[str, tuple[str, str]] = {}  # repr of a workflow's to_dict() -> (YAML, its hash)
+YAML_CACHE_SIZE = 64
+_yaml_lock = threading.Lock()
+
+
+def _workflow_text(definition) -> tuple[str, str]:
+    """A workflow's YAML and its hash. Writing YAML is slow (~1.5 ms for four stages: several
+    percent of a tiny run) and notebooks run the same workflow many times, so both are kept by
+    the workflow's content (its ``to_dict()``, ~20 us): an edited workflow gets new text."""
     try:
-        return definition.to_yaml()
+        key = repr(definition.to_dict())
+    except Exception:
+        key = None
+    found = _yaml_cache.get(key) if key is not None else None
+    if found is not None:
+        return found
+    try:
+        text = definition.to_yaml()
     except Exception:  # a definition that can't be written back (exotic targets): its repr
-        return repr(definition)
+        text = repr(definition)
+    found = (text, hashlib.sha256(text.encode()).hexdigest()[:16])
+    if key is not None:
+        with _yaml_lock:  # one writer thread per database: several may be here at once
+            if len(_yaml_cache) >= YAML_CACHE_SIZE:
+                _yaml_cache.pop(next(iter(_yaml_cache)))  # the oldest
+            _yaml_cache[key] = found
+    return found
 
 
 def _result_info(result) -> tuple[str | None, int | None]:
@@ -141,24 +166,6 @@ def _result_info(result) -> tuple[str | None, int | None]:
     except Exception:
         size = None
     return f"{kind.__module__}.{kind.__qualname__}", size
-
-
-def _stage_summaries(run, rows: list[dict]) -> list[dict]:
-    """Per stage: state, task counts, start, end, duration (seconds)."""
-    from .states import TASK_STATES, stage_state
-    out = []
-    for stage in run.definition.stages:
-        mine = [r for r in rows if r["stage"] == stage.name]
-        counts = {s: sum(1 for r in mine if r["state"] == s) for s in (*TASK_STATES, "cached")}
-        starts = [r["start"] for r in mine if r["start"]]
-        ends = [r["end"] for r in mine if r["end"]]
-        begin, end = (min(starts) if starts else None), (max(ends) if ends else None)
-        state = stage_state(counts, run_state=run.state, failed_stage=run.failed_stage, stage=stage.name)
-        out.append({"stage": stage.name, "type": stage.type, "state": state, "tasks": len(mine), **counts,
-                    "start": begin, "end": end,
-                    "duration": (end - begin) if begin and end and not counts["queued"] + counts["running"]
-                    else None})
-    return out
 
 
 def _failure_rows(run) -> list[tuple]:
@@ -204,11 +211,14 @@ class RunStore:
         self._db.executescript(SCHEMA)
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()  # set by flush(): end the batch window early
         self._runs: dict = {}  # uid -> WorkflowRun still being written
         self._owner: dict = {}  # uid -> id() of the executor that runs it
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()  # guards _thread and _attached
         self._attached = 0  # running executors subscribed: the writer thread ends when none is left
+        self._tokens: dict = {}  # id() of an attached executor -> its event-bus subscriptions
+        self._written: dict = {}  # uid of a run in progress -> {task key: the state last written}
         self._pid = os.getpid()
         self._host = socket.gethostname()
         self._proc_start = _process_start(self._pid)
@@ -251,8 +261,10 @@ class RunStore:
         self._queue.put(("begin", run, executor.config_dict(), id(executor)))
 
     def attach(self, executor) -> int:
-        """Subscribe to a started executor's event bus (task and run events go to the writer
-        thread as they are; 'stopped' detaches it); returns the token."""
+        """Subscribe to a started executor's event bus: its run events go to the writer thread
+        ('stopped' detaches it); returns the token. Task rows are read from the runs themselves,
+        once per batch: no task event reaches this store, so it adds no work per task to the
+        engine's thread."""
         owner, put = id(executor), self._queue.put
         with self._start_lock:
             self._attached += 1
@@ -260,8 +272,24 @@ class RunStore:
                 self._thread = threading.Thread(target=self._write_loop, name="flowdapt-nb-run-store",
                                                 daemon=True)
                 self._thread.start()
-        return executor.events.subscribe(lambda event: put(("event", event, owner)),
-                                         kinds=("task", "run", "executor"))
+        tokens = (executor.events.subscribe(put, kinds=("run",)),  # the queue's own put: no wrapper
+                  executor.events.subscribe(lambda event: put(("executor", event, owner)), kinds=("executor",)))
+        self._tokens[owner] = tokens
+        return tokens[0]
+
+    def detach(self, executor) -> None:
+        """Stop recording a running executor's runs (closing it does this too); runs already
+        begun are still written to their end; ``attach`` starts again. The benchmarks use it to
+        time one executor with the store off and on."""
+        if not executor.running:
+            return  # a closed executor's 'stopped' event has detached it
+        tokens = self._tokens.pop(id(executor), None)
+        if tokens is None:
+            return
+        for token in tokens:
+            executor.events.unsubscribe(token)
+        with self._start_lock:
+            self._attached -= 1
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until what this process handed the writer so far is on disk."""
@@ -269,24 +297,23 @@ class RunStore:
             return True
         done = threading.Event()
         self._queue.put(("flush", done))
+        self._wake.set()  # write now, not at the end of the batch window
         return done.wait(timeout)
 
     # --- the writer thread ---
     def _write_loop(self) -> None:
-        """Write batches until no executor is attached and nothing is left to write (a closed
-        executor leaves no thread behind; the next start begins a new one)."""
+        """Write a batch every FLUSH_EVERY seconds while runs are in progress (or at once when
+        flushed); sleep while none is. Ends when no executor is attached and nothing is left to
+        write (a closed executor leaves no thread behind; the next start begins a new one)."""
         last_beat = 0.0
         while True:
-            batch = [self._queue.get()]
-            deadline = time.monotonic() + FLUSH_EVERY
-            while True:  # gather what arrives within the batch window, or until a flush is asked for
-                if batch[-1][0] == "flush":
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
+            batch = [] if self._runs else [self._queue.get()]  # nothing in progress: asleep till a begin
+            if not (batch and _is_flush(batch[0])):
+                self._wake.wait(FLUSH_EVERY)  # one batch window (flush() ends it early)
+            self._wake.clear()
+            while True:
                 try:
-                    batch.append(self._queue.get(timeout=left))
+                    batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             now = time.time()
@@ -300,37 +327,45 @@ class RunStore:
                 import logging
                 logging.getLogger("flowdapt_nb").exception("run store: writing a batch to %s failed", self.path)
             for entry in batch:
-                if entry[0] == "flush":
+                if _is_flush(entry):
                     entry[1].set()
             with self._start_lock:
                 if self._attached <= 0 and not self._runs and self._queue.empty():
                     self._thread = None
                     return
 
-    def _write(self, batch: list, heartbeat: float | None) -> None:
-        begins, touched, ended = [], {}, []
+    def _sort_batch(self, batch: list) -> tuple[list, list]:
+        """Take in a batch: runs begun (their new records' rows) and runs that ended."""
+        begins: list = []
+        ended: list = []
+        runs = self._runs
         for entry in batch:
-            if entry[0] == "begin":
+            if type(entry) is not tuple:  # a run event
+                if entry.state in ("finished", "failed", "cancelled"):
+                    run = runs.get(entry.run)
+                    if run is not None and run not in ended:
+                        ended.append(run)
+            elif entry[0] == "begin":
                 _, run, config, owner = entry
-                self._runs[run.uid] = run
+                runs[run.uid] = run
                 self._owner[run.uid] = owner
+                self._written[run.uid] = {}
                 begins.append(self._begin_row(run, config))
-            elif entry[0] == "event":
+            elif entry[0] == "executor":
                 event, owner = entry[1], entry[2]
-                if event.kind == "executor":
-                    if event.state == "stopped":  # its bus closes: its runs' records end here
-                        with self._start_lock:
-                            self._attached -= 1
-                        ended.extend(r for uid, r in self._runs.items()
-                                     if self._owner.get(uid) == owner and r not in ended)
-                    continue
-                run = self._runs.get(event.run)
-                if run is None:
-                    continue
-                if event.kind == "task":
-                    touched.setdefault(run.uid, set()).add((event.stage, event.item))
-                elif event.state in ("finished", "failed", "cancelled") and run not in ended:
-                    ended.append(run)
+                if event.state == "stopped":  # its bus closes: its runs' records end here
+                    with self._start_lock:
+                        self._attached -= 1
+                    ended.extend(r for uid, r in runs.items() if self._owner.get(uid) == owner and r not in ended)
+        return begins, ended
+
+    def _write(self, batch: list, heartbeat: float | None) -> None:
+        begins, ended = self._sort_batch(batch)
+        runs = self._runs
+        ending = {run.uid for run in ended}
+        # runs still going: the task rows that changed since the last batch (a run that ended
+        # is written whole, once, by _end)
+        progress = [self._changed_rows(uid, run) for uid, run in runs.items() if uid not in ending]
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
@@ -340,20 +375,14 @@ class RunStore:
                         "INSERT OR REPLACE INTO runs (uid, name, workflow, workflow_hash, workflow_yaml, "
                         "input_json, namespace, executor, config_json, state, created, pid, host, proc_start, "
                         "heartbeat) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", begins)
-                ending = {run.uid for run in ended}
-                for uid, keys in touched.items():
-                    if uid in ending:
-                        continue  # its final record below writes every row once
-                    run = self._runs[uid]
-                    with run._lock:
-                        rows = [dict(run._tasks[k]) for k in keys if k in run._tasks]
-                    db.executemany(_TASK_UPSERT, _task_params(uid, rows))
-                for uid, run in self._runs.items():  # state and timings of every run in progress
+                for params in progress:
+                    if params:
+                        db.executemany(_TASK_UPSERT, params)
+                for uid, run in runs.items():  # state and timings of every run in progress
                     db.execute("UPDATE runs SET state=?, started=?, error=? WHERE uid=?",
                                (run.state, run._started, run.error, uid))
                 if heartbeat is not None:
-                    db.executemany("UPDATE runs SET heartbeat=? WHERE uid=?",
-                                   [(heartbeat, uid) for uid in self._runs])
+                    db.executemany("UPDATE runs SET heartbeat=? WHERE uid=?", [(heartbeat, uid) for uid in runs])
                 for run in ended:
                     self._end(db, run)
                 db.execute("COMMIT")
@@ -361,21 +390,33 @@ class RunStore:
                 db.execute("ROLLBACK")
                 raise
         for run in ended:
-            self._runs.pop(run.uid, None)
+            runs.pop(run.uid, None)
             self._owner.pop(run.uid, None)
+            self._written.pop(run.uid, None)
+
+    def _changed_rows(self, uid: str, run) -> list[tuple]:
+        """The task rows of a run in progress whose state moved since they were last written."""
+        written = self._written.setdefault(uid, {})
+        with run._lock:
+            changed = [r for key, r in run._tasks.items() if written.get(key) != r["state"]]
+            for r in changed:
+                written[(r["stage"], r["item"])] = r["state"]
+            return _task_params(uid, changed)
 
     def _begin_row(self, run, config: dict) -> tuple:
-        text = _workflow_text(run.definition)
-        return (run.uid, run.name, run.workflow, hashlib.sha256(text.encode()).hexdigest()[:16], text,
+        text, digest = _workflow_text(run.definition)
+        return (run.uid, run.name, run.workflow, digest, text,
                 json.dumps(_jsonable(run.input)), run.namespace, run.executor,
                 json.dumps(_jsonable(config)), run.state, time.time(), self._pid, self._host,
                 self._proc_start, time.time())
 
     def _end(self, db, run) -> None:
         """A run ended: its final record from the run object (all rows with their timings)."""
-        with run._lock:
-            rows = [dict(r) for r in run._tasks.values()]
-        db.executemany(_TASK_UPSERT, _task_params(run.uid, rows))
+        with run._lock:  # the final rows, and what is drawn from them, in one consistent read
+            rows = list(run._tasks.values())
+            params = _task_params(run.uid, rows)
+            summaries = stage_summaries(run, rows)
+        db.executemany(_TASK_UPSERT, params)
         failures = _failure_rows(run)
         db.execute("DELETE FROM failures WHERE run_uid=?", (run.uid,))
         db.executemany("INSERT INTO failures VALUES (?,?,?,?,?,?,?,?)",
@@ -384,10 +425,11 @@ class RunStore:
         db.execute("UPDATE runs SET state=?, error=?, failed_stage=?, started=?, finished=?, result_type=?, "
                    "result_bytes=?, stages_json=?, n_tasks=?, n_failures=?, heartbeat=? WHERE uid=?",
                    (run.state, run.error, run.failed_stage, run._started, run._finished, rtype, rbytes,
-                    json.dumps(_stage_summaries(run, rows)), len(rows), len(run.failures), time.time(), run.uid))
+                    json.dumps(summaries), len(rows), len(run.failures), time.time(), run.uid))
 
     # --- reading ---
-    def query(self, sql: str, params=()) -> list[sqlite3.Row]:
+    def query(self, sql: str, params=()) -> list[dict]:
+        """Rows of a read as dicts (column name -> value)."""
         with self._lock:
             cursor = self._db.execute(sql, params)
             names = [d[0] for d in cursor.description]
@@ -397,6 +439,10 @@ class RunStore:
         self.flush(5)
         with self._lock:
             self._db.close()
+
+
+def _is_flush(entry) -> bool:
+    return type(entry) is tuple and entry[0] == "flush"
 
 
 def _process_start(pid: int) -> float | None:
