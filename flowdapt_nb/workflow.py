@@ -22,8 +22,17 @@ from .yamlsrc import Source, read_source
 
 # \A...\Z, not ^...$: '$' also matches before a trailing newline, so 'stage\n' would pass
 NAME_PATTERN = re.compile(r"\A[A-Za-z0-9_-]+\Z")
-STAGE_KEYS = ("name", "target", "type", "depends_on", "options", "resources", "description",
-              "version", "priority")
+STAGE_KEYS = (
+    "name",
+    "target",
+    "type",
+    "depends_on",
+    "options",
+    "resources",
+    "description",
+    "version",
+    "priority",
+)
 OPTION_KEYS = ("allow_partial_failure", "map_on", "timeout", "cache")
 MAIN = "__main__"  # the allow-list prefix of functions defined in the notebook (or script)
 
@@ -36,7 +45,8 @@ TARGETS_ARE_CODE = (
     "limit what workflows may call, set allowed_targets in the executor config, e.g. "
     "'allowed_targets: [mypkg., __main__]': a stage whose target's import path does not start "
     "with one of these prefixes is refused before anything is imported ('__main__' allows "
-    "functions defined in the notebook).")
+    "functions defined in the notebook)."
+)
 STAGE_TYPES = ("simple", "parameterized")
 
 
@@ -148,14 +158,18 @@ class Workflow(BaseModel):
     def to_dict(self) -> dict:
         """The Flowdapt workflow resource."""
         metadata = {"name": self.name, **{k: v for k, v in self.metadata.items() if k != "name"}}
-        return {"kind": "workflow", "metadata": metadata,
-                "spec": {"stages": [s.to_dict() for s in self.stages]}}
+        return {
+            "kind": "workflow",
+            "metadata": metadata,
+            "spec": {"stages": [s.to_dict() for s in self.stages]},
+        }
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def resolve(self, namespace: dict | None = None,
-                allowed_targets: list[str] | None = None) -> dict[str, Callable]:
+    def resolve(
+        self, namespace: dict | None = None, allowed_targets: list[str] | None = None
+    ) -> dict[str, Callable]:
         """Resolve every target to a callable and check its signature against the DAG.
 
         With ``allowed_targets`` (import-path prefixes), every target is checked against it
@@ -166,18 +180,21 @@ class Workflow(BaseModel):
         return {s.name: resolve_target(s, namespace, allowed_targets) for s in self.stages}
 
     def __repr__(self) -> str:
-        edges = ", ".join(f"{s.name}" + (f"<-{'+'.join(s.depends_on)}" if s.depends_on else "")
-                          for s in self.stages)
+        edges = ", ".join(
+            f"{s.name}" + (f"<-{'+'.join(s.depends_on)}" if s.depends_on else "") for s in self.stages
+        )
         return f"Workflow({self.name!r}: {edges})"
 
     def _repr_html_(self) -> str:
         from .render import workflow_html
+
         return workflow_html(self)
 
 
 # --- the one validator --------------------------------------------------------------------------
 # Every rule a workflow must follow lives here, once. It collects problems as data (Problem);
 # load_workflow raises them all in one ConfigError, the StageMapper shows each on its stage's row.
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -224,7 +241,7 @@ def problems_error(problems: list[Problem]) -> ConfigError:
     if len(problems) > 1:
         rest = " ".join(f"({n}) {p}" for n, p in enumerate(problems[1:], 2))
         err.args = (f"{err} [and {len(problems) - 1} more: {rest}]",)
-    err.problems = list(problems)  # type: ignore[attr-defined]
+    err.problems = list(problems)
     return err
 
 
@@ -281,8 +298,9 @@ def _validate(source: Source, namespace: dict | None = None) -> tuple[Workflow |
     raw_stages = _document_problems(source.data, chk)
     if raw_stages is None:
         return None, chk.problems
-    built = [(i, stage) for i, raw in enumerate(raw_stages)
-             if (stage := _stage_from_raw(i, raw, chk)) is not None]
+    built = [
+        (i, stage) for i, raw in enumerate(raw_stages) if (stage := _stage_from_raw(i, raw, chk)) is not None
+    ]
     names = [raw["name"] for raw in raw_stages if isinstance(raw, dict) and isinstance(raw.get("name"), str)]
     metadata = source.data.get("metadata") or {}
     name = str(metadata["name"]) if isinstance(metadata, dict) and "name" in metadata else None
@@ -299,8 +317,12 @@ def _expand_shorthand(source: Source) -> Source:
     if not (isinstance(data, dict) and "spec" not in data and "stages" in data):
         return source
     data = {"kind": "workflow", "metadata": {"name": data.get("name")}, "spec": {"stages": data["stages"]}}
-    return Source(data, {("spec",) + k if k[0] == "stages" else k: v for k, v in source.lines.items()},
-                  source.origin, source.line_offset)
+    return Source(
+        data,
+        {("spec",) + k if k[0] == "stages" else k: v for k, v in source.lines.items()},
+        source.origin,
+        source.line_offset,
+    )
 
 
 _TOP_KEYS = ("kind", "metadata", "spec", "version", "api_version", "apiVersion", "status")
@@ -314,14 +336,22 @@ def _document_problems(data, chk: _Checks) -> list | None:
         return None
     if "spec" not in data and any(k in data for k in _EXECUTOR_KEYS):
         key = next(k for k in _EXECUTOR_KEYS if k in data)
-        chk.workflow("this is an executor config, not a workflow", (key,), key=key,
-                     hint="a workflow resource has kind: workflow, metadata.name and spec.stages")
+        chk.workflow(
+            "this is an executor config, not a workflow",
+            (key,),
+            key=key,
+            hint="a workflow resource has kind: workflow, metadata.name and spec.stages",
+        )
         return None
     for key in data:
         if key not in _TOP_KEYS:
             near = difflib.get_close_matches(str(key), ["kind", "metadata", "spec"], n=1)
-            chk.workflow(f"unknown key '{key}' in the workflow", (key,), key=str(key),
-                         hint=f"did you mean '{near[0]}'?" if near else "valid: kind, metadata, spec")
+            chk.workflow(
+                f"unknown key '{key}' in the workflow",
+                (key,),
+                key=str(key),
+                hint=f"did you mean '{near[0]}'?" if near else "valid: kind, metadata, spec",
+            )
     kind = data.get("kind", "workflow")
     if str(kind).lower() != "workflow":
         chk.workflow(f"kind is {kind!r}; a workflow resource has kind: workflow", ("kind",), key="kind")
@@ -336,14 +366,21 @@ def _spec_stages(spec, chk: _Checks) -> list | None:
     for key in spec if isinstance(spec, dict) else ():
         if key != "stages":
             near = difflib.get_close_matches(str(key), ["stages"], n=1)
-            chk.workflow(f"unknown key 'spec.{key}'", ("spec", key), key=f"spec.{key}",
-                         hint="did you mean 'stages'?" if near else "a workflow spec holds only 'stages'")
+            chk.workflow(
+                f"unknown key 'spec.{key}'",
+                ("spec", key),
+                key=f"spec.{key}",
+                hint="did you mean 'stages'?" if near else "a workflow spec holds only 'stages'",
+            )
     if not isinstance(spec, dict) or "stages" not in spec:
         chk.workflow("the workflow needs spec.stages, a list of stages", ("spec",), key="spec.stages")
         return None
     if not isinstance(spec["stages"], list):
-        chk.workflow("spec.stages must be a list of stages (each starting with '- name:')", ("spec", "stages"),
-                     key="spec.stages")
+        chk.workflow(
+            "spec.stages must be a list of stages (each starting with '- name:')",
+            ("spec", "stages"),
+            key="spec.stages",
+        )
         return None
     return spec["stages"]
 
@@ -358,18 +395,33 @@ def _stage_from_raw(i: int, raw, chk: _Checks) -> Stage | None:
     for key in raw:
         if key not in STAGE_KEYS:
             near = difflib.get_close_matches(str(key), STAGE_KEYS, n=1)
-            chk.stage(i, name, f"unknown key '{key}'", key, key=str(key),
-                      hint=f"did you mean '{near[0]}'?" if near else "valid keys: " + ", ".join(STAGE_KEYS))
+            chk.stage(
+                i,
+                name,
+                f"unknown key '{key}'",
+                key,
+                key=str(key),
+                hint=f"did you mean '{near[0]}'?" if near else "valid keys: " + ", ".join(STAGE_KEYS),
+            )
     deps = raw.get("depends_on", [])
     if isinstance(deps, str):
-        chk.stage(i, name, f"depends_on must be a list, e.g. depends_on: [{deps}]", "depends_on", key="depends_on")
+        chk.stage(
+            i, name, f"depends_on must be a list, e.g. depends_on: [{deps}]", "depends_on", key="depends_on"
+        )
     if raw.get("type", "simple") not in STAGE_TYPES:
-        chk.stage(i, name, f"type {raw.get('type')!r} is not valid; use simple or parameterized", "type",
-                  key="type")
+        chk.stage(
+            i, name, f"type {raw.get('type')!r} is not valid; use simple or parameterized", "type", key="type"
+        )
     target = raw.get("target", "")
     if not isinstance(target, str) and not callable(target):  # Flowdapt's API takes callables too
-        chk.stage(i, name, f"target must be an import path, a notebook function's name or a callable, "
-                           f"not {type(target).__name__}", "target", key="target")
+        chk.stage(
+            i,
+            name,
+            f"target must be an import path, a notebook function's name or a callable, "
+            f"not {type(target).__name__}",
+            "target",
+            key="target",
+        )
     if len(chk.problems) > found:
         return None
     try:
@@ -379,14 +431,22 @@ def _stage_from_raw(i: int, raw, chk: _Checks) -> Stage | None:
         return None
 
 
-def _validation_problems(exc: ValidationError, source: Source, path: tuple, stage=None,
-                         index: int | None = None) -> list[Problem]:
+def _validation_problems(
+    exc: ValidationError, source: Source, path: tuple, stage=None, index: int | None = None
+) -> list[Problem]:
     out = []
     for err in exc.errors():
         loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc)
-        out.append(Problem(f"'{key}': {err['msg'].removeprefix('Value error, ')}", stage=stage, key=key,
-                           line=source.line_of(path + loc), index=index))
+        out.append(
+            Problem(
+                f"'{key}': {err['msg'].removeprefix('Value error, ')}",
+                stage=stage,
+                key=key,
+                line=source.line_of(path + loc),
+                index=index,
+            )
+        )
     return out
 
 
@@ -394,16 +454,28 @@ def _config_error_from(exc: ValidationError, source: Source, prefix, stage: str 
     return _validation_problems(exc, source, tuple(prefix), stage)[0].error()
 
 
-def _check_stages(chk: _Checks, name, built: list[tuple[int, Stage]], names: list[str],
-                  namespace: dict | None = None, count: int | None = None) -> None:
+def _check_stages(
+    chk: _Checks,
+    name,
+    built: list[tuple[int, Stage]],
+    names: list[str],
+    namespace: dict | None = None,
+    count: int | None = None,
+) -> None:
     """The rules on built stages: names, targets, options, resources, dependencies, cycles, and
     (with a namespace) the targets resolved."""
     if name is not None and (not isinstance(name, str) or not NAME_PATTERN.fullmatch(name)):
-        chk.workflow(f"workflow name {name!r} is not valid: use letters, digits, '_' and '-'",
-                     ("metadata", "name"), key="metadata.name")
+        chk.workflow(
+            f"workflow name {name!r} is not valid: use letters, digits, '_' and '-'",
+            ("metadata", "name"),
+            key="metadata.name",
+        )
     if (len(built) if count is None else count) == 0:
-        chk.workflow(f"workflow '{name}' has no stages; give at least one under spec.stages", ("spec",),
-                     key="spec.stages")
+        chk.workflow(
+            f"workflow '{name}' has no stages; give at least one under spec.stages",
+            ("spec",),
+            key="spec.stages",
+        )
     first: dict[str, int] = {}
     for i, stage in built:
         _stage_problems(i, stage, first, chk)
@@ -418,17 +490,28 @@ def _check_stages(chk: _Checks, name, built: list[tuple[int, Stage]], names: lis
 def _stage_problems(i: int, stage: Stage, first: dict[str, int], chk: _Checks) -> None:
     name = stage.name
     if not name:
-        chk.stage(i, None, f"stage {i + 1} has no name", key="name",
-                  hint="give it one of letters, digits, '_' and '-'")
+        chk.stage(
+            i,
+            None,
+            f"stage {i + 1} has no name",
+            key="name",
+            hint="give it one of letters, digits, '_' and '-'",
+        )
     elif not NAME_PATTERN.fullmatch(name):
         chk.stage(i, None, f"stage name {name!r} is not valid: use letters, digits, '_' and '-'", key="name")
     elif name in first:
-        chk.stage(i, name, f"duplicate stage name '{name}' (stage {first[name] + 1} has it too)",
-                  hint=f"stage names must be unique: rename it or the other stage also named '{name}'")
+        chk.stage(
+            i,
+            name,
+            f"duplicate stage name '{name}' (stage {first[name] + 1} has it too)",
+            hint=f"stage names must be unique: rename it or the other stage also named '{name}'",
+        )
     else:
         first[name] = i
     if stage.target is None or stage.target == "":
-        chk.stage(i, name, "has no target", key="target", hint="give an import path or a notebook function's name")
+        chk.stage(
+            i, name, "has no target", key="target", hint="give an import path or a notebook function's name"
+        )
     _option_problems(i, stage, chk)
     _resource_problems(i, stage, chk)
 
@@ -445,24 +528,50 @@ def _option_problems(i: int, stage: Stage, chk: _Checks) -> None:
     for key in stage.options:
         if key not in OPTION_KEYS:
             near = difflib.get_close_matches(key, OPTION_KEYS, n=1)
-            chk.stage(i, stage.name, f"unknown option '{key}'", "options", key, key=f"options.{key}",
-                      hint=f"did you mean '{near[0]}'?" if near else "valid options: " + ", ".join(OPTION_KEYS))
+            chk.stage(
+                i,
+                stage.name,
+                f"unknown option '{key}'",
+                "options",
+                key,
+                key=f"options.{key}",
+                hint=f"did you mean '{near[0]}'?" if near else "valid options: " + ", ".join(OPTION_KEYS),
+            )
     apf = stage.options.get("allow_partial_failure", True)
     if not isinstance(apf, bool):
-        chk.stage(i, stage.name, f"options.allow_partial_failure must be true or false, got {apf!r}",
-                  "options", "allow_partial_failure", key="options.allow_partial_failure")
+        chk.stage(
+            i,
+            stage.name,
+            f"options.allow_partial_failure must be true or false, got {apf!r}",
+            "options",
+            "allow_partial_failure",
+            key="options.allow_partial_failure",
+        )
     map_on = stage.options.get("map_on")
     if map_on is not None and (not isinstance(map_on, str) or not map_on):
-        chk.stage(i, stage.name, f"options.map_on must name a key of the run input (a string), got {map_on!r}",
-                  "options", "map_on", key="options.map_on")
+        chk.stage(
+            i,
+            stage.name,
+            f"options.map_on must name a key of the run input (a string), got {map_on!r}",
+            "options",
+            "map_on",
+            key="options.map_on",
+        )
     timeout = stage.options.get("timeout")
     if _bad_timeout(timeout):
-        chk.stage(i, stage.name, f"options.timeout must be a positive number of seconds, got {timeout!r}",
-                  "options", "timeout", key="options.timeout")
+        chk.stage(
+            i,
+            stage.name,
+            f"options.timeout must be a positive number of seconds, got {timeout!r}",
+            "options",
+            "timeout",
+            key="options.timeout",
+        )
 
 
 def _resource_problems(i: int, stage: Stage, chk: _Checks) -> None:
     from .units import parse_bytes
+
     for name, amount in stage.resources.items():
         if name == "memory":
             try:
@@ -470,8 +579,13 @@ def _resource_problems(i: int, stage: Stage, chk: _Checks) -> None:
             except ValueError as exc:
                 chk.stage(i, stage.name, f"resources.memory: {exc}", "resources", key="resources.memory")
         elif isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
-            chk.stage(i, stage.name, f"resources.{name} must be a non-negative number, got {amount!r}",
-                      "resources", key=f"resources.{name}")
+            chk.stage(
+                i,
+                stage.name,
+                f"resources.{name} must be a non-negative number, got {amount!r}",
+                "resources",
+                key=f"resources.{name}",
+            )
 
 
 def _dependency_problems(i: int, stage: Stage, names: list[str], chk: _Checks) -> None:
@@ -480,13 +594,24 @@ def _dependency_problems(i: int, stage: Stage, names: list[str], chk: _Checks) -
             chk.stage(i, stage.name, "depends on itself", "depends_on", key="depends_on")
         elif dep not in names:
             near = difflib.get_close_matches(dep, names, n=1)
-            chk.stage(i, stage.name, f"depends on unknown stage '{dep}'", "depends_on", key="depends_on",
-                      hint=f"did you mean '{near[0]}'?" if near else "stages: " + ", ".join(names))
+            chk.stage(
+                i,
+                stage.name,
+                f"depends on unknown stage '{dep}'",
+                "depends_on",
+                key="depends_on",
+                hint=f"did you mean '{near[0]}'?" if near else "stages: " + ", ".join(names),
+            )
     if len(set(stage.depends_on)) != len(stage.depends_on):
         chk.stage(i, stage.name, "lists a dependency twice in depends_on", "depends_on")
     if stage.type == "parameterized" and not stage.depends_on and not stage.map_on:
-        chk.stage(i, stage.name, "is parameterized with no dependency: set options.map_on to the input key whose "
-                                 "list it maps over", key="options.map_on")
+        chk.stage(
+            i,
+            stage.name,
+            "is parameterized with no dependency: set options.map_on to the input key whose "
+            "list it maps over",
+            key="options.map_on",
+        )
 
 
 def _cycle_problems(built: list[tuple[int, Stage]], chk: _Checks) -> None:
@@ -496,8 +621,14 @@ def _cycle_problems(built: list[tuple[int, Stage]], chk: _Checks) -> None:
         position.setdefault(stage.name, i)
     deps = {s.name: [d for d in s.depends_on if d in position and d != s.name] for _, s in built}
     for cycle in _cycles(deps):
-        chk.stage(position[cycle[0]], cycle[0], "dependency cycle " + " -> ".join(cycle), "depends_on",
-                  key="depends_on", stages=tuple(position[n] for n in cycle[:-1]))
+        chk.stage(
+            position[cycle[0]],
+            cycle[0],
+            "dependency cycle " + " -> ".join(cycle),
+            "depends_on",
+            key="depends_on",
+            stages=tuple(position[n] for n in cycle[:-1]),
+        )
 
 
 def _cycles(deps: dict[str, list[str]]) -> list[list[str]]:
@@ -512,7 +643,7 @@ def _cycles(deps: dict[str, list[str]]) -> list[list[str]]:
         stack.append(node)
         for dep in deps.get(node, []):
             if state.get(dep) == 1:
-                cycle = stack[stack.index(dep):] + [dep]
+                cycle = stack[stack.index(dep) :] + [dep]
                 if frozenset(cycle) not in keys:
                     keys.add(frozenset(cycle))
                     found.append(cycle)
@@ -550,6 +681,7 @@ def topological_order(wf: Workflow) -> list[str]:
 
 # --- loading ------------------------------------------------------------------------------------
 
+
 def load_workflow(src) -> Workflow:
     """Load a Flowdapt workflow resource from YAML text, a path, or a dict; a ConfigError lists
     every problem (see :func:`workflow_problems`).
@@ -574,6 +706,7 @@ def load_workflow(src) -> Workflow:
 
 # --- targets ------------------------------------------------------------------------------------
 
+
 def user_namespace() -> dict:
     """The notebook's namespace when IPython runs, else ``__main__``'s."""
     ipython_mod = sys.modules.get("IPython")
@@ -585,8 +718,9 @@ def user_namespace() -> dict:
     return vars(main) if main is not None else {}
 
 
-def resolve_target(stage: Stage, namespace: dict | None = None,
-                   allowed_targets: list[str] | None = None) -> Callable:
+def resolve_target(
+    stage: Stage, namespace: dict | None = None, allowed_targets: list[str] | None = None
+) -> Callable:
     """A stage's callable: the callable itself, a notebook function by name, or an import path.
     With ``allowed_targets``, a target outside those prefixes is refused before it is imported."""
     target = stage.target
@@ -599,8 +733,12 @@ def resolve_target(stage: Stage, namespace: dict | None = None,
         if allowed_targets is not None and _is_notebook_name(str(target)):
             # a notebook name may hold anything (``from os import system``): what it holds must be
             # defined in the notebook or come from an allowed module
-            _refuse_unless_allowed(stage, callable_path(fn), allowed_targets,
-                                   f"'{target}' in the notebook is {callable_path(fn)}, which")
+            _refuse_unless_allowed(
+                stage,
+                callable_path(fn),
+                allowed_targets,
+                f"'{target}' in the notebook is {callable_path(fn)}, which",
+            )
     check_signature(stage, fn)
     return fn
 
@@ -618,12 +756,16 @@ def check_allowed_prefixes(value) -> list[str] | None:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"allowed_targets must be a list of import-path prefixes such as "
-                         f"[mypkg., __main__], got {value!r}")
+        raise ValueError(
+            f"allowed_targets must be a list of import-path prefixes such as "
+            f"[mypkg., __main__], got {value!r}"
+        )
     for prefix in value:
         if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
-            raise ValueError(f"allowed_targets holds {prefix!r}: each entry is an import-path prefix "
-                             f"such as mypkg. or mypkg.models or __main__")
+            raise ValueError(
+                f"allowed_targets holds {prefix!r}: each entry is an import-path prefix "
+                f"such as mypkg. or mypkg.models or __main__"
+            )
     return list(value)
 
 
@@ -671,10 +813,12 @@ def is_allowed(path: str, allowed_targets) -> bool:
 def _refuse_unless_allowed(stage: Stage, path: str, allowed_targets, what: str) -> None:
     if not is_allowed(path, allowed_targets):
         allowed = ", ".join(allowed_targets) if allowed_targets else "nothing (the list is empty)"
-        raise ConfigError(f"target {what} is not allowed: allowed_targets permits only {allowed}",
-                          stage=stage.name, key="target",
-                          hint="add a prefix of it to allowed_targets in the executor config if you "
-                               "trust that code")
+        raise ConfigError(
+            f"target {what} is not allowed: allowed_targets permits only {allowed}",
+            stage=stage.name,
+            key="target",
+            hint="add a prefix of it to allowed_targets in the executor config if you trust that code",
+        )
 
 
 def check_target_allowed(stage: Stage, allowed_targets) -> None:
@@ -698,35 +842,61 @@ def _lookup(stage: Stage, target: str, namespace: dict | None) -> Callable:
     if not sep:
         defined = sorted(k for k, v in ns.items() if inspect.isfunction(v) and not k.startswith("_"))
         near = difflib.get_close_matches(target, defined, n=1)
-        hint = (f"did you mean '{near[0]}'?" if near else
-                "define the function in the notebook first, or give an import path like mypkg.module.func")
-        raise ConfigError(f"target '{target}' is neither a function defined in the notebook nor an "
-                          f"import path", stage=stage.name, key="target", hint=hint)
+        hint = (
+            f"did you mean '{near[0]}'?"
+            if near
+            else "define the function in the notebook first, or give an import path like mypkg.module.func"
+        )
+        raise ConfigError(
+            f"target '{target}' is neither a function defined in the notebook nor an import path",
+            stage=stage.name,
+            key="target",
+            hint=hint,
+        )
     if ":" in target:
         module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"target '{target}' does not import: {exc}", stage=stage.name, key="target",
-                          hint="check the module path and that its package is installed") from None
+        raise ConfigError(
+            f"target '{target}' does not import: {exc}",
+            stage=stage.name,
+            key="target",
+            hint="check the module path and that its package is installed",
+        ) from None
     except Exception as exc:
-        raise ConfigError(f"target '{target}': importing {module_name} raised "
-                          f"{type(exc).__name__}: {exc}", stage=stage.name, key="target",
-                          hint=f"fix {module_name} so it imports, or name a target in another module") from None
+        raise ConfigError(
+            f"target '{target}': importing {module_name} raised {type(exc).__name__}: {exc}",
+            stage=stage.name,
+            key="target",
+            hint=f"fix {module_name} so it imports, or name a target in another module",
+        ) from None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             names = [n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None))]
             near = difflib.get_close_matches(part, names, n=1)
-            hint = (f"did you mean '{target[:len(target) - len(attr)]}{near[0]}'?" if near and "." not in attr
-                    else f"did you mean '{near[0]}'?" if near else
-                    f"{module_name} defines: {', '.join(names[:12]) or 'nothing callable'}")
-            raise ConfigError(f"target '{target}' does not import: {module_name} has no attribute '{attr}'",
-                              stage=stage.name, key="target", hint=hint) from None
+            hint = (
+                f"did you mean '{target[: len(target) - len(attr)]}{near[0]}'?"
+                if near and "." not in attr
+                else f"did you mean '{near[0]}'?"
+                if near
+                else f"{module_name} defines: {', '.join(names[:12]) or 'nothing callable'}"
+            )
+            raise ConfigError(
+                f"target '{target}' does not import: {module_name} has no attribute '{attr}'",
+                stage=stage.name,
+                key="target",
+                hint=hint,
+            ) from None
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ConfigError(f"target '{target}' is not callable ({type(obj).__name__})", stage=stage.name,
-                          key="target", hint="name a function (or another callable) defined in the module")
+        raise ConfigError(
+            f"target '{target}' is not callable ({type(obj).__name__})",
+            stage=stage.name,
+            key="target",
+            hint="name a function (or another callable) defined in the module",
+        )
     return obj
 
 
@@ -744,8 +914,14 @@ def signature_of(fn: Callable) -> inspect.Signature:
     object) or changing its defaults or code is seen; other callables are inspected each time."""
     if type(fn) is not types.FunctionType:
         return inspect.signature(fn)
-    stamp = (fn.__code__, fn.__defaults__, fn.__kwdefaults__, fn.__dict__.get("__signature__"),
-             fn.__dict__.get("__wrapped__"), fn.__annotations__)
+    stamp = (
+        fn.__code__,
+        fn.__defaults__,
+        fn.__kwdefaults__,
+        fn.__dict__.get("__signature__"),
+        fn.__dict__.get("__wrapped__"),
+        fn.__annotations__,
+    )
     cached = _signatures.get(id(fn))
     if cached is not None and cached[0]() is fn and all(a is b for a, b in zip(cached[1], stamp)):
         return cached[2]
@@ -768,20 +944,33 @@ def check_signature(stage: Stage, fn: Callable) -> None:
     try:
         sig.bind_partial(*([None] * count))
     except TypeError:
-        what = (f"depends on {', '.join(stage.depends_on)}" if stage.depends_on else "maps over a list")
-        takes = sum(1 for p in sig.parameters.values()
-                    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-        raise ConfigError(f"its function {getattr(fn, '__name__', fn)}{sig} takes {takes} positional "
-                          f"argument(s) but {what}, so it is called with {count}", stage=stage.name,
-                          key="target", hint=f"give it {count} parameter(s), one per dependency output"
-                          ) from None
-    missing = [p.name for i, p in enumerate(sig.parameters.values())
-               if i >= count and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-               and stage.depends_on]
+        what = f"depends on {', '.join(stage.depends_on)}" if stage.depends_on else "maps over a list"
+        takes = sum(
+            1 for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        )
+        raise ConfigError(
+            f"its function {getattr(fn, '__name__', fn)}{sig} takes {takes} positional "
+            f"argument(s) but {what}, so it is called with {count}",
+            stage=stage.name,
+            key="target",
+            hint=f"give it {count} parameter(s), one per dependency output",
+        ) from None
+    missing = [
+        p.name
+        for i, p in enumerate(sig.parameters.values())
+        if i >= count
+        and p.default is p.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and stage.depends_on
+    ]
     if missing:
-        raise ConfigError(f"its function {getattr(fn, '__name__', fn)}{sig} needs argument(s) "
-                          f"{', '.join(missing)} that no dependency supplies", stage=stage.name, key="target",
-                          hint=f"give {', '.join(missing)} a default, or add a dependency for each")
+        raise ConfigError(
+            f"its function {getattr(fn, '__name__', fn)}{sig} needs argument(s) "
+            f"{', '.join(missing)} that no dependency supplies",
+            stage=stage.name,
+            key="target",
+            hint=f"give {', '.join(missing)} a default, or add a dependency for each",
+        )
 
 
 def root_kwargs(stage: Stage, fn: Callable, run_input: dict) -> dict:
@@ -798,11 +987,19 @@ def root_kwargs(stage: Stage, fn: Callable, run_input: dict) -> dict:
     if any(p.kind == p.VAR_KEYWORD for p in params):
         return {k: v for k, v in run_input.items() if k not in skip}
     names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    missing = [p.name for p in params if p.default is p.empty
-               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in run_input]
+    missing = [
+        p.name
+        for p in params
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in run_input
+    ]
     if missing:
         have = ", ".join(sorted(run_input)) or "none"
-        raise ConfigError(f"needs input {', '.join(repr(m) for m in missing)} (input keys given: {have})",
-                          stage=stage.name, key=missing[0],
-                          hint=f"pass it in the run input, e.g. input={{'{missing[0]}': ...}}")
+        raise ConfigError(
+            f"needs input {', '.join(repr(m) for m in missing)} (input keys given: {have})",
+            stage=stage.name,
+            key=missing[0],
+            hint=f"pass it in the run input, e.g. input={{'{missing[0]}': ...}}",
+        )
     return {k: v for k, v in run_input.items() if k in names and k not in skip}

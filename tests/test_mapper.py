@@ -44,26 +44,33 @@ def threads():
 
 # --- the one run-input parser -------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, expected", [
-    ("n=200 max_degree=6", {"n": 200, "max_degree": 6}),
-    ("n=200, max_degree=6", {"n": 200, "max_degree": 6}),
-    ("n = 200  max_degree = 6", {"n": 200, "max_degree": 6}),
-    ('{"n": 200, "max_degree": 6}', {"n": 200, "max_degree": 6}),
-    ("{'n': 200, 'max_degree': 6, 'exact': True}", {"n": 200, "max_degree": 6, "exact": True}),
-    ('xs=[1, 2], name="a b" mode=fast', {"xs": [1, 2], "name": "a b", "mode": "fast"}),
-    ("xs=1,2 flag=true empty=", {"xs": "1,2", "flag": True, "empty": ""}),
-    ("", {}),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("n=200 max_degree=6", {"n": 200, "max_degree": 6}),
+        ("n=200, max_degree=6", {"n": 200, "max_degree": 6}),
+        ("n = 200  max_degree = 6", {"n": 200, "max_degree": 6}),
+        ('{"n": 200, "max_degree": 6}', {"n": 200, "max_degree": 6}),
+        ("{'n': 200, 'max_degree': 6, 'exact': True}", {"n": 200, "max_degree": 6, "exact": True}),
+        ('xs=[1, 2], name="a b" mode=fast', {"xs": [1, 2], "name": "a b", "mode": "fast"}),
+        ("xs=1,2 flag=true empty=", {"xs": "1,2", "flag": True, "empty": ""}),
+        ("", {}),
+    ],
+)
 def test_run_input_forms(text, expected):
     assert parse_run_input(text) == expected
 
 
-@pytest.mark.parametrize("text, bad", [
-    ("n=200 oops", "got 'oops'"),
-    ("n=200 max-degree=6", "got 'max-degree=6'"),
-    ("[1, 2]", "must be a dict, not list"),
-    ("{n: 1}", "'{n: 1}' is neither a JSON object nor a Python dict"),
-])
+@pytest.mark.parametrize(
+    "text, bad",
+    [
+        ("n=200 oops", "got 'oops'"),
+        ("n=200 max-degree=6", "got 'max-degree=6'"),
+        ("[1, 2]", "must be a dict, not list"),
+        ("{n: 1}", "'{n: 1}' is neither a JSON object nor a Python dict"),
+    ],
+)
 def test_run_input_errors_name_the_token_and_the_valid_forms(text, bad):
     with pytest.raises(ConfigError) as info:
         parse_run_input(text)
@@ -84,15 +91,20 @@ def test_cli_and_magic_read_input_with_the_same_parser():
 
 # --- the input box, with real runs ---------------------------------------------------------------
 
+
 def test_input_box_takes_every_form_and_runs(threads):
     def power(n, max_degree=1):
-        return n ** max_degree
+        return n**max_degree
 
     mapper = widgets.StageMapper(namespace={"power": power}, executor=threads)
     try:
         mapper.add_stage("power", "power")
-        for text in ("n=2 max_degree=6", "n=2, max_degree=6", '{"n": 2, "max_degree": 6}',
-                     "{'n': 2, 'max_degree': 6}"):
+        for text in (
+            "n=2 max_degree=6",
+            "n=2, max_degree=6",
+            '{"n": 2, "max_degree": 6}',
+            "{'n': 2, 'max_degree': 6}",
+        ):
             mapper.input_w.value = text
             mapper.run_w.click()
             assert mapper._handle is not None, status_text(mapper)
@@ -109,6 +121,7 @@ def test_input_box_takes_every_form_and_runs(threads):
 
 
 # --- "Add as stage": roots and proposed dependencies ----------------------------------------------
+
 
 def test_add_as_stage_proposes_roots_and_dependencies():
     def load(n=3):
@@ -129,6 +142,7 @@ def test_add_as_stage_proposes_roots_and_dependencies():
     ns = {"load": load, "read_table": read_table, "square": square, "combine": combine, "add": add}
     mapper = widgets.StageMapper(namespace=ns)
     try:
+
         def pick(name):
             mapper.functions_w.value = name
             return list(mapper.new_deps_w.value), html.unescape(mapper.proposal_w.value)
@@ -177,6 +191,7 @@ def test_add_as_stage_proposes_roots_and_dependencies():
 
 # --- one current status, and a DataFrame result as a table ----------------------------------------
 
+
 def test_status_is_only_the_current_run(threads):
     def numbers(n=3, fail=False):
         if fail:
@@ -222,6 +237,7 @@ def test_dataframe_result_is_shown_as_a_table(kind, dask_cluster):
 
     def frame(rows=25):  # defined here: shipped to Dask workers by value
         import pandas as pd
+
         return pd.DataFrame({"item": range(rows), "square": [i * i for i in range(rows)]})
 
     mapper = widgets.StageMapper(namespace={"frame": frame}, executor=ex)
@@ -232,9 +248,9 @@ def test_dataframe_result_is_shown_as_a_table(kind, dask_cluster):
         assert mapper._handle.wait(120).result.shape == (25, 2)
         poll(ex, lambda: mapper.run_state == "finished")
         value = mapper.status_w.value
-        assert '<table' in value and "fnb-result-table" in value, value
+        assert "<table" in value and "fnb-result-table" in value, value
         assert "DataFrame, 25 rows × 2 columns" in value and "first and last 5 shown" in value
-        table = value[value.index("<table"):value.index("</table>")]
+        table = value[value.index("<table") : value.index("</table>")]
         assert table.count("<tr") == 1 + 11  # header, 5 rows, the "..." row, 5 rows
         assert "<td>576</td>" in table and "<td>0</td>" in table  # last and first squares
         assert "result: <" not in value  # no repr squashed onto one line
@@ -245,6 +261,7 @@ def test_dataframe_result_is_shown_as_a_table(kind, dask_cluster):
 
 
 # --- dependencies typed with Enter; the row's layout ------------------------------------------------
+
 
 def test_enter_adds_a_dependency():
     def numbers(n=3):
@@ -295,6 +312,7 @@ def test_row_layout_keeps_the_delete_button_and_the_badge_has_a_fixed_width():
 def test_finished_run_stays_shown_until_the_stages_change(threads):
     """Every notebook cell re-checks the mapper (post_run_cell): a cell that edits nothing must not
     grey out the last run (tutorial 03 after Run All); editing a stage does."""
+
     def numbers(n=3):
         return list(range(n))
 

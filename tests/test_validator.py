@@ -44,7 +44,14 @@ spec:
 # (index, stage, key, line, fragment of the message, fragment of the hint)
 SEVERAL_EXPECTED = [
     (0, "numbers", "resources.cpus", 7, "resources.cpus must be a non-negative number, got -1", None),
-    (2, "numbers", None, 12, "duplicate stage name 'numbers' (stage 1 has it too)", "stage names must be unique"),
+    (
+        2,
+        "numbers",
+        None,
+        12,
+        "duplicate stage name 'numbers' (stage 1 has it too)",
+        "stage names must be unique",
+    ),
     (1, "square", "depends_on", 11, "depends on unknown stage 'numbrs'", "did you mean 'numbers'?"),
     (3, "a", "depends_on", 16, "dependency cycle a -> b -> a", None),
 ]
@@ -78,32 +85,46 @@ def test_loading_raises_every_problem_in_one_line():
     assert err.problems == workflow_problems(SEVERAL)
     # the same from a Workflow built in code (no YAML lines there)
     with pytest.raises(fnb.ConfigError) as built:
-        fnb.Workflow("w", stages=[fnb.Stage("a", "stages.numbers", depends_on=["zz"]),
-                                  fnb.Stage("a", "stages.total")])
+        fnb.Workflow(
+            "w", stages=[fnb.Stage("a", "stages.numbers", depends_on=["zz"]), fnb.Stage("a", "stages.total")]
+        )
     assert [p.message for p in built.value.problems] == [
-        "duplicate stage name 'a' (stage 1 has it too)", "depends on unknown stage 'zz'"]
+        "duplicate stage name 'a' (stage 1 has it too)",
+        "depends on unknown stage 'zz'",
+    ]
 
 
 def test_one_problem_reads_as_before():
     text = SEVERAL.replace("cpus: -1", "cpus: 1").split("    - name: square")[0]
     with pytest.raises(fnb.ConfigError) as info:
-        fnb.load_workflow(text.replace("target: stages.numbers", "target: stages.numbers\n      type: fanout"))
-    assert str(info.value) == "line 7: stage 'numbers': type 'fanout' is not valid; use simple or parameterized"
-    assert info.value.problems == workflow_problems(text.replace("target: stages.numbers",
-                                                                 "target: stages.numbers\n      type: fanout"))
+        fnb.load_workflow(
+            text.replace("target: stages.numbers", "target: stages.numbers\n      type: fanout")
+        )
+    assert (
+        str(info.value) == "line 7: stage 'numbers': type 'fanout' is not valid; use simple or parameterized"
+    )
+    assert info.value.problems == workflow_problems(
+        text.replace("target: stages.numbers", "target: stages.numbers\n      type: fanout")
+    )
     assert workflow_problems(text) == []
 
 
 def test_cli_validate_lists_every_problem(tmp_path):
     (tmp_path / "several.yaml").write_text(SEVERAL)
-    proc = subprocess.run([sys.executable, "-m", "flowdapt_nb.cli", "validate", "several.yaml"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowdapt_nb.cli", "validate", "several.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr  # validate: 1, a bad file
     assert "line 7: " in errors[0] and "(4) line 16: stage 'a': dependency cycle a -> b -> a" in errors[0]
 
 
 # --- the mapper shows them on their rows ----------------------------------------------------------
+
 
 def _fill(mapper, data: dict) -> None:
     """Put a workflow resource's stages into the mapper as a user would, one add_stage each."""
@@ -118,13 +139,19 @@ def test_mapper_shows_every_problem_on_its_row():
     try:
         _fill(mapper, yaml.safe_load(SEVERAL))
         rows = mapper._rows
-        expected_rows = {0: ["resources.cpus must be a non-negative number"],
-                         1: ["depends on unknown stage 'numbrs'; did you mean 'numbers'?"],
-                         2: ["duplicate stage name 'numbers' (stage 1 has it too)"],
-                         3: ["dependency cycle a -> b -> a"], 4: ["dependency cycle a -> b -> a"]}
+        expected_rows = {
+            0: ["resources.cpus must be a non-negative number"],
+            1: ["depends on unknown stage 'numbrs'; did you mean 'numbers'?"],
+            2: ["duplicate stage name 'numbers' (stage 1 has it too)"],
+            3: ["dependency cycle a -> b -> a"],
+            4: ["dependency cycle a -> b -> a"],
+        }
         for i, row in enumerate(rows):
             for fragment in expected_rows[i]:
-                assert fragment in row.error_w.value.replace("&#x27;", "'").replace("&gt;", ">"), (i, row.error_w.value)
+                assert fragment in row.error_w.value.replace("&#x27;", "'").replace("&gt;", ">"), (
+                    i,
+                    row.error_w.value,
+                )
             assert "fnb-invalid" in row._dom_classes
         assert "dependency cycle" in mapper.errors["a"] and "dependency cycle" in mapper.errors["b"]
         assert "depends on unknown stage 'numbrs'" in mapper.errors["square"]
@@ -144,13 +171,20 @@ def test_mapper_shows_every_problem_on_its_row():
 
 # workflow cases the mapper's editor cannot hold as written (it reads a text box, a list, a checkbox)
 NOT_IN_MAPPER = {
-    "workflow_alias_bomb": "YAML-level", "workflow_deep_nesting": "YAML-level",
-    "workflow_duplicate_key": "YAML-level", "workflow_malformed_yaml": "YAML-level",
-    "workflow_tab_indent": "YAML-level", "workflow_is_executor_config": "not a workflow",
-    "workflow_kind_config": "not a workflow", "workflow_top_key_near_miss": "document keys",
-    "workflow_spec_key_near_miss": "document keys", "workflow_stages_mapping": "document keys",
-    "workflow_depends_on_string": "the editor keeps a list", "workflow_target_number": "the editor keeps text",
-    "workflow_map_on_not_a_name": "map_on is a text box", "workflow_partial_failure_not_bool": "a checkbox",
+    "workflow_alias_bomb": "YAML-level",
+    "workflow_deep_nesting": "YAML-level",
+    "workflow_duplicate_key": "YAML-level",
+    "workflow_malformed_yaml": "YAML-level",
+    "workflow_tab_indent": "YAML-level",
+    "workflow_is_executor_config": "not a workflow",
+    "workflow_kind_config": "not a workflow",
+    "workflow_top_key_near_miss": "document keys",
+    "workflow_spec_key_near_miss": "document keys",
+    "workflow_stages_mapping": "document keys",
+    "workflow_depends_on_string": "the editor keeps a list",
+    "workflow_target_number": "the editor keeps text",
+    "workflow_map_on_not_a_name": "map_on is a text box",
+    "workflow_partial_failure_not_bool": "a checkbox",
     "workflow_name_trailing_newline": "the name box is stripped",
     "workflow_stage_name_trailing_newline": "the name box is stripped",
 }

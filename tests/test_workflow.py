@@ -49,23 +49,40 @@ def _stage_yaml(stages: str) -> str:
     return "kind: workflow\nmetadata: {name: bad}\nspec:\n  stages:\n" + stages
 
 
-@pytest.mark.parametrize("stages,needle,line", [
-    ("    - name: a\n      target: stages.numbers\n      depends_on: b\n", "depends_on must be a list", 7),
-    ("    - name: a\n      target: stages.numbers\n      depends_on: [zz]\n", "unknown stage 'zz'", 7),
-    ("    - name: a\n      target: stages.numbers\n    - name: a\n      target: stages.square\n",
-     "duplicate stage name 'a'", 7),
-    ("    - name: a\n      target: stages.square\n      depends_on: [b]\n    - name: b\n      target: stages.square\n"
-     "      depends_on: [a]\n", "cycle", 7),
-    ("    - name: a\n      target: stages.square\n      depends_on: [a]\n", "depends on itself", 7),
-    ("    - name: 'a b'\n      target: stages.numbers\n", "not valid", 5),
-    ("    - name: a\n      targt: stages.numbers\n", "did you mean 'target'", 6),
-    ("    - name: a\n      target: stages.numbers\n      type: fanout\n", "simple or parameterized", 7),
-    ("    - name: a\n      target: stages.square\n      type: parameterized\n", "map_on", 5),
-    ("    - name: a\n      target: stages.numbers\n      options: {allow_partial_fail: true}\n",
-     "did you mean 'allow_partial_failure'", 7),
-    ("    - name: a\n      target: stages.numbers\n      resources: {cpus: -1}\n", "non-negative", 7),
-    ("    - name: a\n      target: stages.numbers\n      resources: {memory: lots}\n", "memory", 7),
-])
+@pytest.mark.parametrize(
+    "stages,needle,line",
+    [
+        (
+            "    - name: a\n      target: stages.numbers\n      depends_on: b\n",
+            "depends_on must be a list",
+            7,
+        ),
+        ("    - name: a\n      target: stages.numbers\n      depends_on: [zz]\n", "unknown stage 'zz'", 7),
+        (
+            "    - name: a\n      target: stages.numbers\n    - name: a\n      target: stages.square\n",
+            "duplicate stage name 'a'",
+            7,
+        ),
+        (
+            "    - name: a\n      target: stages.square\n      depends_on: [b]\n"
+            "    - name: b\n      target: stages.square\n      depends_on: [a]\n",
+            "cycle",
+            7,
+        ),
+        ("    - name: a\n      target: stages.square\n      depends_on: [a]\n", "depends on itself", 7),
+        ("    - name: 'a b'\n      target: stages.numbers\n", "not valid", 5),
+        ("    - name: a\n      targt: stages.numbers\n", "did you mean 'target'", 6),
+        ("    - name: a\n      target: stages.numbers\n      type: fanout\n", "simple or parameterized", 7),
+        ("    - name: a\n      target: stages.square\n      type: parameterized\n", "map_on", 5),
+        (
+            "    - name: a\n      target: stages.numbers\n      options: {allow_partial_fail: true}\n",
+            "did you mean 'allow_partial_failure'",
+            7,
+        ),
+        ("    - name: a\n      target: stages.numbers\n      resources: {cpus: -1}\n", "non-negative", 7),
+        ("    - name: a\n      target: stages.numbers\n      resources: {memory: lots}\n", "memory", 7),
+    ],
+)
 def test_structural_errors_name_stage_and_line(stages, needle, line):
     with pytest.raises(fnb.ConfigError) as err:
         fnb.load_workflow(_stage_yaml(stages))
@@ -77,7 +94,9 @@ def test_empty_stages_and_bad_name():
     with pytest.raises(fnb.ConfigError, match="no stages"):
         fnb.load_workflow("kind: workflow\nmetadata: {name: w}\nspec: {stages: []}\n")
     with pytest.raises(fnb.ConfigError, match="workflow name"):
-        fnb.load_workflow("kind: workflow\nmetadata: {name: 'w w'}\nspec: {stages: [{name: a, target: x.y}]}\n")
+        fnb.load_workflow(
+            "kind: workflow\nmetadata: {name: 'w w'}\nspec: {stages: [{name: a, target: x.y}]}\n"
+        )
     with pytest.raises(fnb.ConfigError, match="no stages"):
         fnb.Workflow("w", stages=[])
 
@@ -103,7 +122,9 @@ def test_dependent_stage_with_no_arguments_is_rejected():
     def nothing():
         return 1
 
-    wf = fnb.Workflow("w", stages=[fnb.Stage("a", "stages.numbers"), fnb.Stage("b", nothing, depends_on=["a"])])
+    wf = fnb.Workflow(
+        "w", stages=[fnb.Stage("a", "stages.numbers"), fnb.Stage("b", nothing, depends_on=["a"])]
+    )
     with pytest.raises(fnb.ConfigError, match="stage 'b'.*takes 0 positional"):
         wf.resolve()
 

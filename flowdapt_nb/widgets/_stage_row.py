@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import re
 import sys
+from typing import Any
 
 import ipywidgets as widgets
 import yaml
@@ -35,8 +36,19 @@ def _signature(fn) -> str:
         return getattr(fn, "__name__", repr(fn))
 
 
-_INTERNAL_MODULES = ("IPython", "ipykernel", "ipywidgets", "traitlets", "jupyter", "comm", "flowdapt_nb", "io",
-                     "_io", "builtins", "_sitebuiltins")
+_INTERNAL_MODULES = (
+    "IPython",
+    "ipykernel",
+    "ipywidgets",
+    "traitlets",
+    "jupyter",
+    "comm",
+    "flowdapt_nb",
+    "io",
+    "_io",
+    "builtins",
+    "_sitebuiltins",
+)
 
 
 def _internal(fn) -> bool:
@@ -62,7 +74,7 @@ def parse_resources(text: str) -> dict:
         if not isinstance(data, dict):
             raise ValueError("resources must be a mapping like {cpus: 1}")
         return {str(k): v for k, v in data.items()}
-    out = {}
+    out: dict[str, Any] = {}
     for part in re.split(r"[,;]\s*|\s+(?=[A-Za-z_][\w-]*\s*[=:])", text):
         part = part.strip()
         if not part:
@@ -103,9 +115,15 @@ def dependency_adder(tags_w: widgets.TagsInput) -> widgets.Combobox:
     Why not TagsInput's own box: it hides itself once a tag is there, and in the browser Enter
     after picking a suggestion, or on a name not yet allowed, adds nothing. A Combobox with
     ``continuous_update=False`` sends its value on Enter (or when it loses focus), and we add it."""
-    box = widgets.Combobox(value="", options=[], ensure_option=False, continuous_update=False,
-                           placeholder="+ stage, Enter", tooltip="type a stage name and press Enter",
-                           layout=widgets.Layout(width="140px", flex="0 0 140px"))
+    box = widgets.Combobox(
+        value="",
+        options=[],
+        ensure_option=False,
+        continuous_update=False,
+        placeholder="+ stage, Enter",
+        tooltip="type a stage name and press Enter",
+        layout=widgets.Layout(width="140px", flex="0 0 140px"),
+    )
 
     def _on_value(change) -> None:
         if change["new"].strip():
@@ -118,67 +136,127 @@ def dependency_adder(tags_w: widgets.TagsInput) -> widgets.Combobox:
 
 def _wrap_row(children) -> widgets.HBox:
     """One line of a stage editor: wraps instead of pushing its last item off the edge."""
-    return widgets.HBox(children, layout=widgets.Layout(flex_flow="row wrap", align_items="center",
-                                                        width="100%", min_width="0"))
+    return widgets.HBox(
+        children,
+        layout=widgets.Layout(flex_flow="row wrap", align_items="center", width="100%", min_width="0"),
+    )
 
 
 class _StageRow(widgets.VBox):
-    """The editor of one stage."""
+    """The editor of one stage; ``editor`` is the mapper's row editor (``mapper_rows.StageRows``)."""
 
-    def __init__(self, mapper, name: str, target: str, type: str, depends_on: list,
-                 map_on: str, resources: str, allow_partial_failure: bool, extra_options: dict,
-                 extra: dict, explicit_partial: bool):
-        self.mapper = mapper
+    def __init__(
+        self,
+        editor,
+        name: str,
+        target: str,
+        type: str,
+        depends_on: list,
+        map_on: str,
+        resources: str,
+        allow_partial_failure: bool,
+        extra_options: dict,
+        extra: dict,
+        explicit_partial: bool,
+    ):
+        self.editor = editor
         self.extra_options = dict(extra_options)
         self.extra = dict(extra)
         self.explicit_partial = explicit_partial
         # a fixed-width badge: a state appearing after a run must not move the remove button
         self.state_w = widgets.HTML(layout=widgets.Layout(width="92px", flex="0 0 92px", overflow="hidden"))
-        self.name_w = widgets.Text(value=name, placeholder="stage name", continuous_update=False,
-                                   tooltip="stage name", layout=widgets.Layout(width="150px", flex="0 1 150px",
-                                                                               min_width="90px"))
-        self.target_w = widgets.Combobox(value=target, options=mapper.functions, ensure_option=False,
-                                         placeholder="function or import path", continuous_update=False,
-                                         layout=widgets.Layout(flex="1 1 140px", width="auto", min_width="100px"))
-        self.type_w = widgets.Dropdown(options=["simple", "parameterized"], value=type,
-                                       layout=widgets.Layout(width="125px", flex="0 1 125px", min_width="105px"))
-        self.remove_w = widgets.Button(icon="trash", tooltip="remove this stage",
-                                       layout=widgets.Layout(width="36px", flex="0 0 36px"))
-        self.deps_w = widgets.TagsInput(value=[], allowed_tags=[], allow_duplicates=False,
-                                        placeholder="none: a root",
-                                        layout=widgets.Layout(flex="1 1 140px", width="auto", min_width="120px"))
+        self.name_w = widgets.Text(
+            value=name,
+            placeholder="stage name",
+            continuous_update=False,
+            tooltip="stage name",
+            layout=widgets.Layout(width="150px", flex="0 1 150px", min_width="90px"),
+        )
+        self.target_w = widgets.Combobox(
+            value=target,
+            options=editor.functions,
+            ensure_option=False,
+            placeholder="function or import path",
+            continuous_update=False,
+            layout=widgets.Layout(flex="1 1 140px", width="auto", min_width="100px"),
+        )
+        self.type_w = widgets.Dropdown(
+            options=["simple", "parameterized"],
+            value=type,
+            layout=widgets.Layout(width="125px", flex="0 1 125px", min_width="105px"),
+        )
+        self.remove_w = widgets.Button(
+            icon="trash", tooltip="remove this stage", layout=widgets.Layout(width="36px", flex="0 0 36px")
+        )
+        self.deps_w = widgets.TagsInput(
+            value=[],
+            allowed_tags=[],
+            allow_duplicates=False,
+            placeholder="none: a root",
+            layout=widgets.Layout(flex="1 1 140px", width="auto", min_width="120px"),
+        )
         self.dep_add_w = dependency_adder(self.deps_w)
-        self.map_on_w = widgets.Text(value=map_on, description="map_on", placeholder="input key",
-                                     continuous_update=False, style={"description_width": "58px"},
-                                     layout=widgets.Layout(width="210px"))
-        self.resources_w = widgets.Text(value=resources, placeholder="cpus=1, memory=1GB",
-                                        description="resources", continuous_update=False,
-                                        style={"description_width": "66px"},
-                                        layout=widgets.Layout(width="250px", flex="0 1 250px", min_width="180px"))
-        self.partial_w = widgets.Checkbox(value=allow_partial_failure, description="allow partial failure",
-                                          indent=False, layout=widgets.Layout(width="auto"))
+        self.map_on_w = widgets.Text(
+            value=map_on,
+            description="map_on",
+            placeholder="input key",
+            continuous_update=False,
+            style={"description_width": "58px"},
+            layout=widgets.Layout(width="210px"),
+        )
+        self.resources_w = widgets.Text(
+            value=resources,
+            placeholder="cpus=1, memory=1GB",
+            description="resources",
+            continuous_update=False,
+            style={"description_width": "66px"},
+            layout=widgets.Layout(width="250px", flex="0 1 250px", min_width="180px"),
+        )
+        self.partial_w = widgets.Checkbox(
+            value=allow_partial_failure,
+            description="allow partial failure",
+            indent=False,
+            layout=widgets.Layout(width="auto"),
+        )
         self.error_w = widgets.HTML()
-        self.deps_w.allowed_tags = sorted(set(depends_on) | set(mapper.stage_names()))
+        self.deps_w.allowed_tags = sorted(set(depends_on) | set(editor.stage_names()))
         self.deps_w.value = list(depends_on)
-        label = widgets.HTML('<span class="fnb fnb-muted">depends on</span>',
-                             layout=widgets.Layout(width="76px", flex="0 0 76px"))
-        self.options_row = _wrap_row([widgets.HTML("", layout=widgets.Layout(width="76px")), self.map_on_w,
-                                      self.partial_w])
-        super().__init__([
-            # one line: name, target and type shrink to their minimum widths, the badge and the
-            # delete button keep theirs, so the button stays at the row's right end (never wraps away)
-            widgets.HBox([self.name_w, self.target_w, self.type_w, self.state_w, self.remove_w],
-                         layout=widgets.Layout(flex_flow="row nowrap", align_items="center", width="100%",
-                                               min_width="0")),
-            _wrap_row([label, self.deps_w, self.dep_add_w, self.resources_w]),
-            self.options_row,
-            self.error_w], layout=widgets.Layout(min_width="0"))
+        label = widgets.HTML(
+            '<span class="fnb fnb-muted">depends on</span>',
+            layout=widgets.Layout(width="76px", flex="0 0 76px"),
+        )
+        self.options_row = _wrap_row(
+            [widgets.HTML("", layout=widgets.Layout(width="76px")), self.map_on_w, self.partial_w]
+        )
+        super().__init__(
+            [
+                # one line: name, target and type shrink to their minimum widths, the badge and the
+                # delete button keep theirs, so the button stays at the row's right end (never wraps away)
+                widgets.HBox(
+                    [self.name_w, self.target_w, self.type_w, self.state_w, self.remove_w],
+                    layout=widgets.Layout(
+                        flex_flow="row nowrap", align_items="center", width="100%", min_width="0"
+                    ),
+                ),
+                _wrap_row([label, self.deps_w, self.dep_add_w, self.resources_w]),
+                self.options_row,
+                self.error_w,
+            ],
+            layout=widgets.Layout(min_width="0"),
+        )
         self.add_class("fnb-stage-row")
         self._show_type_fields()
-        for w in (self.name_w, self.target_w, self.type_w, self.deps_w, self.map_on_w, self.resources_w,
-                  self.partial_w):
+        for w in (
+            self.name_w,
+            self.target_w,
+            self.type_w,
+            self.deps_w,
+            self.map_on_w,
+            self.resources_w,
+            self.partial_w,
+        ):
             w.observe(self._changed, names="value")
-        self.remove_w.on_click(lambda _: mapper.remove_stage(self))
+        self.remove_w.on_click(lambda _: editor.remove_stage(self))
         self._last_name = name
 
     def _show_type_fields(self) -> None:
@@ -192,9 +270,9 @@ class _StageRow(widgets.VBox):
         if owner is self.name_w:
             old, new = self._last_name, change["new"].strip()
             self._last_name = new
-            self.mapper._renamed(self, old, new)
+            self.editor.renamed(self, old, new)
         self._show_type_fields()
-        self.mapper._changed()
+        self.editor.changed()
 
     @property
     def name(self) -> str:
@@ -215,6 +293,12 @@ class _StageRow(widgets.VBox):
 
     def fields(self) -> dict:
         """This stage as the keyword arguments of ``add_stage``."""
-        return {"name": self.name, "target": self.target_w.value.strip(), "type": self.type_w.value,
-                "depends_on": list(self.deps_w.value), "map_on": self.map_on_w.value.strip() or None,
-                "resources": self.resources_w.value.strip(), "allow_partial_failure": self.partial_w.value}
+        return {
+            "name": self.name,
+            "target": self.target_w.value.strip(),
+            "type": self.type_w.value,
+            "depends_on": list(self.deps_w.value),
+            "map_on": self.map_on_w.value.strip() or None,
+            "resources": self.resources_w.value.strip(),
+            "allow_partial_failure": self.partial_w.value,
+        }
