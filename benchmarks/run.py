@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict, deque
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -46,7 +46,6 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import cloudpickle  # noqa: E402
 import psutil  # noqa: E402
-
 import workloads as W  # noqa: E402
 
 cloudpickle.register_pickle_by_value(W)
@@ -57,14 +56,17 @@ SECTIONS = ["overhead", "perrun", "throughput", "dag", "data", "startup", "watch
 # Per size: items per overhead row, CPU-bound items and seconds each, DAG fan-out width and
 # seconds per item, MB through the data pipeline, repetitions of each row, of the data rows (a
 # fresh 200 MB object now and then costs the object store a page-fault storm: more reps, steadier
-# medians) and of startup.
+# medians) and of startup; the run-store rows' (tiny tasks per run, runs per timed batch).
 SIZES = {
     "tiny": dict(overhead=[20], tp_items=8, tp_seconds=0.005, dag_items=6, dag_seconds=0.002, data_mb=8,
-                 reps=1, data_reps=1, startup_reps=1, watch_items=8, perrun=20),
+                 reps=1, data_reps=1, startup_reps=1, watch_items=8, perrun=20,
+                 store_runs=[(20, 2), (100, 1)]),
     "small": dict(overhead=[1000], tp_items=40, tp_seconds=0.02, dag_items=40, dag_seconds=0.005, data_mb=50,
-                  reps=3, data_reps=5, startup_reps=1, watch_items=40, perrun=100),
+                  reps=3, data_reps=5, startup_reps=1, watch_items=40, perrun=100,
+                  store_runs=[(200, 20), (5000, 2)]),
     "full": dict(overhead=[1000, 10000], tp_items=200, tp_seconds=0.02, dag_items=200, dag_seconds=0.005,
-                 data_mb=200, reps=5, data_reps=9, startup_reps=3, watch_items=200, perrun=200),
+                 data_mb=200, reps=5, data_reps=9, startup_reps=3, watch_items=200, perrun=200,
+                 store_runs=[(200, 50), (5000, 5)]),
 }
 
 CORES = 2  # workers every backend gets (the machine has 2 cores; see FACTS.md)
@@ -403,6 +405,7 @@ class RayBench(Bench):
 
     def start(self):
         import ray
+
         import flowdapt_nb as fnb
         self.ray = ray
         self.ex = fnb.RayExecutor(cpus=CORES, logging_level="error").start()
@@ -478,8 +481,8 @@ def sec_overhead(b: Bench, res: Results, cfg):
     for n in cfg["overhead"]:
         items = list(range(n))
         want = [x + 1 for x in items]
-        s = alternate({"fnb": lambda: b.run(wf, {"items": items}),
-                       "raw": lambda: b.raw_map(W.inc, items)}, cfg["reps"], expect(want))
+        s = alternate({"fnb": lambda items=items: b.run(wf, {"items": items}),
+                       "raw": lambda items=items: b.raw_map(W.inc, items)}, cfg["reps"], expect(want))
         res.add("overhead", f"{n:,} tiny items", b.kind, median(s["fnb"]), median(s["raw"]), b.raw_name,
                 target=1.10, samples=s, cpu=(s["cpu"]["fnb"], s["cpu"]["raw"]))
 
@@ -515,7 +518,8 @@ def sec_perrun(b: Bench, res: Results, cfg):
     rows = [("4-stage tiny DAG, per run", dag, {"n": 4}, lambda: b.raw_tiny_dag(4), W.tiny_expected(4)),
             ("1-stage tiny workflow, per run", one, {"x": 1}, lambda: b._submit(W.tiny_inc, 1).result(), 2)]
     for case, wf, run_input, raw, want in rows:
-        s = alternate({"fnb": batch(lambda: b.run(wf, run_input)), "raw": batch(raw)}, cfg["reps"], expect(want))
+        s = alternate({"fnb": batch(lambda wf=wf, run_input=run_input: b.run(wf, run_input)), "raw": batch(raw)},
+                      cfg["reps"], expect(want))
         per = {k: [t * 1000 / runs for t in s[k]] for k in ("fnb", "raw")}
         fnb_ms, raw_ms = median(per["fnb"]), median(per["raw"])
         res.add("perrun", case, b.kind, fnb_ms, raw_ms, b.raw_name.split(".")[0].split("+")[0], unit="ms",
@@ -581,7 +585,8 @@ def sec_data(b: Bench, res: Results, cfg):
 
 def sec_watching(b: Bench, res: Results, cfg):
     """The same CPU-bound run: unwatched with sampling off; sampling on (default interval); sampling on
-    and a dashboard-like subscriber (throttle 0.1 s); sampling on and the real widgets.Dashboard."""
+    and a dashboard-like subscriber (throttle 0.1 s); sampling on and the real widgets.Dashboard.
+    Then the run store's cost (``_run_store_rows``)."""
     ex = b.ex
     sampler = ex._sampler
     n, rounds = cfg["watch_items"], cfg["rounds"]
@@ -632,6 +637,54 @@ def sec_watching(b: Bench, res: Results, cfg):
         res.add("watching", f"+ widgets.Dashboard, {case}", b.kind, median(s["widgets"]), off,
                 "unwatched, sampling off", target=1.05, samples={"fnb": s["widgets"], "baseline": s["off"]},
                 cpu=(s["cpu"]["widgets"], s["cpu"]["off"]))
+    _run_store_rows(b, res, cfg)
+
+
+def _run_store_rows(b: Bench, res: Results, cfg):
+    """The run store's cost: the same runs of tiny tasks (a small and a large run) with ``runs:``
+    off and on, on the same executor (the store detached and attached again between batches).
+    The 'on' batch ends with a flush, so every write the runs caused is inside its timing."""
+    ex = b.ex
+    store = ex._run_store
+    if store is None:
+        log("  watching: the run store is off for this executor; run-store rows skipped")
+        return
+    wf = map_workflow("stored", W.inc)
+
+    def store_on(on: bool):
+        def setup():
+            if on and ex._run_store is None:
+                ex._run_store = store
+                store.attach(ex)
+            elif not on and ex._run_store is not None:
+                store.flush()
+                store.detach(ex)
+                ex._run_store = None
+        return setup
+
+    for n, runs in cfg["store_runs"]:
+        items = list(range(n))
+
+        def batch(on: bool, runs=runs, items=items):
+            def go():
+                value = None
+                for _ in range(runs):
+                    value = b.run(wf, {"items": items})
+                if on:
+                    store.flush()
+                return value
+            return go
+
+        s = alternate({"off": (store_on(False), batch(False), None), "on": (store_on(True), batch(True), None)},
+                      cfg["reps"], expect([x + 1 for x in items]))
+        store_on(True)()  # leave it as it was: attached
+        per = {k: [t * 1000 / runs for t in s[k]] for k in ("on", "off")}
+        on_ms, off_ms = median(per["on"]), median(per["off"])
+        res.add("watching", f"runs: on vs off, {n:,} tiny tasks, per run", b.kind, on_ms, off_ms, "runs: off",
+                unit="ms", target=1.05, samples={"fnb": per["on"], "baseline": per["off"]},
+                cpu=(s["cpu"]["on"], s["cpu"]["off"]),
+                note=f"run store {on_ms - off_ms:+.2f} ms a run ({runs} runs a batch, writes flushed inside "
+                     "the timing)")
 
 
 def sec_startup(kind: str, res: Results, cfg):
@@ -917,7 +970,7 @@ def main(argv=None) -> int:
                 sections=args.sections, cpus=os.cpu_count(), memory_gb=round(psutil.virtual_memory().total / 2**30),
                 python=platform.python_version(), load_before=round(load_before, 2) if load_before else None,
                 load_after=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-                date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), config={k: v for k, v in cfg.items()},
+                date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), config={k: v for k, v in cfg.items()},
                 failures=failures, leftovers=leftovers)
     for mod in ("ray", "distributed"):
         if mod in sys.modules:
