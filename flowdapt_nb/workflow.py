@@ -275,6 +275,12 @@ def check_workflow(wf: Workflow) -> None:
         raise problems_error(problems)
 
 
+def _did_you_mean(word, choices, otherwise: str) -> str:
+    """``did you mean 'X'?`` for the closest of ``choices``, else ``otherwise`` (what is valid)."""
+    near = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f"did you mean '{near[0]}'?" if near else otherwise
+
+
 class _Checks:
     """Problems found so far, each given the YAML line of its key path."""
 
@@ -345,13 +351,8 @@ def _document_problems(data, chk: _Checks) -> list | None:
         return None
     for key in data:
         if key not in _TOP_KEYS:
-            near = difflib.get_close_matches(str(key), ["kind", "metadata", "spec"], n=1)
-            chk.workflow(
-                f"unknown key '{key}' in the workflow",
-                (key,),
-                key=str(key),
-                hint=f"did you mean '{near[0]}'?" if near else "valid: kind, metadata, spec",
-            )
+            hint = _did_you_mean(key, ["kind", "metadata", "spec"], "valid: kind, metadata, spec")
+            chk.workflow(f"unknown key '{key}' in the workflow", (key,), key=str(key), hint=hint)
     kind = data.get("kind", "workflow")
     if str(kind).lower() != "workflow":
         chk.workflow(f"kind is {kind!r}; a workflow resource has kind: workflow", ("kind",), key="kind")
@@ -365,13 +366,8 @@ def _document_problems(data, chk: _Checks) -> list | None:
 def _spec_stages(spec, chk: _Checks) -> list | None:
     for key in spec if isinstance(spec, dict) else ():
         if key != "stages":
-            near = difflib.get_close_matches(str(key), ["stages"], n=1)
-            chk.workflow(
-                f"unknown key 'spec.{key}'",
-                ("spec", key),
-                key=f"spec.{key}",
-                hint="did you mean 'stages'?" if near else "a workflow spec holds only 'stages'",
-            )
+            hint = _did_you_mean(key, ["stages"], "a workflow spec holds only 'stages'")
+            chk.workflow(f"unknown key 'spec.{key}'", ("spec", key), key=f"spec.{key}", hint=hint)
     if not isinstance(spec, dict) or "stages" not in spec:
         chk.workflow("the workflow needs spec.stages, a list of stages", ("spec",), key="spec.stages")
         return None
@@ -394,15 +390,8 @@ def _stage_from_raw(i: int, raw, chk: _Checks) -> Stage | None:
     found = len(chk.problems)
     for key in raw:
         if key not in STAGE_KEYS:
-            near = difflib.get_close_matches(str(key), STAGE_KEYS, n=1)
-            chk.stage(
-                i,
-                name,
-                f"unknown key '{key}'",
-                key,
-                key=str(key),
-                hint=f"did you mean '{near[0]}'?" if near else "valid keys: " + ", ".join(STAGE_KEYS),
-            )
+            hint = _did_you_mean(key, STAGE_KEYS, "valid keys: " + ", ".join(STAGE_KEYS))
+            chk.stage(i, name, f"unknown key '{key}'", key, key=str(key), hint=hint)
     deps = raw.get("depends_on", [])
     if isinstance(deps, str):
         chk.stage(
@@ -527,15 +516,9 @@ def _bad_timeout(value) -> bool:
 def _option_problems(i: int, stage: Stage, chk: _Checks) -> None:
     for key in stage.options:
         if key not in OPTION_KEYS:
-            near = difflib.get_close_matches(key, OPTION_KEYS, n=1)
+            hint = _did_you_mean(key, OPTION_KEYS, "valid options: " + ", ".join(OPTION_KEYS))
             chk.stage(
-                i,
-                stage.name,
-                f"unknown option '{key}'",
-                "options",
-                key,
-                key=f"options.{key}",
-                hint=f"did you mean '{near[0]}'?" if near else "valid options: " + ", ".join(OPTION_KEYS),
+                i, stage.name, f"unknown option '{key}'", "options", key, key=f"options.{key}", hint=hint
             )
     apf = stage.options.get("allow_partial_failure", True)
     if not isinstance(apf, bool):
@@ -593,14 +576,9 @@ def _dependency_problems(i: int, stage: Stage, names: list[str], chk: _Checks) -
         if dep == stage.name:
             chk.stage(i, stage.name, "depends on itself", "depends_on", key="depends_on")
         elif dep not in names:
-            near = difflib.get_close_matches(dep, names, n=1)
+            hint = _did_you_mean(dep, names, "stages: " + ", ".join(names))
             chk.stage(
-                i,
-                stage.name,
-                f"depends on unknown stage '{dep}'",
-                "depends_on",
-                key="depends_on",
-                hint=f"did you mean '{near[0]}'?" if near else "stages: " + ", ".join(names),
+                i, stage.name, f"depends on unknown stage '{dep}'", "depends_on", key="depends_on", hint=hint
             )
     if len(set(stage.depends_on)) != len(stage.depends_on):
         chk.stage(i, stage.name, "lists a dependency twice in depends_on", "depends_on")

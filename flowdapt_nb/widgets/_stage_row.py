@@ -109,6 +109,23 @@ def add_dependency(tags_w: widgets.TagsInput, name: str) -> bool:
     return True
 
 
+def dependency_tags(flex: str, min_width: str) -> widgets.TagsInput:
+    """A stage's dependency list, one tag per stage (none: a root)."""
+    return widgets.TagsInput(
+        value=[],
+        allowed_tags=[],
+        allow_duplicates=False,
+        placeholder="none: a root",
+        layout=widgets.Layout(flex=flex, width="auto", min_width=min_width),
+    )
+
+
+def dependency_label() -> widgets.HTML:
+    return widgets.HTML(
+        '<span class="fnb fnb-muted">depends on</span>', layout=widgets.Layout(width="76px", flex="0 0 76px")
+    )
+
+
 def dependency_adder(tags_w: widgets.TagsInput) -> widgets.Combobox:
     """A box where a stage name typed (or picked) and committed with Enter is added to ``tags_w``.
 
@@ -188,13 +205,7 @@ class _StageRow(widgets.VBox):
         self.remove_w = widgets.Button(
             icon="trash", tooltip="remove this stage", layout=widgets.Layout(width="36px", flex="0 0 36px")
         )
-        self.deps_w = widgets.TagsInput(
-            value=[],
-            allowed_tags=[],
-            allow_duplicates=False,
-            placeholder="none: a root",
-            layout=widgets.Layout(flex="1 1 140px", width="auto", min_width="120px"),
-        )
+        self.deps_w = dependency_tags(flex="1 1 140px", min_width="120px")
         self.dep_add_w = dependency_adder(self.deps_w)
         self.map_on_w = widgets.Text(
             value=map_on,
@@ -221,10 +232,7 @@ class _StageRow(widgets.VBox):
         self.error_w = widgets.HTML()
         self.deps_w.allowed_tags = sorted(set(depends_on) | set(editor.stage_names()))
         self.deps_w.value = list(depends_on)
-        label = widgets.HTML(
-            '<span class="fnb fnb-muted">depends on</span>',
-            layout=widgets.Layout(width="76px", flex="0 0 76px"),
-        )
+        label = dependency_label()
         self.options_row = _wrap_row(
             [widgets.HTML("", layout=widgets.Layout(width="76px")), self.map_on_w, self.partial_w]
         )

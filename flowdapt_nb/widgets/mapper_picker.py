@@ -12,7 +12,15 @@ from ..errors import ConfigError
 from ..run_input import parse_run_input
 from ..workflow import Stage, user_namespace
 from ._common import esc
-from ._stage_row import _internal, _shell_hidden, _signature, _wrap_row, dependency_adder
+from ._stage_row import (
+    _internal,
+    _shell_hidden,
+    _signature,
+    _wrap_row,
+    dependency_adder,
+    dependency_label,
+    dependency_tags,
+)
 
 
 class FunctionPicker:
@@ -41,13 +49,7 @@ class FunctionPicker:
             icon="refresh", tooltip="look for new notebook functions", layout=widgets.Layout(width="36px")
         )
         # the new stage's dependencies, proposed from the function's signature and editable
-        self.new_deps_w = widgets.TagsInput(
-            value=[],
-            allowed_tags=[],
-            allow_duplicates=False,
-            placeholder="none: a root",
-            layout=widgets.Layout(flex="1 1 120px", width="auto", min_width="0"),
-        )
+        self.new_deps_w = dependency_tags(flex="1 1 120px", min_width="0")
         self.new_dep_add_w = dependency_adder(self.new_deps_w)
         self.proposal_w = widgets.HTML()
         self.proposal_w.add_class("fnb-proposal")
@@ -57,10 +59,7 @@ class FunctionPicker:
             self.functions_w,
             _wrap_row(
                 [
-                    widgets.HTML(
-                        '<span class="fnb fnb-muted">depends on</span>',
-                        layout=widgets.Layout(width="76px", flex="0 0 76px"),
-                    ),
+                    dependency_label(),
                     self.new_deps_w,
                     self.new_dep_add_w,
                 ]
