@@ -478,15 +478,7 @@ def _check_stages(
 
 def _stage_problems(i: int, stage: Stage, first: dict[str, int], chk: _Checks) -> None:
     name = stage.name
-    if not name:
-        chk.stage(
-            i,
-            None,
-            f"stage {i + 1} has no name",
-            key="name",
-            hint="give it one of letters, digits, '_' and '-'",
-        )
-    elif not NAME_PATTERN.fullmatch(name):
+    if not NAME_PATTERN.fullmatch(name):
         chk.stage(i, None, f"stage name {name!r} is not valid: use letters, digits, '_' and '-'", key="name")
     elif name in first:
         chk.stage(
