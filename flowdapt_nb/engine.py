@@ -8,17 +8,20 @@ everything about workflow semantics lives here, so all executors behave alike.
 
 from __future__ import annotations
 
+import abc
 import queue
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
+from . import arg_layout
 from .errors import ClusterLostError, ConfigError, ExecutorClosedError, RunTimeoutError, StageError
 from .events import EventBus, RunEvent, TaskEvent
 from .run import WorkflowRun
-from .workflow import Stage, Workflow, root_kwargs
 from .worker import TaskInfo
+from .workflow import Stage, Workflow, root_kwargs
 
 
 @dataclass
@@ -31,6 +34,51 @@ class Outcome:
     start: float | None = None
     end: float | None = None
     worker: str | None = None
+
+    @classmethod
+    def from_report(cls, meta: dict, value: Any = None) -> Outcome:
+        """The outcome a worker reported (``worker.execute``'s meta: ok, error, start, end,
+        worker); ``value`` is the result's handle (kept only when the task succeeded)."""
+        ok = meta["ok"]
+        return cls(ok, value if ok else None, meta["error"], meta["start"], meta["end"], meta["worker"])
+
+    @classmethod
+    def failure(cls, error: BaseException) -> Outcome:
+        """A task whose worker never reported (it died, its result or argument could not be
+        moved, the cluster went away), ending now with ``error``."""
+        return cls(False, error=error, end=time.time())
+
+
+class ChunkReport:
+    """How a backend reports the end of a chunk (``Backend.submit_chunk``), exactly once:
+    ``done(outcomes)``, one outcome per task in order, or ``failed(error)`` when the chunk
+    failed as a whole (its worker died, an argument or result could not be moved): the engine
+    then sends each of its tasks again alone."""
+
+    __slots__ = ("_put", "_group")
+
+    def __init__(self, put: Callable[[Any], None], group: list):
+        self._put, self._group = put, group
+
+    def done(self, outcomes: list[Outcome]) -> None:
+        self._put(_ChunkEnd(self._group, outcomes, None))
+
+    def failed(self, error: BaseException) -> None:
+        self._put(_ChunkEnd(self._group, None, error))
+
+    def __call__(self, result: list[Outcome] | BaseException) -> None:
+        """The older one-callback form (a list of outcomes, or the exception): still accepted."""
+        if isinstance(result, BaseException):
+            self.failed(result)
+        else:
+            self.done(result)
+
+
+@dataclass
+class _ChunkEnd:
+    group: list  # the chunk's _Pending tasks
+    outcomes: list[Outcome] | None  # None: the chunk failed as a whole with ``error``
+    error: BaseException | None
 
 
 @dataclass
@@ -77,9 +125,10 @@ class _Pending:
     alone: bool = False  # sent alone: its chunk failed as a whole, so each item gets its own try
 
 
-class Backend:
+class Backend(abc.ABC):
     """What an executor provides to the engine. Handles are opaque: values (local), Dask futures,
-    or Ray object refs."""
+    or Ray object refs. A backend implements ``submit``, ``split`` and ``fetch``; the rest have
+    defaults it may override."""
 
     kind = "base"
     capacity: int | None = None  # slots the engine must respect itself (local); None: the engine's own
@@ -101,7 +150,7 @@ class Backend:
     def put_context(self, ctx) -> Any:
         return ctx
 
-    def release_run(self, ctx_handle, fn_handles: list) -> None:
+    def release_run(self, ctx_handle, fn_handles: list) -> None:  # noqa: B027  (optional hook)
         """The run has ended: what ``put_run`` made for it may go."""
 
     def put_run(self, ctx, fns: list) -> tuple[Any, list]:
@@ -112,9 +161,11 @@ class Backend:
     def put_function(self, fn) -> Any:
         return fn
 
+    @abc.abstractmethod
     def submit(self, fn_handle, ctx_handle, info: TaskInfo, flat_args: list, resources: dict,
                on_done: Callable[[Outcome], None]) -> Any:
-        raise NotImplementedError
+        """Send one task; call ``on_done`` once with its :class:`Outcome` (from any thread).
+        Returns the task's ref (what ``cancel`` takes)."""
 
     def submit_many(self, ctx_handle, calls: list, refs: list) -> None:
         """Submit several tasks at once; ``calls`` holds (fn_handle, info, flat_args, resources,
@@ -125,22 +176,25 @@ class Backend:
             refs.append(self.submit(fn_handle, ctx_handle, info, flat_args, resources, on_done))
 
     def submit_chunk(self, fn_handle, ctx_handle, tasks: list[tuple[TaskInfo, list]], resources: dict,
-                     on_done: Callable[[list[Outcome]], None]) -> Any:
-        """Run several one-slot tasks of one stage on one worker, one after another; ``on_done``
-        gets their outcomes in order, once. Only called when ``chunk_seconds`` is set."""
-        raise NotImplementedError
+                     on_done: ChunkReport) -> Any:
+        """Run several one-slot tasks of one stage on one worker, one after another; report
+        their end once through ``on_done`` (:class:`ChunkReport`: ``done`` or ``failed``).
+        Only called when ``chunk_seconds`` is set."""
+        raise NotImplementedError(f"{type(self).__name__} sets chunk_seconds but has no submit_chunk")
 
+    @abc.abstractmethod
     def split(self, handle) -> list[tuple[tuple, Any]]:
-        """Items of a dependency output as (layout entry, flat argument) pairs."""
-        raise NotImplementedError
+        """Items of a dependency output as (layout entry, flat argument) pairs (entries from
+        :mod:`flowdapt_nb.arg_layout`)."""
 
+    @abc.abstractmethod
     def fetch(self, handle) -> Any:
-        raise NotImplementedError
+        """The value behind a handle, here in the driver."""
 
     def fetch_many(self, handles: list) -> list:
         return [self.fetch(h) for h in handles]
 
-    def cancel(self, task_refs: list) -> None:
+    def cancel(self, task_refs: list) -> None:  # noqa: B027  (optional hook)
         """Stop these tasks and give their slots back within a bounded time (cancel, grace
         period, then kill what the backend owns); must not block the engine for more than ~1 s.
         Called when a run or stage times out or is cancelled (by the user, or by ``close()``)."""
@@ -242,16 +296,16 @@ class Engine:
             while not all(sr.finished for sr in self.stage_runs.values()):
                 self._check_limits()
                 try:
-                    key, outcome = self.completions.get(timeout=0.05)
+                    ended = self.completions.get(timeout=0.05)
                 except queue.Empty:
                     continue
-                self._take(key, outcome)
+                self._take(ended)
                 while True:  # drain what else is ready before pumping
                     try:
-                        key, outcome = self.completions.get_nowait()
+                        ended = self.completions.get_nowait()
                     except queue.Empty:
                         break
-                    self._take(key, outcome)
+                    self._take(ended)
                 self._pump()
             results = self._collect()
             run.result = results
@@ -327,7 +381,7 @@ class Engine:
                 first, rest = dep_outputs[0], dep_outputs[1:]
                 try:
                     if isinstance(first, Gathered):
-                        items = [(("v",), h) for h in first.handles]
+                        items = [(arg_layout.value(), h) for h in first.handles]
                     else:  # split once per output, however many stages map over it
                         items = self.splits.get(stage.depends_on[0])
                         if items is None:
@@ -352,13 +406,13 @@ class Engine:
                     values = items_of(self.run.input[key], stage.name, f"input['{key}']")
                 except TypeError as exc:
                     raise StageError(stage.name, self.run, exc) from exc
-                items, rest = [(("c", v), None) for v in values], []
+                items, rest = [(arg_layout.constant(v), None) for v in values], []
             rest_layout, rest_flat = self._layout(rest)
             sr.total = len(items)
             uid = self.run.uid
             self._enqueue_many(stage, [
                 (TaskInfo(uid, stage.name, index, (entry, *rest_layout), kwargs),
-                 ([] if entry[0] == "c" else [arg]) + rest_flat)
+                 ([arg] if arg_layout.takes_flat_value(entry) else []) + rest_flat)
                 for index, (entry, arg) in enumerate(items)])
             if not items:
                 self._finish_stage(stage)
@@ -373,10 +427,10 @@ class Engine:
         layout, flat = [], []
         for out in outputs:
             if isinstance(out, Gathered):
-                layout.append(("g", len(out.handles)))
+                layout.append(arg_layout.gathered(len(out.handles)))
                 flat.extend(out.handles)
             else:
-                layout.append(("v",))
+                layout.append(arg_layout.value())
                 flat.append(out.handle)
         return layout, flat
 
@@ -505,7 +559,7 @@ class Engine:
                 sr = self.stage_runs[group[0].stage]
                 ref = self.backend.submit_chunk(
                     sr.fn_handle, self.ctx_handle, [(p.info, p.flat) for p in group], sr.stage.resources,
-                    lambda outcomes, group=group: self.completions.put((None, (group, outcomes))))
+                    ChunkReport(self.completions.put, group))
                 sent.append((group, ref))
             if lone:
                 send_lone()
@@ -529,23 +583,25 @@ class Engine:
             if need != 1:
                 self.exact_inflight -= 1
 
-    def _take(self, key, outcome) -> None:
-        """One completion from the queue: a task's, or (key None) a chunk's list of them."""
-        _raise_if_cluster_lost(outcome if key is None else (None, [outcome]))
-        if key is None:
-            group, outcomes = outcome
+    def _take(self, ended: tuple | _ChunkEnd) -> None:
+        """One completion from the queue: a task's (its key, its Outcome), or a chunk's end."""
+        if isinstance(ended, _ChunkEnd):
+            _raise_if_cluster_lost(ended.error, ended.outcomes or [])
+            group = ended.group
             if (group[0].stage, group[0].info.item) in self.inflight:
                 self.stage_runs[group[0].stage].sends -= 1
-            if isinstance(outcomes, BaseException):
-                self._retry_alone(group, outcomes)
+            if ended.outcomes is None:
+                self._retry_alone(group, ended.error)
             else:
-                self._complete_chunk([((p.stage, p.info.item), o) for p, o in zip(group, outcomes)])
+                self._complete_chunk([((p.stage, p.info.item), o) for p, o in zip(group, ended.outcomes)])
         else:
+            key, outcome = ended
+            _raise_if_cluster_lost(None, [outcome])
             if key in self.inflight:
                 self.stage_runs[key[0]].sends -= 1
             self._complete(key, outcome)
 
-    def _retry_alone(self, group: list[_Pending], error: BaseException) -> None:
+    def _retry_alone(self, group: list[_Pending], error: BaseException | None) -> None:
         """A chunk failed as a whole (its worker died, a result or argument couldn't be moved):
         its items go again, each alone, so only the item at fault fails."""
         retry = [p for p in group if (p.stage, p.info.item) in self.inflight]
@@ -676,16 +732,15 @@ class Engine:
         return values[0] if len(values) == 1 else values
 
 
-def _raise_if_cluster_lost(chunk) -> None:
+def _raise_if_cluster_lost(error: BaseException | None, outcomes: list[Outcome]) -> None:
     """A lost cluster is not the stage's fault: it ends the run with the backend's
     ClusterLostError instead of failing every item in flight with it."""
-    outcomes = chunk[1]
-    if isinstance(outcomes, ClusterLostError):
-        raise outcomes
-    if isinstance(outcomes, list):
-        for o in outcomes:
-            if isinstance(getattr(o, "error", None), ClusterLostError):
-                raise o.error
+    if isinstance(error, ClusterLostError):
+        raise error
+    for o in outcomes:
+        lost = getattr(o, "error", None)
+        if isinstance(lost, ClusterLostError):
+            raise lost
 
 
 class _Cancelled(Exception):

@@ -60,6 +60,11 @@ class LRU(Generic[K, V]):
             self.put(key, value)
         return value  # type: ignore[return-value]
 
+    def keys(self) -> list[K]:
+        """The keys, least recently used first (a snapshot)."""
+        with self._lock:
+            return list(self._data)
+
     def __contains__(self, key) -> bool:
         with self._lock:
             return key in self._data

@@ -4,6 +4,7 @@ processes; an executor attached to someone else's cluster leaves that cluster ru
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -30,6 +31,14 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def _same_package_env() -> dict:
+    """The script imports the flowdapt_nb this test runs (its cluster's worker, in this
+    process, unpickles what the script sends)."""
+    import flowdapt_nb
+    root = os.path.dirname(os.path.dirname(os.path.abspath(flowdapt_nb.__file__)))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
 def _wait_gone(pids: list[int], seconds: float) -> list[int]:
     deadline = time.monotonic() + seconds
     alive = pids
@@ -54,7 +63,7 @@ def test_exit_without_close_stops_owned_and_leaves_attached(tmp_path):
                            dashboard_address=None)  # in this process: the script only attaches to it
     try:
         proc = subprocess.run([sys.executable, "-c", SCRIPT, cluster.scheduler_address], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=240)
+                              capture_output=True, text=True, timeout=240, env=_same_package_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
         pids = json.loads(proc.stdout.strip().splitlines()[-1])
         # the local pool's workers, its memory manager, the LocalCluster's nanny and worker

@@ -3,11 +3,10 @@
 import time
 
 import pytest
+import stages as st
 
 import flowdapt_nb as fnb
 from flowdapt_nb import Stage, Workflow
-
-import stages as st
 
 
 def wf(*stages, name="w"):
@@ -327,3 +326,94 @@ def test_lru_keeps_the_most_recently_used():
     assert cache.get("b") is None and cache.get("a") == "A"
     with pytest.raises(ValueError):
         LRU(0)
+
+
+# --- the backend contract ------------------------------------------------------------------------
+
+def test_backend_is_an_abc_with_three_required_methods():
+    from flowdapt_nb.engine import Backend
+
+    class Partial(Backend):
+        def submit(self, *args):
+            return None
+
+    with pytest.raises(TypeError, match="abstract methods fetch, split"):
+        Partial()
+
+
+def test_outcome_from_a_workers_report():
+    from flowdapt_nb.context import RunContext, RunInfo
+    from flowdapt_nb.engine import Outcome
+    from flowdapt_nb.worker import TaskInfo, execute
+    ctx = RunContext(input={}, namespace="ns", executor="local", run=RunInfo("r"), definition={}, config={})
+    ok = Outcome.from_report(*execute(ctx, lambda: 7, TaskInfo("r", "s", None, ()), []))
+    assert ok.ok and ok.value == 7 and ok.error is None and ok.start <= ok.end and ok.worker
+    bad = Outcome.from_report(execute(ctx, st.boom, TaskInfo("r", "s", None, ()), [])[0], "a handle")
+    assert not bad.ok and bad.value is None and isinstance(bad.error, KeyError)
+    lost = Outcome.failure(RuntimeError("worker died"))
+    assert not lost.ok and lost.start is None and lost.end is not None
+
+
+def _inline_executor():
+    """A backend written against the contract alone: tasks run inline in the calling thread,
+    chunks of a fan-out report through ChunkReport.done, or .failed for a chunk holding item 3
+    (the engine must then send those items again, one by one)."""
+    from flowdapt_nb import arg_layout
+    from flowdapt_nb.engine import Backend, Outcome
+    from flowdapt_nb.executors import registry
+    from flowdapt_nb.executors.base import Executor
+    from flowdapt_nb.worker import execute
+
+    class InlineBackend(Backend):
+        kind = "inline"
+        chunk_seconds = 1.0  # every fan-out item is tiny: chunks as soon as timings are in
+        capacity = 2
+        chunks: list = []  # the items of each chunk sent
+        alone: list = []  # the items sent alone
+
+        def submit(self, fn, ctx, info, flat_args, resources, on_done):
+            self.alone.append(info.item)
+            on_done(Outcome.from_report(*execute(ctx, fn, info, flat_args, portable=False)))
+            return info.task_id
+
+        def submit_chunk(self, fn, ctx, tasks, resources, on_done):
+            items = [info.item for info, _ in tasks]
+            self.chunks.append(items)
+            if 3 in items and len(items) > 1:
+                on_done.failed(RuntimeError("the chunk's worker died"))
+            else:
+                on_done.done([Outcome.from_report(*execute(ctx, fn, info, flat, portable=False))
+                              for info, flat in tasks])
+            return tuple(items)
+
+        def split(self, handle):
+            return [(arg_layout.value(), v) for v in handle]
+
+        def fetch(self, handle):
+            return handle
+
+    class InlineExecutor(Executor):
+        kind = "inline"
+
+        def _open(self):
+            self._memory = None
+            return InlineBackend()
+
+        def _shutdown(self):
+            pass
+
+    registry.unregister("inline")  # a test-only kind: it stays out of the table
+    return InlineExecutor
+
+
+def test_a_backend_on_the_contract_alone_runs_chunks_and_retries_a_failed_chunk():
+    executor_class = _inline_executor()
+    with executor_class() as ex:
+        run = ex.run(wf(Stage("numbers", st.numbers), Stage("square", st.square, type="parameterized",
+                                                           depends_on=["numbers"])), input={"n": 40})
+        backend = ex._backend
+    assert run.result == [x * x for x in range(40)]
+    chunked = [c for c in backend.chunks if len(c) > 1]
+    assert chunked, backend.chunks  # the engine did send chunks
+    failed = next(c for c in chunked if 3 in c)
+    assert set(failed) <= set(backend.alone)  # the failed chunk's items went again, one by one

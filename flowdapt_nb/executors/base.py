@@ -22,8 +22,8 @@ from ..units import parse_bytes
 from ..workflow import load_workflow
 from . import registry
 
-_current: "Executor | None" = None
-_live: "weakref.WeakSet[Executor]" = weakref.WeakSet()
+_current: Executor | None = None
+_live: weakref.WeakSet[Executor] = weakref.WeakSet()
 CLOSE_WAIT = 3.0  # seconds close() gives cancelled runs to end before it shuts the backend down
 # Seconds close() waits for a start under way (an engine's start can't be interrupted); a start
 # still going after that stops what it started when it ends.
@@ -106,7 +106,7 @@ def _keep_exit_hook_first() -> None:
     atexit.register(_close_at_exit)
 
 
-def current_executor() -> "Executor | None":
+def current_executor() -> Executor | None:
     """The executor started most recently that is still running."""
     if _current is not None and _current.running:
         return _current
@@ -211,7 +211,7 @@ class Executor:
         """Say what the start is doing now (shown in ``state`` and the start feedback)."""
         self._start_phase = phase
 
-    def start(self, wait: bool = True) -> "Executor":
+    def start(self, wait: bool = True) -> Executor:
         """Start (or attach to) the engine; returns self. Starting twice is a no-op.
 
         ``wait=False`` returns at once and starts in a thread: ``state`` shows how far it got,
@@ -246,7 +246,7 @@ class Executor:
                              daemon=True).start()
         return self
 
-    def wait_started(self, timeout: float | None = None) -> "Executor":
+    def wait_started(self, timeout: float | None = None) -> Executor:
         """Wait for a start under way (``start(wait=False)``); raise its error if it failed.
         A TimeoutError after ``timeout`` s (the start goes on)."""
         starting = self._starting
@@ -301,7 +301,7 @@ class Executor:
             self._start_sampler()
         return self
 
-    def make_current(self) -> "Executor":
+    def make_current(self) -> Executor:
         """Make this the executor that notebook-level ``cluster_memory`` calls use (starting or
         running an executor does this too)."""
         global _current
@@ -355,7 +355,7 @@ class Executor:
         finally:
             self._closing = False
 
-    def __enter__(self) -> "Executor":
+    def __enter__(self) -> Executor:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -550,6 +550,7 @@ class Executor:
         if self.storage is not None:
             return self.storage
         import os
+
         from ..artifacts import ENV_VAR, parse_setting
         key = (os.environ.get(ENV_VAR), os.environ.get("XDG_DATA_HOME"), os.environ.get("HOME"), os.getcwd())
         folder = _storage_default.get(key)

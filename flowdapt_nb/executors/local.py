@@ -16,6 +16,7 @@ from multiprocessing.managers import SyncManager
 import cloudpickle
 import psutil
 
+from .. import arg_layout
 from ..config import LocalConfig
 from ..engine import Backend, Outcome, items_of
 from ..errors import ConfigError
@@ -27,7 +28,6 @@ from ..worker import TaskInfo, default_worker_name, execute
 from ..worker_events import ChunkWatch, EventBatch
 from .base import Executor
 from .local_pool import ProcessPool, ThreadPool, exit_with_parent, send_events
-
 
 # --- process workers ----------------------------------------------------------------------------
 
@@ -109,16 +109,6 @@ def _thread_chunk(ctx, fn, tasks: list, worker: str, on_event=None) -> list:
     return outcomes
 
 
-def _outcome(meta: dict, value) -> Outcome:
-    return Outcome(meta["ok"], value, meta["error"], meta["start"], meta["end"], meta["worker"])
-
-
-def _lost(exc: BaseException) -> Outcome:
-    """The outcome of a task whose result never came back (its worker died: a
-    ``WorkerDiedError`` saying how)."""
-    return Outcome(False, error=exc, end=time.time())  # else: an argument that can't be pickled
-
-
 class _StoreManager(SyncManager):
     pass
 
@@ -143,7 +133,7 @@ def _process(pid: int):
 class _LocalBackend(Backend):
     kind = "local"
 
-    def __init__(self, executor: "LocalExecutor", cpus: int, use_processes: bool):
+    def __init__(self, executor: LocalExecutor, cpus: int, use_processes: bool):
         self.executor = executor
         self.cpus = cpus
         self.use_processes = use_processes
@@ -243,9 +233,9 @@ class _LocalBackend(Backend):
                 return
             try:
                 result = f.result()
-                outcome = _outcome(*(cloudpickle.loads(result) if self.use_processes else result))
-            except BaseException as exc:
-                outcome = _lost(exc)
+                outcome = Outcome.from_report(*(cloudpickle.loads(result) if self.use_processes else result))
+            except BaseException as exc:  # its worker died (a WorkerDiedError says how), or an argument
+                outcome = Outcome.failure(exc)  # couldn't be pickled: the result never came back
             on_done(outcome)
 
         future.add_done_callback(done)
@@ -271,17 +261,17 @@ class _LocalBackend(Backend):
                     pairs = cloudpickle.loads(result)
                 else:  # pickled one by one
                     pairs = [cloudpickle.loads(blob) for blob in result]
-                outcomes = [_outcome(meta, value) for meta, value in pairs]
+                outcomes = [Outcome.from_report(meta, value) for meta, value in pairs]
             except BaseException as exc:  # the chunk as a whole: the engine retries each item alone
-                on_done(exc)
+                on_done.failed(exc)
                 return
-            on_done(outcomes)
+            on_done.done(outcomes)
 
         future.add_done_callback(done)
         return future
 
     def split(self, handle):
-        return [(("v",), item) for item in items_of(handle, "?", "its dependency's output")]
+        return [(arg_layout.value(), item) for item in items_of(handle, "?", "its dependency's output")]
 
     def fetch(self, handle):
         return handle

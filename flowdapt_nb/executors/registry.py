@@ -27,7 +27,7 @@ _BUILTIN = {
 
 _lock = threading.RLock()
 _kinds: dict[str, type] = {}  # name -> class, in registration order after the built-ins
-_classes: "weakref.WeakSet[type]" = weakref.WeakSet()  # every Executor class, kinds or not
+_classes: weakref.WeakSet[type] = weakref.WeakSet()  # every Executor class, kinds or not
 
 
 def note_class(cls: type) -> None:
