@@ -18,8 +18,9 @@ from typing import Any
 
 from .errors import ConfigError
 
-FORMS = ("write key=value pairs (n=200 max_degree=6), a JSON object ({\"n\": 200}) "
-         "or a Python dict ({'n': 200})")
+FORMS = (
+    "write key=value pairs (n=200 max_degree=6), a JSON object ({\"n\": 200}) or a Python dict ({'n': 200})"
+)
 _EXAMPLES = {"--input": "n=10", "--resource": "hamster_wheels=2", "--set": "include_dashboard=false"}
 _KEY_START = re.compile(r"\s*[A-Za-z_]\w*\s*=")
 
@@ -28,6 +29,7 @@ def parse_value(text: str) -> Any:
     """One ``key=value`` value: read as YAML (``10`` -> 10, ``[1,2]`` -> [1, 2], ``fast`` -> 'fast');
     empty is ``""``; text YAML can't read stays as typed."""
     import yaml
+
     if not text.strip():
         return ""
     try:
@@ -44,8 +46,11 @@ def parse_assignments(pairs: list[str] | None, what: str = "--input", hint: str 
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip() or not key.strip().isidentifier():
-            raise ConfigError(f"{what} takes key=value with a Python identifier as key, got {pair!r}",
-                              key=what, hint=hint or f"e.g. {what} {_EXAMPLES.get(what, 'name=value')}")
+            raise ConfigError(
+                f"{what} takes key=value with a Python identifier as key, got {pair!r}",
+                key=what,
+                hint=hint or f"e.g. {what} {_EXAMPLES.get(what, 'name=value')}",
+            )
         out[key.strip()] = parse_value(value)
     return out
 
@@ -55,8 +60,9 @@ def parse_json_object(text: str, what: str = "--input-json") -> dict:
     try:
         loaded = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what} is not valid JSON ({exc})", key=what,
-                          hint=f"e.g. {what} '{{\"n\": 10}}'") from None
+        raise ConfigError(
+            f"{what} is not valid JSON ({exc})", key=what, hint=f"e.g. {what} '{{\"n\": 10}}'"
+        ) from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{what} must be a JSON object, e.g. '{{\"n\": 10}}'", key=what)
     return loaded
@@ -97,10 +103,13 @@ def _literal_dict(text: str) -> dict:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             short = text if len(text) <= 60 else text[:57] + "..."
-            raise ConfigError(f"run input {short!r} is neither a JSON object nor a Python dict",
-                              key="input", hint=FORMS) from None
+            raise ConfigError(
+                f"run input {short!r} is neither a JSON object nor a Python dict", key="input", hint=FORMS
+            ) from None
     if not isinstance(value, dict):
-        raise ConfigError(f"the run input must be a dict, not {type(value).__name__}", key="input", hint=FORMS)
+        raise ConfigError(
+            f"the run input must be a dict, not {type(value).__name__}", key="input", hint=FORMS
+        )
     return value
 
 
@@ -125,7 +134,7 @@ def _pairs(text: str) -> list[str]:
         elif ch in "]})":
             depth = max(0, depth - 1)
         elif depth == 0 and (ch.isspace() or ch == ","):
-            rest = text[i + 1:]
+            rest = text[i + 1 :]
             if ch == "," and rest and not rest[0].isspace() and not _KEY_START.match(rest):
                 current.append(ch)  # xs=1,2: part of the value
                 i += 1

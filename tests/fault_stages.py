@@ -33,9 +33,11 @@ def record_pid_then_sleep(x=0, folder="", seconds=600.0):
 
 def start_endless_thread():
     """Starts a non-daemon thread that never ends (a forgotten Timer, a client's background loop)."""
+
     def spin():
         while True:
             time.sleep(0.2)
+
     threading.Thread(target=spin, name="user-endless", daemon=False).start()
     return os.getpid()
 

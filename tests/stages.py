@@ -43,8 +43,14 @@ def env_value(name="FNB_TEST_ENV"):
 
 def context_info():
     ctx = fnb.get_run_context()
-    return {"namespace": ctx.namespace, "executor": ctx.executor, "run": str(ctx.run),
-            "input": dict(ctx.input), "stage": ctx.stage, "workflow": ctx.definition["metadata"]["name"]}
+    return {
+        "namespace": ctx.namespace,
+        "executor": ctx.executor,
+        "run": str(ctx.run),
+        "input": dict(ctx.input),
+        "stage": ctx.stage,
+        "workflow": ctx.definition["metadata"]["name"],
+    }
 
 
 def pid_then_sleep(path, delay=4.0):
@@ -64,6 +70,7 @@ def fail_every_seventh(x):
 def lock_on_five(x):
     """Item 5's result is a lock, which can't be pickled back from a worker process."""
     import threading
+
     return threading.Lock() if x == 5 else x
 
 

@@ -17,16 +17,15 @@ import warnings
 from pathlib import Path
 
 import pytest
+import stages as st
 import yaml
+from conftest import make_executor
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 import flowdapt_nb as fnb
 from flowdapt_nb import Stage, Workflow
-
-import stages as st
-from conftest import make_executor
 
 CASES_DIR = Path(__file__).resolve().parent / "bad_inputs"
 EXECUTOR_KINDS = ("threads", "processes", "dask", "ray")
@@ -37,29 +36,63 @@ EXPECT_KEYS = {"error", "exit_code", "names", "valid", "line", "key", "stage"}
 ERRORS = {"ConfigError": fnb.ConfigError, "StageError": fnb.StageError, "UsageError": UsageError}
 
 # numbers -> square (a map) -> total: n=3 gives 0 + 1 + 4
-QUICK = Workflow("quick", stages=[Stage("numbers", st.numbers),
-                                  Stage("square", st.square, type="parameterized", depends_on=["numbers"]),
-                                  Stage("total", st.total, depends_on=["square"])])
+QUICK = Workflow(
+    "quick",
+    stages=[
+        Stage("numbers", st.numbers),
+        Stage("square", st.square, type="parameterized", depends_on=["numbers"]),
+        Stage("total", st.total, depends_on=["square"]),
+    ],
+)
 QUICK_CELL = """%%flowdapt workflow quick
 - {name: numbers, target: stages.numbers}
 - {name: square, target: stages.square, type: parameterized, depends_on: [numbers]}
 - {name: total, target: stages.total, depends_on: [square]}
 """
 # Topics issue 9 names, each with at least one case.
-REQUIRED = ["config_malformed_yaml", "config_tab_indent", "workflow_tab_indent", "config_wrong_type_bool",
-            "config_negative_cpus", "config_memory_lots", "config_unknown_target",
-            "config_unknown_key_near_miss", "workflow_stage_key_near_miss", "workflow_option_near_miss",
-            "workflow_cycle", "workflow_self_dependency", "workflow_duplicate_stage_names",
-            "run_target_raises_on_import", "run_wrong_arity", "run_map_over_non_iterable",
-            "run_map_on_key_missing", "run_resource_cluster_lacks", "magic_run_resource_cluster_lacks",
-            "magic_run_input_without_value", "cli_input_without_value", "magic_unknown_subcommand",
-            "magic_unknown_flag", "magic_run_unknown_workflow", "cli_missing_config_file",
-            "workflow_kind_config", "cli_workflow_kind_config",
-            # issue 14: hostile files
-            "config_alias_bomb", "workflow_alias_bomb", "cli_validate_alias_bomb", "cell_workflow_alias_bomb",
-            "config_deep_nesting", "workflow_deep_nesting", "cli_run_deep_nesting", "cli_run_not_utf8",
-            "cli_validate_not_utf8", "magic_run_not_utf8", "cli_timeout_nan", "workflow_name_trailing_newline",
-            "cli_run_target_not_allowed"]
+REQUIRED = [
+    "config_malformed_yaml",
+    "config_tab_indent",
+    "workflow_tab_indent",
+    "config_wrong_type_bool",
+    "config_negative_cpus",
+    "config_memory_lots",
+    "config_unknown_target",
+    "config_unknown_key_near_miss",
+    "workflow_stage_key_near_miss",
+    "workflow_option_near_miss",
+    "workflow_cycle",
+    "workflow_self_dependency",
+    "workflow_duplicate_stage_names",
+    "run_target_raises_on_import",
+    "run_wrong_arity",
+    "run_map_over_non_iterable",
+    "run_map_on_key_missing",
+    "run_resource_cluster_lacks",
+    "magic_run_resource_cluster_lacks",
+    "magic_run_input_without_value",
+    "cli_input_without_value",
+    "magic_unknown_subcommand",
+    "magic_unknown_flag",
+    "magic_run_unknown_workflow",
+    "cli_missing_config_file",
+    "workflow_kind_config",
+    "cli_workflow_kind_config",
+    # issue 14: hostile files
+    "config_alias_bomb",
+    "workflow_alias_bomb",
+    "cli_validate_alias_bomb",
+    "cell_workflow_alias_bomb",
+    "config_deep_nesting",
+    "workflow_deep_nesting",
+    "cli_run_deep_nesting",
+    "cli_run_not_utf8",
+    "cli_validate_not_utf8",
+    "magic_run_not_utf8",
+    "cli_timeout_nan",
+    "workflow_name_trailing_newline",
+    "cli_run_target_not_allowed",
+]
 
 
 def _load_cases() -> dict:
@@ -68,15 +101,20 @@ def _load_cases() -> dict:
     for path in sorted(CASES_DIR.glob("*.yaml")):
         case = yaml.safe_load(path.read_text())
         where = f"tests/bad_inputs/{path.name}"
-        assert isinstance(case, dict) and case.get("kind") in CASE_KINDS, f"{where}: kind must be one of {CASE_KINDS}"
+        assert isinstance(case, dict) and case.get("kind") in CASE_KINDS, (
+            f"{where}: kind must be one of {CASE_KINDS}"
+        )
         assert not set(case) - CASE_KEYS, f"{where}: unknown fields {set(case) - CASE_KEYS}"
         assert case.get("about") and "input" in case, f"{where}: needs about and input"
         expect = case.get("expect") or {}
         assert not set(expect) - EXPECT_KEYS, f"{where}: unknown expect fields {set(expect) - EXPECT_KEYS}"
-        assert expect.get("names") and expect.get("valid"), \
+        assert expect.get("names") and expect.get("valid"), (
             f"{where}: expect needs names (what is wrong) and valid (what is valid)"
+        )
         if case["kind"] == "cli_args":
-            assert isinstance(case["input"], list) and expect.get("exit_code"), f"{where}: args list, exit_code"
+            assert isinstance(case["input"], list) and expect.get("exit_code"), (
+                f"{where}: args list, exit_code"
+            )
         else:
             assert expect.get("error") in ERRORS, f"{where}: expect.error must be one of {list(ERRORS)}"
         assert set(case.get("executors") or []) <= set(EXECUTOR_KINDS), f"{where}: executors"
@@ -98,6 +136,7 @@ def _params(*kinds: str) -> list:
 
 
 # --- fixtures -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def executors():
@@ -133,6 +172,7 @@ def shell():
 
 # --- checks -------------------------------------------------------------------------------------
 
+
 def _check_fragments(text: str, fragments: list, what: str) -> None:
     for fragment in fragments:
         assert fragment in text, f"the error should contain {what} {fragment!r}:\n{text}"
@@ -148,10 +188,14 @@ def _check_error(err: BaseException, case: dict) -> None:
     _check_fragments(text, expect["valid"], "what is valid:")
     if isinstance(err, fnb.ConfigError):
         # one error: not shown as raised while handling another one
-        assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__), repr(err.__context__)
+        assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__), repr(
+            err.__context__
+        )
         for field in ("line", "key", "stage"):
             if field in expect:
-                assert getattr(err, field) == expect[field], f"{field}: {getattr(err, field)!r} != {expect[field]!r}"
+                assert getattr(err, field) == expect[field], (
+                    f"{field}: {getattr(err, field)!r} != {expect[field]!r}"
+                )
         if "line" in expect:
             assert text.startswith(f"line {expect['line']}: "), text
     elif isinstance(err, fnb.StageError):
@@ -160,7 +204,9 @@ def _check_error(err: BaseException, case: dict) -> None:
 
 
 def _no_warnings_from_us(caught) -> None:
-    ours = [str(w.message) for w in caught if "flowdapt_nb" in (w.filename or "") or "flowdapt" in str(w.message)]
+    ours = [
+        str(w.message) for w in caught if "flowdapt_nb" in (w.filename or "") or "flowdapt" in str(w.message)
+    ]
     assert not ours, f"a bad input should give one error, not warnings too: {ours}"
 
 
@@ -181,6 +227,7 @@ def _assert_usable(ex, err: BaseException, before) -> None:
 
 
 # --- the corpus ---------------------------------------------------------------------------------
+
 
 def test_corpus_covers_issue_9():
     assert len(CASES) >= 40
@@ -285,9 +332,17 @@ def test_cli(name, kind, tmp_path):
     case = CASES[name]
     expect = case["expect"]
     for file_name, text in (case.get("files") or {}).items():  # !!binary: bytes as they are (not UTF-8)
-        (tmp_path / file_name).write_bytes(text) if isinstance(text, bytes) else (tmp_path / file_name).write_text(text)
-    proc = subprocess.run([*_cli(), *map(str, case["input"])], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        (tmp_path / file_name).write_bytes(text) if isinstance(text, bytes) else (
+            tmp_path / file_name
+        ).write_text(text)
+    proc = subprocess.run(
+        [*_cli(), *map(str, case["input"])],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode == expect["exit_code"], f"exit {proc.returncode}\n{proc.stderr}"
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
     assert proc.stdout.strip() == "", f"a failed command prints no result: {proc.stdout}"

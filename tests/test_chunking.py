@@ -5,19 +5,19 @@ object too)."""
 import threading
 
 import pytest
+import stages as st
+from conftest import make_executor
 
 import flowdapt_nb as fnb
 from flowdapt_nb import Stage, Workflow
-
-import stages as st
-from conftest import make_executor
 
 CHUNKED = ["threads", "processes", "ray"]  # Dask sends every item alone (see engine.Backend)
 
 
 def fan_out(fn, **options):
-    return Workflow("chunky", stages=[Stage("each", fn, type="parameterized",
-                                            options={"map_on": "items", **options})])
+    return Workflow(
+        "chunky", stages=[Stage("each", fn, type="parameterized", options={"map_on": "items", **options})]
+    )
 
 
 @pytest.fixture(params=CHUNKED)
@@ -51,7 +51,11 @@ def test_tiny_items_go_in_chunks_and_keep_their_records_and_events(local):
         local.events.unsubscribe(token)
     assert run.result == [x * x for x in range(2000)]
     assert sizes and max(sizes) > 1 and sum(sizes) > 1000, (  # most items went in chunks
-        sizes, local._backend.parallelism, run.tasks.worker.nunique(), run.tasks.duration.describe())
+        sizes,
+        local._backend.parallelism,
+        run.tasks.worker.nunique(),
+        run.tasks.duration.describe(),
+    )
     tasks = run.tasks
     assert len(tasks) == 2000 and set(tasks.state) == {"finished"}
     assert tasks[["queued", "start", "end", "worker"]].notna().all().all()
@@ -65,13 +69,17 @@ def test_tiny_items_go_in_chunks_and_keep_their_records_and_events(local):
 
 def test_chunked_items_flow_on_to_the_next_stages(local):
     sizes = chunk_sizes(local)
-    flow = Workflow("chunky-flow", stages=[
-        Stage("numbers", st.numbers),
-        Stage("square", st.square, type="parameterized", depends_on=["numbers"]),
-        Stage("again", st.square, type="parameterized", depends_on=["square"]),
-        Stage("total", st.total, depends_on=["again"])])
+    flow = Workflow(
+        "chunky-flow",
+        stages=[
+            Stage("numbers", st.numbers),
+            Stage("square", st.square, type="parameterized", depends_on=["numbers"]),
+            Stage("again", st.square, type="parameterized", depends_on=["square"]),
+            Stage("total", st.total, depends_on=["again"]),
+        ],
+    )
     run = local.run(flow, input={"n": 1500})
-    assert sizes and run.result == sum(x ** 4 for x in range(1500))
+    assert sizes and run.result == sum(x**4 for x in range(1500))
 
 
 def test_slow_items_are_not_chunked(local):
@@ -102,10 +110,13 @@ def test_a_failing_item_inside_a_chunk_fails_the_stage_and_names_it(local):
     assert local.run(fan_out(st.square), input={"items": [3]}).result == [9]  # still usable
 
 
-@pytest.mark.parametrize("stage_fn, message", [
-    (st.lock_on_five, "can't be pickled back"),  # the worker can't send it: only that item fails
-    (st.unloadable_on_five, "can't be loaded in the driver"),  # its chunk fails as a whole and
-])                                                              # is retried item by item
+@pytest.mark.parametrize(
+    "stage_fn, message",
+    [
+        (st.lock_on_five, "can't be pickled back"),  # the worker can't send it: only that item fails
+        (st.unloadable_on_five, "can't be loaded in the driver"),  # its chunk fails as a whole and
+    ],
+)  # is retried item by item
 def test_a_result_that_cannot_come_back_fails_only_its_item(stage_fn, message):
     ex = make_executor("processes")
     try:
@@ -121,9 +132,13 @@ def test_a_result_that_cannot_come_back_fails_only_its_item(stage_fn, message):
 
 def test_a_fan_out_waiting_for_its_first_timings_holds_up_no_other_stage():
     ray_ex = make_executor("ray")
-    flow = Workflow("side-by-side", stages=[
-        Stage("slow", st.nap, type="parameterized", options={"map_on": "items"}),
-        Stage("other", st.started_at, resources={"cpus": 0})])
+    flow = Workflow(
+        "side-by-side",
+        stages=[
+            Stage("slow", st.nap, type="parameterized", options={"map_on": "items"}),
+            Stage("other", st.started_at, resources={"cpus": 0}),
+        ],
+    )
     run = ray_ex.run(flow, input={"items": list(range(40)), "delay": 1.0})
     tasks = run.tasks
     first_slow_end = tasks[tasks.stage == "slow"].end.min().timestamp()

@@ -48,7 +48,8 @@ def project(tmp_path):
     (tmp_path / "threads.yaml").write_text("target: local\nuse_processes: false\ncpus: 2\n")
     (tmp_path / "flowdapt.yaml").write_text(
         "services:\n  compute:\n    executor:\n      target: flowdapt.compute.executor.local.LocalExecutor\n"
-        "      cpus: 2\n")
+        "      cpus: 2\n"
+    )
     return tmp_path
 
 

@@ -60,17 +60,25 @@ def test_remote_error_round_trips_through_pickle_and_cloudpickle():
         back = loads(dumps(err))
         assert type(back) is RemoteError
         assert (back.type_name, back.message, back.remote_traceback) == (
-            "mymod.HoldsLock", "model diverged", "Traceback (most recent call last): ...")
+            "mymod.HoldsLock",
+            "model diverged",
+            "Traceback (most recent call last): ...",
+        )
         assert str(back) == "mymod.HoldsLock: model diverged"
     back = pickle.loads(pickle.dumps(UnserializableResultError("lock", "TypeError: cannot pickle")))
     assert back.type_name == "lock" and "can't be serialized" in str(back)
 
 
-@pytest.mark.parametrize("stage_fn, type_name, message", [
-    (fit_model, "HoldsLock", "model diverged at epoch 7"),
-    (fit_other, "NeedsTwo", "loss exploded at epoch 3"),
-])
-def test_an_exception_that_cant_travel_keeps_type_message_and_traceback(executor, stage_fn, type_name, message):
+@pytest.mark.parametrize(
+    "stage_fn, type_name, message",
+    [
+        (fit_model, "HoldsLock", "model diverged at epoch 7"),
+        (fit_other, "NeedsTwo", "loss exploded at epoch 3"),
+    ],
+)
+def test_an_exception_that_cant_travel_keeps_type_message_and_traceback(
+    executor, stage_fn, type_name, message
+):
     with pytest.raises(fnb.StageError) as err:
         executor.run(Workflow("w", stages=[Stage("fit", stage_fn)]))
     first = str(err.value).splitlines()[0]

@@ -44,12 +44,20 @@ def total(values):
 
 
 def _workflow(fn=flaky, partial=True):
-    return fnb.Workflow("face", stages=[
-        fnb.Stage("numbers", numbers),
-        fnb.Stage("square", fn, type="parameterized", depends_on=["numbers"],
-                  options={"allow_partial_failure": partial}),
-        fnb.Stage("total", total, depends_on=["square"]),
-    ])
+    return fnb.Workflow(
+        "face",
+        stages=[
+            fnb.Stage("numbers", numbers),
+            fnb.Stage(
+                "square",
+                fn,
+                type="parameterized",
+                depends_on=["numbers"],
+                options={"allow_partial_failure": partial},
+            ),
+            fnb.Stage("total", total, depends_on=["square"]),
+        ],
+    )
 
 
 @pytest.fixture
@@ -61,6 +69,7 @@ def local():
 
 # --- one state model ----------------------------------------------------------------------------
 
+
 def test_stage_state_rule():
     rule = states.stage_state
     assert rule({}, run_state="running") == "pending"
@@ -71,7 +80,7 @@ def test_stage_state_rule():
     assert rule({"failed": 1, "finished": 3}, run_state="failed", failed_stage="s", stage="s") == "failed"
     assert rule({"failed": 2}, run_state="failed") == "failed"
     assert rule({"cancelled": 1, "finished": 1}, run_state="cancelled") == "cancelled"
-    assert states.TERMINAL == {"finished", "failed", "cancelled", "cached"}
+    assert {"finished", "failed", "cancelled", "cached"} == states.TERMINAL
     assert states.advances("queued", "running") and not states.advances("finished", "running")
     assert states.colour(states.TaskState.FAILED) == states.COLOURS["failed"] != states.colour("finished")
 
@@ -80,8 +89,9 @@ def test_run_record_and_tracker_agree(local):
     run = local.submit(_workflow(), input={"n": 5}).run
     tracker = RunTracker(run)
     seen = []
-    token = local.events.subscribe(lambda b: [tracker.apply(e) for e in (b if isinstance(b, list) else [b])],
-                                   kinds={"task", "run"})
+    token = local.events.subscribe(
+        lambda b: [tracker.apply(e) for e in (b if isinstance(b, list) else [b])], kinds={"task", "run"}
+    )
     try:
         while not run.done:  # compare while it runs, not just at the end
             table = dict(zip(run.stages["stage"], run.stages["state"]))
@@ -91,7 +101,9 @@ def test_run_record_and_tracker_agree(local):
     finally:
         local.events.unsubscribe(token)
     final = dict(zip(run.stages["stage"], run.stages["state"]))
-    assert final == tracker.stage_states() == {"numbers": "finished", "square": "finished", "total": "finished"}
+    assert (
+        final == tracker.stage_states() == {"numbers": "finished", "square": "finished", "total": "finished"}
+    )
     assert all(set(t.values()) <= set(states.STAGE_STATES) for t in seen)
     assert run.stages.set_index("stage").loc["square", "failed"] == 1  # the dropped item, counted once
     assert tracker.expected_tasks() == len(run.tasks) == 1 + 5 + 1
@@ -106,6 +118,7 @@ def test_expected_tasks_unknown_until_the_fan_out_starts(local):
 
 
 # --- tables -----------------------------------------------------------------------------------
+
 
 def test_run_tables_are_datetimes_and_seconds(local):
     run = local.run(_workflow(slow), input={"n": 2})
@@ -122,6 +135,7 @@ def test_run_tables_are_datetimes_and_seconds(local):
 
 # --- sanitizer-safe saved outputs ----------------------------------------------------------------
 
+
 def _assert_safe(page: str, what) -> None:
     assert "<style" not in page and "<svg" not in page and "<script" not in page, what
     assert 'style="' in page, what
@@ -137,14 +151,22 @@ def test_saved_outputs_survive_a_sanitizer(local):
     page = run._repr_html_()
     assert page.count('class="fnb-dag-box"') == 3
     assert f"background:{states.colour('finished')}" in page
-    made = [widgets.ExecutorCard(local), widgets.TaskDashboard(local), widgets.ResourceDashboard(local),
-            widgets.Dashboard(local), widgets.StageMapper(workflow=wf)]
+    made = [
+        widgets.ExecutorCard(local),
+        widgets.TaskDashboard(local),
+        widgets.ResourceDashboard(local),
+        widgets.Dashboard(local),
+        widgets.StageMapper(workflow=wf),
+    ]
     try:
         for w in made:
             page = w._repr_html_()
             _assert_safe(page, type(w))
-            assert "class=" in page and re.search(r'fnb-badge" style="[^"]*background:#', page) or \
-                isinstance(w, widgets.StageMapper), type(w)
+            assert (
+                "class=" in page
+                and re.search(r'fnb-badge" style="[^"]*background:#', page)
+                or isinstance(w, widgets.StageMapper)
+            ), type(w)
         mapper_page = made[-1]._repr_html_()
         assert mapper_page.count('class="fnb-dag-box"') == 3  # the mapper's DAG as boxes too
         card_page = made[0]._repr_html_()
@@ -155,9 +177,11 @@ def test_saved_outputs_survive_a_sanitizer(local):
 
 
 def test_inline_styles_keeps_text_and_escapes():
-    page = inline_styles('<div class="fnb-kv"><span>a &amp; b</span><span>x</span></div><svg><g/></svg>'
-                         '<style>.x{}</style><table class="fnb-table"><tr><td class="fnb-num" '
-                         'style="color:red">1</td></tr></table>')
+    page = inline_styles(
+        '<div class="fnb-kv"><span>a &amp; b</span><span>x</span></div><svg><g/></svg>'
+        '<style>.x{}</style><table class="fnb-table"><tr><td class="fnb-num" '
+        'style="color:red">1</td></tr></table>'
+    )
     assert "a &amp; b" in page and "<svg" not in page and ".x{}" not in page
     assert 'style="color:#6a737d"' in page  # the grid's label column
     assert re.search(r'<td class="fnb-num" style="text-align:left;[^"]*;text-align:right;color:red">', page)
@@ -193,6 +217,7 @@ def test_card_shows_stopped_when_the_executor_closes():
 
 # --- magics: help, options, tracebacks ----------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def shell():
     sh = InteractiveShell.instance()
@@ -213,8 +238,16 @@ def test_help_has_no_markup_and_lists_workflow_fields(shell):
         text = _printed(shell, line)
         assert "``" not in text and not re.search(r"::\s*$", text, re.M), (line, text[:300])
     text = _printed(shell, "help workflow")
-    for field in ("name:", "target:", "type: parameterized", "depends_on:", "map_on:",
-                  "allow_partial_failure:", "timeout:", "resources:"):
+    for field in (
+        "name:",
+        "target:",
+        "type: parameterized",
+        "depends_on:",
+        "map_on:",
+        "allow_partial_failure:",
+        "timeout:",
+        "resources:",
+    ):
         assert field in text, field
     assert "A workflow file is code" in text and "allowed_targets" in text
     assert "help workflow" in _printed(shell, "help")
@@ -234,11 +267,14 @@ def test_failed_stage_shows_the_users_frames_first(shell, pool):
     magics = shell.magics_manager.registry["FlowdaptMagics"]
     with capture_output():
         shell.run_line_magic("flowdapt", f"executor local {pool} --cpus 2")
-        shell.run_cell_magic("flowdapt", "workflow failing",
-                             "- {name: numbers, target: numbers}\n"
-                             "- {name: square, target: flaky, type: parameterized, depends_on: [numbers],\n"
-                             "   options: {allow_partial_failure: false}}\n"
-                             "- {name: total, target: total, depends_on: [square]}\n")
+        shell.run_cell_magic(
+            "flowdapt",
+            "workflow failing",
+            "- {name: numbers, target: numbers}\n"
+            "- {name: square, target: flaky, type: parameterized, depends_on: [numbers],\n"
+            "   options: {allow_partial_failure: false}}\n"
+            "- {name: total, target: total, depends_on: [square]}\n",
+        )
     try:
         with capture_output():
             result = shell.run_cell("%flowdapt run failing --input n=4")
@@ -248,7 +284,7 @@ def test_failed_stage_shows_the_users_frames_first(shell, pool):
         plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
         assert "sensor 2 returned NaN" in plain and "flaky" in plain
         assert "worker.py" not in plain and "magics.py" not in plain and "engine.py" not in plain, plain
-        first_frame = re.search(r'(Cell In\[|File |<ipython-input)[^\n]*', plain).group(0)
+        first_frame = re.search(r"(Cell In\[|File |<ipython-input)[^\n]*", plain).group(0)
         assert "test_face.py" in first_frame and "in flaky" in first_frame, plain
         assert "StageError: stage 'square' (item 2) failed" in plain and "full_tracebacks = True" in plain
         magics.full_tracebacks = True
@@ -262,10 +298,13 @@ def test_failed_stage_shows_the_users_frames_first(shell, pool):
 
 def test_worker_traceback_text_starts_at_the_users_frame():
     import flowdapt_nb.worker as worker
-    text = ("Traceback (most recent call last):\n"
-            f'  File "{worker.__file__}", line 93, in execute\n    value = fn(*args)\n'
-            '  File "/home/me/analysis.py", line 4, in flaky\n    raise ValueError("x")\n'
-            "ValueError: x")
+
+    text = (
+        "Traceback (most recent call last):\n"
+        f'  File "{worker.__file__}", line 93, in execute\n    value = fn(*args)\n'
+        '  File "/home/me/analysis.py", line 4, in flaky\n    raise ValueError("x")\n'
+        "ValueError: x"
+    )
     out = user_traceback_text(text)
     assert out.splitlines()[1].startswith('  File "/home/me/analysis.py"') and "worker.py" not in out
     assert out.endswith("ValueError: x")

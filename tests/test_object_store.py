@@ -18,15 +18,16 @@ import uuid
 
 import pandas as pd
 import pytest
+from conftest import make_executor
 
 import flowdapt_nb as fnb
-from conftest import make_executor
 from flowdapt_nb.artifacts import ENV_VAR, ArtifactStore, default_location, store_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- stages (module level: worker processes import them from here) -------------------------------
+
 
 def put_value(key, value, strategy=None):
     return fnb.object_store.put(key, value, strategy=strategy)
@@ -36,8 +37,11 @@ def get_values(keys, strategy=None):
     out = {}
     for key in keys:
         try:
-            out[key] = {"found": True, "value": fnb.object_store.get(key, strategy=strategy),
-                        "exists": fnb.object_store.exists(key, strategy=strategy)}
+            out[key] = {
+                "found": True,
+                "value": fnb.object_store.get(key, strategy=strategy),
+                "exists": fnb.object_store.exists(key, strategy=strategy),
+            }
         except KeyError:
             out[key] = {"found": False, "exists": fnb.object_store.exists(key, strategy=strategy)}
     return out
@@ -73,9 +77,14 @@ LIST = fnb.Workflow("os-list", stages=[fnb.Stage("list", list_keys)])
 DELETE = fnb.Workflow("os-delete", stages=[fnb.Stage("delete", delete_key)])
 EXPLODE = fnb.Workflow("os-explode", stages=[fnb.Stage("explode", put_exploding)])
 
-FRAME = pd.DataFrame({"x": [1.5, 2.5, 3.5], "label": ["a", "b", "c"],
-                      "when": pd.to_datetime(["2026-01-01", "2026-01-02", "2026-01-03"])},
-                     index=pd.Index([10, 20, 30], name="id"))
+FRAME = pd.DataFrame(
+    {
+        "x": [1.5, 2.5, 3.5],
+        "label": ["a", "b", "c"],
+        "when": pd.to_datetime(["2026-01-01", "2026-01-02", "2026-01-03"]),
+    },
+    index=pd.Index([10, 20, 30], name="id"),
+)
 
 
 def _ns() -> str:
@@ -116,6 +125,7 @@ def _restart(request, kind, ex):
 
 # --- across runs ---------------------------------------------------------------------------------
 
+
 def test_value_crosses_runs_in_cluster_memory(executor, tmp_path, storage_of):
     storage_of(executor, str(tmp_path / "artifacts"))
     ns = _ns()
@@ -136,10 +146,14 @@ def test_artifact_survives_executor_restart(executor, request, tmp_path, storage
     storage_of(executor, storage)
     ns = _ns()
     model = {"weights": list(range(100)), "kind": kind}
-    assert executor.run(PUT, input={"key": "model", "value": model, "strategy": "artifact"},
-                        namespace=ns).result == "artifact"
-    assert executor.run(PUT, input={"key": "frame", "value": FRAME, "strategy": "artifact"},
-                        namespace=ns).result == "artifact"
+    assert (
+        executor.run(PUT, input={"key": "model", "value": model, "strategy": "artifact"}, namespace=ns).result
+        == "artifact"
+    )
+    assert (
+        executor.run(PUT, input={"key": "frame", "value": FRAME, "strategy": "artifact"}, namespace=ns).result
+        == "artifact"
+    )
     assert executor.run(PUT, input={"key": "scratch", "value": 42}, namespace=ns).result == "cluster_memory"
     both = executor.run(GET, input={"keys": ["model", "scratch"]}, namespace=ns).result
     assert both["model"]["value"] == model and both["scratch"]["value"] == 42
@@ -232,7 +246,7 @@ def test_killed_writer_leaves_previous_value(tmp_path):
         key_dir = tmp_path / "artifacts" / "ns" / "model"
         partial = [p for p in key_dir.iterdir() if p.name.startswith(".tmp-")]
         assert partial and partial[0].stat().st_size >= 16 << 20  # really killed mid-write
-        assert store.get("ns", "model") == {"version": 1}          # readers meanwhile: the old value
+        assert store.get("ns", "model") == {"version": 1}  # readers meanwhile: the old value
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -240,7 +254,7 @@ def test_killed_writer_leaves_previous_value(tmp_path):
     assert store.get("ns", "model") == {"version": 1}
     assert store.keys("ns") == ["model"]
     assert [m["key"] for m in store.listing()] == ["model"]
-    store.put("ns", "model", {"version": 2})                       # and the next write works
+    store.put("ns", "model", {"version": 2})  # and the next write works
     assert ArtifactStore(url).get("ns", "model") == {"version": 2}
 
 
@@ -283,24 +297,42 @@ def test_readers_never_see_a_half_written_value(tmp_path):
 
 # --- the notebook side ---------------------------------------------------------------------------
 
+
 def test_notebook_side_listing_and_where(tmp_path):
     storage = str(tmp_path / "artifacts")
     ns = _ns()
-    with fnb.LocalExecutor(use_processes=False, cpus=1, _compute={"storage": storage,
-                                                                   "default_namespace": ns}) as ex:
+    with fnb.LocalExecutor(
+        use_processes=False, cpus=1, _compute={"storage": storage, "default_namespace": ns}
+    ) as ex:
         assert fnb.current_executor() is ex
         assert fnb.object_store.storage_url() == storage
         assert fnb.object_store.put("in-memory", [1, 2]) == "cluster_memory"
         assert fnb.object_store.put("on-disk", FRAME, strategy="artifact") == "artifact"
         assert fnb.object_store.put("both", "mem") == "cluster_memory"
-        assert fnb.object_store.put("both", "disk", strategy="artifact") == "artifact"  # drops the memory copy
+        assert (
+            fnb.object_store.put("both", "disk", strategy="artifact") == "artifact"
+        )  # drops the memory copy
         assert fnb.object_store.get("both") == "disk"
         fnb.object_store.put("both", "mem")
         assert fnb.object_store.list() == ["both", "in-memory", "on-disk"]
         table = fnb.object_store.listing(ns)
-        assert list(table.columns) == ["namespace", "key", "where", "type", "bytes", "created", "run", "location"]
+        assert list(table.columns) == [
+            "namespace",
+            "key",
+            "where",
+            "type",
+            "bytes",
+            "created",
+            "run",
+            "location",
+        ]
         rows = {(r.key, r.where) for r in table.itertuples()}
-        assert rows == {("both", "memory"), ("both", "artifact"), ("in-memory", "memory"), ("on-disk", "artifact")}
+        assert rows == {
+            ("both", "memory"),
+            ("both", "artifact"),
+            ("in-memory", "memory"),
+            ("on-disk", "artifact"),
+        }
         assert table.loc[table.key == "on-disk", "type"].item() == "DataFrame"
         assert table.loc[table.key == "on-disk", "location"].item().endswith(f"{ns}/on-disk")
         assert str(table["created"].dtype).startswith("datetime64") and table["bytes"].gt(0).all()
@@ -372,8 +404,14 @@ _NO_EXECUTOR = textwrap.dedent("""
 
 def test_fallback_without_executor_writes_an_artifact(tmp_path):
     env = {**os.environ, ENV_VAR: str(tmp_path / "env-artifacts")}
-    proc = subprocess.run([sys.executable, "-c", _NO_EXECUTOR], capture_output=True, text=True, env=env,
-                          timeout=120, cwd=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_EXECUTOR],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["default"] == str(tmp_path / "env-artifacts")
@@ -386,27 +424,43 @@ def test_fallback_without_executor_writes_an_artifact(tmp_path):
 
 # --- config --------------------------------------------------------------------------------------
 
+
 def test_storage_from_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ex = fnb.executor_from_config("services:\n  compute:\n    default_namespace: prod\n"
-                                  "    executor: {target: local}\n  storage: s3://bucket/prefix\n")
+    ex = fnb.executor_from_config(
+        "services:\n  compute:\n    default_namespace: prod\n"
+        "    executor: {target: local}\n  storage: s3://bucket/prefix\n"
+    )
     assert ex.default_namespace == "prod" and ex.storage == "s3://bucket/prefix"
-    ex = fnb.executor_from_config({"services": {"compute": {"executor": {"target": "local"}},
-                                                "storage": {"protocol": "s3", "base_path": "bucket/p",
-                                                            "parameters": {"endpoint_url": "http://x"}}}})
+    ex = fnb.executor_from_config(
+        {
+            "services": {
+                "compute": {"executor": {"target": "local"}},
+                "storage": {
+                    "protocol": "s3",
+                    "base_path": "bucket/p",
+                    "parameters": {"endpoint_url": "http://x"},
+                },
+            }
+        }
+    )
     assert ex.storage == {"url": "s3://bucket/p", "options": {"endpoint_url": "http://x"}}
     # `artifacts:` beside the executor; a relative folder is made absolute where the config loads.
-    ex = fnb.executor_from_config("services:\n  compute:\n    artifacts: keep\n"
-                                  "    executor: {target: local}\n  storage: s3://ignored\n")
+    ex = fnb.executor_from_config(
+        "services:\n  compute:\n    artifacts: keep\n    executor: {target: local}\n  storage: s3://ignored\n"
+    )
     assert ex.storage == str(tmp_path / "keep")
     ex = fnb.executor_from_config("target: local\nuse_processes: false\nartifacts: memory://nb\n")
     assert ex.storage == "memory://nb" and ex.config.use_processes is False
     ex = fnb.executor_from_config("target: local\nartifacts: {url: s3://b, options: {anon: false}}\n")
     assert ex.storage == {"url": "s3://b", "options": {"anon": False}}
 
-    with pytest.raises(fnb.ConfigError, match=r"line 5: unknown key 'ur' in 'services.storage'; did you mean 'url'"):
-        fnb.executor_from_config("services:\n  compute:\n    executor:\n      target: local\n"
-                                 "  storage: {ur: s3://b}\n")
+    with pytest.raises(
+        fnb.ConfigError, match=r"line 5: unknown key 'ur' in 'services.storage'; did you mean 'url'"
+    ):
+        fnb.executor_from_config(
+            "services:\n  compute:\n    executor:\n      target: local\n  storage: {ur: s3://b}\n"
+        )
     with pytest.raises(fnb.ConfigError, match="line 2: unknown key 'artifact'"):
         fnb.executor_from_config("target: local\nartifact: /tmp/x\n")
     with pytest.raises(fnb.ConfigError, match="line 2: unknown key 'cpu'; did you mean 'cpus'"):
@@ -439,6 +493,7 @@ def test_odd_keys_stay_in_their_folder(tmp_path):
 
 # --- S3 against a real S3 server (moto) on 127.0.0.1 ---------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -451,8 +506,11 @@ def s3_server(tmp_path_factory):
     pytest.importorskip("s3fs")
     port = _free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -487,6 +545,7 @@ def s3_env(s3_server, monkeypatch):
 
 def _make_bucket(name: str):
     import s3fs
+
     fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
     fs.mkdir(name)
     return fs
@@ -497,15 +556,26 @@ def test_s3_storage_across_runs(executor, s3_env, storage_of):
     _make_bucket(bucket)
     # Cluster workers started before this test don't have its environment: the endpoint and
     # credentials travel as fsspec options, read from the environment here.
-    setting = {"url": f"s3://{bucket}/artifacts",
-               "options": {"endpoint_url": s3_env, "key": os.environ["AWS_ACCESS_KEY_ID"],
-                           "secret": os.environ["AWS_SECRET_ACCESS_KEY"]}}
+    setting = {
+        "url": f"s3://{bucket}/artifacts",
+        "options": {
+            "endpoint_url": s3_env,
+            "key": os.environ["AWS_ACCESS_KEY_ID"],
+            "secret": os.environ["AWS_SECRET_ACCESS_KEY"],
+        },
+    }
     storage_of(executor, setting)
     ns = _ns()
-    assert executor.run(PUT, input={"key": "model", "value": {"v": 1}, "strategy": "artifact"},
-                        namespace=ns).result == "artifact"
-    assert executor.run(PUT, input={"key": "frame", "value": FRAME, "strategy": "artifact"},
-                        namespace=ns).result == "artifact"
+    assert (
+        executor.run(
+            PUT, input={"key": "model", "value": {"v": 1}, "strategy": "artifact"}, namespace=ns
+        ).result
+        == "artifact"
+    )
+    assert (
+        executor.run(PUT, input={"key": "frame", "value": FRAME, "strategy": "artifact"}, namespace=ns).result
+        == "artifact"
+    )
     assert executor.run(EXPLODE, input={"key": "model"}, namespace=ns).result == "pickling exploded midway"
     got = executor.run(GET, input={"keys": ["model", "frame"], "strategy": "artifact"}, namespace=ns).result
     assert got["model"]["value"] == {"v": 1}
@@ -513,6 +583,7 @@ def test_s3_storage_across_runs(executor, s3_env, storage_of):
     assert executor.run(LIST, input={"strategy": "artifact"}, namespace=ns).result == ["frame", "model"]
 
     import s3fs
+
     fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{bucket}/artifacts/{ns}"))
     assert names.count("meta.json") == 2 and len(names) == 4  # one value file each, no leftovers

@@ -16,10 +16,14 @@ from flowdapt_nb import stage_cache, widgets
 
 
 def workflow(numbers=cs.numbers, score=cs.score, total=cs.total, **options):
-    return fnb.Workflow("cached_squares", stages=[
-        fnb.Stage("numbers", numbers, options=options),
-        fnb.Stage("score", score, type="parameterized", depends_on=["numbers"], options=options),
-        fnb.Stage("total", total, depends_on=["score"], options=options)])
+    return fnb.Workflow(
+        "cached_squares",
+        stages=[
+            fnb.Stage("numbers", numbers, options=options),
+            fnb.Stage("score", score, type="parameterized", depends_on=["numbers"], options=options),
+            fnb.Stage("total", total, depends_on=["score"], options=options),
+        ],
+    )
 
 
 def states(run) -> dict:
@@ -34,7 +38,7 @@ class Marks:
 
     def new(self) -> Counter:
         lines = self.path.read_text().splitlines() if self.path.exists() else []
-        fresh, self.seen = lines[self.seen:], len(lines)
+        fresh, self.seen = lines[self.seen :], len(lines)
         return Counter(fresh)
 
 
@@ -62,10 +66,16 @@ def test_hits_and_misses_on_each_executor(executor, tmp_path):
     assert bigger.result == 30 and marks.new() == {"numbers": 1, "score": 5, "total": 1}  # a new input
 
     elsewhere = executor.run(workflow(), input=inp, namespace=f"{ns}-other", cache=True)
-    assert elsewhere.result == 14 and marks.new() == {"numbers": 1, "score": 4, "total": 1}  # namespaces apart
+    assert elsewhere.result == 14 and marks.new() == {
+        "numbers": 1,
+        "score": 4,
+        "total": 1,
+    }  # namespaces apart
 
     uncached = executor.run(workflow(), input=inp, namespace=ns)  # cache off: runs, reuses nothing
-    assert marks.new() == {"numbers": 1, "score": 4, "total": 1} and "cached" not in set(uncached.tasks["state"])
+    assert marks.new() == {"numbers": 1, "score": 4, "total": 1} and "cached" not in set(
+        uncached.tasks["state"]
+    )
 
 
 @pytest.fixture
@@ -90,10 +100,14 @@ def test_per_stage_option_and_run_override(threads, tmp_path):
     ns = f"cache-{uuid.uuid4().hex[:8]}"
     marks = Marks(tmp_path / "ran.txt")
     inp = {"n": 3, "marker": str(marks.path)}
-    wf = fnb.Workflow("partly_cached", stages=[
-        fnb.Stage("numbers", cs.numbers, options={"cache": True}),
-        fnb.Stage("score", cs.score, type="parameterized", depends_on=["numbers"]),
-        fnb.Stage("total", cs.total, depends_on=["score"])])
+    wf = fnb.Workflow(
+        "partly_cached",
+        stages=[
+            fnb.Stage("numbers", cs.numbers, options={"cache": True}),
+            fnb.Stage("score", cs.score, type="parameterized", depends_on=["numbers"]),
+            fnb.Stage("total", cs.total, depends_on=["score"]),
+        ],
+    )
     threads.run(wf, input=inp, namespace=ns)
     marks.new()
     run = threads.run(wf, input=inp, namespace=ns)  # options.cache on 'numbers' only
@@ -140,6 +154,7 @@ def test_listing_and_clearing(threads, tmp_path):
 @pytest.fixture
 def shell():
     from IPython.core.interactiveshell import InteractiveShell
+
     sh = InteractiveShell.instance()
     sh.extension_manager.load_extension("flowdapt_nb")
     yield sh
@@ -151,9 +166,12 @@ def test_magics_run_cache_and_cache_listing(shell, capsys):
     ns = f"cache-{uuid.uuid4().hex[:8]}"
     line = lambda text: shell.run_line_magic("flowdapt", text)  # noqa: E731
     line("executor local --threads --cpus 2")
-    shell.run_cell_magic("flowdapt", "workflow magic_cached",
-                         "- {name: numbers, target: cache_stages.numbers}\n"
-                         "- {name: score, target: cache_stages.score, type: parameterized, depends_on: [numbers]}\n")
+    shell.run_cell_magic(
+        "flowdapt",
+        "workflow magic_cached",
+        "- {name: numbers, target: cache_stages.numbers}\n"
+        "- {name: score, target: cache_stages.score, type: parameterized, depends_on: [numbers]}\n",
+    )
     first = line(f"run magic_cached --input n=3 --namespace {ns} --cache")
     second = line(f"run magic_cached --input n=3 --namespace {ns} --cache")
     plain = line(f"run magic_cached --input n=3 --namespace {ns}")
@@ -169,13 +187,16 @@ def test_magics_run_cache_and_cache_listing(shell, capsys):
 
 def unpicklable(xs):
     import threading
+
     return threading.Lock()  # no storage can hold it
 
 
 def test_an_output_that_cannot_be_stored_still_succeeds_and_a_stored_run_shows_cached(threads):
     ns = f"cache-{uuid.uuid4().hex[:8]}"
-    wf = fnb.Workflow("lock_out", stages=[fnb.Stage("numbers", cs.numbers), fnb.Stage("lock", unpicklable,
-                                                                                     depends_on=["numbers"])])
+    wf = fnb.Workflow(
+        "lock_out",
+        stages=[fnb.Stage("numbers", cs.numbers), fnb.Stage("lock", unpicklable, depends_on=["numbers"])],
+    )
     with pytest.warns(RuntimeWarning, match="output of 'lock' not stored"):
         run = threads.run(wf, input={"n": 2}, namespace=ns, cache=True)
     assert run.state == "finished" and states(run) == {"lock": {"finished": 1}, "numbers": {"finished": 1}}
@@ -194,8 +215,11 @@ def test_an_output_that_cannot_be_stored_still_succeeds_and_a_stored_run_shows_c
     try:
         third = threads.run(wf, input={"n": 2}, namespace=ns, cache=True)
         deadline = time.monotonic() + 30  # the dashboard redraws from the event feed, throttled
-        while not (tasks.run_id == third.uid and tasks.run_state == "finished"
-                   and tasks.stage_counts.get("numbers", {}).get("cached") == 1):
+        while not (
+            tasks.run_id == third.uid
+            and tasks.run_state == "finished"
+            and tasks.stage_counts.get("numbers", {}).get("cached") == 1
+        ):
             assert time.monotonic() < deadline, (tasks.run_id, third.uid, tasks.stage_counts)
             time.sleep(0.05)
         assert tasks.stage_counts["numbers"]["done"] == 1 and "cached" not in tasks.stage_counts["lock"]
