@@ -468,7 +468,7 @@ def _check_stages(
     first: dict[str, int] = {}
     for i, stage in built:
         _stage_problems(i, stage, first, chk)
-    known = list(dict.fromkeys(names))
+    known = dict.fromkeys(names)  # in order, and found in O(1): workflows may have many stages
     for i, stage in built:
         _dependency_problems(i, stage, known, chk)
     _cycle_problems(built, chk)
@@ -563,7 +563,7 @@ def _resource_problems(i: int, stage: Stage, chk: _Checks) -> None:
             )
 
 
-def _dependency_problems(i: int, stage: Stage, names: list[str], chk: _Checks) -> None:
+def _dependency_problems(i: int, stage: Stage, names: dict[str, None], chk: _Checks) -> None:
     for dep in stage.depends_on:
         if dep == stage.name:
             chk.stage(i, stage.name, "depends on itself", "depends_on", key="depends_on")
@@ -602,29 +602,30 @@ def _cycle_problems(built: list[tuple[int, Stage]], chk: _Checks) -> None:
 
 
 def _cycles(deps: dict[str, list[str]]) -> list[list[str]]:
-    """The cycles a depth-first search meets (each once, as a -> b -> a), in the order met."""
+    """The cycles a depth-first search meets (each once, as a -> b -> a), in the order met.
+    Iterative: a long chain of stages must not reach Python's recursion limit."""
     found: list[list[str]] = []
     keys: set[frozenset] = set()
     state: dict[str, int] = {}  # 1: on the current path, 2: done
-    stack: list[str] = []
-
-    def visit(node: str) -> None:
-        state[node] = 1
-        stack.append(node)
-        for dep in deps.get(node, []):
-            if state.get(dep) == 1:
-                cycle = stack[stack.index(dep) :] + [dep]
+    for root in deps:
+        if root in state:
+            continue
+        state[root] = 1
+        path, todo = [root], [iter(deps.get(root, []))]
+        while todo:
+            dep = next(todo[-1], None)
+            if dep is None:  # this node's dependencies are all seen
+                state[path.pop()] = 2
+                todo.pop()
+            elif state.get(dep) == 1:
+                cycle = path[path.index(dep) :] + [dep]
                 if frozenset(cycle) not in keys:
                     keys.add(frozenset(cycle))
                     found.append(cycle)
             elif dep not in state:
-                visit(dep)
-        stack.pop()
-        state[node] = 2
-
-    for node in deps:
-        if node not in state:
-            visit(node)
+                state[dep] = 1
+                path.append(dep)
+                todo.append(iter(deps.get(dep, [])))
     return found
 
 

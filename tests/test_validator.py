@@ -224,3 +224,19 @@ def test_mapper_and_loader_agree(text):
 def test_corpus_cases_left_out_of_the_comparison_exist():
     stems = {p.stem for p in CASES_DIR.glob("workflow_*.yaml")}
     assert set(NOT_IN_MAPPER) <= stems and len(_workflow_cases()) >= 12
+
+
+def test_a_long_chain_is_checked_without_recursion():
+    """Stages listed from the first dependent to the root: a depth-first search as deep as the
+    chain (3,000 stages) must not hit Python's recursion limit; a cycle through all is one problem."""
+    n = 3000
+    stages = [
+        {"name": f"s{i}", "target": "stages.numbers", "depends_on": [f"s{i + 1}"] if i < n - 1 else []}
+        for i in range(n)
+    ]
+    document = {"kind": "workflow", "metadata": {"name": "chain"}, "spec": {"stages": stages}}
+    assert len(fnb.load_workflow(document).stages) == n
+    stages[-1]["depends_on"] = ["s0"]
+    problems = workflow_problems(document)
+    assert len(problems) == 1 and problems[0].message.startswith("dependency cycle s0 -> s1 -> s2 ")
+    assert problems[0].message.endswith("s2999 -> s0") and len(problems[0].positions) == n
