@@ -219,6 +219,36 @@ def test_a_timed_out_or_cancelled_task_frees_its_worker(own_dask, how):
     assert list(ex.restarts[-1]["workers"].values()) == ["OK"]
 
 
+def pid_then_sleep(path="", seconds=8.0):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_a_task_moved_off_a_lost_worker_finds_the_runs_context_and_function(tmp_path):
+    """The run's context and functions must outlive any one worker: Dask's memory manager keeps
+    one copy where the task runs, and the task rerun on a survivor needs them again."""
+    ex = fnb.DaskExecutor(cpus=2, threads=1).start()
+    try:
+        path = tmp_path / "pid"
+        handle = ex.submit(Workflow("hold", stages=[Stage("hold", pid_then_sleep)]),
+                           input={"path": str(path), "seconds": 8.0})
+        assert wait_for(lambda: path.exists() and path.read_text(), 60)
+        victim = int(path.read_text())
+        engine = ex._active[handle.run.uid][1]
+        client = ex.client
+        by_pid = {pid: addr for addr, pid in client.run(os.getpid).items()}
+        handles = [engine.ctx_handle, *engine.fn_handles]
+        # until the memory manager dropped the survivor's copies (it runs every 2 s)
+        wait_for(lambda: all(set(h) == {by_pid[victim]} for h in client.who_has(handles).values()), 10)
+        os.kill(victim, signal.SIGKILL)
+        run = handle.wait(120)
+        assert run.state == "finished" and run.result != victim
+    finally:
+        close_bounded(ex)
+
+
 def test_cluster_memory_survives_a_restart_as_a_new_empty_store(own_dask):
     """One worker: the cluster memory lived on the restarted worker. It works afterwards."""
     ex = own_dask

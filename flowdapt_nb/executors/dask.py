@@ -9,6 +9,9 @@ import sys
 import threading
 import time
 import traceback
+import uuid
+import warnings
+from typing import Any
 
 from ..config import DaskConfig
 from ..engine import Backend, Outcome, items_of
@@ -31,6 +34,7 @@ RESTART_GRACE = 2.0
 RESTART_TIMEOUT = 30  # seconds a worker's nanny gets to restart it
 CHUNK_SECONDS = 0.05  # work per chunk once a fan-out's items turn out tiny (see Backend.chunk_seconds)
 REPORT_GRACE = 2.0  # seconds a finished chunk waits for its report before the driver fetches it
+PUT_PRIORITY = 100  # a run's context and functions are loaded ahead of queued tasks (Dask's default: 0)
 
 logger = logging.getLogger("flowdapt_nb.dask")
 
@@ -279,6 +283,11 @@ def _not_our_sampling(record) -> bool:
     return not (str(record.msg).startswith("Run out-of-band") and "_used_resources" in str(record.args))
 
 
+def _loaded(blob: bytes):
+    """On a worker: a run's context or stage function, from the bytes the driver sent."""
+    return pickle.loads(blob)
+
+
 def _task_call(fn_handle, ctx_handle, info, flat) -> tuple:
     """(task function, its arguments) for one lone task: items of chunks among the arguments go
     as their chunks' futures, picked out on the worker."""
@@ -345,7 +354,7 @@ class _DaskMemory:
 class _DaskBackend(Backend):
     kind = "dask"
 
-    def __init__(self, executor: "DaskExecutor", client):
+    def __init__(self, executor: DaskExecutor, client):
         self.executor = executor
         self.client = client
         self.address = client.scheduler.address if client.scheduler is not None else "?"
@@ -366,24 +375,27 @@ class _DaskBackend(Backend):
         # from these timings.
         self._timings: dict = {}
 
-    # Broadcast: scattered data held by one worker alone would be lost with it, and every task
-    # needing it would wait forever; replicas let Dask reschedule work after a worker dies.
-    def put_context(self, ctx):
-        return self.client.scatter(ctx, broadcast=True, hash=False)
-
-    def put_function(self, fn):
-        return self.client.scatter(fn, broadcast=True, hash=False)
-
     def put_run(self, ctx, fns):
-        """The context and every stage function in one scatter: one round trip per run, not one
-        per stage. Waits while a worker restarts to free a cancelled task's thread: data
-        scattered to it now would be lost with it."""
+        """The run's context and stage functions as tasks of their own (one graph update),
+        not scattered data: a scattered value whose last copy is lost with its worker is gone
+        for good (Dask's memory manager keeps one copy where tasks need it), and every task that
+        needs it is cancelled; a task's result Dask computes again on a survivor. They go as
+        pickled bytes, so the scheduler, which loads every graph, needs none of the user's
+        modules, and run first (priority) on whichever worker is free. Waits while a worker
+        restarts to free a cancelled task's thread."""
         for stopper in list(self.stoppers):
             stopper.join(RESTART_GRACE + RESTART_TIMEOUT + 5)
+        import cloudpickle
+        tag = f"{ctx.run.uid[:8]}-{uuid.uuid4().hex[:6]}"
+        keys = [f"run-context-{tag}", *(f"stage-function-{i}-{tag}" for i in range(len(fns)))]
+        blobs = [cloudpickle.dumps(value, protocol=5) for value in (ctx, *fns)]
         try:
-            handles = self.client.scatter([ctx, *fns], broadcast=True, hash=False)
+            with warnings.catch_warnings():  # a big run input is no news to the user who gave it
+                warnings.filterwarnings("ignore", message="Sending large graph")
+                handles = self.client.map(_loaded, blobs, key=keys, pure=False, priority=PUT_PRIORITY)
         except Exception as exc:
-            raise self._lost_cluster(exc) or exc
+            self._raise_lost_cluster(exc)
+            raise
         try:  # the run's stages were just checked against the workers: this is a cached look
             infos = self.executor._recent_worker_infos(5.0)
             self.parallelism = max(1, sum(int(w.get("nthreads") or 1) for w in infos.values()))
@@ -392,7 +404,7 @@ class _DaskBackend(Backend):
         return handles[0], handles[1:]
 
     def release_run(self, ctx_handle, fn_handles) -> None:
-        """The run's scattered context and functions go now, not whenever their futures are
+        """The run's context and functions go now, not whenever their futures are
         garbage-collected (a worker restarted later would otherwise report them lost)."""
         for future in [ctx_handle, *fn_handles]:
             try:
@@ -584,7 +596,8 @@ class _DaskBackend(Backend):
         try:
             count = self.client.submit(len, seq, pure=False).result()
         except Exception as exc:
-            raise self._lost_cluster(exc) or exc
+            self._raise_lost_cluster(exc)
+            raise
         return [(("i", k), seq) for k in range(count)]
 
     def fetch(self, handle):
@@ -599,10 +612,17 @@ class _DaskBackend(Backend):
         try:
             values = dict(zip(futures, self.client.gather(list(futures.values()))))
         except Exception as exc:
-            raise self._lost_cluster(exc) or exc
+            self._raise_lost_cluster(exc)
+            raise
         return [values[h.future.key][0][h.pos] if isinstance(h, _Item) else values[h.key] for h in handles]
 
-    def _lost_cluster(self, exc: BaseException) -> ClusterLostError | None:
+    def _raise_lost_cluster(self, exc: BaseException) -> None:
+        """Raise a ClusterLostError (caused by ``exc``) when ``exc`` says the scheduler went away."""
+        lost = self._lost_cluster(exc)
+        if lost is not None:
+            raise lost from exc
+
+    def _lost_cluster(self, exc: BaseException | None) -> ClusterLostError | None:
         """A ClusterLostError for an exception that says the scheduler went away, else None."""
         if getattr(exc, "reason", None) == "scheduler-connection-lost" or self.client.status in ("closing", "closed"):
             return ClusterLostError(
@@ -651,7 +671,7 @@ def _security(c: DaskConfig):
     and ``tls_client_cert`` (a scheduler started with TLS only talks to clients that present one).
     """
     given = {name: getattr(c, name) for name in _TLS_FIELDS if getattr(c, name) is not None}
-    tls = c.cluster_address.startswith("tls://")
+    tls = (c.cluster_address or "").startswith("tls://")
     if given and not tls:
         name = next(iter(given))
         raise ConfigError(f"'{name}' is set but cluster_address '{c.cluster_address}' is not tls://...",
@@ -686,6 +706,7 @@ class DaskExecutor(Executor):
 
     kind = "dask"
     Config = DaskConfig
+    config: DaskConfig
 
     def __init__(self, _config=None, _compute=None, **fields):
         super().__init__(_config, _compute, **fields)
@@ -739,9 +760,9 @@ class DaskExecutor(Executor):
                     # a refused handshake fails at once; say which address and which settings to check
                     raise ConnectionError(
                         f"no TLS connection to the Dask scheduler at cluster_address '{c.cluster_address}' "
-                        f"within {c.connect_timeout:g} s ({exc}); check the certificate settings tls_ca_file, tls_client_cert "
-                        f"and tls_client_key: the client certificate must be signed by a CA the scheduler "
-                        f"trusts, and tls_ca_file must be the CA that signed the scheduler's") from None
+                        f"within {c.connect_timeout:g} s ({exc}); check the certificate settings tls_ca_file, "
+                        f"tls_client_cert and tls_client_key: the client certificate must be signed by a CA "
+                        f"the scheduler trusts, and tls_ca_file must be the CA that signed the scheduler's") from None
             self._step("starting cluster memory (a Dask actor)")
             self._memory = self._new_memory_store()
             self.client.subscribe_topic(EVENT_TOPIC, self._on_task_event)
@@ -779,7 +800,7 @@ class DaskExecutor(Executor):
     # --- worker events ---
     def _on_task_event(self, event) -> None:
         _, batch = event
-        backend = self._backend
+        backend = self._backend if isinstance(self._backend, _DaskBackend) else None
         for one in batch if isinstance(batch, (list, tuple)) else [batch]:  # a batch (msgpack: a tuple) or one
             if one.get("state") != "running" and backend is not None and one.get("run") in self._active:
                 backend._note_timing(one)
@@ -787,7 +808,7 @@ class DaskExecutor(Executor):
 
     def _on_chunk_report(self, event) -> None:
         backend = self._backend
-        if backend is not None:
+        if isinstance(backend, _DaskBackend):
             backend._on_chunk_report(event[1])
 
     def _on_output(self, event) -> None:
@@ -822,7 +843,7 @@ class DaskExecutor(Executor):
         infos = client.scheduler_info(n_workers=-1)["workers"]
         before = len(infos)
         nannied = [a for a in addresses if (infos.get(a) or {}).get("nanny")]
-        record = {"time": time.time(), "tasks": sorted(k for ks in stuck.values() for k in ks),
+        record: dict[str, Any] = {"time": time.time(), "tasks": sorted(k for ks in stuck.values() for k in ks),
                   "workers": {a: "restarting" if a in nannied else "left running: no nanny" for a in addresses}}
         self.restarts.append(record)
         del self.restarts[:-20]
@@ -854,7 +875,7 @@ class DaskExecutor(Executor):
                 logger.warning("the cluster memory was on restarted Dask worker %s and could not be "
                                "made again: %s", actor_worker, exc)
 
-    def _new_memory_store(self) -> "_DaskMemory":
+    def _new_memory_store(self) -> _DaskMemory:
         actor_future = self.client.submit(MemoryStore, actor=True, pure=False)
         actor = actor_future.result()
         actor._client, actor._future = self.client, actor_future  # our client is not the default one
@@ -890,7 +911,7 @@ class DaskExecutor(Executor):
         """Worker infos at most ``max_age`` s old: checking a run's stages asks the scheduler
         once, not once per stage."""
         now = time.monotonic()
-        stamp, infos = getattr(self, "_infos_cache", (None, None))
+        stamp, infos = getattr(self, "_infos_cache", (None, {}))
         if stamp is None or now - stamp > max_age:
             infos = self._worker_infos()
             self._infos_cache = (now, infos)
