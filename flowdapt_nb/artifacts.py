@@ -104,6 +104,11 @@ def parse_setting(setting, *, key: str = "storage", line: int | None = None) -> 
     if not isinstance(setting, dict):
         raise ConfigError(f"'{key}' must be a URL or a mapping {{url, options}}, not {type(setting).__name__}",
                           key=key, line=line)
+    return _parse_mapping(setting, key, line)
+
+
+def _parse_mapping(setting: dict, key: str, line: int | None) -> tuple[str, dict]:
+    """``parse_setting`` for a mapping ``{url | protocol + base_path, options | parameters}``."""
     for name in setting:
         if name not in _SETTING_KEYS:
             near = difflib.get_close_matches(str(name), _SETTING_KEYS, n=1, cutoff=0.6)
@@ -122,13 +127,8 @@ def parse_setting(setting, *, key: str = "storage", line: int | None = None) -> 
     if url is None:
         path = setting.get("base_path", setting.get("path"))
         protocol = setting.get("protocol")
-        if path is None and protocol is None:
-            url = default_location()
-        elif protocol in (None, "file", "local"):
-            if path is None:
-                url = default_location()
-            else:
-                url = str(path)
+        if protocol in (None, "file", "local"):
+            url = default_location() if path is None else str(path)
         else:
             url = f"{protocol}://{str(path or '').lstrip('/')}"
     if not isinstance(url, (str, os.PathLike)) or not str(url).strip():
@@ -256,7 +256,7 @@ def _load(f, fmt: str):
 
 
 def _now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
 
 
 def _mtime(entry: dict) -> float | None:

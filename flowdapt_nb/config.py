@@ -10,7 +10,7 @@ import difflib
 import os
 import typing
 import warnings
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -81,7 +81,7 @@ class ExecutorFields(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     history_limit: int = Field(100, ge=1, description="runs kept in ex.history")
-    history_bytes: Union[str, int] = Field("256MB", description="results kept in ex.history, in bytes: "
+    history_bytes: str | int = Field("256MB", description="results kept in ex.history, in bytes: "
                                            "older runs past it keep their record, not their result")
     _v_history_bytes = field_validator("history_bytes", mode="before")(
         classmethod(lambda cls, v: (parse_bytes(v), v)[1]))  # a size: parse_bytes says what is valid
@@ -90,7 +90,7 @@ class ExecutorFields(BaseModel):
     allowed_targets: list[str] | None = Field(
         None, description="import-path prefixes every stage target must start with, e.g. "
                           "[mypkg., __main__]; checked before anything is imported (None: any target)")
-    runs: Union[bool, str, None] = Field(
+    runs: bool | str | None = Field(
         None, description="the run store (SQLite) this executor records runs in: a file path, ':memory:', or "
                           "off/false (None: $FLOWDAPT_NB_RUNS, else <user data dir>/runs.sqlite)")
 
@@ -119,7 +119,7 @@ class ClusterMemoryActor(BaseModel):
 
 class LocalConfig(ExecutorFields):
     use_processes: bool = True
-    cpus: Union[Auto, int] = "auto"
+    cpus: Auto | int = "auto"
     cluster_memory_socket_path: str | None = None
 
     _inert = {"cluster_memory_socket_path": "cluster memory is served by the executor itself"}
@@ -132,9 +132,9 @@ class LocalConfig(ExecutorFields):
 
 class _ClusterFields(ExecutorFields):
     cluster_address: str | None = None
-    cpus: Union[Auto, int] = "auto"
-    gpus: Union[Literal["disabled", "auto"], int] = "disabled"
-    memory: Union[Auto, str, int] = "auto"
+    cpus: Auto | int = "auto"
+    gpus: Literal["disabled", "auto"] | int = "disabled"
+    memory: Auto | str | int = "auto"
     resources: dict = {}
     env_vars: dict = {}
     pip: list[str] = []
@@ -159,13 +159,13 @@ class _ClusterFields(ExecutorFields):
 
 
 class DaskConfig(_ClusterFields):
-    threads: Union[Auto, int] = "auto"
+    threads: Auto | int = "auto"
     adaptive: bool = False
     scheduler_host: str = "127.0.0.1"
     scheduler_port: int = Field(0, ge=0, le=65535)
     dashboard_port: int | None = Field(None, ge=0, le=65535)
     scheduler_scheme: str = "tcp"
-    upload_plugins: Union[bool, list, None] = False
+    upload_plugins: bool | list | None = False
     # TLS for attaching to a scheduler started with `--protocol tls` (distributed.security.Security's names)
     tls_ca_file: str | None = Field(None, description="PEM file of the CA that signed the scheduler's and "
                                     "workers' certificates (Security(tls_ca_file=...)); with cluster_address tls://...")
@@ -197,9 +197,9 @@ class DaskConfig(_ClusterFields):
 
 
 class RayConfig(_ClusterFields):
-    object_store_memory: Union[str, int, None] = None
+    object_store_memory: str | int | None = None
     log_to_driver: bool = True
-    logging_level: Union[str, int] = "warning"
+    logging_level: str | int = "warning"
     working_dir: str | None = None
     py_modules: list[str] = []
     conda: Any = None
@@ -212,7 +212,7 @@ class RayConfig(_ClusterFields):
     strategy: str | None = None
     mapper_actor: Any = None
     tasks_per_worker: int | None = None
-    upload_plugins: Union[bool, list, None] = True
+    upload_plugins: bool | list | None = True
     connection_monitor_interval: float | None = None
     max_reconnect_retries: int | None = None
     base_reconnect_delay: float | None = None
@@ -291,9 +291,8 @@ def _data_loc(data, loc) -> tuple:
     out: tuple = ()
     node = data
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        in_dict = isinstance(node, dict) and part in node
+        if in_dict or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
             node = node[part]
         else:
             break

@@ -286,7 +286,8 @@ class Engine:
         run._set_state("running")
         self._run_event("running")
         try:
-            self.ctx_handle, self.fn_handles = self.backend.put_run(self.ctx, [self.fns[s.name] for s in self.wf.stages])
+            fns = [self.fns[s.name] for s in self.wf.stages]
+            self.ctx_handle, self.fn_handles = self.backend.put_run(self.ctx, fns)
             for stage, fn_handle in zip(self.wf.stages, self.fn_handles):
                 self.stage_runs[stage.name] = _StageRun(stage, fn_handle, chunkable=self._chunkable(stage))
             for stage in self.wf.stages:

@@ -1,6 +1,5 @@
 """Executor configs: Flowdapt's documented example, short names, class paths, and clear errors."""
 
-import warnings
 
 import pytest
 

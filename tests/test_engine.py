@@ -304,9 +304,9 @@ def test_unpicklable_values_are_one_type_error_in_every_store(tmp_path):
     for value, why in ((threading.Lock(), "lock"), (_RefusesPickling(), "this object stays")):
         with pytest.raises(TypeError, match=rf"^artifacts hold values cloudpickle can pickle; .*{why}"):
             fnb.object_store.put("bad", value, "ns", strategy="artifact", storage=str(tmp_path))
-        with pytest.raises(TypeError, match=rf"^the object store holds values cloudpickle can pickle; .*{why}"):
-            with fnb.LocalExecutor(use_processes=False, cpus=1, _compute={"storage": str(tmp_path)}):
-                fnb.object_store.put("bad", value, "ns", strategy="cluster_memory")
+        with (pytest.raises(TypeError, match=rf"^the object store holds values cloudpickle can pickle; .*{why}"),
+              fnb.LocalExecutor(use_processes=False, cpus=1, _compute={"storage": str(tmp_path)})):
+            fnb.object_store.put("bad", value, "ns", strategy="cluster_memory")
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing half-written
 
 

@@ -577,7 +577,7 @@ def test_unload_closes_the_executor(shell, magics):
     finally:
         shell.extension_manager.load_extension("flowdapt_nb")
     assert "flowdapt" in shell.magics_manager.magics["cell"]
-    with capture_output() as cap:
+    with capture_output():
         shell.run_line_magic("load_ext", "flowdapt_nb")  # twice: still one set of magics
     assert sum(type(c).__name__ == "FlowdaptMagics" for c in shell.configurables) == 1
 

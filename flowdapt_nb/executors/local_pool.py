@@ -28,7 +28,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL for a worker whose task was cancelled
 
@@ -123,7 +124,7 @@ class _Worker:
         return self.process.pid
 
 
-_live_pools: "weakref.WeakSet[ProcessPool]" = weakref.WeakSet()
+_live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
 
 
 @atexit.register
@@ -268,33 +269,43 @@ class ProcessPool:
                 waits[w.process.sentinel] = w
             kill_soonest = min((w.kill_at for w in workers if w.kill_at), default=None)
             timeout = 0.5 if kill_soonest is None else max(0.0, min(0.5, kill_soonest - time.monotonic()))
-            try:
-                ready = multiprocessing.connection.wait(list(waits), timeout)
-            except OSError:
-                ready = []
-            dead: set[_Worker] = set()
-            for obj in ready:
-                if obj == self._wake_r:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except OSError:
-                        pass
-                    continue
-                worker = waits[obj]
-                if obj is worker.conn:
-                    if not self._receive(worker):
-                        dead.add(worker)
-                else:  # its process ended: read what it sent before it went
-                    while worker.conn.poll() and self._receive(worker):
-                        pass
-                    dead.add(worker)
+            dead = self._serve_ready(waits, timeout)
             now = time.monotonic()
             for w in workers:
                 if w.kill_at is not None and now >= w.kill_at and w.process.is_alive():
                     w.process.kill()
             for w in dead:
                 self._replace(w)
-        # closing: ask every worker to exit (a busy one is killed by close() after its grace)
+        self._ask_workers_to_exit()
+
+    def _serve_ready(self, waits: dict, timeout: float) -> set[_Worker]:
+        """Wait up to ``timeout`` s for a message, a worker's end or a wake-up, and serve what
+        came; returns the workers whose process ended."""
+        try:
+            ready = multiprocessing.connection.wait(list(waits), timeout)
+        except OSError:
+            ready = []
+        dead: set[_Worker] = set()
+        for obj in ready:
+            if obj == self._wake_r:
+                try:
+                    os.read(self._wake_r, 4096)
+                except OSError:
+                    pass
+                continue
+            worker = waits[obj]
+            if obj is worker.conn:
+                if not self._receive(worker):
+                    dead.add(worker)
+            else:  # its process ended: read what it sent before it went
+                while worker.conn.poll() and self._receive(worker):
+                    pass
+                dead.add(worker)
+        return dead
+
+    def _ask_workers_to_exit(self) -> None:
+        """Closing: every idle worker is asked to exit, a busy one terminated (close() kills
+        what is still alive after its grace)."""
         with self._lock:
             workers = list(self._workers)
         for w in workers:
@@ -401,31 +412,34 @@ class ProcessPool:
                     waiting = self._queue.popleft()
                     self._jobs.pop(waiting.id, None)
                     failures.append((waiting, RuntimeError(self._broken)))
-            failed = None
-            if job is not None:
-                job.worker = None
-                if not worker.ready and not cancelled and not self._broken:  # it never ran: not its fault
-                    self._queue.appendleft(job)
-                elif not worker.ready and not cancelled:
-                    self._jobs.pop(job.id, None)
-                    failed = RuntimeError(self._broken)
-                elif cancelled:
-                    self._jobs.pop(job.id, None)
-                    failed = cf.CancelledError("cancelled: its worker process was stopped")
-                elif job.retry and job.tries == 0 and not self._closing:
-                    job.tries += 1
-                    self._queue.appendleft(job)
-                else:
-                    self._jobs.pop(job.id, None)
-                    failed = WorkerDiedError(
-                        f"the local worker process (pid {worker.pid}) running this task died "
-                        f"({_exit_text(code)}){' twice, on two processes' if job.tries else ''}")
+            failed = self._job_of_dead_worker(job, worker, cancelled, code) if job is not None else None
         if job is not None and failed is not None:
             failures.append((job, failed))
         for one, exc in failures:
             if not one.started:
                 one.future.set_running_or_notify_cancel()
             _settle(one.future, exc=exc)
+
+
+    def _job_of_dead_worker(self, job: _Job, worker: _Worker, cancelled: bool,
+                            code: int | None) -> BaseException | None:
+        """(Under the lock.) The task of a worker that ended goes again (it never started, or
+        its first death) or fails: the error it fails with, None when it goes again."""
+        job.worker = None
+        if not worker.ready and not cancelled and not self._broken:  # it never ran: not its fault
+            self._queue.appendleft(job)
+            return None
+        if job.retry and job.tries == 0 and not self._closing and worker.ready and not cancelled:
+            job.tries += 1
+            self._queue.appendleft(job)
+            return None
+        self._jobs.pop(job.id, None)
+        if not worker.ready and not cancelled:
+            return RuntimeError(self._broken)
+        if cancelled:
+            return cf.CancelledError("cancelled: its worker process was stopped")
+        return WorkerDiedError(f"the local worker process (pid {worker.pid}) running this task died "
+                               f"({_exit_text(code)}){' twice, on two processes' if job.tries else ''}")
 
 
 def _exit_text(code: int | None) -> str:

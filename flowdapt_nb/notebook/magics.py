@@ -538,7 +538,8 @@ class FlowdaptMagics(Magics, Configurable):
             return handle.wait(0)
         except Exception as exc:  # a failed run: StageError (its cause is the stage's own error)
             from .tracebacks import show_user_frames  # the user's frames first, ours one switch away
-            raise show_user_frames(exc, self.shell, self).with_traceback(None)
+            # the same error, its own cause chain kept (from None would drop it)
+            raise show_user_frames(exc, self.shell, self).with_traceback(None)  # noqa: B904
 
     @staticmethod
     def _wait_cancelled(handle, limit: float = 60.0) -> None:
@@ -663,7 +664,8 @@ class FlowdaptMagics(Magics, Configurable):
         storage = getattr(self.current, "storage", None)
         if args.action == "clear":
             count = stage_cache.clear(args.namespace, storage=storage)
-            print(f"cleared {count} cached stage output(s)" + (f" of namespace {args.namespace}" if args.namespace else ""))
+            where = f" of namespace {args.namespace}" if args.namespace else ""
+            print(f"cleared {count} cached stage output(s){where}")
             return None
         return stage_cache.listing(args.namespace, storage=storage)
 

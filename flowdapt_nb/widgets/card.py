@@ -10,6 +10,7 @@ from traitlets import Dict, Int, Unicode
 
 from ._common import FeedWidget, badge, esc, fmt_amount, html_widget, style_widget
 
+
 class ExecutorCard(FeedWidget):
     """A card for one executor.
 
@@ -141,7 +142,8 @@ class ExecutorCard(FeedWidget):
         where = ("started here" if owner else "attached") if owner is not None else ""
         totals = " ".join(
             f'<span class="fnb-res"><span class="fnb-mono">{esc(k)}</span> <b>{fmt_amount(k, v)}</b></span>'
-            for k, v in sorted(self.resources.items()) if k != "object_store_memory") or '<span class="fnb-muted">–</span>'
+            for k, v in sorted(self.resources.items()) if k != "object_store_memory"
+        ) or '<span class="fnb-muted">–</span>'
         err = f'<div class="fnb-err" style="margin-top:6px">{esc(self.error)}</div>' if self.error else ""
         return (f'<div class="fnb-card"><div class="fnb-head"><span class="fnb-title">{esc(title)}</span>'
                 f'{badge(state_colour, self.state)}<span class="fnb-muted">{esc(type(self.executor).__name__)}'

@@ -8,6 +8,7 @@ from ._common import FeedWidget, badge, esc, html_widget, style_widget
 from .resources import ResourceDashboard
 from .tasks import TaskDashboard
 
+
 class Dashboard(FeedWidget):
     """TaskDashboard and ResourceDashboard of one executor, under a header that links the
     engine's own dashboard.
