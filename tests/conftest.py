@@ -7,11 +7,13 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 import psutil
 import pytest
+from browser_support import chromium, lab  # noqa: F401  (the browser tests' JupyterLab and chromium fixtures)
 
 # A shell that starts jobs in the background (``cmd &`` without job control) hands them SIGINT
 # ignored, and Python then ignores Ctrl-C too: the interrupt tests need it handled.
@@ -42,6 +44,28 @@ _RUNS_TMP = tempfile.mkdtemp(prefix="fnb-runs-")
 os.environ.setdefault("FLOWDAPT_NB_RUNS", os.path.join(_RUNS_TMP, "runs.sqlite"))
 
 EXECUTOR_KINDS = ["threads", "processes", "dask", "ray"]
+
+
+def poll(predicate, timeout: float = 60.0, interval: float = 0.05, *, before=None, what: str | None = None):
+    """Call ``predicate`` until it returns something truthy or ``timeout`` seconds pass; its last
+    value. The one polling helper of the suite (``from conftest import poll``): a test waits on
+    real processes and threads this way, never with a fixed sleep.
+
+    ``before``: called before each check (e.g. ``executor.events.flush`` to deliver throttled
+    event batches now). ``what``: say what was awaited, and raise ``AssertionError`` with it
+    when the time is up instead of returning the falsy value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if before is not None:
+            before()
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            if what is not None:
+                raise AssertionError(f"{what} (waited {timeout:g} s)")
+            return value
+        time.sleep(interval)
 OUTPUT_DIR = ROOT / "test-output"
 
 
@@ -140,7 +164,7 @@ def pytest_sessionfinish(session, exitstatus):
         try:
             shared.close()
         except Exception as exc:  # pragma: no cover
-            warnings.warn(f"closing a shared cluster failed: {exc}")
+            warnings.warn(f"closing a shared cluster failed: {exc}", stacklevel=1)
     import shutil
     for folder in (_ARTIFACTS_TMP, _RAY_TMP, _RUNS_TMP):
         shutil.rmtree(folder, ignore_errors=True)

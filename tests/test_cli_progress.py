@@ -12,14 +12,14 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import termios
 import time
 
 import psutil
 import pytest
+from kernel_support import CLI, start_cli
+from kernel_support import cli as run_cli
 
-CLI = [sys.executable, "-m", "flowdapt_nb.cli"]
 WAIT = 120  # seconds any one subprocess may take before the test fails (never a speed assertion)
 
 STAGES = """\
@@ -90,12 +90,11 @@ def project(tmp_path):
 
 
 def cli(*args, cwd, timeout=WAIT):
-    return subprocess.run([*CLI, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return run_cli(*args, cwd=cwd, timeout=timeout)
 
 
 def start(*args, cwd, gate):
-    return subprocess.Popen([*CLI, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PROG_GATE": str(gate)})
+    return start_cli(*args, cwd=cwd, env={"PROG_GATE": str(gate)})
 
 
 def read_until(proc, pattern: str, lines: list, timeout=WAIT) -> str:
@@ -286,20 +285,27 @@ def test_help_lists_the_exit_codes(project):
         assert f"{code} {words}" in text, out.stdout
 
 
-def test_ctrl_c_exits_130_after_cancelling_and_leaves_no_process(project):
-    gate = project / "never"  # never created: the tasks wait until cancelled
-    proc = start("run", "wf.yaml", "-c", "procs.yaml", "--progress", "plain", "-i", "n=2", cwd=project, gate=gate)
+def interrupt_when_running(proc, what: str):
+    """Wait until ``proc`` (a ``run --progress plain`` started by ``start``) reports square's
+    tasks running, note its child processes, press Ctrl-C (SIGINT) and wait for it to exit:
+    (stdout, all of stderr, the children it had)."""
     lines: list = []
     try:
         read_until(proc, "square: running", lines)
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert children, "the local process executor started no worker"
+        assert children, f"the {what} started no worker process"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=WAIT)
     finally:
         proc.kill()
         proc.wait()
-    err = "".join(lines) + err
+    return out, "".join(lines) + err, children
+
+
+def test_ctrl_c_exits_130_after_cancelling_and_leaves_no_process(project):
+    gate = project / "never"  # never created: the tasks wait until cancelled
+    proc = start("run", "wf.yaml", "-c", "procs.yaml", "--progress", "plain", "-i", "n=2", cwd=project, gate=gate)
+    out, err, children = interrupt_when_running(proc, "local process executor")
     assert proc.returncode == 130, err
     assert out == ""
     assert "interrupted: cancelling the run and stopping the executor" in err
@@ -313,17 +319,7 @@ def test_ctrl_c_on_a_dask_cluster_it_started_stops_the_workers(project):
     (project / "dask.yaml").write_text("target: dask\ncpus: 2\nthreads: 1\n")
     proc = start("run", "wf.yaml", "-c", "dask.yaml", "--progress", "plain", "-i", "n=2", cwd=project,
                  gate=project / "never")
-    lines: list = []
-    try:
-        read_until(proc, "square: running", lines)
-        children = psutil.Process(proc.pid).children(recursive=True)
-        assert children, "the Dask executor started no worker process"
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=WAIT)
-    finally:
-        proc.kill()
-        proc.wait()
-    err = "".join(lines) + err
+    out, err, children = interrupt_when_running(proc, "Dask executor")
     assert proc.returncode == 130, err
     assert out == "" and "error: interrupted; the run was cancelled and the executor stopped" in err
     gone, alive = psutil.wait_procs(children, timeout=30)

@@ -11,22 +11,12 @@ from __future__ import annotations
 import time
 
 import pytest
+import stages as st
+from conftest import make_executor, poll
+from kernel_support import kernel
 
 import flowdapt_nb as fnb
 from flowdapt_nb import widgets
-
-import stages as st
-from conftest import make_executor
-
-
-def poll(predicate, timeout=60.0, interval=0.05):
-    """Call ``predicate`` until it is truthy or ``timeout`` passes; its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def slow_map(resources: dict) -> fnb.Workflow:
@@ -123,7 +113,7 @@ def test_dask_custom_resource_shown_in_use_per_worker(dask_executor):
         return busy
 
     assert poll(a_worker_full, timeout=60), dash.latest
-    assert f'data-resource="hamster_wheels"' in dash._body.value
+    assert 'data-resource="hamster_wheels"' in dash._body.value
     handle.wait(120)
     dash.close()
 
@@ -262,19 +252,9 @@ def test_kernel_start_feedback_then_card_and_a_live_background_run(tmp_path):
     """In a real kernel: ``%flowdapt executor dask`` shows at once what is starting, ticking, and
     that output becomes the card; a ``--background`` run's output keeps moving after the cell
     returned, until it shows the run finished."""
-    import os
     import re
-    from jupyter_client import KernelManager
 
-    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
-               JUPYTER_DATA_DIR=str(tmp_path / "data"), JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
-               IPYTHONDIR=str(tmp_path / "ipython"))
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel(env=env, cwd=str(tmp_path))
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=60)
+    with kernel(tmp_path) as kc:
         reply = kc.execute_interactive(KERNEL_SETUP + "\nget_ipython().run_line_magic('load_ext', 'flowdapt_nb')\n"
                                        f"get_ipython().run_cell_magic('flowdapt', 'workflow naps', {NAPS!r})\n"
                                        "get_ipython().run_cell_magic('flowdapt', 'workflow long', "
@@ -322,6 +302,3 @@ def test_kernel_start_feedback_then_card_and_a_live_background_run(tmp_path):
         assert len(elapsed) >= 2, texts
         reply = kc.execute_interactive("%flowdapt stop", timeout=60, output_hook=lambda m: None)
         assert reply["content"]["status"] == "ok"
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=False)

@@ -18,14 +18,14 @@ import warnings
 from pathlib import Path
 
 import pytest
+import stages as st
 import yaml
+from kernel_support import cli as run_cli
 
 import flowdapt_nb as fnb
 from flowdapt_nb import Stage, Workflow
 from flowdapt_nb.artifacts import MAX_NAME_BYTES, ArtifactStore
 from flowdapt_nb.yamlsrc import MAX_ALIAS_EXPANSION, MAX_DEPTH, parse_yaml
-
-import stages as st
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -59,14 +59,8 @@ def _python(code: str, timeout: float = 120, cwd=None, env=None) -> subprocess.C
                           timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})})
 
 
-def _cli() -> list:
-    script = Path(sys.executable).with_name("flowdapt-nb")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "flowdapt_nb.cli"]
-
-
 def cli(*args, cwd, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*_cli(), *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    return run_cli(*args, cwd=cwd, timeout=timeout, env={"PYTHONWARNINGS": "ignore", **(env or {})})
 
 
 def _one_error_line(proc) -> str:
@@ -680,7 +674,8 @@ def test_control_characters_are_one_config_error_with_a_line(char):
     with pytest.raises(fnb.ConfigError) as info:
         fnb.load_workflow(f"kind: workflow\nmetadata: {{name: w}}\n{char}: 1\n")
     assert str(info.value) == (f"line 3: invalid YAML: unacceptable character #x{ord(char):04x}: control "
-                               f"characters are not allowed; remove the control character (YAML text may not hold them)")
+                               "characters are not allowed; remove the control character "
+                               "(YAML text may not hold them)")
 
 
 @pytest.mark.parametrize("depth", [MAX_DEPTH + 50, 1000, 5000])
@@ -709,6 +704,6 @@ def test_run_namespace_must_be_a_non_empty_string(namespace):
 @pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -1, True, "10"])
 def test_run_timeout_must_be_positive_and_finite(timeout):
     wf = fnb.Workflow("to", stages=[fnb.Stage("one", lambda: 1)])
-    with fnb.LocalExecutor(use_processes=False, cpus=1) as ex:
-        with pytest.raises(fnb.ConfigError, match="timeout must be a positive number of seconds"):
-            ex.run(wf, timeout=timeout)
+    with fnb.LocalExecutor(use_processes=False, cpus=1) as ex, \
+            pytest.raises(fnb.ConfigError, match="timeout must be a positive number of seconds"):
+        ex.run(wf, timeout=timeout)

@@ -6,10 +6,9 @@ one current status line, a DataFrame result drawn as a table, and Enter adding a
 from __future__ import annotations
 
 import html
-import time
 
 import pytest
-from conftest import make_executor
+from conftest import make_executor, poll
 
 import flowdapt_nb as fnb
 from flowdapt_nb import cli
@@ -17,18 +16,6 @@ from flowdapt_nb.errors import ConfigError
 from flowdapt_nb.run_input import FORMS, input_from_args, parse_assignments, parse_run_input
 
 widgets = pytest.importorskip("flowdapt_nb.widgets")
-
-
-def poll(executor, predicate, timeout=60.0):
-    """Deliver throttled event batches now and check ``predicate`` until it holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        executor.events.flush()
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.05)
 
 
 def status_text(mapper) -> str:
@@ -110,7 +97,7 @@ def test_input_box_takes_every_form_and_runs(threads):
             assert mapper._handle is not None, status_text(mapper)
             run = mapper._handle.wait(30)
             assert run.input == {"n": 2, "max_degree": 6} and run.result == 64, text
-            poll(threads, lambda: mapper.run_state == "finished")
+            poll(lambda: mapper.run_state == "finished", before=threads.events.flush, what="the mapper run finished")
         # a bad token: one line naming it and the forms, and no run
         mapper.input_w.value = "n=2 oops"
         mapper.run_w.click()
@@ -204,7 +191,7 @@ def test_status_is_only_the_current_run(threads):
         mapper.input_w.value = "n=4"
         mapper.run_w.click()
         mapper._handle.wait(30)
-        poll(threads, lambda: mapper.run_state == "finished")
+        poll(lambda: mapper.run_state == "finished", before=threads.events.flush, what="the mapper run finished")
         assert ">finished<" in mapper.status_w.value and "[0, 1, 2, 3]" in status_text(mapper)
         # a bad input after a finished run: the error alone, the old FINISHED line is gone
         mapper.input_w.value = "n=4 oops"
@@ -216,14 +203,14 @@ def test_status_is_only_the_current_run(threads):
         mapper.input_w.value = "n=4"
         mapper.run_w.click()
         mapper._handle.wait(30)
-        poll(threads, lambda: mapper.run_state == "finished")
+        poll(lambda: mapper.run_state == "finished", before=threads.events.flush, what="the mapper run finished")
         mapper.input_w.value = "fail=true"
         mapper.run_w.click()
         try:
             mapper._handle.wait(30)
         except fnb.StageError:
             pass
-        poll(threads, lambda: mapper.run_state == "failed")
+        poll(lambda: mapper.run_state == "failed", before=threads.events.flush, what="the mapper run failed")
         text = status_text(mapper)
         assert ">failed<" in mapper.status_w.value and "asked to fail" in text
         assert ">finished<" not in mapper.status_w.value and "result:" not in text
@@ -246,7 +233,7 @@ def test_dataframe_result_is_shown_as_a_table(kind, dask_cluster):
         mapper.input_w.value = "rows=25"
         mapper.run_w.click()
         assert mapper._handle.wait(120).result.shape == (25, 2)
-        poll(ex, lambda: mapper.run_state == "finished")
+        poll(lambda: mapper.run_state == "finished", before=ex.events.flush, what="the mapper run finished")
         value = mapper.status_w.value
         assert "<table" in value and "fnb-result-table" in value, value
         assert "DataFrame, 25 rows × 2 columns" in value and "first and last 5 shown" in value
@@ -321,7 +308,7 @@ def test_finished_run_stays_shown_until_the_stages_change(threads):
         mapper.add_stage("numbers", "numbers")
         mapper.run_w.click()
         mapper._handle.wait(30)
-        poll(threads, lambda: mapper.run_state == "finished")
+        poll(lambda: mapper.run_state == "finished", before=threads.events.flush, what="the mapper run finished")
         mapper._post_run_cell()  # what IPython calls after any later cell
         assert mapper.run_state == "finished" and mapper.stages["numbers"].state_w.value != ""
         assert ">finished<" in mapper.status_w.value

@@ -8,18 +8,13 @@ notebook ends with these cells (after Run All) can call the check on its own pag
 
 from __future__ import annotations
 
-import re
-import time
 from pathlib import Path
 
-import pytest
+from browser_support import NEEDS_CHROMIUM, open_notebook, run_all, save_failure, write_notebook
+from browser_support import notebook_cell as _cell
+from conftest import poll
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, _cell, lab  # noqa: F401  (lab: the JupyterLab fixture)
-
-pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed"),
-    pytest.mark.timeout(420),
-]
+pytestmark = NEEDS_CHROMIUM
 
 VIEWPORT = {"width": 1440, "height": 900}
 
@@ -32,31 +27,6 @@ MAPPER_CELLS = [
           "    return load.assign(square=load.x ** 2)"),
     _cell("stage_mapper = fnb.widgets.StageMapper(executor=mapper_ex)\nstage_mapper"),
 ]
-
-
-def _run_all(page) -> None:
-    """Run > Run All Cells once the kernel is idle (again if the kernel wasn't listening yet)."""
-    page.get_by_text(re.compile(r"Python 3 \(ipykernel\) \| Idle")).wait_for(timeout=90_000)
-    prompt = page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt").first
-    for attempt in range(4):
-        page.locator(".jp-Notebook .jp-Cell").first.click()
-        page.get_by_role("menuitem", name="Run", exact=True).click()
-        page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
-        try:
-            page.wait_for_function("(el) => /\\[(\\*|\\d+)\\]/.test(el.textContent)",
-                                   arg=prompt.element_handle(), timeout=15_000)
-            return
-        except Exception:
-            if attempt == 3:
-                raise
-
-
-def _until(predicate, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(what)
-        time.sleep(0.1)
 
 
 def _overflow(mapper) -> list[str]:
@@ -97,7 +67,7 @@ def check_stage_mapper(page, output_dir: Path) -> list[Path]:
     proposal = mapper.locator(".fnb-proposal")
     # "load" first: nothing to depend on, a root
     functions.select_option(value=functions.locator("option", has_text="load(").get_attribute("value"))
-    _until(lambda: "a root" in proposal.inner_text(), "no root proposed for load(n, max_degree=1)")
+    poll(lambda: "a root" in proposal.inner_text(), 20, interval=0.1, what="no root proposed for load(n, max_degree=1)")
     add.click()
     mapper.locator(".fnb-stage-row").first.wait_for(timeout=15_000)
     # "square(load)": proposed to depend on the stage named like its parameter
@@ -143,39 +113,26 @@ def check_stage_mapper(page, output_dir: Path) -> list[Path]:
     second = rows.nth(1)
     tags = second.locator("div.jupyter-widget-tag")  # (its text box has that class too)
     second.locator(".jupyter-widget-tag-close").first.click()
-    _until(lambda: tags.count() == 0, "the dependency's × did not remove it")
+    poll(lambda: tags.count() == 0, 20, interval=0.1, what="the dependency's × did not remove it")
     adder = second.locator("input[placeholder='+ stage, Enter']")
     adder.fill("load")
     adder.press("Enter")
-    _until(lambda: tags.count() == 1 and "load" in tags.first.inner_text(), "Enter did not add 'load'")
-    _until(lambda: adder.input_value() == "", "the box was not cleared for the next name")
+    poll(lambda: tags.count() == 1 and "load" in tags.first.inner_text(), 20, interval=0.1,
+         what="Enter did not add 'load'")
+    poll(lambda: adder.input_value() == "", 20, interval=0.1, what="the box was not cleared for the next name")
     shot("enter-added", mapper)
     return shots
 
 
-def test_stage_mapper_at_1440px(lab, output_dir):  # noqa: F811  (lab is the imported fixture)
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    import json
-    nb = {"cells": [_cell("# Stage mapper at 1440 px", "markdown"), *MAPPER_CELLS], "nbformat": 4,
-          "nbformat_minor": 5,
-          "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)",
-                                      "language": "python"}, "language_info": {"name": "python"}}}
-    (lab.root / "mapper.ipynb").write_text(json.dumps(nb, indent=1))
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport=VIEWPORT)
-        try:
-            page.goto(f"{lab.url}/lab/tree/mapper.ipynb?reset&token={lab.token}")
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-            _run_all(page)
-            shots = check_stage_mapper(page, output_dir)
-        except Exception:
-            try:
-                page.screenshot(path=str(output_dir / "browser-mapper-failure.png"), full_page=True)
-                (output_dir / "browser-mapper-failure.html").write_text(page.content())
-            except Exception:
-                pass
-            raise
-        finally:
-            browser.close()
+def test_stage_mapper_at_1440px(lab, chromium, output_dir):
+    write_notebook(lab.root / "mapper.ipynb", [_cell("# Stage mapper at 1440 px", "markdown"), *MAPPER_CELLS])
+    page = open_notebook(chromium, lab, "mapper.ipynb", VIEWPORT)
+    try:
+        run_all(page)
+        shots = check_stage_mapper(page, output_dir)
+    except Exception:
+        save_failure(page, output_dir, "browser-mapper-failure")
+        raise
+    finally:
+        page.close()
     assert all(p.exists() and p.stat().st_size > 5000 for p in shots)

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from kernel_support import cli as run_cli
 
 import flowdapt_nb as fnb
 from flowdapt_nb.run_store import get_store
 
 TESTS_DIR = Path(__file__).resolve().parent
-CLI = [sys.executable, "-m", "flowdapt_nb.cli"]
 
 PARTIAL = {"name": "store_partial", "stages": [
     {"name": "numbers", "target": "stages.numbers"},
@@ -114,13 +114,20 @@ def test_config_runs_field_from_yaml(tmp_path):
     assert fnb.executor_from_config("target: local\nruns: off\n").config.runs is False
 
 
-def test_filters_and_lookup(tmp_path):
-    db = str(tmp_path / "filters.sqlite")
+def finished_and_failed(db: str, n: int):
+    """Two runs recorded in ``db`` on threads: PARTIAL with input n (finished), then FAILING."""
     with fnb.LocalExecutor(use_processes=False, cpus=2, runs=db) as ex:
-        first = ex.run(PARTIAL, input={"n": 3})
+        good = ex.run(PARTIAL, input={"n": n})
         with pytest.raises(fnb.StageError):
             ex.run(FAILING)
         failed = ex.history[-1]
+        ex._run_store.flush()
+    return good, failed
+
+
+def test_filters_and_lookup(tmp_path):
+    db = str(tmp_path / "filters.sqlite")
+    first, failed = finished_and_failed(db, 3)
     assert fnb.runs(workflow="store_boom", store=db)["uid"].tolist() == [failed.uid]
     assert fnb.runs(state="failed", store=db)["uid"].tolist() == [failed.uid]
     assert fnb.runs(store=db)["uid"].tolist() == [failed.uid, first.uid]  # newest first
@@ -279,17 +286,12 @@ def test_magics_runs_and_compare_in_ipython(shell, tmp_path):
 
 
 def cli(*args):
-    return subprocess.run([*CLI, *args], cwd=TESTS_DIR, capture_output=True, text=True, timeout=120)
+    return run_cli(*args, cwd=TESTS_DIR)
 
 
 def test_cli_runs_and_show(tmp_path):
     db = str(tmp_path / "cli.sqlite")
-    with fnb.LocalExecutor(use_processes=False, cpus=2, runs=db) as ex:
-        good = ex.run(PARTIAL, input={"n": 5})
-        with pytest.raises(fnb.StageError):
-            ex.run(FAILING)
-        bad = ex.history[-1]
-        ex._run_store.flush()
+    good, bad = finished_and_failed(db, 5)
     table = cli("runs", "--db", db)
     assert table.returncode == 0, table.stderr
     assert good.uid[:12] in table.stdout and bad.uid[:12] in table.stdout and "failed" in table.stdout
@@ -310,12 +312,10 @@ def test_cli_run_is_recorded(tmp_path):
     db = str(tmp_path / "clirun.sqlite")
     (tmp_path / "wf.yaml").write_text("kind: workflow\nmetadata: {name: clirec}\nspec:\n  stages:\n"
                                       "    - {name: numbers, target: stages.numbers}\n")
-    env = {**os.environ, "FLOWDAPT_NB_RUNS": db}
-    out = subprocess.run([*CLI, "run", str(tmp_path / "wf.yaml"), "--input", "n=2"], cwd=TESTS_DIR, env=env,
-                         capture_output=True, text=True, timeout=300)
+    env = {"FLOWDAPT_NB_RUNS": db}
+    out = run_cli("run", tmp_path / "wf.yaml", "--input", "n=2", cwd=TESTS_DIR, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
-    listed = subprocess.run([*CLI, "runs", "--json"], cwd=TESTS_DIR, env=env, capture_output=True, text=True,
-                            timeout=120)
+    listed = run_cli("runs", "--json", cwd=TESTS_DIR, env=env)
     [row] = [json.loads(x) for x in listed.stdout.splitlines()]
     assert row["workflow"] == "clirec" and row["state"] == "finished" and row["tasks"] == 1
 
@@ -335,11 +335,35 @@ def test_writer_thread_ends_with_its_executors_and_restarts(tmp_path):
     assert fnb.runs(store=db)["uid"].tolist() == [second.uid, first.uid]
 
 
+def test_detach_stops_recording_until_attached_again(tmp_path):
+    """What the benchmarks do to time a run with the store off: a detached store hears nothing
+    of the executor (its writer thread ends), and records again once attached."""
+    db = str(tmp_path / "detach.sqlite")
+    ex = fnb.LocalExecutor(use_processes=False, cpus=1, runs=db).start()
+    try:
+        store = ex._run_store
+        first = ex.run(PARTIAL, input={"n": 2})
+        thread = store._thread
+        store.detach(ex)
+        ex._run_store = None
+        ex.run(PARTIAL, input={"n": 3})  # not recorded
+        thread.join(timeout=30)  # no executor attached, nothing to write: the writer ends
+        assert not thread.is_alive() and store._attached == 0
+        ex._run_store = store
+        store.attach(ex)
+        third = ex.run(PARTIAL, input={"n": 4})
+    finally:
+        ex.close()
+    assert fnb.runs(store=db)["uid"].tolist() == [third.uid, first.uid]
+    assert store._attached == 0  # the close detached it once, not twice
+
+
 def test_a_database_of_another_layout_is_set_aside(tmp_path):
     """A runs file written by another version (other columns, other user_version) is moved aside
     with a warning, never written into: the new store starts empty and works."""
     import sqlite3
-    from flowdapt_nb.run_store import RunStore, SCHEMA_VERSION
+
+    from flowdapt_nb.run_store import SCHEMA_VERSION, RunStore
     path = tmp_path / "runs.sqlite"
     old = sqlite3.connect(path)
     old.execute("CREATE TABLE runs (uid TEXT PRIMARY KEY, state TEXT)")

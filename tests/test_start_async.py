@@ -10,22 +10,15 @@ import time
 
 import psutil
 import pytest
+import stages as st
+from conftest import poll
+from kernel_support import kernel
 
 import flowdapt_nb as fnb
-import stages as st
 from flowdapt_nb import Stage, Workflow
 from flowdapt_nb.errors import ExecutorClosedError
 
 QUICK = Workflow("quick", stages=[Stage("numbers", st.numbers)])
-
-
-def wait_for(predicate, timeout=120, interval=0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def _children():
@@ -64,7 +57,7 @@ def test_start_without_waiting_then_run_waits(kind, ray_cluster):
         assert returned is ex
         if kind in ("dask", "ray"):  # a cluster takes far longer to start than a call to return
             assert not ex.running and seen[0].startswith("starting"), seen
-        watcher = threading.Thread(target=lambda: wait_for(lambda: seen.append(ex.state) or ex.running, 240))
+        watcher = threading.Thread(target=lambda: poll(lambda: seen.append(ex.state) or ex.running, 240, interval=0.02))
         watcher.start()
         run = ex.run(QUICK, input={"n": 3})  # waits for the start
         assert run.result == [0, 1, 2] and ex.state == "running"
@@ -76,14 +69,14 @@ def test_start_without_waiting_then_run_waits(kind, ray_cluster):
     finally:
         ex.close()
     assert ex.state == "stopped"
-    assert wait_for(lambda: not (_children() - children0), 60), _children() - children0
+    assert poll(lambda: not (_children() - children0), 60, interval=0.02), _children() - children0
 
 
 @pytest.mark.timeout(180)
 def test_start_failure_is_shown_and_raised_by_the_next_run():
     ex = fnb.DaskExecutor(cluster_address=_dead_address(), connect_timeout=1)
     ex.start(wait=False)
-    assert wait_for(lambda: ex.state.startswith("failed"), 120), ex.state
+    assert poll(lambda: ex.state.startswith("failed"), 120, interval=0.02), ex.state
     error = ex.start_error
     assert error is not None and not ex.running
     assert ex.info()["state"] == ex.state and type(error).__name__ in ex.state
@@ -107,11 +100,11 @@ def test_close_during_a_start_is_bounded_and_leaves_no_process(kind):
     closer.start()
     closer.join(120)  # a hang guard, not a timing: close() waits at most START_CLOSE_WAIT for the start
     assert not closer.is_alive(), "close() during a start did not return"
-    assert wait_for(lambda: not ex.running and not ex.state.startswith("starting"), 120), ex.state
+    assert poll(lambda: not ex.running and not ex.state.startswith("starting"), 120, interval=0.02), ex.state
     assert ex.state == "stopped" and not ex.running
     with pytest.raises(ExecutorClosedError):
         ex.run(QUICK, input={"n": 1})
-    assert wait_for(lambda: not (_children() - children0), 60), _children() - children0
+    assert poll(lambda: not (_children() - children0), 60, interval=0.02), _children() - children0
 
 
 def worker_loads():
@@ -145,19 +138,9 @@ def test_kernel_executor_magic_no_wait_returns_then_the_card_replaces_the_start(
     """In a real kernel: ``%flowdapt executor dask --no-wait`` ends its cell while the start goes
     on (its output shows the start); the card replaces that output once the executor runs, and
     the next ``%flowdapt run`` works (it would wait for the start)."""
-    import os
     import queue
-    from jupyter_client import KernelManager
 
-    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
-               JUPYTER_DATA_DIR=str(tmp_path / "data"), JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
-               IPYTHONDIR=str(tmp_path / "ipython"))
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel(env=env, cwd=str(tmp_path))
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=60)
+    with kernel(tmp_path) as kc:
         setup = ("def numbers(n=4):\n    return list(range(n))\n"
                  "get_ipython().run_line_magic('load_ext', 'flowdapt_nb')\n"
                  "get_ipython().run_cell_magic('flowdapt', 'workflow nums', '- {name: numbers, target: numbers}')\n")
@@ -194,6 +177,3 @@ def test_kernel_executor_magic_no_wait_returns_then_the_card_replaces_the_start(
         assert "[0, 1, 2]" in "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
         reply = kc.execute_interactive("%flowdapt stop", timeout=60, output_hook=lambda m: None)
         assert reply["content"]["status"] == "ok"
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=False)
