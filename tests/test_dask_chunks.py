@@ -97,7 +97,12 @@ def test_slow_items_are_not_chunked(dask_ex):
 
 def test_a_failing_item_fails_alone_with_its_own_error_and_traceback(dask_ex):
     chunks, _ = sent(dask_ex)
-    run = dask_ex.run(fan_out(st.fail_every_seventh), input={"items": list(range(700))})
+    events = []
+    token = dask_ex.events.subscribe(events.append, kinds=["task"])
+    try:
+        run = dask_ex.run(fan_out(st.fail_every_seventh), input={"items": list(range(700))})
+    finally:
+        dask_ex.events.unsubscribe(token)
     chunked = {i for c in chunks if len(c) > 1 for i in c}
     assert chunked & set(range(0, 700, 7))  # failing items ran inside chunks
     assert run.result == [x for x in range(700) if x % 7]
@@ -108,6 +113,10 @@ def test_a_failing_item_fails_alone_with_its_own_error_and_traceback(dask_ex):
     tasks = run.tasks
     assert (tasks.state == "failed").sum() == 100 and (tasks.state == "finished").sum() == 600
     assert tasks[tasks.state == "failed"].error.str.contains("multiple of 7").all()
+    by_task: dict = {}
+    for event in events:
+        by_task.setdefault(event.item, []).append(event.state)
+    assert all(by_task[i] == ["queued", "running", "failed" if i % 7 == 0 else "finished"] for i in range(700))
 
 
 def test_an_unpicklable_result_in_a_chunk_fails_only_its_item(dask_ex):
@@ -142,6 +151,26 @@ def test_chunked_items_flow_on_to_the_next_stages_on_the_cluster(dask_ex):
     total = sum(x ** 4 for x in range(1500))
     assert run.result == [x ** 4 + total for x in range(1500)]
     assert chunked_stages[dask_ex] >= {"square", "again"}  # both fan-outs went in chunks
+
+
+def say(x):
+    print(f"said {x}")
+    return x
+
+
+def test_what_items_in_a_chunk_print_reaches_the_driver_under_their_own_names(dask_ex, capfd):
+    chunks, _ = sent(dask_ex)
+    assert dask_ex.run(fan_out(say), input={"items": list(range(300))}).result == list(range(300))
+    assert any(len(c) > 1 for c in chunks)
+    seen = ""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and seen.count(") said ") < 300:
+        out, err = capfd.readouterr()
+        seen += out + err
+        time.sleep(0.1)
+    said = {line.split("[", 1)[1].split("]", 1)[0]: line.rsplit(" ", 1)[1]
+            for line in seen.splitlines() if line.startswith("(each[") and ") said " in line}
+    assert said == {str(x): str(x) for x in range(300)}  # each line under its own item
 
 
 def nbytes(data):
