@@ -288,7 +288,7 @@ class ArtifactStore:
     def __init__(self, url: str | None = None, options: dict | None = None):
         self.url, self.options = parse_setting(url if options is None else {"url": url, "options": options})
         self._fs = None
-        self._root = None
+        self._root: str | None = None
         self._made: set = set()
 
     def __reduce__(self):
@@ -317,6 +317,7 @@ class ArtifactStore:
     @property
     def root(self) -> str:
         self._open_fs()
+        assert self._root is not None  # set by _open_fs
         return self._root
 
     @property
@@ -482,6 +483,7 @@ class ArtifactStore:
         """Remove what crashed or raced writers left behind, once it is old enough."""
         now = time.time()
         try:
+            entries: list[tuple[str, float | None]]
             if self.local:
                 entries = []
                 with os.scandir(directory) as it:

@@ -61,6 +61,11 @@ def _none_is(default):
     return fill
 
 
+def _null_means(default, *fields: str) -> Any:
+    """A 'before' validator of ``fields`` that reads null as ``default`` (see ``_none_is``)."""
+    return field_validator(*fields, mode="before")(classmethod(_none_is(default)))
+
+
 def _allowed_targets(value):
     from .workflow import check_allowed_prefixes
     return check_allowed_prefixes(value)
@@ -124,8 +129,8 @@ class LocalConfig(ExecutorFields):
 
     _inert = {"cluster_memory_socket_path": "cluster memory is served by the executor itself"}
     _flowdapt_defaults = {"cluster_memory_socket_path": "/tmp/flowdapt-cluster-memory.sock"}
-    _v_use_processes = field_validator("use_processes", mode="before")(classmethod(_none_is(True)))
-    _v_cpus_none = field_validator("cpus", mode="before")(classmethod(_none_is("auto")))
+    _v_use_processes = _null_means(True, "use_processes")
+    _v_cpus_none = _null_means("auto", "cpus")
 
     _v_cpus = _count_or_auto("cpus")
 
@@ -144,9 +149,9 @@ class _ClusterFields(ExecutorFields):
     _v_res = field_validator("resources", mode="before")(_resource_map)
     _v_mem = field_validator("memory", mode="before")(classmethod(lambda cls, v: _size_or_auto(
         "auto" if v is None else v)))
-    _v_pip = field_validator("pip", mode="before")(classmethod(_none_is(list)))
-    _v_cpus_none = field_validator("cpus", mode="before")(classmethod(_none_is("auto")))
-    _v_gpus_none = field_validator("gpus", mode="before")(classmethod(_none_is("disabled")))
+    _v_pip = _null_means(list, "pip")
+    _v_cpus_none = _null_means("auto", "cpus")
+    _v_gpus_none = _null_means("disabled", "gpus")
 
     _v_cpus = _count_or_auto("cpus")
 
@@ -177,11 +182,11 @@ class DaskConfig(_ClusterFields):
     _inert = {"upload_plugins": "Flowdapt plugins are not used by flowdapt_nb",
               "pip": "install packages into the environment the workers run in"}
     _flowdapt_defaults = {"upload_plugins": False, "pip": []}
-    _v_threads_none = field_validator("threads", mode="before")(classmethod(_none_is("auto")))
-    _v_adaptive_none = field_validator("adaptive", mode="before")(classmethod(_none_is(False)))
-    _v_host_none = field_validator("scheduler_host", mode="before")(classmethod(_none_is("127.0.0.1")))
-    _v_scheme_none = field_validator("scheduler_scheme", mode="before")(classmethod(_none_is("tcp")))
-    _v_port_none = field_validator("scheduler_port", mode="before")(classmethod(_none_is(0)))
+    _v_threads_none = _null_means("auto", "threads")
+    _v_adaptive_none = _null_means(False, "adaptive")
+    _v_host_none = _null_means("127.0.0.1", "scheduler_host")
+    _v_scheme_none = _null_means("tcp", "scheduler_scheme")
+    _v_port_none = _null_means(0, "scheduler_port")
 
     _v_threads = _count_or_auto("threads")
 
@@ -236,12 +241,11 @@ class RayConfig(_ClusterFields):
 
     _v_osm = field_validator("object_store_memory", mode="before")(_size_or_auto)
     # Flowdapt's Ray default is gpus: null, which lets Ray count the GPUs: our 'auto'
-    _v_gpus_none = field_validator("gpus", mode="before")(classmethod(_none_is("auto")))
-    _v_lists_none = field_validator("py_modules", mode="before")(classmethod(_none_is(list)))
-    _v_level_none = field_validator("logging_level", mode="before")(classmethod(_none_is("warning")))
-    _v_bools_none = field_validator("log_to_driver", "include_dashboard", mode="before")(
-        classmethod(_none_is(True)))
-    _v_host_none = field_validator("dashboard_host", mode="before")(classmethod(_none_is("127.0.0.1")))
+    _v_gpus_none = _null_means("auto", "gpus")
+    _v_lists_none = _null_means(list, "py_modules")
+    _v_level_none = _null_means("warning", "logging_level")
+    _v_bools_none = _null_means(True, "log_to_driver", "include_dashboard")
+    _v_host_none = _null_means("127.0.0.1", "dashboard_host")
 
     @field_validator("logging_level")
     @classmethod

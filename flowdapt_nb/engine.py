@@ -245,13 +245,16 @@ class Engine:
         self.deadline = time.monotonic() + timeout if timeout else None
         self.timeout = timeout
         self.completions: queue.Queue = queue.Queue()
-        self.ctx_handle = self.fn_handles = None  # set by put_run when the run starts
+        self.ctx_handle: Any = None  # set by put_run when the run starts
+        self.fn_handles: list | None = None
         self.outputs: dict[str, Any] = {}
         self.splits: dict[str, list] = {}  # stage -> its output's items, split for a fan-out
         self.stage_runs: dict[str, _StageRun] = {}
         self.inflight: dict[tuple, tuple] = {}  # (stage, item) -> (task ref, slots)
         self.waiting: deque[_Pending] = deque()
-        self.slots = self.free_slots = backend.capacity  # slots this run may use (read once: may shrink)
+        # slots this run may use (read once: may shrink); None: the backend has no slot limit
+        self.slots: float | None = backend.capacity
+        self.free_slots: float | None = self.slots
         self.exact_inflight = 0  # tasks in flight that need other than one slot (no prefetch then)
         self.remaining_deps = {s.name: set(s.depends_on) for s in self.wf.stages}
         self.consumers = {s.name: 0 for s in self.wf.stages}
@@ -383,10 +386,10 @@ class Engine:
                 try:
                     if isinstance(first, Gathered):
                         items = [(arg_layout.value(), h) for h in first.handles]
-                    else:  # split once per output, however many stages map over it
-                        items = self.splits.get(stage.depends_on[0])
-                        if items is None:
-                            items = self.splits[stage.depends_on[0]] = self.backend.split(first.handle)
+                    elif stage.depends_on[0] in self.splits:  # split once per output, however many
+                        items = self.splits[stage.depends_on[0]]  # stages map over it
+                    else:
+                        items = self.splits[stage.depends_on[0]] = self.backend.split(first.handle)
                 except Exception as exc:
                     source = f"the output of '{stage.depends_on[0]}'"
                     text = str(exc)
@@ -460,7 +463,7 @@ class Engine:
         could sit idle at the end of the stage (at least two chunks per slot stay to share)."""
         if not sr.chunkable or sr.timed < CHUNK_AFTER:
             return 1
-        by_time = int(self.backend.chunk_seconds / max(sr.mean, 1e-9))
+        by_time = int((self.backend.chunk_seconds or 0.0) / max(sr.mean, 1e-9))  # chunkable: it is set
         spread = sr.waiting // (2 * (self.backend.capacity or self.backend.parallelism or 1))
         # grow step by step: a mean from the first few items may not hold for the rest, and a
         # chunk, once started, runs to its end
@@ -500,6 +503,8 @@ class Engine:
         sr.waiting += 1
 
     def _fits(self, pending: _Pending) -> bool:
+        """Whether a task may go now, on a backend with slots (``free_slots`` is not None)."""
+        assert self.free_slots is not None
         if pending.need <= self.free_slots or not self.inflight:
             return True
         if pending.need != 1 or self.exact_inflight:
@@ -647,9 +652,10 @@ class Engine:
                                                outcome.worker))
                     self.publish(TaskEvent(uid, stage_name, item, "finished", outcome.end, outcome.worker))
         hits = self.cache_hits.get(stage_name)
-        for item, outcome in done if hits else ():
-            if item in hits:
-                self._task_event(stage_name, item, "cached", outcome.end, outcome.worker)
+        if hits:
+            for item, outcome in done:
+                if item in hits:
+                    self._task_event(stage_name, item, "cached", outcome.end, outcome.worker)
         sr.done += len(done)
         if sr.done == sr.total:
             self._finish_stage(sr.stage)
@@ -669,7 +675,7 @@ class Engine:
                 self._task_event(stage_name, item, "cached", outcome.end, outcome.worker)
             sr.results[item] = outcome.value
         else:
-            exc = outcome.error
+            exc = outcome.error or RuntimeError("the task failed without saying why")  # never None here
             summary = f"{type(exc).__name__}: {exc}"
             self._task_event(stage_name, item, "failed", outcome.end, outcome.worker, summary,
                              start=outcome.start, end=outcome.end)
@@ -750,6 +756,8 @@ class _Cancelled(Exception):
 
 class AllItemsFailedError(RuntimeError):
     """Every item of a fan-out failed, though it allows partial failure (the StageError's cause)."""
+
+    remote_traceback: str | None = None  # the first item's worker traceback
 
 
 def check_root_inputs(wf: Workflow, fns: dict, run_input: dict) -> None:

@@ -58,7 +58,7 @@ class LRU(Generic[K, V]):
         if value is _MISSING:
             value = load()
             self.put(key, value)
-        return value  # type: ignore[return-value]
+        return value
 
     def keys(self) -> list[K]:
         """The keys, least recently used first (a snapshot)."""

@@ -163,7 +163,7 @@ class Executor:
         self._lock = threading.RLock()
         self._closing = False  # close() is under way: no new runs
         self._closed = False  # closed: run()/submit() refuse until start() is called again
-        self._sampler = None
+        self._sampler: Any = None  # flowdapt_nb.telemetry.ResourceSampler while running
         self._memory = None  # the cluster memory store (or a handle to it) while running
         self._started_at: float | None = None
         self._drivers = _DriverThreads()
@@ -173,7 +173,7 @@ class Executor:
         self._start_error_unraised = False
         self._start_cancelled = False  # close() came during the start
         self._start_parked: threading.Event | None = None  # holds a background start's thread
-        self._run_store = None  # flowdapt_nb.run_store.RunStore while running (None: runs: off)
+        self._run_store: Any = None  # flowdapt_nb.run_store.RunStore while running (None: runs: off)
 
     # --- lifecycle ---
     @property
@@ -271,7 +271,8 @@ class Executor:
         finally:
             with self._lock:
                 starting, self._starting = self._starting, None
-            starting.set()
+            if starting is not None:
+                starting.set()
         if parked is not None and self.running:
             # Ray starts its node's processes with a parent-death signal (Linux PR_SET_PDEATHSIG),
             # which fires when the *thread* that started them ends: this one waits for close().
@@ -299,7 +300,6 @@ class Executor:
             _live.add(self)
             _keep_exit_hook_first()
             self._start_sampler()
-        return self
 
     def make_current(self) -> Executor:
         """Make this the executor that notebook-level ``cluster_memory`` calls use (starting or
@@ -431,7 +431,8 @@ class Executor:
                     continue
                 size = getattr(run, "_result_bytes", None)
                 if size is None:
-                    size = run._result_bytes = estimate_bytes(run.result) if run.result is not None else 0
+                    size = estimate_bytes(run.result) if run.result is not None else 0
+                    run._result_bytes = size  # type: ignore[attr-defined]  # measured once per run
                 if newest or used + size <= budget:
                     used += size
                     newest = False
@@ -493,7 +494,11 @@ class Executor:
                          run=RunInfo(run.uid, run.name, run.workflow), definition=wf.to_dict(),
                          config=self.config_dict(), memory=self._worker_memory_handle(),
                          artifacts=self._storage_for_workers())
-        engine = Engine(self._backend, self.events, run, fns, ctx, handle._cancel, timeout)
+        backend = self._backend
+        if backend is None:  # closed since the check above
+            raise ExecutorClosedError(f"this {type(self).__name__} was closed while the run was being "
+                                      f"submitted; call .start() to start it again")
+        engine = Engine(backend, self.events, run, fns, ctx, handle._cancel, timeout)
         engine.cache_hits = hits
         with self._lock:
             if self._closing or not self.running:
@@ -567,7 +572,7 @@ class Executor:
 
     def _on_worker_event(self, event: dict) -> None:
         """A task reported from its worker (running, or finished with its own timings)."""
-        entry = self._active.get(event.get("run"))
+        entry = self._active.get(event.get("run") or "")
         if entry is None:
             return
         handle, _ = entry

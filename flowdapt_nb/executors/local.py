@@ -103,7 +103,11 @@ def _worker_name() -> str:
 
 
 def _thread_chunk(ctx, fn, tasks: list, worker: str, on_event=None) -> list:
-    report = _chunks.open(lambda batch: [on_event(e) for e in batch]) if on_event is not None else None
+    def each(batch: list) -> None:
+        for event in batch:
+            on_event(event)
+
+    report = _chunks.open(each) if on_event is not None else None
     outcomes = [execute(ctx, fn, info, flat, report, worker, portable=False) for info, flat in tasks]
     _chunks.close(report)
     return outcomes
@@ -150,17 +154,19 @@ class _LocalBackend(Backend):
             self._shipped_fns: dict[str, tuple] = {}  # hash of a pickled function -> (key, path)
             self.function_ships = 0  # function files written (one per function version)
             self._memory_shipped: tuple | None = None  # (the memory proxy, its (key, path))
-            self.pool = ProcessPool(cpus, on_events=self._on_events)
+            self.pool: ProcessPool | ThreadPool = ProcessPool(cpus, on_events=self._on_events)
         else:
             self.pool = ThreadPool(cpus)
             self.stop_note = ("local threads can't be stopped: the stage's thread runs on and holds its slot "
                               "until the stage returns (LocalExecutor(use_processes=True) kills it instead)")
 
     @property
-    def capacity(self) -> int:
+    def capacity(self) -> int:  # type: ignore[override]  # a property here: it shrinks
         """Slots a new run may use: on threads, minus those still held by tasks of a cancelled or
         timed-out run (a thread can't be killed; it is free again only when its stage returns)."""
-        return self.cpus if self.use_processes else max(0, self.cpus - self.pool.stuck)
+        if isinstance(self.pool, ThreadPool):
+            return max(0, self.cpus - self.pool.stuck)
+        return self.cpus
 
     def _on_events(self, batch: list) -> None:
         for one in batch:  # a batch from one worker process
@@ -397,6 +403,6 @@ class LocalExecutor(Executor):
         backend = self._backend
         used = float(self.cpus - backend.capacity) if backend is not None else 0.0  # stuck threads
         for _, engine in list(self._active.values()):
-            if engine is not None and engine.free_slots is not None:
+            if engine is not None and engine.free_slots is not None and engine.slots is not None:
                 used += engine.slots - engine.free_slots
         return max(0.0, self.cpus - used)

@@ -17,6 +17,7 @@ import difflib
 import importlib
 import threading
 import weakref
+from typing import Any
 
 # name -> dotted path of a built-in class, imported when first asked for
 _BUILTIN = {
@@ -26,7 +27,7 @@ _BUILTIN = {
 }
 
 _lock = threading.RLock()
-_kinds: dict[str, type] = {}  # name -> class, in registration order after the built-ins
+_kinds: dict[str, Any] = {}  # (Any: the Executor classes, not imported here)  # name -> class, in registration order after the built-ins
 _classes: weakref.WeakSet[type] = weakref.WeakSet()  # every Executor class, kinds or not
 
 
@@ -48,7 +49,7 @@ def unregister(kind: str) -> None:
             _kinds.pop(kind.lower(), None)
 
 
-def _load_builtin(name: str) -> type:
+def _load_builtin(name: str) -> Any:
     cls = _kinds.get(name)
     if cls is None:
         module_name, _, attr = _BUILTIN[name].rpartition(".")
@@ -63,7 +64,7 @@ def kinds() -> list[str]:
         return [*_BUILTIN, *(k for k in _kinds if k not in _BUILTIN)]
 
 
-def get(kind: str) -> type:
+def get(kind: str) -> Any:
     """The class of an executor kind (a KeyError for an unknown name)."""
     name = kind.lower()
     with _lock:
@@ -72,7 +73,7 @@ def get(kind: str) -> type:
         return _kinds[name]
 
 
-def classes() -> dict[str, type]:
+def classes() -> dict[str, Any]:
     """Every kind and its class (built-ins imported)."""
     return {name: get(name) for name in kinds()}
 
