@@ -27,7 +27,8 @@ _BUILTIN = {
 }
 
 _lock = threading.RLock()
-_kinds: dict[str, Any] = {}  # (Any: the Executor classes, not imported here)  # name -> class, in registration order after the built-ins
+# name -> class, in registration order after the built-ins (Any: Executor is not imported here)
+_kinds: dict[str, Any] = {}
 _classes: weakref.WeakSet[type] = weakref.WeakSet()  # every Executor class, kinds or not
 
 
