@@ -13,6 +13,7 @@ import uuid
 import warnings
 from typing import Any
 
+from .. import arg_layout
 from ..config import DaskConfig
 from ..engine import Backend, Outcome, items_of
 from ..errors import ClusterLostError, ConfigError, RemoteError, UnserializableResultError
@@ -480,7 +481,7 @@ class _DaskBackend(Backend):
             with self._chunk_lock:
                 self._sent.discard(key)
                 self._reports.pop(key, None)
-            on_done(self._failure(future))
+            on_done.failed(self._failure(future))
             return
         with self._chunk_lock:
             report = self._reports.pop(key, None)
@@ -493,7 +494,7 @@ class _DaskBackend(Backend):
             timer.daemon = True
             timer.start()
             return
-        on_done(self._outcomes(future, report["metas"], report["worker"]))
+        on_done.done(self._outcomes(future, report["metas"], report["worker"]))
 
     def _on_chunk_report(self, msg: dict) -> None:
         """A chunk's report from its worker (CHUNK_TOPIC): kept until its future completes, or,
@@ -509,7 +510,7 @@ class _DaskBackend(Backend):
                 return
             self._sent.discard(key)
         future, on_done = late
-        on_done(self._outcomes(future, msg["metas"], msg["worker"]))
+        on_done.done(self._outcomes(future, msg["metas"], msg["worker"]))
 
     def _late_report(self, key) -> None:
         """A finished chunk whose report never came: ask its worker for the copy in its result."""
@@ -523,9 +524,9 @@ class _DaskBackend(Backend):
             blob = self.client.submit(_chunk_report, future, pure=False).result(timeout=60)
             who = self.client.who_has([future]).get(key) or ["?"]
         except Exception as exc:
-            on_done(self._lost_cluster(exc) or exc)
+            on_done.failed(self._lost_cluster(exc) or exc)
             return
-        on_done(self._outcomes(future, blob, who[0]))
+        on_done.done(self._outcomes(future, blob, who[0]))
 
     def _outcomes(self, future, blob: bytes, worker: str) -> list:
         outcomes = []
@@ -565,7 +566,7 @@ class _DaskBackend(Backend):
                     exc = err
                 on_done(Outcome(False, error=exc, start=start, end=end, worker=worker))
             else:
-                on_done(Outcome(False, error=self._failure(f), end=time.time()))
+                on_done(Outcome.failure(self._failure(f)))
 
         future.add_done_callback(done)
 
@@ -598,7 +599,7 @@ class _DaskBackend(Backend):
         except Exception as exc:
             self._raise_lost_cluster(exc)
             raise
-        return [(("i", k), seq) for k in range(count)]
+        return [(arg_layout.item(k), seq) for k in range(count)]
 
     def fetch(self, handle):
         return self.fetch_many([handle])[0]
