@@ -46,10 +46,18 @@ os.environ.setdefault("FLOWDAPT_NB_RUNS", os.path.join(_RUNS_TMP, "runs.sqlite")
 EXECUTOR_KINDS = ["threads", "processes", "dask", "ray"]
 
 
+def _holds(value) -> bool:
+    """Truthiness that also takes tables: a DataFrame (whose truth is ambiguous) holds when it
+    has rows, like any other sized value."""
+    if value is None or value is False:
+        return False
+    return len(value) > 0 if hasattr(value, "__len__") else bool(value)
+
+
 def poll(predicate, timeout: float = 60.0, interval: float = 0.05, *, before=None, what: str | None = None):
-    """Call ``predicate`` until it returns something truthy or ``timeout`` seconds pass; its last
-    value. The one polling helper of the suite (``from conftest import poll``): a test waits on
-    real processes and threads this way, never with a fixed sleep.
+    """Call ``predicate`` until it returns something truthy (a table: with rows) or ``timeout``
+    seconds pass; its last value. The one polling helper of the suite (``from conftest import
+    poll``): a test waits on real processes and threads this way, never with a fixed sleep.
 
     ``before``: called before each check (e.g. ``executor.events.flush`` to deliver throttled
     event batches now). ``what``: say what was awaited, and raise ``AssertionError`` with it
@@ -59,7 +67,7 @@ def poll(predicate, timeout: float = 60.0, interval: float = 0.05, *, before=Non
         if before is not None:
             before()
         value = predicate()
-        if value:
+        if _holds(value):
             return value
         if time.monotonic() > deadline:
             if what is not None:

@@ -8,17 +8,16 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
+import fault_stages as fs
 import psutil
 import pytest
+from conftest import poll
 
 import flowdapt_nb as fnb
 from flowdapt_nb import Stage, Workflow
 from flowdapt_nb.sizes import estimate_bytes
-
-import fault_stages as fs
 
 TESTS_DIR = Path(__file__).resolve().parent
 KINDS = ["threads", "processes"]
@@ -27,15 +26,6 @@ MAP = {"map_on": "xs"}
 
 def local(kind, cpus=2, **fields):
     return fnb.LocalExecutor(use_processes=(kind == "processes"), cpus=cpus, **fields).start()
-
-
-def wait_for(predicate, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def alive(pid: int) -> bool:
@@ -59,18 +49,21 @@ SCRIPT_ENV = dict(os.environ, PYTHONPATH=str(TESTS_DIR))
 
 # --- point 2: a timeout or cancel gives the slot back ---------------------------------------------
 
+
 @pytest.mark.parametrize("limit", ["run", "stage"])
 def test_processes_timeout_kills_the_stuck_worker_and_frees_its_slot(limit, tmp_path):
     ex = local("processes", cpus=1)
     try:
         assert ex.run(Workflow("q", stages=[Stage("quick", fs.quick)])).result == [0, 1, 2]  # worker warm
         options = {**MAP, "timeout": 3} if limit == "stage" else MAP
-        wf = Workflow("stuck", stages=[Stage("stuck", fs.record_pid_then_sleep, type="parameterized", options=options)])
+        wf = Workflow(
+            "stuck", stages=[Stage("stuck", fs.record_pid_then_sleep, type="parameterized", options=options)]
+        )
         with pytest.raises(fnb.RunTimeoutError, match="timed out after 3"):
             ex.run(wf, input={"xs": [0], "folder": str(tmp_path)}, timeout=3 if limit == "run" else None)
-        assert wait_for(lambda: pids_in(tmp_path), 30)
+        assert poll(lambda: pids_in(tmp_path), 30)
         victim = pids_in(tmp_path)[0]
-        assert wait_for(lambda: not alive(victim), 10), "the timed-out task's process still runs"
+        assert poll(lambda: not alive(victim), 10), "the timed-out task's process still runs"
         # the only slot is free again: a trivial run ends (it would wait 600 s behind the stuck task)
         handle = ex.submit(Workflow("q", stages=[Stage("quick", fs.quick)]))
         assert handle.wait(60).result == [0, 1, 2]
@@ -84,11 +77,11 @@ def test_processes_cancel_kills_the_running_task(tmp_path):
     try:
         wf = Workflow("stuck", stages=[Stage("stuck", fs.record_pid_then_sleep)])
         handle = ex.submit(wf, input={"folder": str(tmp_path)})
-        assert wait_for(lambda: pids_in(tmp_path), 60)
+        assert poll(lambda: pids_in(tmp_path), 60)
         victim = pids_in(tmp_path)[0]
         handle.cancel()
         assert handle.wait(30).state == "cancelled"
-        assert wait_for(lambda: not alive(victim), 10)
+        assert poll(lambda: not alive(victim), 10)
         assert ex.run(Workflow("q", stages=[Stage("quick", fs.quick)])).result == [0, 1, 2]
     finally:
         ex.close()
@@ -112,7 +105,7 @@ def test_threads_timeout_says_the_thread_runs_on_and_keeps_its_slot():
         assert ex.resources().iloc[0]["cpus_available"] <= 1
         assert ex.run(Workflow("q", stages=[Stage("quick", fs.quick)])).result == [0, 1, 2]
         release.set()  # the stage returns: its slot comes back
-        assert wait_for(lambda: ex._backend.capacity == 2, 30)
+        assert poll(lambda: ex._backend.capacity == 2, 30)
     finally:
         release.set()
         ex.close()
@@ -138,14 +131,15 @@ CLOSE_STUCK = """
 @pytest.mark.parametrize("kind", KINDS)
 def test_close_returns_with_stuck_stages_and_the_script_exits(kind, tmp_path):
     # before: close() never returned (threads: the script could not even exit)
-    out = subprocess.run(script(CLOSE_STUCK, kind, tmp_path), capture_output=True, text=True, timeout=90,
-                         env=SCRIPT_ENV)
+    out = subprocess.run(
+        script(CLOSE_STUCK, kind, tmp_path), capture_output=True, text=True, timeout=90, env=SCRIPT_ENV
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "closed ['cancelled', 'cancelled']" in out.stdout
     assert "executor closed during the run" in out.stdout
     if kind == "processes":
         for pid in pids_in(tmp_path):
-            assert wait_for(lambda: not alive(pid), 10), f"worker {pid} outlived close()"
+            assert poll(lambda pid=pid: not alive(pid), 10), f"worker {pid} outlived close()"
 
 
 def test_processes_close_stops_workers_whose_stage_left_a_non_daemon_thread():
@@ -156,7 +150,7 @@ def test_processes_close_stops_workers_whose_stage_left_a_non_daemon_thread():
     closer.start()
     closer.join(60)
     assert not closer.is_alive(), "close() blocked on the worker's endless thread"
-    assert wait_for(lambda: not alive(pid), 10)
+    assert poll(lambda pid=pid: not alive(pid), 10)
 
 
 def test_processes_workers_exit_when_the_driver_is_killed(tmp_path):
@@ -174,7 +168,7 @@ def test_processes_workers_exit_when_the_driver_is_killed(tmp_path):
     try:
         workers = [int(p) for p in driver.stdout.readline().split()]
         assert len(workers) == 2
-        assert wait_for(lambda: pids_in(tmp_path), 60)
+        assert poll(lambda: pids_in(tmp_path), 60)
         # the workers, the cluster-memory manager, multiprocessing's resource tracker
         started = {p.pid for p in psutil.Process(driver.pid).children(recursive=True)}
         assert set(workers) <= started
@@ -182,14 +176,14 @@ def test_processes_workers_exit_when_the_driver_is_killed(tmp_path):
         driver.kill()
         driver.wait(30)
     for pid in started:
-        assert wait_for(lambda: not alive(pid), 15), f"process {pid} outlived its killed driver"
+        assert poll(lambda pid=pid: not alive(pid), 15), f"process {pid} outlived its killed driver"
 
 
 def test_close_does_not_wait_on_its_own_lock_for_each_active_run():
     ex = local("threads", cpus=2)
     wf = Workflow("naps", stages=[Stage("nap", fs.nap, type="parameterized", options=MAP)])
     handles = [ex.submit(wf, input={"xs": list(range(200))}) for _ in range(3)]
-    assert wait_for(lambda: all(h.run.state == "running" for h in handles), 30)
+    assert poll(lambda: all(h.run.state == "running" for h in handles), 30)
     closer = threading.Thread(target=ex.close, daemon=True)
     closer.start()
     closer.join(20)  # before: 10 s per active run (30 s), waiting on a lock close() itself held
@@ -198,16 +192,35 @@ def test_close_does_not_wait_on_its_own_lock_for_each_active_run():
 
 
 def test_cli_exits_after_ctrl_c_leaving_no_worker(tmp_path):
-    (tmp_path / "sleepers.py").write_text("import os, time\n\ndef nap(folder):\n"
-                                          "    open(os.path.join(folder, 'pid'), 'w').write(str(os.getpid()))\n"
-                                          "    time.sleep(300)\n")
-    (tmp_path / "wf.yaml").write_text("kind: workflow\nmetadata: {name: napper}\nspec:\n  stages:\n"
-                                      "    - {name: nap, target: sleepers.nap}\n")
-    cli = subprocess.Popen([sys.executable, "-m", "flowdapt_nb.cli", "run", "wf.yaml", "--path", str(tmp_path),
-                            "--input", f"folder={tmp_path}"], cwd=tmp_path, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    (tmp_path / "sleepers.py").write_text(
+        "import os, time\n\ndef nap(folder):\n"
+        "    open(os.path.join(folder, 'pid'), 'w').write(str(os.getpid()))\n"
+        "    time.sleep(300)\n"
+    )
+    (tmp_path / "wf.yaml").write_text(
+        "kind: workflow\nmetadata: {name: napper}\nspec:\n  stages:\n"
+        "    - {name: nap, target: sleepers.nap}\n"
+    )
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flowdapt_nb.cli",
+            "run",
+            "wf.yaml",
+            "--path",
+            str(tmp_path),
+            "--input",
+            f"folder={tmp_path}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        assert wait_for(lambda: (tmp_path / "pid").exists() and (tmp_path / "pid").read_text(), 90)
+        assert poll(lambda: (tmp_path / "pid").exists() and (tmp_path / "pid").read_text(), 90)
         tree = [p.pid for p in psutil.Process(cli.pid).children(recursive=True)]
         os.kill(cli.pid, signal.SIGINT)
         out, err = cli.communicate(timeout=60)  # before: still running 100 s after three SIGINTs
@@ -217,19 +230,22 @@ def test_cli_exits_after_ctrl_c_leaving_no_worker(tmp_path):
             cli.wait()
     assert cli.returncode == 130, err[-2000:]
     assert "cancelled" in err
-    left = [pid for pid in tree if wait_for(lambda: not alive(pid), 10) is False]
+    left = [pid for pid in tree if poll(lambda pid=pid: not alive(pid), 10) is False]
     assert not left, f"processes outlived the CLI: {left}"
 
 
 # --- point 5: one worker death fails only its item ----------------------------------------------------
+
 
 @pytest.mark.parametrize("how", ["exit", "segv", "sigkill"])
 def test_processes_worker_death_fails_only_its_item(how):
     ex = local("processes", cpus=2)
     try:
         wf = Workflow("w", stages=[Stage("work", fs.die_on, type="parameterized", options=MAP)])
-        other = ex.submit(Workflow("other", stages=[Stage("nap", fs.nap, type="parameterized", options=MAP)]),
-                          input={"xs": list(range(10)), "delay": 0.1})
+        other = ex.submit(
+            Workflow("other", stages=[Stage("nap", fs.nap, type="parameterized", options=MAP)]),
+            input={"xs": list(range(10)), "delay": 0.1},
+        )
         run = ex.submit(wf, input={"xs": list(range(20)), "how": how, "delay": 0.1}).wait(180)
         assert run.state == "finished"
         assert run.result == [x for x in range(20) if x != 5]
@@ -259,7 +275,7 @@ def test_processes_sigkill_from_outside_mid_fanout_loses_nothing(tmp_path):
     try:
         wf = Workflow("w", stages=[Stage("s", fs.record_pid_then_sleep, type="parameterized", options=MAP)])
         handle = ex.submit(wf, input={"xs": list(range(12)), "folder": str(tmp_path), "seconds": 0.3})
-        assert wait_for(lambda: len(pids_in(tmp_path)) >= 3, 60)
+        assert poll(lambda: len(pids_in(tmp_path)) >= 3, 60)
         os.kill(pids_in(tmp_path)[-1], signal.SIGKILL)
         run = handle.wait(180)
         assert run.state == "finished" and run.result == list(range(12)) and not run.failures
@@ -268,6 +284,7 @@ def test_processes_sigkill_from_outside_mid_fanout_loses_nothing(tmp_path):
 
 
 # --- point 6: close() under a run says so; a closed executor refuses to run ---------------------------
+
 
 @pytest.mark.parametrize("kind", [*KINDS, "dask"])
 def test_close_from_another_thread_fails_the_run_clearly(kind):
@@ -279,7 +296,7 @@ def test_close_from_another_thread_fails_the_run_clearly(kind):
         ex.run(wf, input={"xs": list(range(100))})
     run = err.value.run
     assert run.state == "cancelled" and run.error == "executor closed during the run"
-    assert wait_for(lambda: not ex.running, 30)
+    assert poll(lambda: not ex.running, 30)
     with pytest.raises(fnb.ExecutorClosedError, match="start"):
         ex.run(wf, input={"xs": [1]})
     with pytest.raises(fnb.ExecutorClosedError):
@@ -295,8 +312,10 @@ def test_close_from_another_thread_fails_the_run_clearly(kind):
 def test_a_user_cancel_is_still_not_an_error():
     ex = local("threads")
     try:
-        handle = ex.submit(Workflow("naps", stages=[Stage("nap", fs.nap, type="parameterized", options=MAP)]),
-                           input={"xs": list(range(50))})
+        handle = ex.submit(
+            Workflow("naps", stages=[Stage("nap", fs.nap, type="parameterized", options=MAP)]),
+            input={"xs": list(range(50))},
+        )
         handle.cancel()
         run = handle.wait(30)
         assert run.state == "cancelled" and run.error == "cancelled by the user"
@@ -306,21 +325,30 @@ def test_a_user_cancel_is_still_not_an_error():
 
 # --- point 7: a fan-out whose every item failed fails its stage ---------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["threads", "processes", "dask", "ray"])
 def test_fanout_whose_every_item_failed_fails_the_stage(kind):
     from conftest import make_executor
+
     ex = make_executor(kind)  # the engine decides: every executor alike
     try:
-        wf = Workflow("bad", stages=[Stage("all_bad", fs.always_fails, type="parameterized", options=MAP),
-                                     Stage("after", fs.quick, depends_on=["all_bad"])])
+        wf = Workflow(
+            "bad",
+            stages=[
+                Stage("all_bad", fs.always_fails, type="parameterized", options=MAP),
+                Stage("after", fs.quick, depends_on=["all_bad"]),
+            ],
+        )
         with pytest.raises(fnb.StageError, match="stage 'all_bad' failed") as err:
             ex.run(wf, input={"xs": [1, 2, 3]})
         text = str(err.value)
         assert "all 3 items failed" in text and "item 0: ValueError: item 1 is bad" in text
         assert err.value.run.state == "failed" and err.value.run.failed_stage == "all_bad"
         # some items surviving is still a partial failure
-        ok = ex.run(Workflow("some", stages=[Stage("s", fs.die_on, type="parameterized", options=MAP)]),
-                    input={"xs": [1, 2], "victim": -1, "delay": 0})
+        ok = ex.run(
+            Workflow("some", stages=[Stage("s", fs.die_on, type="parameterized", options=MAP)]),
+            input={"xs": [1, 2], "victim": -1, "delay": 0},
+        )
         assert ok.result == [1, 2]
     finally:
         if kind in KINDS:
@@ -330,16 +358,34 @@ def test_fanout_whose_every_item_failed_fails_the_stage(kind):
 def test_cli_exits_1_when_every_item_failed(tmp_path):
     (tmp_path / "wf.yaml").write_text(
         "kind: workflow\nmetadata: {name: bad}\nspec:\n  stages:\n"
-        "    - {name: all_bad, target: fault_stages.always_fails, type: parameterized, options: {map_on: xs}}\n")
+        "    - {name: all_bad, target: fault_stages.always_fails, type: parameterized, options: {map_on: xs}}\n"
+    )
     (tmp_path / "threads.yaml").write_text("target: local\nuse_processes: false\ncpus: 2\n")
-    out = subprocess.run([sys.executable, "-m", "flowdapt_nb.cli", "run", "wf.yaml", "--config", "threads.yaml",
-                          "--path", str(TESTS_DIR), "--input-json", '{"xs": [1, 2]}'], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowdapt_nb.cli",
+            "run",
+            "wf.yaml",
+            "--config",
+            "threads.yaml",
+            "--path",
+            str(TESTS_DIR),
+            "--input-json",
+            '{"xs": [1, 2]}',
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1, out.stderr
     assert "all_bad" in out.stderr and "all 2 items failed" in out.stderr
 
 
 # --- point 8: the history is bounded by bytes ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_history_drops_old_results_past_its_byte_budget(kind):
@@ -365,6 +411,7 @@ def test_history_drops_old_results_past_its_byte_budget(kind):
 def test_result_sizes_are_estimated_without_copying():
     import numpy as np
     import pandas as pd
+
     assert estimate_bytes(np.zeros(1_000_000)) == 8_000_000
     frame = pd.DataFrame({"a": np.zeros(100_000), "b": np.ones(100_000)})
     assert estimate_bytes(frame) >= 1_600_000
@@ -376,7 +423,8 @@ def test_result_sizes_are_estimated_without_copying():
 
 def test_processes_that_die_as_they_start_fail_tasks_instead_of_respawning_forever(tmp_path):
     driver = tmp_path / "driver.py"
-    driver.write_text(textwrap.dedent("""
+    driver.write_text(
+        textwrap.dedent("""
         if __name__ != "__main__":  # each worker re-imports this file as __mp_main__ and dies there
             import os
             os._exit(7)
@@ -392,7 +440,10 @@ def test_processes_that_die_as_they_start_fail_tasks_instead_of_respawning_forev
         except RuntimeError as exc:
             print("refused:", exc)
         pool.close()
-    """))
+    """)
+    )
     out = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=120)
-    assert "failed: local worker processes exit as they start (exit code 7" in out.stdout, out.stdout + out.stderr
+    assert "failed: local worker processes exit as they start (exit code 7" in out.stdout, (
+        out.stdout + out.stderr
+    )
     assert "refused: local worker processes exit as they start" in out.stdout

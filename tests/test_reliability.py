@@ -8,34 +8,30 @@ import time
 
 import psutil
 import pytest
+import stages as st
+from conftest import poll
 
 import flowdapt_nb as fnb
 from flowdapt_nb import Stage, Workflow
 
-import stages as st
-
-SLOW_MAP = Workflow("slowmap", stages=[Stage("slow", st.slow, type="parameterized", options={"map_on": "xs"})])
+SLOW_MAP = Workflow(
+    "slowmap", stages=[Stage("slow", st.slow, type="parameterized", options={"map_on": "xs"})]
+)
 QUICK = Workflow("quick", stages=[Stage("numbers", st.numbers)])
-
-
-def wait_for(predicate, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.parametrize("kind", ["processes", "dask", "ray"])
 def test_worker_death_mid_run_ends_the_run_and_the_executor_recovers(kind, tmp_path):
     from conftest import make_executor
+
     ex = make_executor(kind)
     try:
         pid_file = tmp_path / "pid"
-        handle = ex.submit(Workflow("victim", stages=[Stage("work", st.pid_then_sleep)]),
-                           input={"path": str(pid_file), "delay": 4.0})
-        assert wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 60)
+        handle = ex.submit(
+            Workflow("victim", stages=[Stage("work", st.pid_then_sleep)]),
+            input={"path": str(pid_file), "delay": 4.0},
+        )
+        assert poll(lambda: pid_file.exists() and pid_file.read_text().strip(), 60)
         victim = int(pid_file.read_text().split()[0])
         assert victim != os.getpid() and victim in {p.pid for p in psutil.Process().children(recursive=True)}
         os.kill(victim, signal.SIGKILL)
@@ -88,7 +84,11 @@ def test_history_keeps_every_outcome():
     with fnb.LocalExecutor(use_processes=False, cpus=2) as ex:
         ex.run(QUICK, input={"n": 1})
         with pytest.raises(fnb.StageError):
-            ex.run(Workflow("bad", stages=[Stage("numbers", st.numbers), Stage("b", st.boom, depends_on=["numbers"])]))
+            ex.run(
+                Workflow(
+                    "bad", stages=[Stage("numbers", st.numbers), Stage("b", st.boom, depends_on=["numbers"])]
+                )
+            )
         handle = ex.submit(SLOW_MAP, input={"xs": [1, 2, 3], "delay": 1})
         handle.cancel()
         handle.wait(10)
@@ -103,8 +103,11 @@ def _snapshot():
     me = psutil.Process()
     children = {p.pid for p in me.children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())}
     threads = {t.ident for t in threading.enumerate()}
-    listening = {c.laddr.port for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN
-                 and c.pid in children | {me.pid}}
+    listening = {
+        c.laddr.port
+        for c in psutil.net_connections("inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in children | {me.pid}
+    }
     return children, threads, listening
 
 
@@ -118,6 +121,7 @@ def test_start_and_close_five_times_leaves_nothing(kind, ray_cluster):
         "dask": lambda: fnb.DaskExecutor(cpus=1, threads=1),
         "ray": lambda: fnb.RayExecutor(cpus=1, include_dashboard=False, logging_level="error"),
     }
+
     def ours():
         return {t for t in threading.enumerate() if t.name.startswith("flowdapt-nb") and t.is_alive()}
 
@@ -126,9 +130,9 @@ def test_start_and_close_five_times_leaves_nothing(kind, ray_cluster):
     for _ in range(5):
         with factories[kind]() as ex:
             assert ex.run(QUICK, input={"n": 2}).result == [0, 1]
-    assert wait_for(lambda: not (_snapshot()[0] - children0), 30), _snapshot()[0] - children0
-    assert wait_for(lambda: not (ours() - ours0), 10), [t.name for t in ours() - ours0]
-    assert wait_for(lambda: not (_snapshot()[2] - ports0), 10), _snapshot()[2] - ports0
+    assert poll(lambda: not (_snapshot()[0] - children0), 30), _snapshot()[0] - children0
+    assert poll(lambda: not (ours() - ours0), 10), [t.name for t in ours() - ours0]
+    assert poll(lambda: not (_snapshot()[2] - ports0), 10), _snapshot()[2] - ports0
 
 
 def test_dashboards_and_local_clusters_bind_loopback(dask_executor):
@@ -136,8 +140,11 @@ def test_dashboards_and_local_clusters_bind_loopback(dask_executor):
     assert info["address"].startswith("tcp://127.0.0.1:") and "127.0.0.1" in info["dashboard_url"]
     children = {p.pid for p in psutil.Process().children(recursive=True)}
     for conn in psutil.net_connections("inet"):
-        if conn.pid in children and conn.status == psutil.CONN_LISTEN and conn.laddr.port in (
-                int(info["address"].rsplit(":", 1)[1]),):
+        if (
+            conn.pid in children
+            and conn.status == psutil.CONN_LISTEN
+            and conn.laddr.port in (int(info["address"].rsplit(":", 1)[1]),)
+        ):
             assert conn.laddr.ip == "127.0.0.1"
 
 

@@ -1,32 +1,24 @@
 """Live telemetry on every executor: task events from the workers, resource samples, tables."""
 
 import threading
-import time
 
-import pytest
+import stages as st
+from conftest import poll
 
 import flowdapt_nb as fnb
 from flowdapt_nb import Stage, Workflow
-
-import stages as st
-
-
-def poll(predicate, timeout=30, interval=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value is not None and value is not False and (not hasattr(value, "__len__") or len(value)):
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def test_running_task_is_seen_running_while_it_runs(executor):
     seen = []
     token = executor.events.subscribe(seen.append, kinds={"task"})
     try:
-        handle = executor.submit(Workflow("slow", stages=[Stage("slow", st.slow)]), input={"x": 1, "delay": 3})
-        running = poll(lambda: [e for e in seen if e.run == handle.run.uid and e.state == "running"], timeout=20)
+        handle = executor.submit(
+            Workflow("slow", stages=[Stage("slow", st.slow)]), input={"x": 1, "delay": 3}
+        )
+        running = poll(
+            lambda: [e for e in seen if e.run == handle.run.uid and e.state == "running"], timeout=20
+        )
         assert running and not handle.done()
         tasks = handle.run.tasks
         assert tasks.state.item() == "running" and tasks.start.notna().item()
@@ -46,9 +38,16 @@ def test_each_item_produces_its_events_in_order(executor):
 
     token = executor.events.subscribe(collect, kinds={"task"}, throttle=0.05)
     try:
-        run = executor.run(Workflow("order", stages=[
-            Stage("numbers", st.numbers),
-            Stage("check", st.fail_on_three, type="parameterized", depends_on=["numbers"])]), input={"n": 6})
+        run = executor.run(
+            Workflow(
+                "order",
+                stages=[
+                    Stage("numbers", st.numbers),
+                    Stage("check", st.fail_on_three, type="parameterized", depends_on=["numbers"]),
+                ],
+            ),
+            input={"n": 6},
+        )
         executor.events.flush()
     finally:
         executor.events.unsubscribe(token)
@@ -97,9 +96,10 @@ def test_sample_stream_and_bounded_history():
     with fnb.LocalExecutor(use_processes=False, cpus=2, sample_interval=0.02, resource_history_limit=5) as ex:
         samples = []
         token = ex.events.subscribe(samples.append, kinds={"sample"})
-        handle = ex.submit(Workflow("long", stages=[Stage("slow", st.slow, type="parameterized",
-                                                          options={"map_on": "xs"})]),
-                           input={"xs": [1, 2, 3, 4], "delay": 0.4})
+        handle = ex.submit(
+            Workflow("long", stages=[Stage("slow", st.slow, type="parameterized", options={"map_on": "xs"})]),
+            input={"xs": [1, 2, 3, 4], "delay": 0.4},
+        )
         poll(lambda: len(samples) > 20, timeout=20)
         assert len(ex.resource_history()) <= 5
         busy = [s.resources_available["cpus"] for s in samples]

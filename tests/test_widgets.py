@@ -9,10 +9,10 @@ import sys
 import time
 
 import pytest
+import stages
+from conftest import make_executor, poll
 
 import flowdapt_nb as fnb
-import stages
-from conftest import make_executor
 
 widgets = pytest.importorskip("flowdapt_nb.widgets")
 
@@ -27,32 +27,27 @@ def ex(request):
         executor.close()
 
 
-def poll(executor, predicate, timeout=60.0, interval=0.05):
-    """Deliver throttled batches now and check ``predicate`` until it holds or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        executor.events.flush()
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-
-
 def slow_squares(n_delay=0.3):
-    return fnb.Workflow("slow-squares", stages=[
-        fnb.Stage("numbers", stages.numbers),
-        fnb.Stage("square", stages.slow, type="parameterized", depends_on=["numbers"]),
-        fnb.Stage("total", stages.total, depends_on=["square"]),
-    ])
+    return fnb.Workflow(
+        "slow-squares",
+        stages=[
+            fnb.Stage("numbers", stages.numbers),
+            fnb.Stage("square", stages.slow, type="parameterized", depends_on=["numbers"]),
+            fnb.Stage("total", stages.total, depends_on=["square"]),
+        ],
+    )
 
 
 def counts_from_tasks(run) -> dict:
     tasks = run.tasks
     out = {}
-    names = {"finished": "done", "running": "running", "failed": "failed", "queued": "queued",
-             "cancelled": "cancelled"}
+    names = {
+        "finished": "done",
+        "running": "running",
+        "failed": "failed",
+        "queued": "queued",
+        "cancelled": "cancelled",
+    }
     for stage in run.definition.stage_names:
         mine = tasks[tasks["stage"] == stage]
         row = {v: int((mine["state"] == k).sum()) for k, v in names.items()}
@@ -67,14 +62,19 @@ def counts_from_tasks(run) -> dict:
 
 # --- TaskDashboard ------------------------------------------------------------------------------
 
+
 def test_task_dashboard_follows_a_run_and_matches_run_tasks(ex):
     dash = widgets.TaskDashboard(ex)
     seen = []
     dash.observe(lambda change: seen.append(dict(change["new"].get("square", {}))), names="stage_counts")
     handle = ex.submit(slow_squares(), input={"n": 8})
-    poll(ex, lambda: dash.run_id == handle.run.uid)
+    poll(lambda: dash.run_id == handle.run.uid, before=ex.events.flush, what="condition")
     handle.wait(120)
-    poll(ex, lambda: dash.run_state == "finished" and dash.stage_counts["total"]["done"] == 1)
+    poll(
+        lambda: dash.run_state == "finished" and dash.stage_counts["total"]["done"] == 1,
+        before=ex.events.flush,
+        what="condition",
+    )
     run = handle.run
     assert dash.run_name == run.name
     assert dash.stage_counts == counts_from_tasks(run)
@@ -97,15 +97,22 @@ def test_task_dashboard_follows_a_run_and_matches_run_tasks(ex):
 
 
 def test_task_dashboard_shows_dropped_items_and_their_tracebacks(ex):
-    wf = fnb.Workflow("partial", stages=[
-        fnb.Stage("numbers", stages.numbers),
-        fnb.Stage("check", stages.fail_on_three, type="parameterized", depends_on=["numbers"]),
-        fnb.Stage("total", stages.total, depends_on=["check"]),
-    ])
+    wf = fnb.Workflow(
+        "partial",
+        stages=[
+            fnb.Stage("numbers", stages.numbers),
+            fnb.Stage("check", stages.fail_on_three, type="parameterized", depends_on=["numbers"]),
+            fnb.Stage("total", stages.total, depends_on=["check"]),
+        ],
+    )
     dash = widgets.TaskDashboard(ex)
     run = ex.run(wf, input={"n": 5})
     assert run.result == 0 + 1 + 2 + 4
-    poll(ex, lambda: dash.run_id == run.uid and dash.run_state == "finished" and dash.failed_tasks)
+    poll(
+        lambda: dash.run_id == run.uid and dash.run_state == "finished" and dash.failed_tasks,
+        before=ex.events.flush,
+        what="condition",
+    )
     assert dash.stage_counts == counts_from_tasks(run)
     assert dash.stage_counts["check"]["failed"] == 1 and dash.stage_counts["check"]["done"] == 4
     [failed] = dash.failed_tasks
@@ -124,13 +131,22 @@ def test_task_dashboard_shows_dropped_items_and_their_tracebacks(ex):
 
 
 def test_task_dashboard_shows_a_failed_run(ex):
-    wf = fnb.Workflow("broken", stages=[fnb.Stage("numbers", stages.numbers),
-                                        fnb.Stage("explode", stages.boom, depends_on=["numbers"])])
+    wf = fnb.Workflow(
+        "broken",
+        stages=[
+            fnb.Stage("numbers", stages.numbers),
+            fnb.Stage("explode", stages.boom, depends_on=["numbers"]),
+        ],
+    )
     dash = widgets.TaskDashboard(ex)
     with pytest.raises(fnb.StageError):
         ex.run(wf, input={"n": 2})
     run = ex.history[-1]
-    poll(ex, lambda: dash.run_id == run.uid and dash.run_state == "failed" and dash.failed_tasks)
+    poll(
+        lambda: dash.run_id == run.uid and dash.run_state == "failed" and dash.failed_tasks,
+        before=ex.events.flush,
+        what="condition",
+    )
     assert dash.stage_states["explode"] == "failed"
     text = dash.show_traceback("explode", None)
     assert "boom happened" in text and "def boom" not in text and "boom" in text
@@ -156,11 +172,15 @@ def test_task_dashboard_pinned_to_a_run_and_picker():
         assert dash.run_id == first.uid
         # a dashboard opened mid-run starts from the run's record, then follows
         handle = ex.submit(slow_squares(), input={"n": 6})
-        poll(ex, lambda: handle.run.tasks["state"].eq("finished").sum() >= 2)
+        poll(
+            lambda: handle.run.tasks["state"].eq("finished").sum() >= 2,
+            before=ex.events.flush,
+            what="condition",
+        )
         late = widgets.TaskDashboard(ex)
         assert late.run_id == handle.run.uid and late.stage_counts["numbers"]["done"] == 1
         handle.wait(60)
-        poll(ex, lambda: late.stage_counts["square"]["done"] == 6)
+        poll(lambda: late.stage_counts["square"]["done"] == 6, before=ex.events.flush, what="condition")
         assert late.stage_counts == counts_from_tasks(handle.run)
         late.close()
         dash.close()
@@ -174,9 +194,13 @@ def test_task_dashboard_is_throttled_and_unsubscribes_on_close():
         before = len(ex.events._subs)
         dash = widgets.TaskDashboard(ex)
         assert len(ex.events._subs) == before + 1
-        wf = fnb.Workflow("many", stages=[
-            fnb.Stage("numbers", stages.numbers),
-            fnb.Stage("square", stages.square, type="parameterized", depends_on=["numbers"])])
+        wf = fnb.Workflow(
+            "many",
+            stages=[
+                fnb.Stage("numbers", stages.numbers),
+                fnb.Stage("square", stages.square, type="parameterized", depends_on=["numbers"]),
+            ],
+        )
         start_redraws = dash.redraws
         t0 = time.monotonic()
         run = ex.run(wf, input={"n": 600})
@@ -196,10 +220,15 @@ def test_task_dashboard_is_throttled_and_unsubscribes_on_close():
 
 # --- ResourceDashboard --------------------------------------------------------------------------
 
+
 def test_resource_dashboard_per_worker_gauges_and_series(ex):
     cpu_key = {"local": "cpus", "dask": "cpus", "ray": "CPU"}[ex.kind]
     dash = widgets.ResourceDashboard(ex, window=120)
-    poll(ex, lambda: dash.workers and all(f"{cpu_key}_total" in dash.latest[w] for w in dash.workers))
+    poll(
+        lambda: dash.workers and all(f"{cpu_key}_total" in dash.latest[w] for w in dash.workers),
+        before=ex.events.flush,
+        what="condition",
+    )
     expected_workers = {"local": 1, "dask": 2, "ray": 1}[ex.kind]
     assert len(dash.workers) == expected_workers
     total_cpus = sum(dash.latest[w][f"{cpu_key}_total"] for w in dash.workers)
@@ -208,8 +237,9 @@ def test_resource_dashboard_per_worker_gauges_and_series(ex):
         assert all(dash.latest[w]["hamster_wheels_total"] == 2 for w in dash.workers)
     baseline = sum(dash.latest[w][f"{cpu_key}_used"] or 0 for w in dash.workers)
     peak = [baseline]
-    wf = fnb.Workflow("busy", stages=[fnb.Stage("work", stages.slow, type="parameterized",
-                                                options={"map_on": "xs"})])
+    wf = fnb.Workflow(
+        "busy", stages=[fnb.Stage("work", stages.slow, type="parameterized", options={"map_on": "xs"})]
+    )
     handle = ex.submit(wf, input={"xs": list(range(8)), "delay": 1.0})
 
     def busier():
@@ -217,7 +247,7 @@ def test_resource_dashboard_per_worker_gauges_and_series(ex):
         peak.append(used)
         return used > baseline
 
-    poll(ex, busier, timeout=60)
+    poll(busier, timeout=60, before=ex.events.flush, what="condition")
     handle.wait(120)
     assert max(peak) > baseline
     assert dash.samples >= 2
@@ -240,15 +270,26 @@ def test_resource_dashboard_per_worker_gauges_and_series(ex):
 def test_resource_dashboard_draws_gpus_when_workers_have_them():
     # a GPU node's sample, published on a real executor's stream as a sampler would
     from flowdapt_nb.events import ResourceSample
+
     ex = make_executor("threads")
     try:
         dash = widgets.ResourceDashboard(ex)
         now = time.time()
         for i, (busy, gpu) in enumerate([(1, 35.0), (2, 70.0)]):
-            ex.events.publish(ResourceSample(
-                "gpu-node", now - 1 + i, cpu_percent=50.0, memory_used=int(20e9), memory_limit=int(64e9),
-                gpu_percent=gpu, gpu_memory_used=int(40e9), gpu_memory_limit=int(80e9),
-                resources_total={"CPU": 8, "GPU": 2}, resources_available={"CPU": 8 - busy, "GPU": 2 - busy}))
+            ex.events.publish(
+                ResourceSample(
+                    "gpu-node",
+                    now - 1 + i,
+                    cpu_percent=50.0,
+                    memory_used=int(20e9),
+                    memory_limit=int(64e9),
+                    gpu_percent=gpu,
+                    gpu_memory_used=int(40e9),
+                    gpu_memory_limit=int(80e9),
+                    resources_total={"CPU": 8, "GPU": 2},
+                    resources_available={"CPU": 8 - busy, "GPU": 2 - busy},
+                )
+            )
         ex.events.flush()
         assert dash.latest["gpu-node"]["gpu_percent"] == 70.0
         assert dash.latest["gpu-node"]["GPU_used"] == 2 and dash.latest["gpu-node"]["CPU_used"] == 2
@@ -269,6 +310,7 @@ def test_executor_card_of_an_executor_not_started():
 
 
 # --- ExecutorCard and Dashboard ---------------------------------------------------------------
+
 
 def test_executor_card_shows_the_executor(ex):
     card = widgets.ExecutorCard(ex)
@@ -294,7 +336,11 @@ def test_executor_card_shows_the_executor(ex):
 
 @pytest.mark.parametrize("kind", ["threads", "dask"])
 def test_executor_card_stop_button_closes_the_executor(kind):
-    ex = fnb.LocalExecutor(use_processes=False, cpus=2) if kind == "threads" else fnb.DaskExecutor(cpus=1, threads=1)
+    ex = (
+        fnb.LocalExecutor(use_processes=False, cpus=2)
+        if kind == "threads"
+        else fnb.DaskExecutor(cpus=1, threads=1)
+    )
     ex.start()
     try:
         card = widgets.ExecutorCard(ex)
@@ -320,7 +366,11 @@ def test_executor_card_turns_stopped_when_the_executor_is_closed_elsewhere():
         seen = []
         token = ex.events.subscribe(seen.append, kinds=("run",), throttle=0.05)
         ex.run(slow_squares(), input={"n": 2})
-        poll(ex, lambda: any(e.state == "finished" for batch in seen for e in batch))
+        poll(
+            lambda: any(e.state == "finished" for batch in seen for e in batch),
+            before=ex.events.flush,
+            what="condition",
+        )
         ex.events.unsubscribe(token)
     finally:
         card.close()
@@ -329,15 +379,21 @@ def test_executor_card_turns_stopped_when_the_executor_is_closed_elsewhere():
 
 def test_dashboard_links_the_native_dashboard_and_moves(ex):
     dash = widgets.Dashboard(ex)
-    assert isinstance(dash.tasks, widgets.TaskDashboard) and isinstance(dash.resources, widgets.ResourceDashboard)
+    assert isinstance(dash.tasks, widgets.TaskDashboard) and isinstance(
+        dash.resources, widgets.ResourceDashboard
+    )
     if ex.kind in ("dask", "ray"):
         assert dash.dashboard_url.startswith("http://127.0.0.1:")
         assert dash.dashboard_url in dash._header.value and "fnb-native-link" in dash._header.value
     else:
         assert dash.dashboard_url == "" and "fnb-native-link" not in dash._header.value
     run = ex.run(slow_squares(), input={"n": 4})
-    poll(ex, lambda: dash.tasks.run_id == run.uid and dash.tasks.stage_counts["total"]["done"] == 1)
-    poll(ex, lambda: dash.resources.workers)
+    poll(
+        lambda: dash.tasks.run_id == run.uid and dash.tasks.stage_counts["total"]["done"] == 1,
+        before=ex.events.flush,
+        what="condition",
+    )
+    poll(lambda: dash.resources.workers, before=ex.events.flush, what="condition")
     assert dash.tasks.stage_counts == counts_from_tasks(run)
     page = dash._repr_html_()
     assert "square" in page and "Resources" in page
@@ -350,9 +406,17 @@ def test_dashboard_links_the_native_dashboard_and_moves(ex):
 
 # --- StageMapper --------------------------------------------------------------------------------
 
+
 def _namespace():
-    return {"numbers": stages.numbers, "square": stages.square, "total": stages.total, "slow": stages.slow,
-            "add": stages.add, "fail_on_three": stages.fail_on_three, "not_a_function": 42}
+    return {
+        "numbers": stages.numbers,
+        "square": stages.square,
+        "total": stages.total,
+        "slow": stages.slow,
+        "add": stages.add,
+        "fail_on_three": stages.fail_on_three,
+        "not_a_function": 42,
+    }
 
 
 def test_mapper_lists_functions_and_builds_a_workflow():
@@ -375,7 +439,9 @@ def test_mapper_lists_functions_and_builds_a_workflow():
     # the UI's "Add as stage" picks the function and chains it after the last stage
     mapper.functions_w.value = "slow"
     mapper.add_fn_w.click()
-    assert mapper.stages["slow"].deps_w.value == ("total",) or list(mapper.stages["slow"].deps_w.value) == ["total"]
+    assert mapper.stages["slow"].deps_w.value == ("total",) or list(mapper.stages["slow"].deps_w.value) == [
+        "total"
+    ]
     mapper.remove_stage("slow")
     assert mapper.stage_names() == ["numbers", "square", "total"]
     # renaming a stage renames it where others depend on it
@@ -398,7 +464,7 @@ def test_mapper_shows_invalid_mappings_on_their_stages():
     assert "fnb-valid" in mapper.stages["a"]._dom_classes
     assert 'stroke="#e53935"' in mapper.svg  # marked on the DAG too
     with pytest.raises(fnb.ConfigError, match="unknown stage 'nope'"):
-        mapper.workflow
+        _ = mapper.workflow
     with pytest.raises(fnb.ConfigError):
         mapper.export_yaml()
     # a cycle is shown on every stage in it
@@ -436,7 +502,7 @@ def test_mapper_shows_invalid_mappings_on_their_stages():
     mapper.name_w.value = "bad name!"
     assert "workflow name" in mapper.workflow_error
     with pytest.raises(fnb.ConfigError, match="workflow name"):
-        mapper.workflow
+        _ = mapper.workflow
     mapper.name_w.value = "fine"
     assert mapper.workflow.stage("d").resources == {"cpus": 1, "memory": "1GB"}
     # the UI never raises: a bad action lands in the status line
@@ -451,8 +517,9 @@ def test_mapper_exported_yaml_round_trips_and_runs(ex, tmp_path):
     mapper = widgets.StageMapper(namespace=_namespace())
     mapper.name_w.value = "mapped"
     mapper.add_stage("numbers", stages.numbers)
-    mapper.add_stage("square", stages.square, type="parameterized", depends_on=["numbers"],
-                     allow_partial_failure=False)
+    mapper.add_stage(
+        "square", stages.square, type="parameterized", depends_on=["numbers"], allow_partial_failure=False
+    )
     mapper.add_stage("total", "total", depends_on=["square"])
     path = tmp_path / "mapped.yaml"
     text = mapper.export_yaml(path)
@@ -482,7 +549,7 @@ def test_mapper_runs_and_colours_the_dag(ex):
     assert mapper.executor is ex
     run = handle.wait(120)
     assert run.result == sum(range(6))
-    poll(ex, lambda: mapper.stage_states.get("total") == "finished")
+    poll(lambda: mapper.stage_states.get("total") == "finished", before=ex.events.flush, what="condition")
     assert mapper.stage_states == {"numbers": "finished", "square": "finished", "total": "finished"}
     assert mapper.run_state == "finished"
     assert any(s.get("square") == "running" for s in seen), seen
@@ -518,7 +585,7 @@ def test_mapper_buttons_drive_it_like_a_user():
         assert mapper._handle is not None
         run = mapper._handle.wait(30)
         assert run.result == [0, 2, 4, 6] and sorted(calls) == [0, 1, 2, 3]
-        poll(ex, lambda: mapper.run_state == "finished")
+        poll(lambda: mapper.run_state == "finished", before=ex.events.flush, what="condition")
         assert mapper.run_w.description == "Run"
         # a bad input is shown, not raised
         mapper.input_w.value = "[1, 2]"
@@ -536,7 +603,9 @@ def test_mapper_buttons_drive_it_like_a_user():
         assert "loaded saved" in html.unescape(mapper.status_w.value)
         mapper.load_w.click()
         mapper.load_pick_w.value = None
-        mapper.load_text_w.value = "kind: workflow\nmetadata: {name: pasted}\nspec:\n  stages:\n    - {name: x, target: numbers}\n"
+        mapper.load_text_w.value = (
+            "kind: workflow\nmetadata: {name: pasted}\nspec:\n  stages:\n    - {name: x, target: numbers}\n"
+        )
         mapper.load_go_w.click()
         assert mapper.name == "pasted" and mapper.stage_names() == ["x"] and mapper.errors == {}
         # new functions defined later show up on refresh
@@ -557,11 +626,11 @@ def test_mapper_run_button_cancels_a_run_in_progress():
         mapper.input_w.value = "xs=[1, 2, 3, 4, 5, 6, 7, 8]"
         mapper.run_w.click()
         handle = mapper._handle
-        poll(ex, lambda: mapper.stage_states.get("work") == "running")
+        poll(lambda: mapper.stage_states.get("work") == "running", before=ex.events.flush, what="condition")
         assert mapper.run_w.description == "Cancel"
         mapper.run_w.click()
         assert handle.wait(30).state == "cancelled"
-        poll(ex, lambda: mapper.run_state == "cancelled")
+        poll(lambda: mapper.run_state == "cancelled", before=ex.events.flush, what="condition")
         assert handle.run.state == "cancelled" and mapper.run_w.description == "Run"
     finally:
         mapper.close()
@@ -590,14 +659,21 @@ print("ok")
 
 # --- views and imports ------------------------------------------------------------------------
 
+
 def test_every_widget_has_html_and_text_views():
     from IPython.core.formatters import DisplayFormatter
+
     formatter = DisplayFormatter()  # IPython's, without making a global shell
     ex = make_executor("threads")
     try:
         ex.run(slow_squares(0), input={"n": 2})
-        made = [widgets.ExecutorCard(ex), widgets.TaskDashboard(ex), widgets.ResourceDashboard(ex),
-                widgets.Dashboard(ex), widgets.StageMapper(namespace=_namespace())]
+        made = [
+            widgets.ExecutorCard(ex),
+            widgets.TaskDashboard(ex),
+            widgets.ResourceDashboard(ex),
+            widgets.Dashboard(ex),
+            widgets.StageMapper(namespace=_namespace()),
+        ]
         for w in made:
             page = w._repr_html_()
             text = repr(w)
@@ -617,8 +693,10 @@ def test_every_widget_has_html_and_text_views():
 
 
 def test_import_flowdapt_nb_stays_light():
-    code = ("import sys, flowdapt_nb; assert 'ipywidgets' not in sys.modules; "
-            "import flowdapt_nb.widgets; assert 'ipywidgets' in sys.modules; "
-            "assert 'ray' not in sys.modules and 'distributed' not in sys.modules; print('ok')")
+    code = (
+        "import sys, flowdapt_nb; assert 'ipywidgets' not in sys.modules; "
+        "import flowdapt_nb.widgets; assert 'ipywidgets' in sys.modules; "
+        "assert 'ray' not in sys.modules and 'distributed' not in sys.modules; print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr
