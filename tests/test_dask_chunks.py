@@ -7,13 +7,14 @@ Tests that kill or restart a worker use a cluster of their own; the others share
 """
 
 import os
-import threading
 import time
 
 import dask
 import fault_stages as fs
 import pytest
 import stages as st
+from conftest import poll
+from test_dask_faults import close_bounded
 
 import flowdapt_nb as fnb
 from flowdapt_nb import Stage, Workflow
@@ -51,6 +52,14 @@ def sent(ex) -> tuple[list, list]:
     return chunks, alone
 
 
+def states_by_task(events) -> dict:
+    """item -> the states its task events went through, in the order they came."""
+    by_task: dict = {}
+    for event in events:
+        by_task.setdefault(event.item, []).append(event.state)
+    return by_task
+
+
 @pytest.fixture
 def dask_ex(dask_executor):
     """The session's Dask executor, its backend as it was after the test."""
@@ -82,9 +91,7 @@ def test_tiny_items_go_in_chunks_and_keep_their_records_events_and_order(dask_ex
     assert tasks[["queued", "start", "end", "worker"]].notna().all().all()
     assert (tasks.start <= tasks.end).all()
     assert set(tasks.worker) <= set(ex.client.scheduler_info(n_workers=-1)["workers"])
-    by_task: dict = {}
-    for event in events:
-        by_task.setdefault(event.item, []).append(event.state)
+    by_task = states_by_task(events)
     assert len(by_task) == 1000
     assert all(states == ["queued", "running", "finished"] for states in by_task.values())
 
@@ -113,9 +120,7 @@ def test_a_failing_item_fails_alone_with_its_own_error_and_traceback(dask_ex):
     tasks = run.tasks
     assert (tasks.state == "failed").sum() == 100 and (tasks.state == "finished").sum() == 600
     assert tasks[tasks.state == "failed"].error.str.contains("multiple of 7").all()
-    by_task: dict = {}
-    for event in events:
-        by_task.setdefault(event.item, []).append(event.state)
+    by_task = states_by_task(events)
     assert all(by_task[i] == ["queued", "running", "failed" if i % 7 == 0 else "finished"] for i in range(700))
 
 
@@ -162,14 +167,16 @@ def test_what_items_in_a_chunk_print_reaches_the_driver_under_their_own_names(da
     chunks, _ = sent(dask_ex)
     assert dask_ex.run(fan_out(say), input={"items": list(range(300))}).result == list(range(300))
     assert any(len(c) > 1 for c in chunks)
-    seen = ""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and seen.count(") said ") < 300:
+    seen = []
+
+    def all_said():
         out, err = capfd.readouterr()
-        seen += out + err
-        time.sleep(0.1)
+        seen.append(out + err)
+        return "".join(seen).count(") said ") >= 300
+
+    poll(all_said, 60, 0.1)
     said = {line.split("[", 1)[1].split("]", 1)[0]: line.rsplit(" ", 1)[1]
-            for line in seen.splitlines() if line.startswith("(each[") and ") said " in line}
+            for line in "".join(seen).splitlines() if line.startswith("(each[") and ") said " in line}
     assert said == {str(x): str(x) for x in range(300)}  # each line under its own item
 
 
@@ -237,13 +244,6 @@ def stuck_on(x, victim=150, seconds=120.0):
     return x
 
 
-def _close_bounded(ex, limit=60):
-    closer = threading.Thread(target=ex.close, daemon=True)
-    closer.start()
-    closer.join(limit)
-    assert not closer.is_alive(), f"close() still blocked after {limit} s"
-
-
 def test_a_worker_lost_under_a_chunk_has_its_items_retried_one_by_one(tmp_path):
     # Dask gives up on a task at the first worker lost under it (by default it reruns it up to
     # 3 times itself): the chunk then fails as a whole, and the engine retries its items alone
@@ -262,7 +262,7 @@ def test_a_worker_lost_under_a_chunk_has_its_items_retried_one_by_one(tmp_path):
         tasks = run.tasks
         assert len(tasks) == 400 and set(tasks.state) == {"finished"}
     finally:
-        _close_bounded(ex)
+        close_bounded(ex)
 
 
 def test_cancelling_a_stuck_chunk_gives_its_worker_back():
@@ -270,14 +270,11 @@ def test_cancelling_a_stuck_chunk_gives_its_worker_back():
     try:
         chunks, _ = sent(ex)
         handle = ex.submit(fan_out(stuck_on), input={"items": list(range(400)), "victim": 150})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # the item inside its chunk is reported running
+        def victim_running():  # reported running from inside its chunk
             tasks = handle.run.tasks
-            if len(tasks) and (tasks[tasks.item == 150].state == "running").any():
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"item 150 never reported running: {handle.run.tasks.state.value_counts()}")
+            return len(tasks) and (tasks[tasks.item == 150].state == "running").any()
+
+        poll(victim_running, 120, 0.1, what="item 150 reported running")
         assert any(150 in c and len(c) > 1 for c in chunks)
         handle.cancel()
         assert handle._finished.wait(30) and handle.run.state == "cancelled"
@@ -285,4 +282,4 @@ def test_cancelling_a_stuck_chunk_gives_its_worker_back():
         assert ex.submit(fan_out(st.square), input={"items": [1, 2]}).wait(90).result == [1, 4]
         assert ex.restarts and any("+" in key for key in ex.restarts[-1]["tasks"]), ex.restarts
     finally:
-        _close_bounded(ex)
+        close_bounded(ex)

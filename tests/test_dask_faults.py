@@ -17,6 +17,7 @@ import time
 
 import psutil
 import pytest
+from conftest import poll
 
 import flowdapt_nb as fnb
 from flowdapt_nb import Stage, Workflow
@@ -68,15 +69,6 @@ def chatty_item(x, lines=2_000):
     for _ in range(lines):
         print(line)
     return x
-
-
-def wait_for(predicate, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def close_bounded(ex, limit=60):
@@ -160,12 +152,12 @@ def test_a_killed_scheduler_fails_the_run_with_a_lost_cluster_error():
                 return True
             except OSError:
                 return False
-        assert wait_for(listening, 60), "the dask scheduler never listened"
+        assert poll(listening, 60), "the dask scheduler never listened"
         ex = fnb.DaskExecutor(cluster_address=f"tcp://127.0.0.1:{port}", connect_timeout=15).start()
         ex.client.wait_for_workers(1, timeout=60)
         wf = Workflow("w", stages=[Stage("slow", slow, type="parameterized", options={"map_on": "xs"})])
         handle = ex.submit(wf, input={"xs": list(range(40))})
-        assert wait_for(lambda: (handle.run.tasks.state == "finished").any(), 60)
+        assert poll(lambda: (handle.run.tasks.state == "finished").any(), 60)
         os.kill(sched.pid, signal.SIGKILL)
         sched.wait(10)
         with pytest.raises(Exception) as err:
@@ -205,7 +197,7 @@ def test_a_timed_out_or_cancelled_task_frees_its_worker(own_dask, how):
         wf = Workflow("stuck", stages=[Stage("stuck", stuck)])
     handle = ex.submit(wf, input={"seconds": 120}, timeout=2 if how == "run timeout" else None)
     if how == "cancel":
-        assert wait_for(lambda: (handle.run.tasks.state == "running").any(), 60)
+        assert poll(lambda: (handle.run.tasks.state == "running").any(), 60)
         handle.cancel()
         handle._finished.wait(30)
         assert handle.run.state == "cancelled"
@@ -234,14 +226,14 @@ def test_a_task_moved_off_a_lost_worker_finds_the_runs_context_and_function(tmp_
         path = tmp_path / "pid"
         handle = ex.submit(Workflow("hold", stages=[Stage("hold", pid_then_sleep)]),
                            input={"path": str(path), "seconds": 8.0})
-        assert wait_for(lambda: path.exists() and path.read_text(), 60)
+        assert poll(lambda: path.exists() and path.read_text(), 60)
         victim = int(path.read_text())
         engine = ex._active[handle.run.uid][1]
         client = ex.client
         by_pid = {pid: addr for addr, pid in client.run(os.getpid).items()}
         handles = [engine.ctx_handle, *engine.fn_handles]
         # until the memory manager dropped the survivor's copies (it runs every 2 s)
-        wait_for(lambda: all(set(h) == {by_pid[victim]} for h in client.who_has(handles).values()), 10)
+        poll(lambda: all(set(h) == {by_pid[victim]} for h in client.who_has(handles).values()), 10)
         os.kill(victim, signal.SIGKILL)
         run = handle.wait(120)
         assert run.state == "finished" and run.result != victim
@@ -269,7 +261,7 @@ def _drain(capfd, until, timeout=60):
         out, err = capfd.readouterr()
         seen.append(out + err)
         return until("".join(seen))
-    assert wait_for(done, timeout), "".join(seen)[-2000:]
+    assert poll(done, timeout), "".join(seen)[-2000:]
     time.sleep(0.5)
     out, err = capfd.readouterr()
     return "".join(seen) + out + err
