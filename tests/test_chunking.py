@@ -1,6 +1,6 @@
 """Tiny fan-out items go to workers in chunks (one round trip for many items) on the local and Ray
 executors, and every item still has its own record, events, failure and result (on Ray its own
-object too)."""
+object too). Dask's chunks are tested in tests/test_dask_chunks.py."""
 
 import threading
 
@@ -11,7 +11,7 @@ from conftest import make_executor
 import flowdapt_nb as fnb
 from flowdapt_nb import Stage, Workflow
 
-CHUNKED = ["threads", "processes", "ray"]  # Dask sends every item alone (see engine.Backend)
+CHUNKED = ["threads", "processes", "ray"]
 
 
 def fan_out(fn, **options):
