@@ -24,8 +24,9 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def fan_out(fn, **options):
-    return Workflow("chunky", stages=[Stage("each", fn, type="parameterized",
-                                            options={"map_on": "items", **options})])
+    return Workflow(
+        "chunky", stages=[Stage("each", fn, type="parameterized", options={"map_on": "items", **options})]
+    )
 
 
 chunked_stages: dict = {}  # executor -> stages that sent chunks, since sent(ex)
@@ -121,7 +122,9 @@ def test_a_failing_item_fails_alone_with_its_own_error_and_traceback(dask_ex):
     assert (tasks.state == "failed").sum() == 100 and (tasks.state == "finished").sum() == 600
     assert tasks[tasks.state == "failed"].error.str.contains("multiple of 7").all()
     by_task = states_by_task(events)
-    assert all(by_task[i] == ["queued", "running", "failed" if i % 7 == 0 else "finished"] for i in range(700))
+    assert all(
+        by_task[i] == ["queued", "running", "failed" if i % 7 == 0 else "finished"] for i in range(700)
+    )
 
 
 def test_an_unpicklable_result_in_a_chunk_fails_only_its_item(dask_ex):
@@ -145,16 +148,20 @@ def test_a_failing_item_in_a_chunk_fails_the_stage_and_names_it(dask_ex):
 
 def test_chunked_items_flow_on_to_the_next_stages_on_the_cluster(dask_ex):
     chunks, _ = sent(dask_ex)
-    flow = Workflow("chunky-flow", stages=[
-        Stage("numbers", st.numbers),
-        Stage("square", st.square, type="parameterized", depends_on=["numbers"]),
-        Stage("again", st.square, type="parameterized", depends_on=["square"]),
-        Stage("total", st.total, depends_on=["again"]),
-        # each item of a chunked output, with a plain stage's output beside it
-        Stage("plus", st.add, type="parameterized", depends_on=["again", "total"])])
+    flow = Workflow(
+        "chunky-flow",
+        stages=[
+            Stage("numbers", st.numbers),
+            Stage("square", st.square, type="parameterized", depends_on=["numbers"]),
+            Stage("again", st.square, type="parameterized", depends_on=["square"]),
+            Stage("total", st.total, depends_on=["again"]),
+            # each item of a chunked output, with a plain stage's output beside it
+            Stage("plus", st.add, type="parameterized", depends_on=["again", "total"]),
+        ],
+    )
     run = dask_ex.run(flow, input={"n": 1500})
-    total = sum(x ** 4 for x in range(1500))
-    assert run.result == [x ** 4 + total for x in range(1500)]
+    total = sum(x**4 for x in range(1500))
+    assert run.result == [x**4 + total for x in range(1500)]
     assert chunked_stages[dask_ex] >= {"square", "again"}  # both fan-outs went in chunks
 
 
@@ -175,8 +182,11 @@ def test_what_items_in_a_chunk_print_reaches_the_driver_under_their_own_names(da
         return "".join(seen).count(") said ") >= 300
 
     poll(all_said, 60, 0.1)
-    said = {line.split("[", 1)[1].split("]", 1)[0]: line.rsplit(" ", 1)[1]
-            for line in "".join(seen).splitlines() if line.startswith("(each[") and ") said " in line}
+    said = {
+        line.split("[", 1)[1].split("]", 1)[0]: line.rsplit(" ", 1)[1]
+        for line in "".join(seen).splitlines()
+        if line.startswith("(each[") and ") said " in line
+    }
     assert said == {str(x): str(x) for x in range(300)}  # each line under its own item
 
 
@@ -201,10 +211,14 @@ def _driver_peak_rise(fn):
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's VmHWM reset")
 def test_big_item_results_stay_on_the_cluster(dask_ex):
     chunks, _ = sent(dask_ex)
-    flow = Workflow("big", stages=[
-        Stage("make", fs.sized, type="parameterized", options={"map_on": "items"}),
-        Stage("size", nbytes, type="parameterized", depends_on=["make"]),
-        Stage("total", st.total, depends_on=["size"])])
+    flow = Workflow(
+        "big",
+        stages=[
+            Stage("make", fs.sized, type="parameterized", options={"map_on": "items"}),
+            Stage("size", nbytes, type="parameterized", depends_on=["make"]),
+            Stage("total", st.total, depends_on=["size"]),
+        ],
+    )
     run, rise = _driver_peak_rise(lambda: dask_ex.run(flow, input={"items": list(range(60)), "megabytes": 4}))
     assert run.result == 60 * 4_000_000
     assert any(len(c) > 1 for c in chunks), chunks  # the 4 MB items went in chunks
@@ -228,6 +242,7 @@ def test_a_missing_chunk_report_is_fetched_from_the_chunk(dask_ex, monkeypatch):
 
 
 # --- a chunk that fails as a whole: a cluster of its own --------------------------------------
+
 
 def die_once(x, victim=150, flag="", delay=0.001):
     """Item ``victim`` ends its worker process the first time it runs (as if the worker were
@@ -270,6 +285,7 @@ def test_cancelling_a_stuck_chunk_gives_its_worker_back():
     try:
         chunks, _ = sent(ex)
         handle = ex.submit(fan_out(stuck_on), input={"items": list(range(400)), "victim": 150})
+
         def victim_running():  # reported running from inside its chunk
             tasks = handle.run.tasks
             return len(tasks) and (tasks[tasks.item == 150].state == "running").any()

@@ -27,7 +27,6 @@ from flowdapt_nb.output_capture import TASK_OUTPUT_LIMIT, RunOutputBudget, trunc
 pytestmark = pytest.mark.timeout(300)
 
 
-
 def numbers(n=3):
     return list(range(n))
 
@@ -88,13 +87,19 @@ def own_dask():
 
 # --- point 1: every terminal future state ends its task -------------------------------------
 
-@pytest.mark.parametrize("stage_fn, text", [(bye, "SystemExit: 3"), (interrupt, "KeyboardInterrupt: from a stage")],
-                         ids=["sys.exit", "KeyboardInterrupt"])
+
+@pytest.mark.parametrize(
+    "stage_fn, text",
+    [(bye, "SystemExit: 3"), (interrupt, "KeyboardInterrupt: from a stage")],
+    ids=["sys.exit", "KeyboardInterrupt"],
+)
 @pytest.mark.parametrize("kind", ["dask", "threads", "processes"])
 def test_a_stage_that_exits_or_interrupts_fails_with_a_stage_error(kind, stage_fn, text):
-    ex = {"dask": lambda: fnb.DaskExecutor(cpus=1, threads=1),  # may lose its worker: its own
-          "threads": lambda: fnb.LocalExecutor(use_processes=False, cpus=1),
-          "processes": lambda: fnb.LocalExecutor(use_processes=True, cpus=1)}[kind]().start()
+    ex = {
+        "dask": lambda: fnb.DaskExecutor(cpus=1, threads=1),  # may lose its worker: its own
+        "threads": lambda: fnb.LocalExecutor(use_processes=False, cpus=1),
+        "processes": lambda: fnb.LocalExecutor(use_processes=True, cpus=1),
+    }[kind]().start()
     try:
         before = ex.run(Workflow("pid", stages=[Stage("pid", pid)])).result
         handle = ex.submit(Workflow("w", stages=[Stage("bye", stage_fn)]))
@@ -138,20 +143,46 @@ def _stop(proc):
 def test_a_killed_scheduler_fails_the_run_with_a_lost_cluster_error():
     bindir = os.path.dirname(sys.executable)
     port = _free_port()
-    sched = subprocess.Popen([f"{bindir}/dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                              "--dashboard-address", "127.0.0.1:0"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = subprocess.Popen([f"{bindir}/dask", "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "1",
-                               "--nthreads", "2", "--host", "127.0.0.1", "--no-dashboard"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sched = subprocess.Popen(
+        [
+            f"{bindir}/dask",
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-address",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    worker = subprocess.Popen(
+        [
+            f"{bindir}/dask",
+            "worker",
+            f"tcp://127.0.0.1:{port}",
+            "--nworkers",
+            "1",
+            "--nthreads",
+            "2",
+            "--host",
+            "127.0.0.1",
+            "--no-dashboard",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ex = None
     try:
+
         def listening():
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 return True
             except OSError:
                 return False
+
         assert poll(listening, 60), "the dask scheduler never listened"
         ex = fnb.DaskExecutor(cluster_address=f"tcp://127.0.0.1:{port}", connect_timeout=15).start()
         ex.client.wait_for_workers(1, timeout=60)
@@ -187,6 +218,7 @@ def test_a_killed_scheduler_fails_the_run_with_a_lost_cluster_error():
 
 
 # --- point 2: a timed-out or cancelled task gives its thread back -----------------------------
+
 
 @pytest.mark.parametrize("how", ["run timeout", "stage timeout", "cancel"])
 def test_a_timed_out_or_cancelled_task_frees_its_worker(own_dask, how):
@@ -224,8 +256,10 @@ def test_a_task_moved_off_a_lost_worker_finds_the_runs_context_and_function(tmp_
     ex = fnb.DaskExecutor(cpus=2, threads=1).start()
     try:
         path = tmp_path / "pid"
-        handle = ex.submit(Workflow("hold", stages=[Stage("hold", pid_then_sleep)]),
-                           input={"path": str(path), "seconds": 8.0})
+        handle = ex.submit(
+            Workflow("hold", stages=[Stage("hold", pid_then_sleep)]),
+            input={"path": str(path), "seconds": 8.0},
+        )
         assert poll(lambda: path.exists() and path.read_text(), 60)
         victim = int(path.read_text())
         engine = ex._active[handle.run.uid][1]
@@ -254,13 +288,16 @@ def test_cluster_memory_survives_a_restart_as_a_new_empty_store(own_dask):
 
 # --- point 9: what stages print is bounded ----------------------------------------------------
 
+
 def _drain(capfd, until, timeout=60):
     """Driver output (printed from Dask's client thread) until ``until(text)`` holds."""
     seen = []
+
     def done():
         out, err = capfd.readouterr()
         seen.append(out + err)
         return until("".join(seen))
+
     assert poll(done, timeout), "".join(seen)[-2000:]
     time.sleep(0.5)
     out, err = capfd.readouterr()
@@ -270,8 +307,12 @@ def _drain(capfd, until, timeout=60):
 def test_a_task_forwards_at_most_its_output_limit_and_says_how_much_it_dropped(dask_executor, capfd):
     lines, width = 30_000, 99
     capfd.readouterr()
-    assert dask_executor.run(Workflow("chatty", stages=[Stage("chatty", chatty)]),
-                             input={"lines": lines, "width": width}).result == "printed"
+    assert (
+        dask_executor.run(
+            Workflow("chatty", stages=[Stage("chatty", chatty)]), input={"lines": lines, "width": width}
+        ).result
+        == "printed"
+    )
     dropped = lines * (width + 1) - TASK_OUTPUT_LIMIT
     note = truncation_note(dropped)
     text = _drain(capfd, lambda t: note in t)
@@ -286,7 +327,9 @@ def test_a_task_forwards_at_most_its_output_limit_and_says_how_much_it_dropped(d
 def test_a_run_prints_at_most_its_output_budget(dask_executor, capfd, monkeypatch):
     monkeypatch.setattr(dask_executor, "_output_budget", RunOutputBudget(limit=500_000))
     capfd.readouterr()
-    wf = Workflow("chatty", stages=[Stage("chatty", chatty_item, type="parameterized", options={"map_on": "xs"})])
+    wf = Workflow(
+        "chatty", stages=[Stage("chatty", chatty_item, type="parameterized", options={"map_on": "xs"})]
+    )
     run = dask_executor.run(wf, input={"xs": list(range(6)), "lines": 2_000})  # 6 x 200 kB
     assert run.result == list(range(6))
     text = _drain(capfd, lambda t: "this run printed more than 500000 bytes" in t)
@@ -305,6 +348,7 @@ def test_output_budget_forgets_old_runs():
 
 def test_capture_sends_whole_lines_in_order_up_to_its_limit_then_one_note():
     from flowdapt_nb.output_capture import capture
+
     got = []
     with capture(lambda stream, text: got.append((stream, text)), limit=50_000):
         for i in range(10_000):

@@ -42,6 +42,7 @@ logger = logging.getLogger("flowdapt_nb.dask")
 
 # --- on the worker ------------------------------------------------------------------------------
 
+
 def _log(worker, payload) -> None:
     try:
         worker.log_event(EVENT_TOPIC, payload)
@@ -71,6 +72,7 @@ _quiet = _QuietStageFailures()
 def _on_worker(ctx):
     """This Dask worker, set up for a run's tasks (its logging filter, the run's env vars)."""
     from distributed import get_worker
+
     worker = get_worker()
     worker_log = logging.getLogger("distributed.worker")
     if _quiet not in worker_log.filters:
@@ -89,20 +91,41 @@ def _call(worker, fn, ctx, info, flat, report) -> tuple[dict, object]:
     from ..output_capture import capture
 
     def send(stream, text):
-        worker.log_event(OUTPUT_TOPIC, {"run": info.run, "stage": info.stage, "item": info.item,
-                                        "stream": stream, "text": text, "worker": worker.address})
+        worker.log_event(
+            OUTPUT_TOPIC,
+            {
+                "run": info.run,
+                "stage": info.stage,
+                "item": info.item,
+                "stream": stream,
+                "text": text,
+                "worker": worker.address,
+            },
+        )
 
     start = time.time()
     with capture(send):
         try:
             meta, value = execute(ctx, fn, info, flat, report, worker.address)
         except BaseException as exc:  # KeyboardInterrupt from the stage: it must not end the worker
-            meta, value = {"ok": False, "start": start, "end": time.time(), "worker": worker.address,
-                           "error": RemoteError.standing_in_for(exc, traceback.format_exc())}, None
+            meta, value = (
+                {
+                    "ok": False,
+                    "start": start,
+                    "end": time.time(),
+                    "worker": worker.address,
+                    "error": RemoteError.standing_in_for(exc, traceback.format_exc()),
+                },
+                None,
+            )
     if meta["ok"]:
         problem = _unserializable(value)
         if problem is not None:
-            meta["ok"], meta["error"], value = False, UnserializableResultError(type(value).__name__, problem), None
+            meta["ok"], meta["error"], value = (
+                False,
+                UnserializableResultError(type(value).__name__, problem),
+                None,
+            )
     return meta, value
 
 
@@ -110,11 +133,19 @@ def _dask_task(fn, ctx, info, *flat):
     """Run one stage call on a Dask worker; failures raise the stage's own exception (see
     ``_call`` for what the worker survives)."""
     worker = _on_worker(ctx)
-    meta, value = _call(worker, fn, ctx, info, flat,
-                        lambda event: _batch.add(event, lambda b: _log(worker, b)))
-    finished = {"run": info.run, "stage": info.stage, "item": info.item,
-                "state": "finished" if meta["ok"] else "failed", "time": meta["end"],
-                "start": meta["start"], "end": meta["end"], "worker": worker.address}
+    meta, value = _call(
+        worker, fn, ctx, info, flat, lambda event: _batch.add(event, lambda b: _log(worker, b))
+    )
+    finished = {
+        "run": info.run,
+        "stage": info.stage,
+        "item": info.item,
+        "state": "finished" if meta["ok"] else "failed",
+        "time": meta["end"],
+        "start": meta["start"],
+        "end": meta["end"],
+        "worker": worker.address,
+    }
     _batch.drop(finished)
     _log(worker, finished)
     if not meta["ok"]:
@@ -146,7 +177,7 @@ def _dask_chunk(fn, ctx, spec, *sources):
     metas, values, pos = [], [], 0
     try:
         for info, count in zip(spec.infos, spec.counts):
-            meta, value = _call(worker, fn, ctx, info, flat[pos:pos + count], report)
+            meta, value = _call(worker, fn, ctx, info, flat[pos : pos + count], report)
             pos += count
             metas.append((meta["start"], meta["end"], None if meta["ok"] else _pickled_error(meta["error"])))
             values.append(value)
@@ -174,6 +205,7 @@ def _pickled_error(error: BaseException) -> bytes:
     """An item's error for the chunk's report, pickled alone: one error the driver can't load
     (its class is not importable there) spoils no other item's."""
     import cloudpickle
+
     try:
         return cloudpickle.dumps(error)
     except Exception:
@@ -254,6 +286,7 @@ def _unserializable(value) -> str | None:
     except Exception as exc:
         first = exc  # pickle's own words are the clearest ("cannot pickle '_thread.lock' object")
     from distributed.protocol import serialize
+
     pickle_log = logging.getLogger("distributed.protocol.pickle")
     was_disabled, pickle_log.disabled = pickle_log.disabled, True  # its traceback would say it again
     try:  # Dask's own serializers and cloudpickle (lambdas, local classes) may still manage
@@ -352,6 +385,7 @@ class _DaskMemory:
 
 # --- the backend --------------------------------------------------------------------------------
 
+
 class _DaskBackend(Backend):
     kind = "dask"
 
@@ -387,6 +421,7 @@ class _DaskBackend(Backend):
         for stopper in list(self.stoppers):
             stopper.join(RESTART_GRACE + RESTART_TIMEOUT + 5)
         import cloudpickle
+
         tag = f"{ctx.run.uid[:8]}-{uuid.uuid4().hex[:6]}"
         keys = [f"run-context-{tag}", *(f"stage-function-{i}-{tag}" for i in range(len(fns)))]
         blobs = [cloudpickle.dumps(value, protocol=5) for value in (ctx, *fns)]
@@ -420,32 +455,52 @@ class _DaskBackend(Backend):
     def submit(self, fn_handle, ctx_handle, info, flat_args, resources, on_done):
         worker_resources = self.executor._task_resources(resources)
         func, args = _task_call(fn_handle, ctx_handle, info, flat_args)
-        future = self.client.submit(func, *args, pure=False, key=self._key(info),
-                                    resources=worker_resources or None)
+        future = self.client.submit(
+            func, *args, pure=False, key=self._key(info), resources=worker_resources or None
+        )
         self._watch(future, on_done, info)
         return future
 
     def submit_many(self, ctx_handle, calls, refs):
         """Consecutive tasks with the same function, resources and argument count (a fanned-out
         stage) go to the scheduler as one ``client.map``: one graph update, not one per task."""
-        prepared = [(*_task_call(fn_handle, ctx_handle, info, flat), fn_handle, info, resources, on_done)
-                    for fn_handle, info, flat, resources, on_done in calls]
+        prepared = [
+            (*_task_call(fn_handle, ctx_handle, info, flat), fn_handle, info, resources, on_done)
+            for fn_handle, info, flat, resources, on_done in calls
+        ]
         start = 0
         while start < len(prepared):
             func, args, fn_handle, _, resources, _ = prepared[start]
             end = start + 1
-            while (end < len(prepared) and prepared[end][0] is func and prepared[end][2] is fn_handle
-                   and prepared[end][4] == resources and len(prepared[end][1]) == len(args)):
+            while (
+                end < len(prepared)
+                and prepared[end][0] is func
+                and prepared[end][2] is fn_handle
+                and prepared[end][4] == resources
+                and len(prepared[end][1]) == len(args)
+            ):
                 end += 1
             group = prepared[start:end]
             worker_resources = self.executor._task_resources(resources)
             if len(group) == 1:
-                futures = [self.client.submit(func, *args, pure=False, key=self._key(group[0][3]),
-                                              resources=worker_resources or None)]
+                futures = [
+                    self.client.submit(
+                        func,
+                        *args,
+                        pure=False,
+                        key=self._key(group[0][3]),
+                        resources=worker_resources or None,
+                    )
+                ]
             else:
                 columns = [[call[1][i] for call in group] for i in range(len(args))]
-                futures = self.client.map(func, *columns, pure=False, key=[self._key(call[3]) for call in group],
-                                          resources=worker_resources or None)
+                futures = self.client.map(
+                    func,
+                    *columns,
+                    pure=False,
+                    key=[self._key(call[3]) for call in group],
+                    resources=worker_resources or None,
+                )
             for future, call in zip(futures, group):
                 self._watch(future, call[5], call[3])
             refs.extend(futures)
@@ -464,8 +519,16 @@ class _DaskBackend(Backend):
         with self._chunk_lock:
             self._sent.add(key)
         try:
-            future = self.client.submit(_dask_chunk, fn_handle, ctx_handle, spec, *sources, pure=False, key=key,
-                                        resources=worker_resources or None)
+            future = self.client.submit(
+                _dask_chunk,
+                fn_handle,
+                ctx_handle,
+                spec,
+                *sources,
+                pure=False,
+                key=key,
+                resources=worker_resources or None,
+            )
         except BaseException:
             with self._chunk_lock:
                 self._sent.discard(key)
@@ -574,8 +637,11 @@ class _DaskBackend(Backend):
         """A lone task's 'finished' or 'failed' report: its timings, for its outcome."""
         if len(self._timings) > 100_000:  # reports whose futures never completed here
             self._timings.clear()
-        self._timings[(event["run"], event["stage"], event["item"])] = (event.get("start"), event.get("end"),
-                                                                        event.get("worker"))
+        self._timings[(event["run"], event["stage"], event["item"])] = (
+            event.get("start"),
+            event.get("end"),
+            event.get("worker"),
+        )
 
     def _cancelled_error(self, future) -> BaseException:
         cancelled = getattr(getattr(future, "_state", None), "exception", None)
@@ -585,10 +651,17 @@ class _DaskBackend(Backend):
         reason = getattr(cancelled, "reason", None) or "unknown"
         detail = getattr(cancelled, "msg", None)
         restarted = self.executor.restarts and time.time() - self.executor.restarts[-1]["time"] < 120
-        return RuntimeError(f"Dask cancelled this task (reason: {reason}"
-                            + (f": {detail}" if detail else "") + "); a worker it needed died or its "
-                            "inputs were lost" + ("; a worker was restarted just before to stop a task "
-                                                  "that timed out or was cancelled" if restarted else ""))
+        return RuntimeError(
+            f"Dask cancelled this task (reason: {reason}"
+            + (f": {detail}" if detail else "")
+            + "); a worker it needed died or its "
+            "inputs were lost"
+            + (
+                "; a worker was restarted just before to stop a task that timed out or was cancelled"
+                if restarted
+                else ""
+            )
+        )
 
     def split(self, handle):
         if isinstance(handle, _Item):
@@ -625,10 +698,14 @@ class _DaskBackend(Backend):
 
     def _lost_cluster(self, exc: BaseException | None) -> ClusterLostError | None:
         """A ClusterLostError for an exception that says the scheduler went away, else None."""
-        if getattr(exc, "reason", None) == "scheduler-connection-lost" or self.client.status in ("closing", "closed"):
+        if getattr(exc, "reason", None) == "scheduler-connection-lost" or self.client.status in (
+            "closing",
+            "closed",
+        ):
             return ClusterLostError(
                 f"lost the Dask scheduler at {self.address}: the run can't finish, its tasks and data "
-                f"were on that cluster; start the scheduler again, then close() and start() the executor")
+                f"were on that cluster; start the scheduler again, then close() and start() the executor"
+            )
         return None
 
     def cancel(self, task_refs):
@@ -638,7 +715,9 @@ class _DaskBackend(Backend):
         futures = list({f.key: f for f in task_refs if f is not None}.values())  # a chunk's items share one
         if not futures:
             return
-        stopper = threading.Thread(target=self._stop, args=(futures,), name="flowdapt-nb-dask-stop", daemon=True)
+        stopper = threading.Thread(
+            target=self._stop, args=(futures,), name="flowdapt-nb-dask-stop", daemon=True
+        )
         self.stoppers.add(stopper)
         stopper.start()
 
@@ -649,8 +728,11 @@ class _DaskBackend(Backend):
             deadline = time.monotonic() + RESTART_GRACE
             stuck: dict = {}
             while True:
-                stuck = {w: ks for w, ks in self.client.run(_running_keys, keys, on_error="return").items()
-                         if isinstance(ks, list) and ks}
+                stuck = {
+                    w: ks
+                    for w, ks in self.client.run(_running_keys, keys, on_error="return").items()
+                    if isinstance(ks, list) and ks
+                }
                 if not stuck or time.monotonic() >= deadline:
                     break
                 time.sleep(0.2)
@@ -675,16 +757,22 @@ def _security(c: DaskConfig):
     tls = (c.cluster_address or "").startswith("tls://")
     if given and not tls:
         name = next(iter(given))
-        raise ConfigError(f"'{name}' is set but cluster_address '{c.cluster_address}' is not tls://...",
-                          key=name, hint="write the scheduler's address as tls://HOST:PORT")
+        raise ConfigError(
+            f"'{name}' is set but cluster_address '{c.cluster_address}' is not tls://...",
+            key=name,
+            hint="write the scheduler's address as tls://HOST:PORT",
+        )
     if not tls:
         return None
     missing = [n for n in ("tls_ca_file", "tls_client_cert") if n not in given]
     if missing:
-        raise ConfigError(f"cluster_address '{c.cluster_address}' uses TLS but '{missing[0]}' is not set",
-                          key=missing[0], hint="give tls_ca_file, tls_client_cert and tls_client_key "
-                                               "(PEM file paths)")
+        raise ConfigError(
+            f"cluster_address '{c.cluster_address}' uses TLS but '{missing[0]}' is not set",
+            key=missing[0],
+            hint="give tls_ca_file, tls_client_cert and tls_client_key (PEM file paths)",
+        )
     from distributed.security import Security
+
     return Security(require_encryption=True, **given)
 
 
@@ -721,27 +809,40 @@ class DaskExecutor(Executor):
     # --- lifecycle ---
     def _open(self):
         from distributed import Client, LocalCluster
+
         c = self.config
         try:
             if self.owns_cluster:
                 tls_set = [n for n in _TLS_FIELDS if getattr(c, n) is not None]
                 if tls_set:  # an owned cluster isn't started with these certificates: say so, don't ignore
-                    raise ConfigError(f"'{tls_set[0]}' is for attaching to a TLS scheduler but no "
-                                      f"cluster_address is set", key=tls_set[0],
-                                      hint="give cluster_address: tls://HOST:PORT")
+                    raise ConfigError(
+                        f"'{tls_set[0]}' is for attaching to a TLS scheduler but no cluster_address is set",
+                        key=tls_set[0],
+                        hint="give cluster_address: tls://HOST:PORT",
+                    )
                 n_workers = usable_cores() if c.cpus == "auto" else int(c.cpus)
                 threads = 1 if c.threads == "auto" else int(c.threads)
                 gpus = {"disabled": 0, "auto": gpu_count()}.get(c.gpus, c.gpus)
                 worker_resources = {"cpus": threads, **({"gpus": gpus} if gpus else {}), **c.resources}
-                dashboard = f"{c.scheduler_host}:{c.dashboard_port}" if c.dashboard_port is not None \
+                dashboard = (
+                    f"{c.scheduler_host}:{c.dashboard_port}"
+                    if c.dashboard_port is not None
                     else f"{c.scheduler_host}:0"
+                )
                 self._step("starting the Dask scheduler, its dashboard and the workers")
                 self.cluster = LocalCluster(
-                    n_workers=0 if c.adaptive else n_workers, threads_per_worker=threads,
+                    n_workers=0 if c.adaptive else n_workers,
+                    threads_per_worker=threads,
                     memory_limit=parse_bytes(c.memory) if c.memory != "auto" else "auto",
-                    host=c.scheduler_host, scheduler_port=c.scheduler_port, dashboard_address=dashboard,
-                    protocol=f"{c.scheduler_scheme}://", processes=True, resources=worker_resources,
-                    env=dict(c.env_vars), silence_logs=logging.ERROR)
+                    host=c.scheduler_host,
+                    scheduler_port=c.scheduler_port,
+                    dashboard_address=dashboard,
+                    protocol=f"{c.scheduler_scheme}://",
+                    processes=True,
+                    resources=worker_resources,
+                    env=dict(c.env_vars),
+                    silence_logs=logging.ERROR,
+                )
                 if c.adaptive:
                     self.cluster.adapt(minimum=1, maximum=n_workers)
                 self._step("connecting the client to the new cluster")
@@ -753,8 +854,12 @@ class DaskExecutor(Executor):
                 security = _security(c)
                 ensure_reachable("Dask", c.cluster_address, 8786, c.connect_timeout)
                 try:
-                    self.client = Client(c.cluster_address, timeout=c.connect_timeout, set_as_default=False,
-                                         **({"security": security} if security is not None else {}))
+                    self.client = Client(
+                        c.cluster_address,
+                        timeout=c.connect_timeout,
+                        set_as_default=False,
+                        **({"security": security} if security is not None else {}),
+                    )
                 except (OSError, TypeError) as exc:
                     if security is None:
                         raise
@@ -763,7 +868,8 @@ class DaskExecutor(Executor):
                         f"no TLS connection to the Dask scheduler at cluster_address '{c.cluster_address}' "
                         f"within {c.connect_timeout:g} s ({exc}); check the certificate settings tls_ca_file, "
                         f"tls_client_cert and tls_client_key: the client certificate must be signed by a CA "
-                        f"the scheduler trusts, and tls_ca_file must be the CA that signed the scheduler's") from None
+                        f"the scheduler trusts, and tls_ca_file must be the CA that signed the scheduler's"
+                    ) from None
             self._step("starting cluster memory (a Dask actor)")
             self._memory = self._new_memory_store()
             self.client.subscribe_topic(EVENT_TOPIC, self._on_task_event)
@@ -789,7 +895,9 @@ class DaskExecutor(Executor):
     def _shutdown(self):
         if self.client is not None and self._memory is not None and not self.owns_cluster:
             try:
-                self.client.cancel([self._memory.actor._future] if hasattr(self._memory.actor, "_future") else [])
+                self.client.cancel(
+                    [self._memory.actor._future] if hasattr(self._memory.actor, "_future") else []
+                )
             except Exception:
                 pass
         stoppers = list(getattr(self._backend, "stoppers", ()))
@@ -802,7 +910,9 @@ class DaskExecutor(Executor):
     def _on_task_event(self, event) -> None:
         _, batch = event
         backend = self._backend if isinstance(self._backend, _DaskBackend) else None
-        for one in batch if isinstance(batch, (list, tuple)) else [batch]:  # a batch (msgpack: a tuple) or one
+        for one in (
+            batch if isinstance(batch, (list, tuple)) else [batch]
+        ):  # a batch (msgpack: a tuple) or one
             if one.get("state") != "running" and backend is not None and one.get("run") in self._active:
                 backend._note_timing(one)
             self._on_worker_event(one)
@@ -844,14 +954,23 @@ class DaskExecutor(Executor):
         infos = client.scheduler_info(n_workers=-1)["workers"]
         before = len(infos)
         nannied = [a for a in addresses if (infos.get(a) or {}).get("nanny")]
-        record: dict[str, Any] = {"time": time.time(), "tasks": sorted(k for ks in stuck.values() for k in ks),
-                  "workers": {a: "restarting" if a in nannied else "left running: no nanny" for a in addresses}}
+        record: dict[str, Any] = {
+            "time": time.time(),
+            "tasks": sorted(k for ks in stuck.values() for k in ks),
+            "workers": {a: "restarting" if a in nannied else "left running: no nanny" for a in addresses},
+        }
         self.restarts.append(record)
         del self.restarts[:-20]
-        logger.warning("restarting Dask worker(s) %s: tasks %s still ran after being cancelled%s",
-                       ", ".join(nannied) or "(none)", ", ".join(record["tasks"]),
-                       "".join(f"; {a} has no nanny, its thread stays busy until the stage returns"
-                               for a in addresses if a not in nannied))
+        logger.warning(
+            "restarting Dask worker(s) %s: tasks %s still ran after being cancelled%s",
+            ", ".join(nannied) or "(none)",
+            ", ".join(record["tasks"]),
+            "".join(
+                f"; {a} has no nanny, its thread stays busy until the stage returns"
+                for a in addresses
+                if a not in nannied
+            ),
+        )
         if not nannied:
             return
         if len(_ending) > 256:
@@ -870,11 +989,15 @@ class DaskExecutor(Executor):
         if actor_worker in nannied and memory is self._memory and self.client is client:
             try:
                 self._memory = self._new_memory_store()
-                logger.warning("the cluster memory was on restarted Dask worker %s; it starts empty",
-                               actor_worker)
+                logger.warning(
+                    "the cluster memory was on restarted Dask worker %s; it starts empty", actor_worker
+                )
             except Exception as exc:
-                logger.warning("the cluster memory was on restarted Dask worker %s and could not be "
-                               "made again: %s", actor_worker, exc)
+                logger.warning(
+                    "the cluster memory was on restarted Dask worker %s and could not be made again: %s",
+                    actor_worker,
+                    exc,
+                )
 
     def _new_memory_store(self) -> _DaskMemory:
         actor_future = self.client.submit(MemoryStore, actor=True, pure=False)
@@ -923,11 +1046,16 @@ class DaskExecutor(Executor):
         if not workers and not self.config.adaptive:
             workers = self._wait_for_workers()
         if not workers and not self.config.adaptive:
-            raise ConfigError(f"the Dask cluster has no workers (none joined within connect_timeout, "
-                              f"{self.config.connect_timeout:g} s)", key="cluster_address")
+            raise ConfigError(
+                f"the Dask cluster has no workers (none joined within connect_timeout, "
+                f"{self.config.connect_timeout:g} s)",
+                key="cluster_address",
+            )
         offered = [dict(w.get("resources") or {}) for w in workers.values()]
-        soft = {"cpus": max((w.get("nthreads", 1) for w in workers.values()), default=1),
-                "memory": max((w.get("memory_limit") or 0 for w in workers.values()), default=0) or float("inf")}
+        soft = {
+            "cpus": max((w.get("nthreads", 1) for w in workers.values()), default=1),
+            "memory": max((w.get("memory_limit") or 0 for w in workers.values()), default=0) or float("inf"),
+        }
         check_resource_request(stage, offered, "Dask", soft)
 
     def _task_resources(self, resources: dict) -> dict:
@@ -954,8 +1082,15 @@ class DaskExecutor(Executor):
             return None
 
     def _workers(self):
-        return [{"name": addr, "nthreads": w.get("nthreads"), "memory_limit": w.get("memory_limit"),
-                 "resources": dict(w.get("resources") or {})} for addr, w in self._worker_infos().items()]
+        return [
+            {
+                "name": addr,
+                "nthreads": w.get("nthreads"),
+                "memory_limit": w.get("memory_limit"),
+                "resources": dict(w.get("resources") or {}),
+            }
+            for addr, w in self._worker_infos().items()
+        ]
 
     def _scheduler_used_resources(self) -> dict:
         """{worker address: resources held by its tasks now}, the scheduler's own book-keeping
@@ -972,6 +1107,7 @@ class DaskExecutor(Executor):
         if self.client is None:
             return []
         from ..telemetry import add_up, running_requests
+
         now = time.time()
         info = self.client.scheduler_info(n_workers=-1)["workers"]
         held = self._scheduler_used_resources()
@@ -986,14 +1122,24 @@ class DaskExecutor(Executor):
             # in use: the scheduler's own count of what it handed out, and what our running tasks
             # hold (a stage that asks for no cpus still runs on a thread)
             mine = add_up(ours.get(addr, []))
-            used = {k: max(held.get(addr, {}).get(k, 0.0), mine.get(k, 0.0), executing if k == "cpus" else 0)
-                    for k in total}
+            used = {
+                k: max(held.get(addr, {}).get(k, 0.0), mine.get(k, 0.0), executing if k == "cpus" else 0)
+                for k in total
+            }
             available = {k: max(0, v - used[k]) for k, v in total.items()}
             gpu = w.get("gpu") or {}
-            out.append(ResourceSample(addr, now, cpu_percent=metrics.get("cpu"), memory_used=metrics.get("memory"),
-                                      memory_limit=w.get("memory_limit"), resources_total=total,
-                                      resources_available=available,
-                                      gpu_percent=metrics.get("gpu_utilization"),
-                                      gpu_memory_used=metrics.get("gpu_memory_used"),
-                                      gpu_memory_limit=gpu.get("memory-total")))
+            out.append(
+                ResourceSample(
+                    addr,
+                    now,
+                    cpu_percent=metrics.get("cpu"),
+                    memory_used=metrics.get("memory"),
+                    memory_limit=w.get("memory_limit"),
+                    resources_total=total,
+                    resources_available=available,
+                    gpu_percent=metrics.get("gpu_utilization"),
+                    gpu_memory_used=metrics.get("gpu_memory_used"),
+                    gpu_memory_limit=gpu.get("memory-total"),
+                )
+            )
         return out
