@@ -1,55 +1,17 @@
 """Dask and Ray specifics: attach to running clusters, resources, data locality, the documented
 example config, env vars and worker output."""
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
+import stages as st
+from clusters_multinode import DaskNodes, RayNodes, free_port, wait_for_workers
+from test_config import FLOWDAPT_EXAMPLE
 
 import flowdapt_nb as fnb
 from flowdapt_nb import Stage, Workflow
-
-import stages as st
-from test_config import FLOWDAPT_EXAMPLE
-
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"nothing listened on {port} within {timeout} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """End a process we started, and its children."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                child.kill()
-            proc.kill()
-            proc.wait(10)
 
 
 def notebook_style_workflow():
@@ -65,16 +27,26 @@ def notebook_style_workflow():
     def gather(xs):
         return sorted(xs)
 
-    return Workflow("attached", stages=[Stage("make", make), Stage("bump", bump, type="parameterized",
-                                                                     depends_on=["make"]),
-                                        Stage("gather", gather, depends_on=["bump"])])
+    return Workflow(
+        "attached",
+        stages=[
+            Stage("make", make),
+            Stage("bump", bump, type="parameterized", depends_on=["make"]),
+            Stage("gather", gather, depends_on=["bump"]),
+        ],
+    )
 
 
 @pytest.mark.parametrize("kind", ["dask", "ray"])
 def test_stage_resources_are_checked_and_honoured(kind, request):
     ex = request.getfixturevalue(f"{kind}_executor")
-    good = Stage("wheel", st.square, type="parameterized", options={"map_on": "xs"},
-                 resources={"cpus": 1, "hamster_wheels": 1})
+    good = Stage(
+        "wheel",
+        st.square,
+        type="parameterized",
+        options={"map_on": "xs"},
+        resources={"cpus": 1, "hamster_wheels": 1},
+    )
     assert ex.run(Workflow("w", stages=[good]), input={"xs": [1, 2]}).result == [1, 4]
     bad = good.model_copy(update={"resources": {"hamster_wheel": 1}})
     with pytest.raises(fnb.ConfigError) as err:
@@ -113,6 +85,7 @@ def test_stage_print_reaches_the_driver(kind, request, capfd):
 @pytest.mark.parametrize("kind", ["dask", "ray"])
 def test_info_has_dashboard_workers_and_resources(kind, request):
     import urllib.request
+
     ex = request.getfixturevalue(f"{kind}_executor")
     info = ex.info()
     assert info["kind"] == kind and info["state"] == "running" and info["workers"]
@@ -138,6 +111,7 @@ def test_data_stays_in_the_cluster(kind, request):
 
     def make_array():
         import numpy as np
+
         return np.ones(25_000_000, dtype="float64")  # 200 MB
 
     def double(a):
@@ -159,8 +133,16 @@ def test_data_stays_in_the_cluster(kind, request):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        run = ex.run(Workflow("big", stages=[Stage("make", make_array), Stage("double", double, depends_on=["make"]),
-                                             Stage("sum", summarize, depends_on=["double"])]))
+        run = ex.run(
+            Workflow(
+                "big",
+                stages=[
+                    Stage("make", make_array),
+                    Stage("double", double, depends_on=["make"]),
+                    Stage("sum", summarize, depends_on=["double"]),
+                ],
+            )
+        )
     finally:
         stop_flag.set()
         watcher.join()
@@ -168,66 +150,42 @@ def test_data_stays_in_the_cluster(kind, request):
     assert peak[0] - base < 80 * 2**20, f"driver grew by {(peak[0] - base) / 2**20:.0f} MiB"
 
 
-def test_attach_to_running_dask_cluster(tmp_path):
-    port, dash = free_port(), free_port()
-    scheduler = subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                  "--dashboard-address", f"127.0.0.1:{dash}"], cwd=tmp_path,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    workers = None
-    try:
-        wait_port(port)
-        workers = subprocess.Popen([str(BIN / "dask"), "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "2",
-                                    "--nthreads", "1", "--host", "127.0.0.1", "--resources", "cpus=1 gpus=0"],
-                                   cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ex = fnb.DaskExecutor(cluster_address=f"tcp://127.0.0.1:{port}")
+def test_attach_to_running_dask_cluster():
+    with DaskNodes({"w1": "cpus=1 gpus=0", "w2": "cpus=1 gpus=0"}) as nodes:
+        ex = fnb.DaskExecutor(cluster_address=nodes.address)
         ex.start()
-        deadline = time.time() + 60
-        while len(ex.info()["workers"]) < 2 and time.time() < deadline:
-            time.sleep(0.3)
+        wait_for_workers(ex, 2, 60, logs=nodes.logs)
         assert not ex.owns_cluster and len(ex.info()["workers"]) == 2
         run = ex.run(notebook_style_workflow(), input={"n": 4})
         assert run.result == [10, 11, 12, 13]
         fnb.cluster_memory.put("k", "v")
         assert fnb.cluster_memory.get("k") == "v"
         ex.close()
-        assert scheduler.poll() is None and workers.poll() is None  # close() left the cluster running
-        again = fnb.DaskExecutor(cluster_address=f"tcp://127.0.0.1:{port}").start()
+        assert all(p.poll() is None for p in nodes.procs.values())  # close() left the cluster running
+        again = fnb.DaskExecutor(cluster_address=nodes.address).start()
         assert again.run(notebook_style_workflow(), input={"n": 1}).result == [10]
         again.close()
-    finally:
-        if workers is not None:
-            stop(workers)
-        stop(scheduler)
 
 
-def test_attach_to_running_ray_cluster(tmp_path, ray_cluster):
+def test_attach_to_running_ray_cluster(ray_cluster):
     ray_cluster.close()  # one Ray connection per process
-    port = free_port()
-    temp = Path(os.environ["RAY_TMPDIR"]) / f"attach{port}"
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--port", str(port),
-                             "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--include-dashboard", "false",
-                             "--temp-dir", str(temp), "--resources", '{"hamster_wheels": 1}',
-                             "--disable-usage-stats"],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port, 90)
-        ex = fnb.RayExecutor(cluster_address=f"127.0.0.1:{port}", logging_level="error")
+    with RayNodes({}, head_cpus=2, head_args=["--resources", '{"hamster_wheels": 1}']) as nodes:
+        ex = fnb.RayExecutor(cluster_address=nodes.address, logging_level="error")
         ex.start()
         assert not ex.owns_cluster
         run = ex.run(notebook_style_workflow(), input={"n": 3})
         assert run.result == [10, 11, 12]
         assert ex.info()["resources"].get("hamster_wheels") == 1
         ex.close()
-        assert head.poll() is None  # close() left the cluster running
-        again = fnb.RayExecutor(cluster_address=f"127.0.0.1:{port}", logging_level="error").start()
+        assert nodes.procs["head"].poll() is None  # close() left the cluster running
+        again = fnb.RayExecutor(cluster_address=nodes.address, logging_level="error").start()
         assert again.run(notebook_style_workflow(), input={"n": 1}).result == [10]
         again.close()
-    finally:
-        stop(head)
 
 
-@pytest.mark.parametrize("cls,address", [(fnb.DaskExecutor, "tcp://127.0.0.1:{port}"),
-                                         (fnb.RayExecutor, "127.0.0.1:{port}")])
+@pytest.mark.parametrize(
+    "cls,address", [(fnb.DaskExecutor, "tcp://127.0.0.1:{port}"), (fnb.RayExecutor, "127.0.0.1:{port}")]
+)
 def test_unreachable_address_fails_fast_and_clearly(cls, address):
     port = free_port()  # nothing listens here
     ex = cls(cluster_address=address.format(port=port), connect_timeout=2)
@@ -239,19 +197,27 @@ def test_unreachable_address_fails_fast_and_clearly(cls, address):
 
 def test_documented_example_config_typo_then_fixed(ray_cluster):
     import ray
+
     ray_cluster.close()
     ex = fnb.executor_from_config(FLOWDAPT_EXAMPLE)
     with pytest.raises(fnb.ConfigError) as err:
         ex.start()
     assert "hamster_wheel'" in str(err.value) and "hamster_wheels" in str(err.value)
     assert not ex.running and not ray.is_initialized()  # nothing left half-started
-    fixed = fnb.executor_from_config(FLOWDAPT_EXAMPLE.replace("hamster_wheel: 1", "hamster_wheels: 1"),
-                                     logging_level="error", include_dashboard=False)
+    fixed = fnb.executor_from_config(
+        FLOWDAPT_EXAMPLE.replace("hamster_wheel: 1", "hamster_wheels: 1"),
+        logging_level="error",
+        include_dashboard=False,
+    )
     with fixed:
         info = fixed.info()
         assert info["resources"]["GPU"] == 1 and info["resources"]["hamster_wheels"] == 6
         assert info["resources"]["CPU"] == 2 and info["resources"]["memory"] == 8e9
         fnb.cluster_memory.put("x", [1, 2])
         assert fnb.cluster_memory.get("x") == [1, 2]
-        assert fixed.run(Workflow("env", stages=[Stage("e", st.env_value)]),
-                         input={"name": "OMP_NUM_THREADS"}).result == "1"
+        assert (
+            fixed.run(
+                Workflow("env", stages=[Stage("e", st.env_value)]), input={"name": "OMP_NUM_THREADS"}
+            ).result
+            == "1"
+        )
