@@ -52,10 +52,12 @@ _SETTING_KEYS = ("url", "path", "protocol", "base_path", "options", "storage_opt
 
 # --- where -------------------------------------------------------------------------------------
 
+
 def user_data_dir() -> str:
     """The per-user data folder for flowdapt_nb (platformdirs' convention)."""
     try:
         import platformdirs
+
         return platformdirs.user_data_dir("flowdapt_nb", appauthor=False)
     except ImportError:  # pragma: no cover - platformdirs comes with Jupyter
         if sys.platform == "win32":
@@ -98,12 +100,18 @@ def parse_setting(setting, *, key: str = "storage", line: int | None = None) -> 
         setting = os.fspath(setting)
     if isinstance(setting, str):
         if not setting.strip():
-            raise ConfigError(f"'{key}' is empty; give a folder or an fsspec URL such as s3://bucket/prefix",
-                              key=key, line=line)
+            raise ConfigError(
+                f"'{key}' is empty; give a folder or an fsspec URL such as s3://bucket/prefix",
+                key=key,
+                line=line,
+            )
         return _absolute(setting.strip()), {}
     if not isinstance(setting, dict):
-        raise ConfigError(f"'{key}' must be a URL or a mapping {{url, options}}, not {type(setting).__name__}",
-                          key=key, line=line)
+        raise ConfigError(
+            f"'{key}' must be a URL or a mapping {{url, options}}, not {type(setting).__name__}",
+            key=key,
+            line=line,
+        )
     return _parse_mapping(setting, key, line)
 
 
@@ -119,10 +127,15 @@ def _parse_mapping(setting: dict, key: str, line: int | None) -> tuple[str, dict
         raise ConfigError(f"'{key}' gives {' and '.join(given)}; give one of them", key=key, line=line)
     options = setting.get(given[0]) if given else {}
     if not isinstance(options, dict):
-        raise ConfigError(f"'{key}.{given[0]}' must be a mapping of fsspec options", key=f"{key}.{given[0]}",
-                          line=line)
-    if setting.get("url") is not None and (setting.get("path") is not None or setting.get("base_path") is not None):
-        raise ConfigError(f"'{key}' gives 'url' and a path; give the whole location as 'url'", key=key, line=line)
+        raise ConfigError(
+            f"'{key}.{given[0]}' must be a mapping of fsspec options", key=f"{key}.{given[0]}", line=line
+        )
+    if setting.get("url") is not None and (
+        setting.get("path") is not None or setting.get("base_path") is not None
+    ):
+        raise ConfigError(
+            f"'{key}' gives 'url' and a path; give the whole location as 'url'", key=key, line=line
+        )
     url = setting.get("url")
     if url is None:
         path = setting.get("base_path", setting.get("path"))
@@ -160,6 +173,7 @@ def encode_name(name: str) -> str:
 
 def decode_name(segment: str) -> str:
     from urllib.parse import unquote
+
     return unquote(segment)
 
 
@@ -172,8 +186,10 @@ def check_name(name, what: str = "key") -> str:
         raise TypeError(f"object store {what}s are non-empty strings, got {name!r}")
     size = len(encode_name(name))
     if size > MAX_NAME_BYTES:
-        raise ValueError(f"object store {what} {name[:40]!r}... is too long: {size} characters once "
-                         f"encoded (unusual characters count 3 each, as %XX), at most {MAX_NAME_BYTES}")
+        raise ValueError(
+            f"object store {what} {name[:40]!r}... is too long: {size} characters once "
+            f"encoded (unusual characters count 3 each, as %XX), at most {MAX_NAME_BYTES}"
+        )
     return name
 
 
@@ -182,14 +198,24 @@ def _data_file(meta: dict, key: str, namespace: str) -> str:
     Anything else (``../../victim.txt``, an absolute path) is a tampered or foreign meta.json and is
     refused, so a reader never reads, and a writer never deletes, outside the store."""
     name = meta.get("data") if isinstance(meta, dict) else None
-    if (not isinstance(name, str) or not name or name in (".", "..") or name.startswith(TMP_PREFIX)
-            or name == META or any(c in name for c in "/\\\0") or posixpath.basename(name) != name):
-        raise ValueError(f"artifact {key!r} in namespace '{namespace}' has a meta.json whose data file is "
-                         f"{name!r}, not a file of its own folder: refusing to use it (was meta.json edited?)")
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or name.startswith(TMP_PREFIX)
+        or name == META
+        or any(c in name for c in "/\\\0")
+        or posixpath.basename(name) != name
+    ):
+        raise ValueError(
+            f"artifact {key!r} in namespace '{namespace}' has a meta.json whose data file is "
+            f"{name!r}, not a file of its own folder: refusing to use it (was meta.json edited?)"
+        )
     return name
 
 
 # --- values ------------------------------------------------------------------------------------
+
 
 def _parquet_safe(frame) -> bool:
     """True when Parquet keeps this DataFrame exactly (else it travels pickled)."""
@@ -199,6 +225,7 @@ def _parquet_safe(frame) -> bool:
         return False
     import pandas as pd
     from pandas.api import types as pt
+
     if frame.attrs or not all(isinstance(c, str) for c in frame.columns) or not frame.columns.is_unique:
         return False
     if isinstance(frame.columns, pd.MultiIndex):
@@ -233,6 +260,7 @@ def _is_frame(value) -> bool:
 def _dump(value, f) -> str:
     """Write ``value`` into the open binary file ``f``; returns its format."""
     from . import pickling
+
     if _is_frame(value) and _parquet_safe(value):
         start = f.tell()
         try:
@@ -241,16 +269,20 @@ def _dump(value, f) -> str:
         except Exception:  # a type Parquet can't hold after all: pickle it instead
             f.seek(start)
             f.truncate()
-    pickling.dump(value, f, "artifacts hold")  # an unpicklable value: one TypeError, as the object store says it
+    pickling.dump(
+        value, f, "artifacts hold"
+    )  # an unpicklable value: one TypeError, as the object store says it
     return "cloudpickle"
 
 
 def _load(f, fmt: str):
     if fmt == "parquet":
         import pandas as pd
+
         return pd.read_parquet(f)
     if fmt == "cloudpickle":
         import cloudpickle
+
         return cloudpickle.load(f)
     raise ValueError(f"unknown artifact format {fmt!r} (written by a newer flowdapt_nb?)")
 
@@ -275,6 +307,7 @@ def _mtime(entry: dict) -> float | None:
 
 
 # --- the store ---------------------------------------------------------------------------------
+
 
 class ArtifactStore:
     """Values by (namespace, key) under one fsspec location.
@@ -301,6 +334,7 @@ class ArtifactStore:
     def _open_fs(self):
         if self._fs is None:
             from fsspec.core import url_to_fs
+
             options = dict(self.options)
             if not _is_local_url(self.url):
                 # Other processes write here too: a cached listing would hide their files.
@@ -328,6 +362,7 @@ class ArtifactStore:
     @property
     def local(self) -> bool:
         from fsspec.implementations.local import LocalFileSystem
+
         return isinstance(self.fs, LocalFileSystem)
 
     @property
@@ -428,8 +463,9 @@ class ArtifactStore:
     def exists(self, namespace: str, key: str) -> bool:
         return self.meta(namespace, key) is not None
 
-    def put(self, namespace: str, key: str, value: Any, run: str | None = None,
-            stage: str | None = None) -> dict:
+    def put(
+        self, namespace: str, key: str, value: Any, run: str | None = None, stage: str | None = None
+    ) -> dict:
         """Store ``value``; returns its metadata. Readers see the old value until this returns."""
         directory = self._dir(namespace, key)
         try:
@@ -445,10 +481,20 @@ class ArtifactStore:
         # The file's name says its format, known once the value is written (before it is named).
         size = self._write(directory, lambda: stamp + (".parquet" if fmt[0] == "parquet" else ".pkl"), fill)
         final_name = stamp + (".parquet" if fmt[0] == "parquet" else ".pkl")
-        meta = {"key": key, "namespace": namespace, "type": type(value).__qualname__,
-                "module": type(value).__module__, "format": fmt[0], "data": final_name, "size": size,
-                "created": _now_iso(), "run": str(run) if run is not None else None, "stage": stage,
-                "host": socket.gethostname(), "version": 1}
+        meta = {
+            "key": key,
+            "namespace": namespace,
+            "type": type(value).__qualname__,
+            "module": type(value).__module__,
+            "format": fmt[0],
+            "data": final_name,
+            "size": size,
+            "created": _now_iso(),
+            "run": str(run) if run is not None else None,
+            "stage": stage,
+            "host": socket.gethostname(),
+            "version": 1,
+        }
         payload = json.dumps(meta, indent=1).encode()
         self._write(directory, META, lambda f: f.write(payload))
         if previous and previous.get("data") and previous["data"] != final_name:
@@ -492,8 +538,11 @@ class ArtifactStore:
                             entries.append((e.path, e.stat().st_mtime))
             else:
                 self.fs.invalidate_cache(directory)
-                entries = [(e["name"], _mtime(e)) for e in self.fs.ls(directory, detail=True)
-                           if posixpath.basename(e["name"].rstrip("/")) not in keep and e.get("type") == "file"]
+                entries = [
+                    (e["name"], _mtime(e))
+                    for e in self.fs.ls(directory, detail=True)
+                    if posixpath.basename(e["name"].rstrip("/")) not in keep and e.get("type") == "file"
+                ]
         except (FileNotFoundError, NotImplementedError, OSError):
             return
         for path, mtime in entries:
@@ -518,8 +567,10 @@ class ArtifactStore:
                 time.sleep(0.01 * (attempt + 1))
                 continue
         if meta is not None:
-            raise KeyError(f"artifact {key!r} in namespace '{namespace}' ({self.url}) is damaged: its value "
-                           f"file {meta.get('data')!r} is missing")
+            raise KeyError(
+                f"artifact {key!r} in namespace '{namespace}' ({self.url}) is damaged: its value "
+                f"file {meta.get('data')!r} is missing"
+            )
         raise KeyError(f"{key!r} is not an artifact in namespace '{namespace}' ({self.url})")
 
     def delete(self, namespace: str, key: str) -> bool:
@@ -531,6 +582,7 @@ class ArtifactStore:
         try:
             if self.local:
                 import shutil
+
                 shutil.rmtree(directory, ignore_errors=True)
             else:
                 self.fs.invalidate_cache(directory)
@@ -562,7 +614,7 @@ class ArtifactStore:
                 continue
             prefix = base.rstrip("/") + "/"
             for path in found:
-                rel = path[len(prefix):] if path.startswith(prefix) else None
+                rel = path[len(prefix) :] if path.startswith(prefix) else None
                 if rel is None:
                     continue
                 parts = rel.split("/")

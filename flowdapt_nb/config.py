@@ -54,10 +54,12 @@ def _resource_map(value):
 
 def _none_is(default):
     """A validator: Flowdapt writes ``null`` for "its default"; read it as ours (``list``: a new [])."""
+
     def fill(cls, v):
         if v is not None:
             return v
         return default() if callable(default) else default
+
     return fill
 
 
@@ -68,15 +70,18 @@ def _null_means(default, *fields: str) -> Any:
 
 def _allowed_targets(value):
     from .workflow import check_allowed_prefixes
+
     return check_allowed_prefixes(value)
 
 
 def _count_or_auto(name: str):
     """A validator: ``auto`` or a whole number >= 1."""
+
     def check(cls, v):
         if v != "auto" and v < 1:
             raise ValueError(f"{name} must be 'auto' or a whole number >= 1")
         return v
+
     return field_validator(name)(classmethod(check))
 
 
@@ -86,20 +91,30 @@ class ExecutorFields(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     history_limit: int = Field(100, ge=1, description="runs kept in ex.history")
-    history_bytes: str | int = Field("256MB", description="results kept in ex.history, in bytes: "
-                                           "older runs past it keep their record, not their result")
+    history_bytes: str | int = Field(
+        "256MB",
+        description="results kept in ex.history, in bytes: "
+        "older runs past it keep their record, not their result",
+    )
     _v_history_bytes = field_validator("history_bytes", mode="before")(
-        classmethod(lambda cls, v: (parse_bytes(v), v)[1]))  # a size: parse_bytes says what is valid
+        classmethod(lambda cls, v: (parse_bytes(v), v)[1])
+    )  # a size: parse_bytes says what is valid
     sample_interval: float = Field(1.0, gt=0, description="seconds between resource samples")
     resource_history_limit: int = Field(600, ge=1, description="samples kept per worker")
     allowed_targets: list[str] | None = Field(
-        None, description="import-path prefixes every stage target must start with, e.g. "
-                          "[mypkg., __main__]; checked before anything is imported (None: any target)")
+        None,
+        description="import-path prefixes every stage target must start with, e.g. "
+        "[mypkg., __main__]; checked before anything is imported (None: any target)",
+    )
     runs: bool | str | None = Field(
-        None, description="the run store (SQLite) this executor records runs in: a file path, ':memory:', or "
-                          "off/false (None: $FLOWDAPT_NB_RUNS, else <user data dir>/runs.sqlite)")
+        None,
+        description="the run store (SQLite) this executor records runs in: a file path, ':memory:', or "
+        "off/false (None: $FLOWDAPT_NB_RUNS, else <user data dir>/runs.sqlite)",
+    )
 
-    _v_allowed = field_validator("allowed_targets", mode="before")(classmethod(lambda cls, v: _allowed_targets(v)))
+    _v_allowed = field_validator("allowed_targets", mode="before")(
+        classmethod(lambda cls, v: _allowed_targets(v))
+    )
 
     # Fields accepted for Flowdapt compatibility that have no effect here, with the reason.
     _inert: dict = {}
@@ -107,9 +122,13 @@ class ExecutorFields(BaseModel):
     _flowdapt_defaults: dict = {}
 
     def inert_fields_set(self) -> dict:
-        return {name: why for name, why in self._inert.items() if name in self.model_fields_set
-                and getattr(self, name) not in (None, [], {}, False)
-                and getattr(self, name) != self._flowdapt_defaults.get(name, object())}
+        return {
+            name: why
+            for name, why in self._inert.items()
+            if name in self.model_fields_set
+            and getattr(self, name) not in (None, [], {}, False)
+            and getattr(self, name) != self._flowdapt_defaults.get(name, object())
+        }
 
 
 class ClusterMemoryActor(BaseModel):
@@ -147,8 +166,9 @@ class _ClusterFields(ExecutorFields):
 
     _v_env = field_validator("env_vars", mode="before")(_str_map)
     _v_res = field_validator("resources", mode="before")(_resource_map)
-    _v_mem = field_validator("memory", mode="before")(classmethod(lambda cls, v: _size_or_auto(
-        "auto" if v is None else v)))
+    _v_mem = field_validator("memory", mode="before")(
+        classmethod(lambda cls, v: _size_or_auto("auto" if v is None else v))
+    )
     _v_pip = _null_means(list, "pip")
     _v_cpus_none = _null_means("auto", "cpus")
     _v_gpus_none = _null_means("disabled", "gpus")
@@ -172,15 +192,26 @@ class DaskConfig(_ClusterFields):
     scheduler_scheme: str = "tcp"
     upload_plugins: bool | list | None = False
     # TLS for attaching to a scheduler started with `--protocol tls` (distributed.security.Security's names)
-    tls_ca_file: str | None = Field(None, description="PEM file of the CA that signed the scheduler's and "
-                                    "workers' certificates (Security(tls_ca_file=...)); with cluster_address tls://...")
-    tls_client_cert: str | None = Field(None, description="PEM certificate this client presents, signed by a CA "
-                                        "the scheduler trusts (Security(tls_client_cert=...))")
-    tls_client_key: str | None = Field(None, description="PEM private key of tls_client_cert "
-                                       "(Security(tls_client_key=...)); may be left out if tls_client_cert holds it")
+    tls_ca_file: str | None = Field(
+        None,
+        description="PEM file of the CA that signed the scheduler's and "
+        "workers' certificates (Security(tls_ca_file=...)); with cluster_address tls://...",
+    )
+    tls_client_cert: str | None = Field(
+        None,
+        description="PEM certificate this client presents, signed by a CA "
+        "the scheduler trusts (Security(tls_client_cert=...))",
+    )
+    tls_client_key: str | None = Field(
+        None,
+        description="PEM private key of tls_client_cert "
+        "(Security(tls_client_key=...)); may be left out if tls_client_cert holds it",
+    )
 
-    _inert = {"upload_plugins": "Flowdapt plugins are not used by flowdapt_nb",
-              "pip": "install packages into the environment the workers run in"}
+    _inert = {
+        "upload_plugins": "Flowdapt plugins are not used by flowdapt_nb",
+        "pip": "install packages into the environment the workers run in",
+    }
     _flowdapt_defaults = {"upload_plugins": False, "pip": []}
     _v_threads_none = _null_means("auto", "threads")
     _v_adaptive_none = _null_means(False, "adaptive")
@@ -235,9 +266,16 @@ class RayConfig(_ClusterFields):
         "base_reconnect_delay": "a lost head fails the runs and disconnects; start() attaches again",
         "max_reconnect_delay": "a lost head fails the runs and disconnects; start() attaches again",
     }
-    _flowdapt_defaults = {"strategy": "group_by_group", "upload_plugins": True, "connection_monitor_interval": 15,
-                          "max_reconnect_retries": 2048, "base_reconnect_delay": 5.0,
-                          "max_reconnect_delay": 60.0, "ping_timeout": 10.0, "ping_failure_threshold": 3}
+    _flowdapt_defaults = {
+        "strategy": "group_by_group",
+        "upload_plugins": True,
+        "connection_monitor_interval": 15,
+        "max_reconnect_retries": 2048,
+        "base_reconnect_delay": 5.0,
+        "max_reconnect_delay": 60.0,
+        "ping_timeout": 10.0,
+        "ping_failure_threshold": 3,
+    }
 
     _v_osm = field_validator("object_store_memory", mode="before")(_size_or_auto)
     # Flowdapt's Ray default is gpus: null, which lets Ray count the GPUs: our 'auto'
@@ -258,6 +296,7 @@ class RayConfig(_ClusterFields):
 
 # --- executor targets ---------------------------------------------------------------------------
 
+
 def resolve_executor_class(target: str, line: int | None = None):
     """Map a target (short name, Flowdapt class path or our own dotted path) to a class
     (the table is ``executors.registry``)."""
@@ -270,22 +309,27 @@ def validate_fields(model_cls, data: dict, source: Source | None = None, prefix=
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"expected a mapping of executor fields, got {type(data).__name__}",
-                          line=source.line_of(prefix))
+        raise ConfigError(
+            f"expected a mapping of executor fields, got {type(data).__name__}", line=source.line_of(prefix)
+        )
     valid = list(model_cls.model_fields)
     for key in data:
         if key not in valid:
             near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
             hint = f"did you mean '{near[0]}'?" if near else "valid keys: " + ", ".join(valid)
-            raise ConfigError(f"unknown key '{key}'", key=str(key), line=source.line_of(prefix + (key,)),
-                              hint=hint)
+            raise ConfigError(
+                f"unknown key '{key}'", key=str(key), line=source.line_of(prefix + (key,)), hint=hint
+            )
     try:
         model = model_cls(**data)
     except ValidationError as exc:
         raise _field_error(model_cls, exc, data, source, prefix) from None
     for name, why in model.inert_fields_set().items():
-        warnings.warn(f"executor field '{name}' is accepted for Flowdapt compatibility but has no "
-                      f"effect here: {why}", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"executor field '{name}' is accepted for Flowdapt compatibility but has no effect here: {why}",
+            UserWarning,
+            stacklevel=3,
+        )
     return model
 
 
@@ -328,7 +372,9 @@ def _field_error(model_cls, exc: ValidationError, data: dict, source: Source, pr
         sub = _model_at(model_cls, loc[:-1])
         valid = list(sub.model_fields) if sub is not None else []
         near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
-        hint = f"did you mean '{near[0]}'?" if near else ("valid keys: " + ", ".join(valid) if valid else None)
+        hint = (
+            f"did you mean '{near[0]}'?" if near else ("valid keys: " + ", ".join(valid) if valid else None)
+        )
         return ConfigError(f"unknown key '{loc[-1]}'", key=key, line=source.line_of(prefix + loc), hint=hint)
     if err["type"] == "missing":
         loc = tuple(err["loc"])
@@ -357,26 +403,35 @@ def split_config(src) -> tuple[Source, tuple, dict]:
     source = read_source(src, "config")
     data = source.data
     if data is None:
-        raise ConfigError("the config is empty; give an executor mapping with a 'target', e.g. "
-                          "{target: local}")
+        raise ConfigError(
+            "the config is empty; give an executor mapping with a 'target', e.g. {target: local}"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping, not {type(data).__name__}", line=source.line_of(()))
     compute: dict = {}
-    if "target" not in data and "__target__" not in data and (
-            str(data.get("kind", "")).lower() == "workflow" or "spec" in data or "stages" in data):
-        raise ConfigError("this is a workflow resource, not an executor config",
-                          key="kind" if "kind" in data else None,
-                          line=source.line_of(("kind",) if "kind" in data else ()),
-                          hint="an executor config has target: local | dask | ray (or a Flowdapt config "
-                               "with services.compute.executor)")
+    if (
+        "target" not in data
+        and "__target__" not in data
+        and (str(data.get("kind", "")).lower() == "workflow" or "spec" in data or "stages" in data)
+    ):
+        raise ConfigError(
+            "this is a workflow resource, not an executor config",
+            key="kind" if "kind" in data else None,
+            line=source.line_of(("kind",) if "kind" in data else ()),
+            hint="an executor config has target: local | dask | ray (or a Flowdapt config "
+            "with services.compute.executor)",
+        )
     if "services" in data:
         prefix: tuple = ()
         node: Any = data
         for key in EXECUTOR_PATH:
             if not isinstance(node, dict) or key not in node:
-                raise ConfigError(f"a Flowdapt config needs '{'.'.join(EXECUTOR_PATH)}'; "
-                                  f"'{'.'.join(prefix + (key,))}' is missing", key=key,
-                                  line=source.line_of(prefix))
+                raise ConfigError(
+                    f"a Flowdapt config needs '{'.'.join(EXECUTOR_PATH)}'; "
+                    f"'{'.'.join(prefix + (key,))}' is missing",
+                    key=key,
+                    line=source.line_of(prefix),
+                )
             if key == "executor" and isinstance(node, dict):
                 compute = {k: v for k, v in node.items() if k != "executor"}
             node = node[key]
@@ -407,18 +462,27 @@ def _database_setting(setting, source: Source):
     if setting is None or isinstance(setting, bool) or (isinstance(setting, str) and setting.strip()):
         return setting
     if isinstance(setting, dict) and ("__target__" in setting or "target" in setting):
-        warnings.warn("services.database names a Flowdapt database class, which flowdapt_nb does not use; "
-                      "runs go to the default run store (give services.database a file path, ':memory:' "
-                      "or off to choose)", UserWarning, stacklevel=4)
+        warnings.warn(
+            "services.database names a Flowdapt database class, which flowdapt_nb does not use; "
+            "runs go to the default run store (give services.database a file path, ':memory:' "
+            "or off to choose)",
+            UserWarning,
+            stacklevel=4,
+        )
         return _NOT_OURS
-    raise ConfigError(f"'services.database' is the run store: a file path, ':memory:', or off "
-                      f"(the same values as runs:), got {setting!r}", key="services.database",
-                      line=source.line_of(path), hint="e.g. services: {database: ~/runs.sqlite}")
+    raise ConfigError(
+        f"'services.database' is the run store: a file path, ':memory:', or off "
+        f"(the same values as runs:), got {setting!r}",
+        key="services.database",
+        line=source.line_of(path),
+        hint="e.g. services: {database: ~/runs.sqlite}",
+    )
 
 
 def _storage_setting(setting, source: Source, path: tuple):
     """Check a storage setting (URL or mapping) where the config gives it; local paths absolute."""
     from .artifacts import normalize_setting
+
     return normalize_setting(setting, key=".".join(map(str, path)), line=source.line_of(path))
 
 
@@ -434,8 +498,9 @@ def executor_from_config(src, **overrides):
     source, prefix, compute = split_config(src)
     mapping = source.sub(prefix).data if prefix else source.data
     if not isinstance(mapping, dict):
-        raise ConfigError("the executor config must be a mapping with a 'target'",
-                          line=source.line_of(prefix))
+        raise ConfigError(
+            "the executor config must be a mapping with a 'target'", line=source.line_of(prefix)
+        )
     mapping = {**mapping, **overrides}
     for name in ("allowed_targets", "runs"):  # services.compute.allowed_targets, services.database
         if name in compute:  # the executor mapping's own key wins
@@ -444,12 +509,19 @@ def executor_from_config(src, **overrides):
     if "artifacts" in mapping:  # storage for object_store artifacts, given beside the executor fields
         compute["storage"] = _storage_setting(mapping.pop("artifacts"), source, prefix + ("artifacts",))
     if "target" in mapping and "__target__" in mapping:
-        raise ConfigError("give 'target' or '__target__', not both", key="target",
-                          line=source.line_of(prefix + ("__target__",)))
+        raise ConfigError(
+            "give 'target' or '__target__', not both",
+            key="target",
+            line=source.line_of(prefix + ("__target__",)),
+        )
     key = "target" if "target" in mapping else "__target__"
     if key not in mapping:
-        raise ConfigError("the executor config has no 'target'", key="target", line=source.line_of(prefix),
-                          hint=f"valid: {registry.valid_text()}, or flowdapt.compute.executor.<kind>.<Kind>Executor")
+        raise ConfigError(
+            "the executor config has no 'target'",
+            key="target",
+            line=source.line_of(prefix),
+            hint=f"valid: {registry.valid_text()}, or flowdapt.compute.executor.<kind>.<Kind>Executor",
+        )
     cls = resolve_executor_class(mapping[key], line=source.line_of(prefix + (key,)))
     fields = {k: v for k, v in mapping.items() if k != key}
     model = validate_fields(cls.Config, fields, source, prefix)

@@ -162,8 +162,15 @@ class Backend(abc.ABC):
         return fn
 
     @abc.abstractmethod
-    def submit(self, fn_handle, ctx_handle, info: TaskInfo, flat_args: list, resources: dict,
-               on_done: Callable[[Outcome], None]) -> Any:
+    def submit(
+        self,
+        fn_handle,
+        ctx_handle,
+        info: TaskInfo,
+        flat_args: list,
+        resources: dict,
+        on_done: Callable[[Outcome], None],
+    ) -> Any:
         """Send one task; call ``on_done`` once with its :class:`Outcome` (from any thread).
         Returns the task's ref (what ``cancel`` takes)."""
 
@@ -175,8 +182,9 @@ class Backend(abc.ABC):
         for fn_handle, info, flat_args, resources, on_done in calls:
             refs.append(self.submit(fn_handle, ctx_handle, info, flat_args, resources, on_done))
 
-    def submit_chunk(self, fn_handle, ctx_handle, tasks: list[tuple[TaskInfo, list]], resources: dict,
-                     on_done: ChunkReport) -> Any:
+    def submit_chunk(
+        self, fn_handle, ctx_handle, tasks: list[tuple[TaskInfo, list]], resources: dict, on_done: ChunkReport
+    ) -> Any:
         """Run several one-slot tasks of one stage on one worker, one after another; report
         their end once through ``on_done`` (:class:`ChunkReport`: ``done`` or ``failed``).
         Only called when ``chunk_seconds`` is set."""
@@ -214,8 +222,9 @@ def items_of(value, stage_name: str, source: str) -> list:
     if isinstance(value, dict):
         return list(value.keys())
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise TypeError(f"stage '{stage_name}' maps over {source}, which is {a_type(value)}, "
-                        f"not a list, tuple or dict")
+        raise TypeError(
+            f"stage '{stage_name}' maps over {source}, which is {a_type(value)}, not a list, tuple or dict"
+        )
     return list(value)
 
 
@@ -231,8 +240,16 @@ MEAN_WEIGHT = 0.2  # weight of each new timing in a stage's moving-average task 
 class Engine:
     """Runs one workflow run on a backend. Used by every executor through ``Executor.submit``."""
 
-    def __init__(self, backend: Backend, events: EventBus, run: WorkflowRun, fns: dict, ctx,
-                 cancel_event, timeout: float | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        events: EventBus,
+        run: WorkflowRun,
+        fns: dict,
+        ctx,
+        cancel_event,
+        timeout: float | None = None,
+    ):
         self.backend = backend
         self.events = events
         self.publish = events.publish
@@ -317,7 +334,9 @@ class Engine:
             self._run_event("finished")
         except _Cancelled:
             if self.closing:
-                run.exception = ExecutorClosedError(f"run {run.name}: executor closed during the run", run=run)
+                run.exception = ExecutorClosedError(
+                    f"run {run.name}: executor closed during the run", run=run
+                )
                 self._abort("cancelled", "executor closed during the run")
             else:
                 self._abort("cancelled", "cancelled by the user")
@@ -345,8 +364,11 @@ class Engine:
         for sr in self.stage_runs.values():
             limit = sr.stage.timeout
             if limit and sr.launched_at and not sr.finished and now - sr.launched_at > limit:
-                raise RunTimeoutError(f"stage '{sr.stage.name}' timed out after {limit} s "
-                                      f"(options.timeout){note}", run=self.run, stage=sr.stage.name)
+                raise RunTimeoutError(
+                    f"stage '{sr.stage.name}' timed out after {limit} s (options.timeout){note}",
+                    run=self.run,
+                    stage=sr.stage.name,
+                )
 
     def _abort(self, state: str, message: str) -> None:
         refs = [ref for ref, _ in self.inflight.values() if ref is not None]
@@ -354,7 +376,7 @@ class Engine:
             self.backend.cancel(refs)
         except Exception:
             pass
-        for (stage, item) in list(self.inflight):
+        for stage, item in list(self.inflight):
             self._task_event(stage, item, "cancelled")
         held = [p for sr in self.stage_runs.values() for p in sr.held]
         for pending in [*self.waiting, *held]:
@@ -365,7 +387,11 @@ class Engine:
         self.waiting.clear()
         self.outputs.clear()
         self.splits.clear()
-        if state == "failed" and self.run.failed_stage is None and isinstance(self.run.exception, RunTimeoutError):
+        if (
+            state == "failed"
+            and self.run.failed_stage is None
+            and isinstance(self.run.exception, RunTimeoutError)
+        ):
             self.run.failed_stage = self.run.exception.stage
         self.run._set_state(state, message)
         self._run_event(state, message)
@@ -394,8 +420,11 @@ class Engine:
                     source = f"the output of '{stage.depends_on[0]}'"
                     text = str(exc)
                     if "maps over its dependency's output" in text:  # backends split without the names
-                        exc = TypeError(text.replace("stage '?'", f"stage '{stage.name}'")
-                                        .replace("its dependency's output", source))
+                        exc = TypeError(
+                            text.replace("stage '?'", f"stage '{stage.name}'").replace(
+                                "its dependency's output", source
+                            )
+                        )
                     elif isinstance(exc, TypeError) and "maps over" not in text:
                         exc = TypeError(f"stage '{stage.name}' maps over {source}: {exc}")
                     self._fail_stage(stage, None, exc)
@@ -403,9 +432,14 @@ class Engine:
             else:
                 key = stage.map_on
                 if key not in self.run.input:
-                    raise StageError(stage.name, self.run, KeyError(
-                        f"options.map_on is '{key}' but the run input has no such key "
-                        f"(input keys: {', '.join(sorted(self.run.input)) or 'none'})"))
+                    raise StageError(
+                        stage.name,
+                        self.run,
+                        KeyError(
+                            f"options.map_on is '{key}' but the run input has no such key "
+                            f"(input keys: {', '.join(sorted(self.run.input)) or 'none'})"
+                        ),
+                    )
                 try:
                     values = items_of(self.run.input[key], stage.name, f"input['{key}']")
                 except TypeError as exc:
@@ -414,10 +448,16 @@ class Engine:
             rest_layout, rest_flat = self._layout(rest)
             sr.total = len(items)
             uid = self.run.uid
-            self._enqueue_many(stage, [
-                (TaskInfo(uid, stage.name, index, (entry, *rest_layout), kwargs),
-                 ([arg] if arg_layout.takes_flat_value(entry) else []) + rest_flat)
-                for index, (entry, arg) in enumerate(items)])
+            self._enqueue_many(
+                stage,
+                [
+                    (
+                        TaskInfo(uid, stage.name, index, (entry, *rest_layout), kwargs),
+                        ([arg] if arg_layout.takes_flat_value(entry) else []) + rest_flat,
+                    )
+                    for index, (entry, arg) in enumerate(items)
+                ],
+            )
             if not items:
                 self._finish_stage(stage)
         for dep in stage.depends_on:  # release outputs nobody else needs (Ray refs, Dask futures)
@@ -470,9 +510,12 @@ class Engine:
         return max(1, min(by_time, spread, 2 * sr.last_chunk, CHUNK_MAX))
 
     def _chunkable(self, stage: Stage) -> bool:
-        return bool(self.backend.chunk_seconds and stage.type == "parameterized"
-                    and self.backend.slots_needed(stage) == 1
-                    and not any(amount for name, amount in stage.resources.items() if name != "cpus"))
+        return bool(
+            self.backend.chunk_seconds
+            and stage.type == "parameterized"
+            and self.backend.slots_needed(stage) == 1
+            and not any(amount for name, amount in stage.resources.items() if name != "cpus")
+        )
 
     def _take_held(self, batch: list) -> None:
         """Groups from fan-outs' own queues (backends without slot limits), up to SEND_DEPTH
@@ -527,8 +570,12 @@ class Engine:
                     self.exact_inflight += 1
             group = [self.waiting.popleft()]
             size = self._chunk_size(sr) if len(self.waiting) and not pending.alone else 1
-            while (len(group) < size and self.waiting and self.waiting[0].stage == pending.stage
-                   and not self.waiting[0].alone):
+            while (
+                len(group) < size
+                and self.waiting
+                and self.waiting[0].stage == pending.stage
+                and not self.waiting[0].alone
+            ):
                 group.append(self.waiting.popleft())
             self._take_group(sr, group)
             batch.append(group)
@@ -547,8 +594,15 @@ class Engine:
             for (pending,) in lone:
                 sr = self.stage_runs[pending.stage]
                 key = (pending.stage, pending.info.item)
-                calls.append((sr.fn_handle, pending.info, pending.flat, sr.stage.resources,
-                              lambda outcome, key=key: self.completions.put((key, outcome))))
+                calls.append(
+                    (
+                        sr.fn_handle,
+                        pending.info,
+                        pending.flat,
+                        sr.stage.resources,
+                        lambda outcome, key=key: self.completions.put((key, outcome)),
+                    )
+                )
             try:
                 self.backend.submit_many(self.ctx_handle, calls, refs)
             finally:
@@ -564,8 +618,12 @@ class Engine:
                     send_lone()
                 sr = self.stage_runs[group[0].stage]
                 ref = self.backend.submit_chunk(
-                    sr.fn_handle, self.ctx_handle, [(p.info, p.flat) for p in group], sr.stage.resources,
-                    ChunkReport(self.completions.put, group))
+                    sr.fn_handle,
+                    self.ctx_handle,
+                    [(p.info, p.flat) for p in group],
+                    sr.stage.resources,
+                    ChunkReport(self.completions.put, group),
+                )
                 sent.append((group, ref))
             if lone:
                 send_lone()
@@ -648,8 +706,11 @@ class Engine:
                 uid = self.run.uid
                 for item, outcome, ran in reached:
                     if ran:  # went from queued to finished: its 'running' is implied
-                        self.publish(TaskEvent(uid, stage_name, item, "running", outcome.start or outcome.end,
-                                               outcome.worker))
+                        self.publish(
+                            TaskEvent(
+                                uid, stage_name, item, "running", outcome.start or outcome.end, outcome.worker
+                            )
+                        )
                     self.publish(TaskEvent(uid, stage_name, item, "finished", outcome.end, outcome.worker))
         hits = self.cache_hits.get(stage_name)
         if hits:
@@ -669,16 +730,31 @@ class Engine:
         stage = sr.stage
         self._timed(sr, outcome)
         if outcome.ok:
-            self._task_event(stage_name, item, "finished", outcome.end, outcome.worker,
-                             start=outcome.start, end=outcome.end)
+            self._task_event(
+                stage_name,
+                item,
+                "finished",
+                outcome.end,
+                outcome.worker,
+                start=outcome.start,
+                end=outcome.end,
+            )
             if item in self.cache_hits.get(stage_name, ()):
                 self._task_event(stage_name, item, "cached", outcome.end, outcome.worker)
             sr.results[item] = outcome.value
         else:
             exc = outcome.error or RuntimeError("the task failed without saying why")  # never None here
             summary = f"{type(exc).__name__}: {exc}"
-            self._task_event(stage_name, item, "failed", outcome.end, outcome.worker, summary,
-                             start=outcome.start, end=outcome.end)
+            self._task_event(
+                stage_name,
+                item,
+                "failed",
+                outcome.end,
+                outcome.worker,
+                summary,
+                start=outcome.start,
+                end=outcome.end,
+            )
             if stage.type == "parameterized" and stage.allow_partial_failure:
                 self.run._add_failure(stage_name, item, exc)
             else:
@@ -693,8 +769,10 @@ class Engine:
         failures = [f for f in self.run.failures if f.stage == stage.name]
         shown = "; ".join(f"item {f.item}: {f.error}" for f in failures[:5])
         more = f"; and {len(failures) - 5} more (run.failures)" if len(failures) > 5 else ""
-        exc = AllItemsFailedError(f"all {total} items failed (allow_partial_failure keeps a stage only "
-                                  f"when some items succeed): {shown}{more}")
+        exc = AllItemsFailedError(
+            f"all {total} items failed (allow_partial_failure keeps a stage only "
+            f"when some items succeed): {shown}{more}"
+        )
         if failures and failures[0].traceback:
             exc.remote_traceback = failures[0].traceback  # the first item's, shown with the StageError
         self.run.failed_stage = stage.name
@@ -767,11 +845,17 @@ def check_root_inputs(wf: Workflow, fns: dict, run_input: dict) -> None:
             root_kwargs(stage, fns[stage.name], run_input)
             if stage.type == "parameterized":
                 if stage.map_on not in (run_input or {}):
-                    raise ConfigError(f"options.map_on is '{stage.map_on}' but the run input has no such "
-                                      f"key (input keys: {', '.join(sorted(run_input or {})) or 'none'})",
-                                      stage=stage.name, key="options.map_on")
+                    raise ConfigError(
+                        f"options.map_on is '{stage.map_on}' but the run input has no such "
+                        f"key (input keys: {', '.join(sorted(run_input or {})) or 'none'})",
+                        stage=stage.name,
+                        key="options.map_on",
+                    )
                 items_check = run_input[stage.map_on]
                 if isinstance(items_check, (str, bytes)) or not hasattr(items_check, "__iter__"):
-                    raise ConfigError(f"maps over input['{stage.map_on}'], which is "
-                                      f"{a_type(items_check)}, not a list, tuple or dict",
-                                      stage=stage.name, key="options.map_on")
+                    raise ConfigError(
+                        f"maps over input['{stage.map_on}'], which is "
+                        f"{a_type(items_check)}, not a list, tuple or dict",
+                        stage=stage.name,
+                        key="options.map_on",
+                    )

@@ -47,10 +47,12 @@ def _strategy(strategy) -> str:
         return DEFAULT_STRATEGY
     if strategy not in STRATEGIES:
         import difflib
+
         near = difflib.get_close_matches(str(strategy), STRATEGIES, n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
-        raise ValueError(f"unknown object store strategy {strategy!r}: use one of "
-                         f"{', '.join(STRATEGIES)}{hint}")
+        raise ValueError(
+            f"unknown object store strategy {strategy!r}: use one of {', '.join(STRATEGIES)}{hint}"
+        )
     return strategy
 
 
@@ -75,10 +77,15 @@ class _Scope:
 def _scope(namespace: str | None, storage) -> _Scope:
     ctx = current_context()
     if ctx is not None:
-        return _Scope(ctx.memory, namespace if namespace is not None else ctx.namespace,
-                      storage if storage is not None else ctx.artifacts,
-                      str(ctx.run), ctx.stage)
+        return _Scope(
+            ctx.memory,
+            namespace if namespace is not None else ctx.namespace,
+            storage if storage is not None else ctx.artifacts,
+            str(ctx.run),
+            ctx.stage,
+        )
     from .executors.base import current_executor
+
     ex = current_executor()
     memory = None
     if ex is not None:
@@ -88,20 +95,26 @@ def _scope(namespace: str | None, storage) -> _Scope:
             memory = None
     if namespace is None:  # only None means the default: 0, False or "" are refused by _Scope
         namespace = ex.default_namespace if ex is not None else "default"
-    return _Scope(memory, namespace,
-                  storage if storage is not None else (ex.storage if ex is not None else None), None, None)
+    return _Scope(
+        memory,
+        namespace,
+        storage if storage is not None else (ex.storage if ex is not None else None),
+        None,
+        None,
+    )
 
 
 def _need_memory(scope: _Scope):
     if scope.memory is None:
-        raise RuntimeError("cluster memory needs a running executor: start one first "
-                           "(e.g. fnb.LocalExecutor().start() or %flowdapt executor local), "
-                           "or use strategy='artifact'")
+        raise RuntimeError(
+            "cluster memory needs a running executor: start one first "
+            "(e.g. fnb.LocalExecutor().start() or %flowdapt executor local), "
+            "or use strategy='artifact'"
+        )
     return scope.memory
 
 
-def put(key: str, value, namespace: str | None = None, strategy: str | None = None, *,
-        storage=None) -> str:
+def put(key: str, value, namespace: str | None = None, strategy: str | None = None, *, storage=None) -> str:
     """Store ``value`` under ``key``; returns where it went: ``"cluster_memory"`` or ``"artifact"``.
 
     ``strategy``: ``"fallback"`` (default: cluster memory, else an artifact), ``"cluster_memory"``
@@ -121,8 +134,12 @@ def put(key: str, value, namespace: str | None = None, strategy: str | None = No
             scope.memory.put(ns, key, blob, type(value).__name__)
             return "cluster_memory"
         except Exception as exc:  # cluster memory refused it (too big, its actor gone...): keep it on storage
-            log.warning("cluster memory could not hold %r (%s: %s); writing it as an artifact",
-                        key, type(exc).__name__, exc)
+            log.warning(
+                "cluster memory could not hold %r (%s: %s); writing it as an artifact",
+                key,
+                type(exc).__name__,
+                exc,
+            )
     scope.storage.put(ns, key, value, run=scope.run, stage=scope.stage)
     if scope.memory is not None:  # an older copy in cluster memory must not shadow the new artifact
         try:
@@ -150,8 +167,9 @@ def _memory(scope: _Scope, strategy: str, method: str, *args, default=None):
     except Exception as exc:
         if strategy == "cluster_memory":
             raise
-        log.warning("cluster memory is unreachable (%s: %s); using the artifacts only",
-                    type(exc).__name__, exc)
+        log.warning(
+            "cluster memory is unreachable (%s: %s); using the artifacts only", type(exc).__name__, exc
+        )
         return default
 
 
@@ -170,10 +188,13 @@ def get(key: str, namespace: str | None = None, strategy: str | None = None, *, 
         return scope.storage.get(scope.namespace, key)
     except KeyError:
         if strategy == "fallback":
-            raise KeyError(f"{key!r} is neither in cluster memory nor among the artifacts of namespace "
-                           f"'{scope.namespace}' ({scope.storage.url})") from None
-        raise KeyError(f"{key!r} is not among the artifacts of namespace '{scope.namespace}' "
-                       f"({scope.storage.url})") from None
+            raise KeyError(
+                f"{key!r} is neither in cluster memory nor among the artifacts of namespace "
+                f"'{scope.namespace}' ({scope.storage.url})"
+            ) from None
+        raise KeyError(
+            f"{key!r} is not among the artifacts of namespace '{scope.namespace}' ({scope.storage.url})"
+        ) from None
 
 
 def exists(key: str, namespace: str | None = None, strategy: str | None = None, *, storage=None) -> bool:
@@ -217,16 +238,29 @@ def listing(namespace: str | None = None, *, storage=None):
     Used by ``%flowdapt memory``; a key in both places has two rows (memory first).
     """
     import pandas as pd
+
     if namespace is not None:
         check_name(namespace, "namespace")
     scope = _scope("default", storage)
     rows = []
     for ns, key, type_name, size, put_at in _memory(scope, "fallback", "listing", namespace, default=()):
-        rows.append((ns, key, "memory", type_name, size, pd.Timestamp(put_at, unit="s", tz="UTC"), None, None))
+        rows.append(
+            (ns, key, "memory", type_name, size, pd.Timestamp(put_at, unit="s", tz="UTC"), None, None)
+        )
     for meta in scope.storage.listing(namespace):
         created = pd.Timestamp(meta["created"]) if meta.get("created") else pd.NaT
-        rows.append((meta.get("namespace"), meta.get("key"), "artifact", meta.get("type"), meta.get("size"),
-                     created, meta.get("run"), meta.get("location")))
+        rows.append(
+            (
+                meta.get("namespace"),
+                meta.get("key"),
+                "artifact",
+                meta.get("type"),
+                meta.get("size"),
+                created,
+                meta.get("run"),
+                meta.get("location"),
+            )
+        )
     frame = pd.DataFrame(rows, columns=LISTING_COLUMNS)
     if len(frame):
         frame["created"] = pd.to_datetime(frame["created"], utc=True)
@@ -239,11 +273,13 @@ def listing(namespace: str | None = None, *, storage=None):
 def namespace_sizes(*, storage=None):
     """pandas DataFrame, one row per namespace and place: namespace, where, keys, bytes."""
     import pandas as pd
+
     frame = listing(storage=storage)
     if not len(frame):
         return pd.DataFrame(columns=["namespace", "where", "keys", "bytes"])
-    return (frame.groupby(["namespace", "where"], as_index=False)
-            .agg(keys=("key", "count"), bytes=("bytes", "sum")))
+    return frame.groupby(["namespace", "where"], as_index=False).agg(
+        keys=("key", "count"), bytes=("bytes", "sum")
+    )
 
 
 def storage_url(*, storage=None) -> str:

@@ -17,8 +17,10 @@ def is_pickling_error(exc: BaseException) -> bool:
     """True when ``exc`` says a value can't be pickled (``pickle.PicklingError``, or the
     ``TypeError``/``AttributeError`` a lock or a local object raises, or a library's own
     ``...PicklingError``)."""
-    return (isinstance(exc, (pickle.PicklingError, TypeError, AttributeError))
-            or "pickl" in type(exc).__name__.lower())
+    return (
+        isinstance(exc, (pickle.PicklingError, TypeError, AttributeError))
+        or "pickl" in type(exc).__name__.lower()
+    )
 
 
 def unpicklable(value, holds: str, exc: BaseException) -> TypeError:

@@ -35,6 +35,7 @@ def _same_package_env() -> dict:
     """The script imports the flowdapt_nb this test runs (its cluster's worker, in this
     process, unpickles what the script sends)."""
     import flowdapt_nb
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(flowdapt_nb.__file__)))
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
 
@@ -59,11 +60,23 @@ def _kill(pids: list[int]) -> None:
 def test_exit_without_close_stops_owned_and_leaves_attached(tmp_path):
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, host="127.0.0.1", protocol="tcp",
-                           dashboard_address=None)  # in this process: the script only attaches to it
+    cluster = LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=False,
+        host="127.0.0.1",
+        protocol="tcp",
+        dashboard_address=None,
+    )  # in this process: the script only attaches to it
     try:
-        proc = subprocess.run([sys.executable, "-c", SCRIPT, cluster.scheduler_address], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=240, env=_same_package_env())
+        proc = subprocess.run(
+            [sys.executable, "-c", SCRIPT, cluster.scheduler_address],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=_same_package_env(),
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         pids = json.loads(proc.stdout.strip().splitlines()[-1])
         # the local pool's workers, its memory manager, the LocalCluster's nanny and worker

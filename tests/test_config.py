@@ -1,6 +1,5 @@
 """Executor configs: Flowdapt's documented example, short names, class paths, and clear errors."""
 
-
 import pytest
 
 import flowdapt_nb as fnb
@@ -38,14 +37,19 @@ def test_flowdapt_documented_example_loads_unchanged():
     assert ex.default_namespace == "default"
 
 
-@pytest.mark.parametrize("target,kind", [
-    ("local", "local"), ("dask", "dask"), ("ray", "ray"),
-    ("flowdapt.compute.executor.local.LocalExecutor", "local"),
-    ("flowdapt.compute.executor.dask.DaskExecutor", "dask"),
-    ("flowdapt.compute.executor.ray.RayExecutor", "ray"),
-    ("flowdapt_nb.executors.local.LocalExecutor", "local"),
-    ("flowdapt_nb.LocalExecutor", "local"),
-])
+@pytest.mark.parametrize(
+    "target,kind",
+    [
+        ("local", "local"),
+        ("dask", "dask"),
+        ("ray", "ray"),
+        ("flowdapt.compute.executor.local.LocalExecutor", "local"),
+        ("flowdapt.compute.executor.dask.DaskExecutor", "dask"),
+        ("flowdapt.compute.executor.ray.RayExecutor", "ray"),
+        ("flowdapt_nb.executors.local.LocalExecutor", "local"),
+        ("flowdapt_nb.LocalExecutor", "local"),
+    ],
+)
 def test_targets(target, kind):
     assert fnb.executor_from_config({"target": target}).kind == kind
     assert fnb.executor_from_config({"__target__": target}).kind == kind
@@ -74,18 +78,21 @@ def test_unknown_key_in_whole_config_has_its_line():
     assert err.value.line == 10 and "cpus" in str(err.value)
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("target: local\ncpus: -1\n", "cpus"),
-    ("target: dask\nmemory: lots\n", "memory"),
-    ("target: local\nuse_processes: maybe\n", "use_processes"),
-    ("target: nope\n", "unknown executor target"),
-    ("target: mypkg.nothing.Here\n", "does not import"),
-    ("cpus: 2\n", "no 'target'"),
-    ("target: local\n\tcpus: 2\n", "invalid YAML"),
-    ("- a\n- b\n", "mapping"),
-    ("", "empty"),
-    ("services:\n  compute: {}\n", "services.compute.executor"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("target: local\ncpus: -1\n", "cpus"),
+        ("target: dask\nmemory: lots\n", "memory"),
+        ("target: local\nuse_processes: maybe\n", "use_processes"),
+        ("target: nope\n", "unknown executor target"),
+        ("target: mypkg.nothing.Here\n", "does not import"),
+        ("cpus: 2\n", "no 'target'"),
+        ("target: local\n\tcpus: 2\n", "invalid YAML"),
+        ("- a\n- b\n", "mapping"),
+        ("", "empty"),
+        ("services:\n  compute: {}\n", "services.compute.executor"),
+    ],
+)
 def test_bad_configs(text, needle):
     with pytest.raises(fnb.ConfigError) as err:
         fnb.executor_from_config(text)
@@ -111,14 +118,18 @@ def test_constructor_validates_too():
 
 def test_auto_cpus_is_cores_minus_one():
     from flowdapt_nb.units import usable_cores
+
     assert fnb.LocalExecutor().cpus == max(1, usable_cores() - 1)
 
 
 def test_import_is_light():
     import subprocess
     import sys
-    code = ("import sys, flowdapt_nb; heavy = [m for m in ('ray', 'dask', 'distributed', 'IPython', "
-            "'pandas', 'ipywidgets') if m in sys.modules]; print(heavy)")
+
+    code = (
+        "import sys, flowdapt_nb; heavy = [m for m in ('ray', 'dask', 'distributed', 'IPython', "
+        "'pandas', 'ipywidgets') if m in sys.modules]; print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -131,6 +142,7 @@ def test_services_database_is_the_run_store_setting(tmp_path):
     """Flowdapt keeps runs in the database under services: the same values as runs:."""
     import sqlite3
     import time
+
     db = tmp_path / "flowdapt-runs.sqlite"
     ex = fnb.executor_from_config(_with_database(str(db)))
     assert ex.config.runs == str(db)

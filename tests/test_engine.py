@@ -14,9 +14,14 @@ def wf(*stages, name="w"):
 
 
 def test_two_stage_map_and_reduce(executor):
-    run = executor.run(wf(Stage("numbers", st.numbers), Stage("square", st.square, type="parameterized",
-                                                               depends_on=["numbers"]),
-                          Stage("total", st.total, depends_on=["square"])), input={"n": 5})
+    run = executor.run(
+        wf(
+            Stage("numbers", st.numbers),
+            Stage("square", st.square, type="parameterized", depends_on=["numbers"]),
+            Stage("total", st.total, depends_on=["square"]),
+        ),
+        input={"n": 5},
+    )
     assert run.state == "finished" and run.result == 30
     assert run.started_at <= run.finished_at
     assert run in executor.history and executor.history[-1] is run
@@ -71,9 +76,14 @@ def test_parameterized_over_dict_keys_and_extra_dependencies(executor):
     def pick(key, table, off):
         return f"{key}{table[key] + off}"
 
-    run = executor.run(wf(Stage("m", mapping), Stage("o", offset),
-                          Stage("p", pick, type="parameterized", depends_on=["m", "m2", "o"]),
-                          Stage("m2", mapping)))
+    run = executor.run(
+        wf(
+            Stage("m", mapping),
+            Stage("o", offset),
+            Stage("p", pick, type="parameterized", depends_on=["m", "m2", "o"]),
+            Stage("m2", mapping),
+        )
+    )
     assert run.result == ["x101", "y102", "z103"]
 
 
@@ -103,9 +113,13 @@ def test_map_over_non_iterable_fails_naming_stage(executor):
 
 
 def test_partial_failure_drops_items_and_records_them(executor):
-    run = executor.run(wf(Stage("numbers", st.numbers),
-                          Stage("check", st.fail_on_three, type="parameterized", depends_on=["numbers"])),
-                       input={"n": 5})
+    run = executor.run(
+        wf(
+            Stage("numbers", st.numbers),
+            Stage("check", st.fail_on_three, type="parameterized", depends_on=["numbers"]),
+        ),
+        input={"n": 5},
+    )
     assert run.state == "finished" and run.result == [0, 1, 2, 4]
     assert len(run.failures) == 1
     failure = run.failures[0]
@@ -117,8 +131,13 @@ def test_partial_failure_drops_items_and_records_them(executor):
 
 
 def test_partial_failure_off_fails_the_run(executor):
-    stage = Stage("check", st.fail_on_three, type="parameterized", depends_on=["numbers"],
-                  options={"allow_partial_failure": False})
+    stage = Stage(
+        "check",
+        st.fail_on_three,
+        type="parameterized",
+        depends_on=["numbers"],
+        options={"allow_partial_failure": False},
+    )
     with pytest.raises(fnb.StageError) as err:
         executor.run(wf(Stage("numbers", st.numbers), stage), input={"n": 5})
     assert err.value.stage == "check" and err.value.item == 3
@@ -163,8 +182,13 @@ def test_stage_starts_as_soon_as_its_dependencies_finish(executor):
     def after_fast(x):
         return x
 
-    run = executor.run(wf(Stage("slow", slow_root), Stage("fast", fast_root),
-                          Stage("after", after_fast, depends_on=["fast"])))
+    run = executor.run(
+        wf(
+            Stage("slow", slow_root),
+            Stage("fast", fast_root),
+            Stage("after", after_fast, depends_on=["fast"]),
+        )
+    )
     tasks = run.tasks.set_index("stage")
     assert tasks.loc["after", "start"] < tasks.loc["slow", "end"]
 
@@ -179,8 +203,12 @@ def test_fan_out_runs_items_in_parallel(executor):
 
 
 def test_empty_fan_out_gives_empty_list(executor):
-    run = executor.run(wf(Stage("numbers", st.numbers), Stage("sq", st.square, type="parameterized",
-                                                               depends_on=["numbers"])), input={"n": 0})
+    run = executor.run(
+        wf(
+            Stage("numbers", st.numbers), Stage("sq", st.square, type="parameterized", depends_on=["numbers"])
+        ),
+        input={"n": 0},
+    )
     assert run.result == []
 
 
@@ -283,35 +311,47 @@ def test_local_cpus_resource_limits_concurrency():
 def test_process_pool_runs_lambdas_and_notebook_functions():
     offset = 7
     with fnb.LocalExecutor(use_processes=True, cpus=2) as ex:
-        run = ex.run(wf(Stage("n", lambda: [1, 2]), Stage("m", lambda x: x + offset, type="parameterized",
-                                                            depends_on=["n"])))
+        run = ex.run(
+            wf(
+                Stage("n", lambda: [1, 2]),
+                Stage("m", lambda x: x + offset, type="parameterized", depends_on=["n"]),
+            )
+        )
         assert run.result == [8, 9]
         assert len(set(run.tasks.worker)) >= 1 and all(w.startswith("") for w in run.tasks.worker)
 
 
 # --- shared helpers: one pickling error, one LRU ------------------------------------------------
 
+
 class _RefusesPickling:
     """pickle.PicklingError from its own __reduce__ (a type whose library forbids pickling)."""
 
     def __reduce__(self):
         import pickle
+
         raise pickle.PicklingError("this object stays where it is")
 
 
 def test_unpicklable_values_are_one_type_error_in_every_store(tmp_path):
     import threading
+
     for value, why in ((threading.Lock(), "lock"), (_RefusesPickling(), "this object stays")):
         with pytest.raises(TypeError, match=rf"^artifacts hold values cloudpickle can pickle; .*{why}"):
             fnb.object_store.put("bad", value, "ns", strategy="artifact", storage=str(tmp_path))
-        with (pytest.raises(TypeError, match=rf"^the object store holds values cloudpickle can pickle; .*{why}"),
-              fnb.LocalExecutor(use_processes=False, cpus=1, _compute={"storage": str(tmp_path)})):
+        with (
+            pytest.raises(
+                TypeError, match=rf"^the object store holds values cloudpickle can pickle; .*{why}"
+            ),
+            fnb.LocalExecutor(use_processes=False, cpus=1, _compute={"storage": str(tmp_path)}),
+        ):
             fnb.object_store.put("bad", value, "ns", strategy="cluster_memory")
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing half-written
 
 
 def test_lru_keeps_the_most_recently_used():
     from flowdapt_nb.lru import LRU
+
     loads = []
     cache = LRU(2)
 
@@ -330,6 +370,7 @@ def test_lru_keeps_the_most_recently_used():
 
 # --- the backend contract ------------------------------------------------------------------------
 
+
 def test_backend_is_an_abc_with_three_required_methods():
     from flowdapt_nb.engine import Backend
 
@@ -345,6 +386,7 @@ def test_outcome_from_a_workers_report():
     from flowdapt_nb.context import RunContext, RunInfo
     from flowdapt_nb.engine import Outcome
     from flowdapt_nb.worker import TaskInfo, execute
+
     ctx = RunContext(input={}, namespace="ns", executor="local", run=RunInfo("r"), definition={}, config={})
     ok = Outcome.from_report(*execute(ctx, lambda: 7, TaskInfo("r", "s", None, ()), []))
     assert ok.ok and ok.value == 7 and ok.error is None and ok.start <= ok.end and ok.worker
@@ -382,8 +424,12 @@ def _inline_executor():
             if 3 in items and len(items) > 1:
                 on_done.failed(RuntimeError("the chunk's worker died"))
             else:
-                on_done.done([Outcome.from_report(*execute(ctx, fn, info, flat, portable=False))
-                              for info, flat in tasks])
+                on_done.done(
+                    [
+                        Outcome.from_report(*execute(ctx, fn, info, flat, portable=False))
+                        for info, flat in tasks
+                    ]
+                )
             return tuple(items)
 
         def split(self, handle):
@@ -409,8 +455,13 @@ def _inline_executor():
 def test_a_backend_on_the_contract_alone_runs_chunks_and_retries_a_failed_chunk():
     executor_class = _inline_executor()
     with executor_class() as ex:
-        run = ex.run(wf(Stage("numbers", st.numbers), Stage("square", st.square, type="parameterized",
-                                                           depends_on=["numbers"])), input={"n": 40})
+        run = ex.run(
+            wf(
+                Stage("numbers", st.numbers),
+                Stage("square", st.square, type="parameterized", depends_on=["numbers"]),
+            ),
+            input={"n": 40},
+        )
         backend = ex._backend
     assert run.result == [x * x for x in range(40)]
     chunked = [c for c in backend.chunks if len(c) > 1]

@@ -22,7 +22,7 @@ from IPython.utils.capture import capture_output
 
 import flowdapt_nb as fnb
 
-NOTEBOOK = '''
+NOTEBOOK = """
 import time
 import flowdapt_nb as fnb
 
@@ -47,7 +47,7 @@ def fails(x):
 def remember(xs):
     fnb.cluster_memory.put("seen", list(xs))
     return len(xs)
-'''
+"""
 
 SQUARES = """\
 kind: workflow
@@ -175,11 +175,23 @@ def check_interrupt_cancels(shell, ex):
 
 # --- subcommands and errors that need no executor ---------------------------------------------
 
+
 def test_help_and_unknown_subcommands(shell, magics):
     with capture_output() as cap:
         line(shell, "help")
-    for sub in ("executor", "%%flowdapt workflow", "workflows", "run", "status", "dashboard", "memory",
-                "stop", "flowdapt_executor", "flowdapt_run", "_flowdapt_run"):
+    for sub in (
+        "executor",
+        "%%flowdapt workflow",
+        "workflows",
+        "run",
+        "status",
+        "dashboard",
+        "memory",
+        "stop",
+        "flowdapt_executor",
+        "flowdapt_run",
+        "_flowdapt_run",
+    ):
         assert sub in cap.stdout
     with capture_output() as cap:
         line(shell, "")
@@ -199,6 +211,7 @@ def test_help_and_unknown_subcommands(shell, magics):
     with pytest.raises(UsageError, match="needs a subcommand"):
         cell(shell, "", "target: local")
     from flowdapt_nb.notebook.magics import FlowdaptMagics
+
     assert "%flowdapt executor" in FlowdaptMagics.flowdapt.__doc__  # what %flowdapt? shows
 
 
@@ -214,6 +227,7 @@ def test_no_executor_yet(shell, magics):
 
 
 # --- executors: line, cell, replacement -------------------------------------------------------
+
 
 def test_executor_line_local_and_flag_errors(shell, magics):
     with capture_output() as cap:
@@ -292,7 +306,7 @@ services:
     # errors name the cell's own lines (the magic line is line 1)
     errors = {
         "target: local\nuse_processes: false\ncpu: 2\n": r"^%%flowdapt executor: cell line 4: unknown key 'cpu'; "
-                                                         r"did you mean 'cpus'\?$",
+        r"did you mean 'cpus'\?$",
         full.replace("cpus: 1", "cpuss: 1"): r"cell line 8: unknown key 'cpuss'; did you mean 'cpus'\?",
         "target: local\ncpus: [1\n": r"cell line 4: invalid YAML",
         "target: local\n\tcpus: 2\n": r"cell line 3: invalid YAML: found .*'\\t'",
@@ -341,8 +355,10 @@ def test_replacing_executors_leaks_no_process(shell, magics):
 
 # --- workflows --------------------------------------------------------------------------------
 
+
 def test_stage_mapper_loads_a_workflow_from_a_workflow_cell(shell, magics):
     from flowdapt_nb.widgets import StageMapper
+
     with capture_output():
         cell(shell, "workflow for-mapper", SQUARES)
     mapper = StageMapper()
@@ -365,11 +381,15 @@ def test_workflow_cells(shell, magics):
     assert "fnb-dag-box" in html and "<svg" not in html and "squares" in html  # the DAG as HTML boxes
     assert "Workflow('squares'" in cap.outputs[-1].data["text/plain"]
     with capture_output():
-        cell(shell, "workflow renamed", SQUARES)      # NAME wins over metadata.name
-        cell(shell, "workflow only-stages", SLOW)     # just the list of stages
+        cell(shell, "workflow renamed", SQUARES)  # NAME wins over metadata.name
+        cell(shell, "workflow only-stages", SLOW)  # just the list of stages
         cell(shell, "workflow", "name: short\nstages:\n  - {name: a, target: numbers}\n")
     wf = line(shell, "workflow renamed")
-    assert isinstance(wf, fnb.Workflow) and wf.name == "renamed" and wf.stage_names == ["numbers", "square", "total"]
+    assert (
+        isinstance(wf, fnb.Workflow)
+        and wf.name == "renamed"
+        and wf.stage_names == ["numbers", "square", "total"]
+    )
     assert line(shell, "workflow only-stages").stage("nap").type == "parameterized"
     table = line(shell, "workflows")
     assert {"squares", "renamed", "only-stages", "short"} <= set(table.workflow)
@@ -379,12 +399,22 @@ def test_workflow_cells(shell, magics):
         cell(shell, "workflow later", "- {name: a, target: defined_later}\n")
     assert "stage 'a'" in cap.stderr and "defined_later" in cap.stderr and "%flowdapt run later" in cap.stderr
     errors = {
-        ("workflow", SQUARES.replace("depends_on: [numbers]", "depnds_on: [numbers]")):
-            r"^%%flowdapt workflow: cell line 7: stage 'square': unknown key 'depnds_on'; did you mean 'depends_on'\?$",
-        ("workflow", SQUARES.replace("[square]", "square")): r"cell line 8: stage 'total': depends_on must be a list",
-        ("workflow", "- {name: a, target: numbers}\n"): r"the workflow needs a name: %%flowdapt workflow NAME",
-        ("workflow w", "- {name: a, target: numbers, depends_on: [b]}\n"):
-            r"cell line 2: stage 'a': depends on unknown stage 'b'",
+        (
+            "workflow",
+            SQUARES.replace("depends_on: [numbers]", "depnds_on: [numbers]"),
+        ): r"^%%flowdapt workflow: cell line 7: stage 'square': unknown key 'depnds_on'; did you mean 'depends_on'\?$",
+        (
+            "workflow",
+            SQUARES.replace("[square]", "square"),
+        ): r"cell line 8: stage 'total': depends_on must be a list",
+        (
+            "workflow",
+            "- {name: a, target: numbers}\n",
+        ): r"the workflow needs a name: %%flowdapt workflow NAME",
+        (
+            "workflow w",
+            "- {name: a, target: numbers, depends_on: [b]}\n",
+        ): r"cell line 2: stage 'a': depends on unknown stage 'b'",
         ("workflow w", "- {name: a target: numbers}\n"): r"cell line 2: invalid YAML",
         ("workflow bad name!", SLOW): r"unrecognized arguments: name!",
         ("workflow bad.name", SLOW): r"workflow name 'bad.name' is not valid",
@@ -401,6 +431,7 @@ def test_workflow_cells(shell, magics):
 
 
 # --- runs on local threads --------------------------------------------------------------------
+
 
 def test_run_local(shell, magics):
     with capture_output():
@@ -446,7 +477,9 @@ def test_run_local(shell, magics):
     with pytest.raises(UsageError, match="target 'not_defined_anywhere' is neither a function defined"):
         line(shell, "run later")
     # a failing stage raises StageError, its cause the stage's own exception
-    with pytest.raises(fnb.StageError, match=r"stage 'fails' \(item 2\) failed: ValueError: two is bad") as info:
+    with pytest.raises(
+        fnb.StageError, match=r"stage 'fails' \(item 2\) failed: ValueError: two is bad"
+    ) as info:
         line(shell, "run strict")
     assert isinstance(info.value.__cause__, ValueError)
     assert shell.user_ns["flowdapt_run"].state == "failed"
@@ -487,6 +520,7 @@ def test_interrupt_cancels_local(shell, magics):
 
 # --- Dask -------------------------------------------------------------------------------------
 
+
 def test_dask_attached(shell, magics, dask_cluster):
     shared = dask_cluster.get()
     address = shared.info()["address"]
@@ -518,6 +552,7 @@ def test_dask_attached(shell, magics, dask_cluster):
 
 
 # --- Ray --------------------------------------------------------------------------------------
+
 
 def test_ray(shell, magics, ray_cluster):
     ray_cluster.close()  # one Ray connection per process: the magic starts its own
@@ -553,8 +588,11 @@ def test_ray(shell, magics, ray_cluster):
     assert not ex.running and second.running and second is shell.user_ns["flowdapt_executor"]
     assert_gone(first_procs)
     assert line(shell, "run squares --input n=3").result == 5
-    with pytest.raises(UsageError, match=r"cell line 4: unknown key 'include_dashbord'; "
-                                         r"did you mean 'include_dashboard'\?"):
+    with pytest.raises(
+        UsageError,
+        match=r"cell line 4: unknown key 'include_dashbord'; "
+        r"did you mean 'include_dashboard'\?",
+    ):
         cell(shell, "executor", "target: ray\ncpus: 1\ninclude_dashbord: false\n")
     second_procs = new_children(before)
     with capture_output() as cap:
@@ -564,6 +602,7 @@ def test_ray(shell, magics, ray_cluster):
 
 
 # --- extension lifecycle ----------------------------------------------------------------------
+
 
 def test_unload_closes_the_executor(shell, magics):
     with capture_output():
@@ -584,6 +623,7 @@ def test_unload_closes_the_executor(shell, magics):
 
 # --- a real kernel: Ctrl-C is a SIGINT to the kernel process ------------------------------------
 
+
 def _execute(kc, code, timeout=60):
     """Run code in the kernel; return (reply content, iopub messages)."""
     msgs = []
@@ -598,9 +638,13 @@ def _stdout(msgs):
 def test_kernel_interrupt_cancels_the_run(tmp_path):
     from jupyter_client import KernelManager
 
-    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
-               JUPYTER_DATA_DIR=str(tmp_path / "data"), JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
-               IPYTHONDIR=str(tmp_path / "ipython"))
+    env = dict(
+        os.environ,
+        JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
+        JUPYTER_DATA_DIR=str(tmp_path / "data"),
+        JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
+        IPYTHONDIR=str(tmp_path / "ipython"),
+    )
     km = KernelManager(kernel_name="python3")
     km.start_kernel(env=env, cwd=str(tmp_path))
     kernel_pid = km.provisioner.process.pid
@@ -608,16 +652,22 @@ def test_kernel_interrupt_cancels_the_run(tmp_path):
     kc.start_channels()
     try:
         kc.wait_for_ready(timeout=60)
-        setup = (NOTEBOOK + "\nget_ipython().run_line_magic('load_ext', 'flowdapt_nb')\n"
-                 "get_ipython().run_line_magic('flowdapt', 'executor local --threads --cpus 2')\n"
-                 f"get_ipython().run_cell_magic('flowdapt', 'workflow slow', {SLOW!r})\n"
-                 f"get_ipython().run_cell_magic('flowdapt', 'workflow', {SQUARES!r})\n")
+        setup = (
+            NOTEBOOK + "\nget_ipython().run_line_magic('load_ext', 'flowdapt_nb')\n"
+            "get_ipython().run_line_magic('flowdapt', 'executor local --threads --cpus 2')\n"
+            f"get_ipython().run_cell_magic('flowdapt', 'workflow slow', {SLOW!r})\n"
+            f"get_ipython().run_cell_magic('flowdapt', 'workflow', {SQUARES!r})\n"
+        )
         content, msgs = _execute(kc, setup)
         assert content["status"] == "ok", content
         # the executor card: a widget (with HTML and text fallbacks) in a kernel
         # (the start feedback's output becomes the card: an update of that display)
-        cards = [m["content"]["data"] for m in msgs if m["msg_type"] in ("display_data", "update_display_data")
-                 and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]]
+        cards = [
+            m["content"]["data"]
+            for m in msgs
+            if m["msg_type"] in ("display_data", "update_display_data")
+            and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]
+        ]
         assert cards and "text/html" in cards[0] and "text/plain" in cards[0]
         # a blocking run of 8 one-second naps on 2 threads; interrupt it once it is running
         msg_id = kc.execute("%flowdapt run slow --input n=8")
@@ -640,8 +690,11 @@ def test_kernel_interrupt_cancels_the_run(tmp_path):
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
         assert "cancelled" in reply["content"]["evalue"]
         assert time.monotonic() - t0 < 3
-        content, msgs = _execute(kc, "print(flowdapt_run.state, len(flowdapt_executor.history), "
-                                     "flowdapt_executor.running, sorted(set(flowdapt_run.tasks.state)))")
+        content, msgs = _execute(
+            kc,
+            "print(flowdapt_run.state, len(flowdapt_executor.history), "
+            "flowdapt_executor.running, sorted(set(flowdapt_run.tasks.state)))",
+        )
         out = _stdout(msgs)
         assert out.startswith("cancelled 1 True") and "'cancelled'" in out, out
         # the executor is usable: the next run finishes, its progress display ends as 'finished'

@@ -45,7 +45,10 @@ def test_every_kind_has_its_facts_on_its_class():
             assert registry.resolve(alias) is cls
             assert fnb.executor_from_config({"target": alias}).kind == kind
     assert table["local"].native_dashboard is None
-    assert (table["dask"].native_dashboard, table["ray"].native_dashboard) == ("Dask dashboard", "Ray dashboard")
+    assert (table["dask"].native_dashboard, table["ray"].native_dashboard) == (
+        "Dask dashboard",
+        "Ray dashboard",
+    )
     assert "--address" not in table["local"].magic_options and "--address" in table["ray"].magic_options
 
 
@@ -67,10 +70,14 @@ def test_card_dashboard_and_magic_read_the_class(shell):
 def test_config_does_not_import_the_executors():
     """config resolves targets through the light registry: no config <-> executors.base loop,
     and nothing heavy loads with it."""
-    code = ("import sys, flowdapt_nb, flowdapt_nb.config; "
-            "print(sorted(m for m in ('flowdapt_nb.executors.base', 'ray', 'dask', 'distributed', 'IPython') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    code = (
+        "import sys, flowdapt_nb, flowdapt_nb.config; "
+        "print(sorted(m for m in ('flowdapt_nb.executors.base', 'ray', 'dask', 'distributed', 'IPython') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip() == "[]"
 
 

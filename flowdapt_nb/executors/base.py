@@ -145,8 +145,10 @@ class Executor:
             if "title" not in own:
                 cls.title = f"{label} executor"
             if "aliases" not in own:  # Flowdapt's class path and our top-level name
-                cls.aliases = (f"flowdapt.compute.executor.{cls.kind}.{cls.__name__}",
-                               f"flowdapt_nb.{cls.__name__}")
+                cls.aliases = (
+                    f"flowdapt.compute.executor.{cls.kind}.{cls.__name__}",
+                    f"flowdapt_nb.{cls.__name__}",
+                )
             if "native_dashboard" not in own:
                 cls.native_dashboard = f"{label} dashboard"
         registry.note_class(cls)
@@ -242,8 +244,9 @@ class Executor:
         if wait:
             self._start_and_signal(background=False)
         else:
-            threading.Thread(target=self._start_and_signal, args=(True,), name="flowdapt-nb-start",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._start_and_signal, args=(True,), name="flowdapt-nb-start", daemon=True
+            ).start()
         return self
 
     def wait_started(self, timeout: float | None = None) -> Executor:
@@ -251,8 +254,9 @@ class Executor:
         A TimeoutError after ``timeout`` s (the start goes on)."""
         starting = self._starting
         if starting is not None and not starting.wait(timeout):
-            raise TimeoutError(f"the {type(self).__name__} is still starting after {timeout} s "
-                               f"({self.state})")
+            raise TimeoutError(
+                f"the {type(self).__name__} is still starting after {timeout} s ({self.state})"
+            )
         error = self._start_error
         if error is not None and self._start_error_unraised:
             self._start_error_unraised = False  # raised once; a later run starts it again
@@ -399,12 +403,17 @@ class Executor:
         for w in workers:
             for name, amount in (w.get("resources") or {}).items():
                 totals[name] = totals.get(name, 0) + amount
-        return {"kind": self.kind, "state": self.state,
-                "address": self._address() if self.running else None,
-                "owns_cluster": self.owns_cluster,
-                "dashboard_url": self._dashboard_url() if self.running else None,
-                "workers": workers, "resources": totals,
-                "runs": len(self._history), "active_runs": len(self._active)}
+        return {
+            "kind": self.kind,
+            "state": self.state,
+            "address": self._address() if self.running else None,
+            "owns_cluster": self.owns_cluster,
+            "dashboard_url": self._dashboard_url() if self.running else None,
+            "workers": workers,
+            "resources": totals,
+            "runs": len(self._history),
+            "active_runs": len(self._active),
+        }
 
     @property
     def history(self) -> list[WorkflowRun]:
@@ -440,16 +449,19 @@ class Executor:
                 record = copy.copy(run)  # the caller's run object keeps its result
                 record.result = None
                 record.result_dropped = True
-                record.result_note = (f"result (about {size / 1e6:.1f} MB) dropped from ex.history: newer "
-                                      f"results use its history_bytes budget ({budget / 1e6:.0f} MB)")
+                record.result_note = (
+                    f"result (about {size / 1e6:.1f} MB) dropped from ex.history: newer "
+                    f"results use its history_bytes budget ({budget / 1e6:.0f} MB)"
+                )
                 self._history[i] = record
 
     # --- runs ---
     def _validate_run(self, workflow, run_input):
         wf = load_workflow(workflow)
         if run_input is not None and not isinstance(run_input, dict):
-            raise ConfigError(f"run input must be a dict of keyword arguments, not {type(run_input).__name__}",
-                              key="input")
+            raise ConfigError(
+                f"run input must be a dict of keyword arguments, not {type(run_input).__name__}", key="input"
+            )
         fns = wf.resolve(allowed_targets=self.config.allowed_targets)  # checked before any import
         check_root_inputs(wf, fns, run_input or {})
         for stage in wf.stages:
@@ -459,8 +471,14 @@ class Executor:
     def _check_stage_resources(self, stage) -> None:
         """A stage resource request no worker can ever satisfy is a ConfigError (subclasses)."""
 
-    def submit(self, workflow, input: dict | None = None, namespace: str | None = None,
-               timeout: float | None = None, cache: bool | None = None) -> RunHandle:
+    def submit(
+        self,
+        workflow,
+        input: dict | None = None,
+        namespace: str | None = None,
+        timeout: float | None = None,
+        cache: bool | None = None,
+    ) -> RunHandle:
         """Start a run and return at once with its handle (``wait``, ``cancel``, ``done``, ``run``).
 
         >>> handle = ex.submit(wf, input={"n": 10})   # doctest: +SKIP
@@ -470,40 +488,58 @@ class Executor:
         if not self.running and (self._starting is not None or self._start_error_unraised):
             self.wait_started()  # start(wait=False) under way: wait for it; raise its error if it failed
         if self._closed or self._closing:
-            raise ExecutorClosedError(f"this {type(self).__name__} was closed; call .start() to start it "
-                                      f"again before running")
+            raise ExecutorClosedError(
+                f"this {type(self).__name__} was closed; call .start() to start it again before running"
+            )
         if not self.running:
             self.start()
         _current = self  # cluster memory from the notebook means the executor used last
         wf, fns = self._validate_run(workflow, input)
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or not 0 < timeout < float("inf")):
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not 0 < timeout < float("inf")
+        ):
             raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}", key="timeout")
         if namespace is not None and (not isinstance(namespace, str) or not namespace):
             # 0, False or "" are mistakes, not "the default" (None is)
-            raise ConfigError(f"namespace must be a non-empty string (None means the executor's default), "
-                              f"got {namespace!r}", key="namespace")
+            raise ConfigError(
+                f"namespace must be a non-empty string (None means the executor's default), "
+                f"got {namespace!r}",
+                key="namespace",
+            )
         namespace = namespace or self.default_namespace
         hits: dict = {}
         if cache or (cache is None and any(s.options.get("cache") for s in wf.stages)):
             from ..stage_cache import prepare  # cache=True/False for the run, else each stage's options.cache
+
             fns, hits = prepare(wf, fns, dict(input or {}), cache, namespace, self._storage_for_workers())
         run = WorkflowRun(wf, input, namespace, self.kind)
         handle = RunHandle(run, self)
-        ctx = RunContext(input=dict(input or {}), namespace=namespace, executor=self.kind,
-                         run=RunInfo(run.uid, run.name, run.workflow), definition=wf.to_dict(),
-                         config=self.config_dict(), memory=self._worker_memory_handle(),
-                         artifacts=self._storage_for_workers())
+        ctx = RunContext(
+            input=dict(input or {}),
+            namespace=namespace,
+            executor=self.kind,
+            run=RunInfo(run.uid, run.name, run.workflow),
+            definition=wf.to_dict(),
+            config=self.config_dict(),
+            memory=self._worker_memory_handle(),
+            artifacts=self._storage_for_workers(),
+        )
         backend = self._backend
         if backend is None:  # closed since the check above
-            raise ExecutorClosedError(f"this {type(self).__name__} was closed while the run was being "
-                                      f"submitted; call .start() to start it again")
+            raise ExecutorClosedError(
+                f"this {type(self).__name__} was closed while the run was being "
+                f"submitted; call .start() to start it again"
+            )
         engine = Engine(backend, self.events, run, fns, ctx, handle._cancel, timeout)
         engine.cache_hits = hits
         with self._lock:
             if self._closing or not self.running:
-                raise ExecutorClosedError(f"this {type(self).__name__} was closed while the run was being "
-                                          f"submitted; call .start() to start it again")
+                raise ExecutorClosedError(
+                    f"this {type(self).__name__} was closed while the run was being "
+                    f"submitted; call .start() to start it again"
+                )
             self._history.append(run)
             self._active[run.uid] = (handle, engine)
 
@@ -523,8 +559,14 @@ class Executor:
         self._drivers.start(drive)
         return handle
 
-    def run(self, workflow, input: dict | None = None, namespace: str | None = None,
-            timeout: float | None = None, cache: bool | None = None) -> WorkflowRun:
+    def run(
+        self,
+        workflow,
+        input: dict | None = None,
+        namespace: str | None = None,
+        timeout: float | None = None,
+        cache: bool | None = None,
+    ) -> WorkflowRun:
         """Run a workflow and block until it ends. A failing stage raises ``StageError``;
         Ctrl-C cancels the run (remote tasks too) and records it as cancelled. ``cache=True``
         reuses stored outputs of stages whose fingerprint is unchanged (``flowdapt_nb.stage_cache``;
@@ -547,6 +589,7 @@ class Executor:
         """Record this executor's runs in the run store its ``runs:`` setting names (the bus is
         new after each start, so the store subscribes again)."""
         from ..run_store import attach_executor
+
         self._run_store = attach_executor(self)
 
     def _storage_for_workers(self):
@@ -557,6 +600,7 @@ class Executor:
         import os
 
         from ..artifacts import ENV_VAR, parse_setting
+
         key = (os.environ.get(ENV_VAR), os.environ.get("XDG_DATA_HOME"), os.environ.get("HOME"), os.getcwd())
         folder = _storage_default.get(key)
         if folder is None:  # resolved once per environment: platformdirs costs ~0.1 ms a run
@@ -585,12 +629,20 @@ class Executor:
             if started is not None and run._record(stage, item, "running", started, worker=worker):
                 self.events.publish(TaskEvent(run.uid, stage, item, "running", started, worker))
             if state != "running":  # the engine publishes how a task ended; this adds its timings
-                run._record(stage, item, None, event["time"], worker=worker,
-                            start=event.get("start"), end=event.get("end"))
+                run._record(
+                    stage,
+                    item,
+                    None,
+                    event["time"],
+                    worker=worker,
+                    start=event.get("start"),
+                    end=event.get("end"),
+                )
 
     # --- telemetry (filled in by flowdapt_nb.telemetry) ---
     def _start_sampler(self) -> None:
         from ..telemetry import ResourceSampler
+
         self._sampler = ResourceSampler(self, self.config.sample_interval, self.config.resource_history_limit)
         self._sampler.start()
 
@@ -606,6 +658,7 @@ class Executor:
     def resources(self):
         """pandas DataFrame, one row per worker/node now: cpu, memory, gpu, logical resources."""
         import pandas as pd
+
         if not self.running:
             return pd.DataFrame()
         samples = self._sample()
@@ -614,6 +667,7 @@ class Executor:
     def resource_history(self):
         """Recent resource samples (bounded), one row per worker per sample."""
         import pandas as pd
+
         if self._sampler is None:
             return pd.DataFrame()
         return self._sampler.history_frame()
@@ -626,6 +680,7 @@ class Executor:
 
     def _repr_html_(self) -> str:
         from ..render import executor_html
+
         return executor_html(self)
 
 

@@ -73,8 +73,10 @@ def _process_chunk(fn_shipped: tuple, ctx_shipped: tuple, infos: list, args_blob
     fn, ctx = _load_shipped(fn_shipped), _load_context(ctx_shipped)
     worker = _worker_name()
     report = _chunks.open(send_events)
-    outcomes = [execute(ctx, fn, info, flat, report, worker)
-                for info, flat in zip(infos, cloudpickle.loads(args_blob))]
+    outcomes = [
+        execute(ctx, fn, info, flat, report, worker)
+        for info, flat in zip(infos, cloudpickle.loads(args_blob))
+    ]
     _chunks.close(report)
     try:
         return cloudpickle.dumps(outcomes)
@@ -87,8 +89,13 @@ def _pickle_outcome(meta: dict, value) -> bytes:
         return cloudpickle.dumps((meta, value))
     except Exception as exc:
         from ..worker import portable_error
-        meta["ok"], meta["error"] = False, portable_error(
-            TypeError(f"the stage's result ({type(value).__name__}) can't be pickled back: {exc}"), "")
+
+        meta["ok"], meta["error"] = (
+            False,
+            portable_error(
+                TypeError(f"the stage's result ({type(value).__name__}) can't be pickled back: {exc}"), ""
+            ),
+        )
         return cloudpickle.dumps((meta, None))
 
 
@@ -117,8 +124,9 @@ class _StoreManager(SyncManager):
     pass
 
 
-_StoreManager.register("MemoryStore", MemoryStore,
-                       exposed=("put", "get", "lookup", "exists", "delete", "clear", "listing"))
+_StoreManager.register(
+    "MemoryStore", MemoryStore, exposed=("put", "get", "lookup", "exists", "delete", "clear", "listing")
+)
 
 
 _psutil_processes: dict = {}
@@ -133,6 +141,7 @@ def _process(pid: int):
 
 
 # --- the backend --------------------------------------------------------------------------------
+
 
 class _LocalBackend(Backend):
     kind = "local"
@@ -157,8 +166,10 @@ class _LocalBackend(Backend):
             self.pool: ProcessPool | ThreadPool = ProcessPool(cpus, on_events=self._on_events)
         else:
             self.pool = ThreadPool(cpus)
-            self.stop_note = ("local threads can't be stopped: the stage's thread runs on and holds its slot "
-                              "until the stage returns (LocalExecutor(use_processes=True) kills it instead)")
+            self.stop_note = (
+                "local threads can't be stopped: the stage's thread runs on and holds its slot "
+                "until the stage returns (LocalExecutor(use_processes=True) kills it instead)"
+            )
 
     @property
     def capacity(self) -> int:  # type: ignore[override]  # a property here: it shrinks
@@ -206,8 +217,11 @@ class _LocalBackend(Backend):
         try:
             data = cloudpickle.dumps(fn)
         except Exception as exc:
-            raise ConfigError(f"function {getattr(fn, '__name__', fn)!r} can't be sent to a worker process "
-                              f"({exc}); use LocalExecutor(use_processes=False)", key="target") from None
+            raise ConfigError(
+                f"function {getattr(fn, '__name__', fn)!r} can't be sent to a worker process "
+                f"({exc}); use LocalExecutor(use_processes=False)",
+                key="target",
+            ) from None
         # One file per function version (its pickled bytes), kept until close: workers load each
         # version once, not once per run (loading a notebook function costs ~0.1-1 s cold).
         key = "fn-" + hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -229,10 +243,20 @@ class _LocalBackend(Backend):
     def submit(self, fn_handle, ctx_handle, info, flat_args, resources, on_done):
         if self.use_processes:
             # a task whose worker dies goes once more to a fresh one before it fails
-            future = self.pool.submit(_process_task, fn_handle, ctx_handle, info, cloudpickle.dumps(flat_args))
+            future = self.pool.submit(
+                _process_task, fn_handle, ctx_handle, info, cloudpickle.dumps(flat_args)
+            )
         else:
-            future = self.pool.submit(execute, ctx_handle, fn_handle, info, flat_args,  # errors stay in-process
-                                      self.executor._on_worker_event, self._thread_worker, False)
+            future = self.pool.submit(
+                execute,
+                ctx_handle,
+                fn_handle,
+                info,
+                flat_args,  # errors stay in-process
+                self.executor._on_worker_event,
+                self._thread_worker,
+                False,
+            )
 
         def done(f: cf.Future):
             if f.cancelled():
@@ -250,11 +274,23 @@ class _LocalBackend(Backend):
     def submit_chunk(self, fn_handle, ctx_handle, tasks, resources, on_done):
         if self.use_processes:
             # a chunk whose worker dies fails at once: the engine sends its items again one by one
-            future = self.pool.submit(_process_chunk, fn_handle, ctx_handle, [t[0] for t in tasks],
-                                      cloudpickle.dumps([t[1] for t in tasks]), retry=False)
+            future = self.pool.submit(
+                _process_chunk,
+                fn_handle,
+                ctx_handle,
+                [t[0] for t in tasks],
+                cloudpickle.dumps([t[1] for t in tasks]),
+                retry=False,
+            )
         else:
-            future = self.pool.submit(_thread_chunk, ctx_handle, fn_handle, tasks, self._thread_worker,
-                                      self.executor._on_worker_event)
+            future = self.pool.submit(
+                _thread_chunk,
+                ctx_handle,
+                fn_handle,
+                tasks,
+                self._thread_worker,
+                self.executor._on_worker_event,
+            )
 
         def done(f: cf.Future):
             if f.cancelled():
@@ -347,22 +383,34 @@ class LocalExecutor(Executor):
         for name, amount in stage.resources.items():
             if name == "cpus":
                 if amount > self.cpus:
-                    raise ConfigError(f"asks for cpus: {amount} but the local executor has {self.cpus} "
-                                      f"slot(s); ask for at most {self.cpus} or give the executor more cpus",
-                                      stage=stage.name, key="resources.cpus")
+                    raise ConfigError(
+                        f"asks for cpus: {amount} but the local executor has {self.cpus} "
+                        f"slot(s); ask for at most {self.cpus} or give the executor more cpus",
+                        stage=stage.name,
+                        key="resources.cpus",
+                    )
             elif name == "memory":
                 total = psutil.virtual_memory().total
                 if parse_bytes(amount) > total:
-                    raise ConfigError(f"asks for memory: {amount} but this machine has {total / 1e9:.1f} GB",
-                                      stage=stage.name, key="resources.memory")
+                    raise ConfigError(
+                        f"asks for memory: {amount} but this machine has {total / 1e9:.1f} GB",
+                        stage=stage.name,
+                        key="resources.memory",
+                    )
             elif amount:
-                raise ConfigError(f"asks for resource '{name}': {amount}, which the local executor doesn't "
-                                  f"have (it offers: cpus {self.cpus}); use a Dask or Ray executor with "
-                                  f"resources: {{{name}: N}}", stage=stage.name, key=f"resources.{name}")
+                raise ConfigError(
+                    f"asks for resource '{name}': {amount}, which the local executor doesn't "
+                    f"have (it offers: cpus {self.cpus}); use a Dask or Ray executor with "
+                    f"resources: {{{name}: N}}",
+                    stage=stage.name,
+                    key=f"resources.{name}",
+                )
 
     def _workers(self):
-        return [{"name": w, "resources": {"cpus": self.cpus} if i == 0 else {}}
-                for i, w in enumerate(self._worker_ids())]
+        return [
+            {"name": w, "resources": {"cpus": self.cpus} if i == 0 else {}}
+            for i, w in enumerate(self._worker_ids())
+        ]
 
     def _worker_ids(self):
         if self.config.use_processes and self._backend is not None:
@@ -377,8 +425,7 @@ class LocalExecutor(Executor):
         mem = psutil.virtual_memory()
         procs = [_process(os.getpid())]
         if self.config.use_processes:
-            procs += [_process(pid) for pid in backend.pool.pids()
-                      if psutil.pid_exists(pid)]
+            procs += [_process(pid) for pid in backend.pool.pids() if psutil.pid_exists(pid)]
         cpu, rss = 0.0, 0
         for p in procs:
             try:
@@ -387,15 +434,26 @@ class LocalExecutor(Executor):
             except psutil.Error:
                 pass
         from ..telemetry import add_gpu, add_up, available_given, running_requests
+
         # in use: what running tasks hold, and at least the slots the engine has handed out
         used = add_up(running_requests(self))
         used["cpus"] = min(self.cpus, max(used.get("cpus", 0.0), self.cpus - self._free_slots()))
         total = {"cpus": self.cpus}
-        if any("memory" in s.resources for handle, _ in list(self._active.values())
-               for s in handle.run.definition.stages):
+        if any(
+            "memory" in s.resources
+            for handle, _ in list(self._active.values())
+            for s in handle.run.definition.stages
+        ):
             total["memory"] = mem.total  # a stage asks for memory: show how much running tasks hold
-        sample = ResourceSample("local", now, cpu_percent=cpu, memory_used=rss, memory_limit=mem.total,
-                                resources_total=total, resources_available=available_given(total, used))
+        sample = ResourceSample(
+            "local",
+            now,
+            cpu_percent=cpu,
+            memory_used=rss,
+            memory_limit=mem.total,
+            resources_total=total,
+            resources_available=available_given(total, used),
+        )
         add_gpu(sample)
         return [sample]
 

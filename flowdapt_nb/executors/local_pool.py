@@ -62,7 +62,9 @@ def _watch_parent(parent: int) -> None:
 def exit_with_parent(parent: int) -> None:
     """In a helper process the driver started (a worker, the memory manager): exit when the
     driver ``parent`` is gone, however it went."""
-    threading.Thread(target=_watch_parent, args=(parent,), name="flowdapt-nb-parent-watch", daemon=True).start()
+    threading.Thread(
+        target=_watch_parent, args=(parent,), name="flowdapt-nb-parent-watch", daemon=True
+    ).start()
 
 
 def _worker_main(conn, parent: int) -> None:
@@ -88,13 +90,20 @@ def _worker_main(conn, parent: int) -> None:
             try:
                 conn.send(reply)
             except Exception as exc:  # the error itself can't be pickled
-                conn.send(("done", job_id, False, RuntimeError(f"{type(reply[3]).__name__}: {reply[3]}"
-                                                               f" (can't be sent back: {exc})")))
+                conn.send(
+                    (
+                        "done",
+                        job_id,
+                        False,
+                        RuntimeError(f"{type(reply[3]).__name__}: {reply[3]} (can't be sent back: {exc})"),
+                    )
+                )
     # Threads a stage started (even non-daemon ones) must not keep the process alive.
     os._exit(0)
 
 
 # --- in the driver ------------------------------------------------------------------------------
+
 
 class _Job:
     __slots__ = ("id", "future", "fn", "args", "retry", "tries", "worker", "started")
@@ -111,8 +120,9 @@ class _Worker:
     def __init__(self, ctx):
         self.conn, child = ctx.Pipe(duplex=True)
         # not daemonic: a stage may start processes of its own (the atexit hook below stops ours)
-        self.process = ctx.Process(target=_worker_main, args=(child, os.getpid()),
-                                   name="flowdapt-nb-local-worker")
+        self.process = ctx.Process(
+            target=_worker_main, args=(child, os.getpid()), name="flowdapt-nb-local-worker"
+        )
         self.process.start()
         child.close()
         self.job: _Job | None = None
@@ -364,8 +374,12 @@ class ProcessPool:
         except (EOFError, OSError):
             return False
         except Exception as exc:  # a reply that can't be unpickled here: the task fails
-            message = ("done", worker.job.id if worker.job else -1, False,
-                       RuntimeError(f"the task's outcome can't be read in the driver: {exc}"))
+            message = (
+                "done",
+                worker.job.id if worker.job else -1,
+                False,
+                RuntimeError(f"the task's outcome can't be read in the driver: {exc}"),
+            )
         if message[0] == "ready":
             worker.ready = True
             self._failed_starts = 0
@@ -408,8 +422,10 @@ class ProcessPool:
             if not worker.ready and not cancelled:
                 self._failed_starts += 1
                 if self._failed_starts >= 3 and not self._broken:  # don't respawn in a loop
-                    self._broken = (f"local worker processes exit as they start ({_exit_text(code)}, "
-                                    f"{self._failed_starts} in a row); the driver's stderr says why")
+                    self._broken = (
+                        f"local worker processes exit as they start ({_exit_text(code)}, "
+                        f"{self._failed_starts} in a row); the driver's stderr says why"
+                    )
             if worker in self._workers:
                 self._workers.remove(worker)
                 if not self._closing and not self._broken:
@@ -428,9 +444,9 @@ class ProcessPool:
                 one.future.set_running_or_notify_cancel()
             _settle(one.future, exc=exc)
 
-
-    def _job_of_dead_worker(self, job: _Job, worker: _Worker, cancelled: bool,
-                            code: int | None) -> BaseException | None:
+    def _job_of_dead_worker(
+        self, job: _Job, worker: _Worker, cancelled: bool, code: int | None
+    ) -> BaseException | None:
         """(Under the lock.) The task of a worker that ended goes again (it never started, or
         its first death) or fails: the error it fails with, None when it goes again."""
         job.worker = None
@@ -446,8 +462,10 @@ class ProcessPool:
             return RuntimeError(self._broken)
         if cancelled:
             return cf.CancelledError("cancelled: its worker process was stopped")
-        return WorkerDiedError(f"the local worker process (pid {worker.pid}) running this task died "
-                               f"({_exit_text(code)}){' twice, on two processes' if job.tries else ''}")
+        return WorkerDiedError(
+            f"the local worker process (pid {worker.pid}) running this task died "
+            f"({_exit_text(code)}){' twice, on two processes' if job.tries else ''}"
+        )
 
 
 def _exit_text(code: int | None) -> str:
@@ -489,8 +507,9 @@ class ThreadPool:
         self._lock = threading.Lock()
         self._running: dict[cf.Future, threading.Thread] = {}
         self._abandoned: set[cf.Future] = set()
-        self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
-                         for i in range(size)]
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True) for i in range(size)
+        ]
         for t in self._threads:
             t.start()
 

@@ -98,8 +98,9 @@ def resolve(target, line: int | None = None):
 
     valid = f"{valid_text()}, or a class path such as flowdapt.compute.executor.ray.RayExecutor"
     if not isinstance(target, str) or not target:
-        raise ConfigError(f"'target' must name an executor: {valid_text()}, or a class path",
-                          key="target", line=line)
+        raise ConfigError(
+            f"'target' must name an executor: {valid_text()}, or a class path", key="target", line=line
+        )
     if target.lower() in kinds():
         return get(target)
     for cls in classes().values():
@@ -113,9 +114,17 @@ def resolve(target, line: int | None = None):
     try:
         cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"executor target '{target}' does not import ({exc})", key="target",
-                          line=line, hint=f"valid: {valid}") from None
+        raise ConfigError(
+            f"executor target '{target}' does not import ({exc})",
+            key="target",
+            line=line,
+            hint=f"valid: {valid}",
+        ) from None
     if not is_executor_class(cls):
-        raise ConfigError(f"executor target '{target}' is not a flowdapt_nb Executor class",
-                          key="target", line=line, hint=f"valid: {valid}")
+        raise ConfigError(
+            f"executor target '{target}' is not a flowdapt_nb Executor class",
+            key="target",
+            line=line,
+            hint=f"valid: {valid}",
+        )
     return cls

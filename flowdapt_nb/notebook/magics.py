@@ -40,8 +40,20 @@ from ..errors import ConfigError
 from ..executors import registry
 
 CELL_SUBCOMMANDS = ("executor", "workflow")
-SUBCOMMANDS = ("executor", "workflow", "workflows", "run", "status", "dashboard", "memory", "stop", "runs",
-               "compare", "cache", "help")
+SUBCOMMANDS = (
+    "executor",
+    "workflow",
+    "workflows",
+    "run",
+    "status",
+    "dashboard",
+    "memory",
+    "stop",
+    "runs",
+    "compare",
+    "cache",
+    "help",
+)
 _START_ERRORS = (ConfigError, ConnectionError, OSError, TimeoutError, RuntimeError)
 
 
@@ -53,7 +65,7 @@ def _usage(exc: ConfigError, where: str, cell: bool = False) -> UsageError:
     """A ConfigError as one UsageError line; YAML lines are the cell's own lines."""
     text = str(exc)
     if cell and exc.line is not None and text.startswith(f"line {exc.line}: "):
-        text = f"cell line {exc.line}: " + text[len(f"line {exc.line}: "):]
+        text = f"cell line {exc.line}: " + text[len(f"line {exc.line}: ") :]
     if exc.message.startswith("needs input") and exc.key:
         text = text.split("; pass it in the run input")[0] + f"; pass it with --input {exc.key}=..."
     return UsageError(f"{where}: {_one_line(text)}")
@@ -89,8 +101,13 @@ class ExecutorKind(Unicode):
 
 # Options of '%flowdapt executor' and the executor field each fills (for kinds that take it:
 # their class's magic_options); --threads/--processes are the local pool's choice.
-_OPTION_FIELDS = {"--cpus": "cpus", "--gpus": "gpus", "--memory": "memory", "--resource": "resources",
-                  "--address": "cluster_address"}
+_OPTION_FIELDS = {
+    "--cpus": "cpus",
+    "--gpus": "gpus",
+    "--memory": "memory",
+    "--resource": "resources",
+    "--address": "cluster_address",
+}
 
 
 def _takers(flag: str) -> str:
@@ -107,32 +124,50 @@ def _kind_help() -> str:
 class FlowdaptMagics(Magics, Configurable):
     """The ``%flowdapt`` line and ``%%flowdapt`` cell magic. ``%flowdapt help`` lists subcommands."""
 
-    executor = ExecutorKind("local",
-                               help="Executor kind started by '%flowdapt executor' with no kind.").tag(config=True)
-    cpus = Int(0, help="Default --cpus for executors the magic starts (0: the executor's 'auto').").tag(config=True)
-    local_processes = Bool(False, help="'%flowdapt executor local' without --threads/--processes uses "
-                                       "processes (True) or threads (False).").tag(config=True)
-    ray_logging_level = Unicode("error", help="logging_level of Ray executors started by the line magic "
-                                              "(keeps Ray's start-up banner out of cells).").tag(config=True)
+    executor = ExecutorKind("local", help="Executor kind started by '%flowdapt executor' with no kind.").tag(
+        config=True
+    )
+    cpus = Int(0, help="Default --cpus for executors the magic starts (0: the executor's 'auto').").tag(
+        config=True
+    )
+    local_processes = Bool(
+        False,
+        help="'%flowdapt executor local' without --threads/--processes uses "
+        "processes (True) or threads (False).",
+    ).tag(config=True)
+    ray_logging_level = Unicode(
+        "error",
+        help="logging_level of Ray executors started by the line magic "
+        "(keeps Ray's start-up banner out of cells).",
+    ).tag(config=True)
     namespace = Unicode("", help="Default run namespace ('': the executor's default).").tag(config=True)
-    progress = Bool(True, help="Show a live progress display under blocking '%flowdapt run' cells "
-                               "(in a Jupyter kernel).").tag(config=True)
-    widgets = Bool(True, help="Show flowdapt_nb.widgets where a widget front end runs; False: HTML/text "
-                              "only.").tag(config=True)
-    executor_variable = Unicode("flowdapt_executor", help="User-namespace name of the current executor "
-                                                          "('' to not push it).").tag(config=True)
-    run_variable = Unicode("flowdapt_run", help="User-namespace name of the last run's WorkflowRun "
-                                                "('' to not push it).").tag(config=True)
-    handle_variable = Unicode("_flowdapt_run", help="User-namespace name of the last background run's "
-                                                    "RunHandle ('' to not push it).").tag(config=True)
-    full_tracebacks = Bool(False, help="Show a failed stage's whole traceback, flowdapt_nb's own frames "
-                                       "(worker, engine, magics) included; False: the user's frames "
-                                       "first, ours hidden.").tag(config=True)
+    progress = Bool(
+        True, help="Show a live progress display under blocking '%flowdapt run' cells (in a Jupyter kernel)."
+    ).tag(config=True)
+    widgets = Bool(
+        True, help="Show flowdapt_nb.widgets where a widget front end runs; False: HTML/text only."
+    ).tag(config=True)
+    executor_variable = Unicode(
+        "flowdapt_executor", help="User-namespace name of the current executor ('' to not push it)."
+    ).tag(config=True)
+    run_variable = Unicode(
+        "flowdapt_run", help="User-namespace name of the last run's WorkflowRun ('' to not push it)."
+    ).tag(config=True)
+    handle_variable = Unicode(
+        "_flowdapt_run",
+        help="User-namespace name of the last background run's RunHandle ('' to not push it).",
+    ).tag(config=True)
+    full_tracebacks = Bool(
+        False,
+        help="Show a failed stage's whole traceback, flowdapt_nb's own frames "
+        "(worker, engine, magics) included; False: the user's frames "
+        "first, ours hidden.",
+    ).tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
-        self.current = None          # the executor the magics started
-        self.workflows: dict = {}    # name -> Workflow, from %%flowdapt workflow
+        self.current = None  # the executor the magics started
+        self.workflows: dict = {}  # name -> Workflow, from %%flowdapt workflow
         self.last_run = None
 
     # --- dispatch -------------------------------------------------------------------------------
@@ -148,14 +183,19 @@ class FlowdaptMagics(Magics, Configurable):
         if sub in ("-h", "--help"):
             sub = "help"
         if sub not in SUBCOMMANDS:
-            raise UsageError(f"unknown subcommand '{sub}'; {_nearest(sub, SUBCOMMANDS)}"
-                             f"valid: {', '.join(SUBCOMMANDS)}")
+            raise UsageError(
+                f"unknown subcommand '{sub}'; {_nearest(sub, SUBCOMMANDS)}valid: {', '.join(SUBCOMMANDS)}"
+            )
         if cell is not None and sub not in CELL_SUBCOMMANDS:
-            raise UsageError(f"'{sub}' takes no cell body: use the line magic %flowdapt {sub} "
-                             f"(cell forms: %%flowdapt executor, %%flowdapt workflow)")
+            raise UsageError(
+                f"'{sub}' takes no cell body: use the line magic %flowdapt {sub} "
+                f"(cell forms: %%flowdapt executor, %%flowdapt workflow)"
+            )
         handler = getattr(self, f"_cmd_{sub}")
         if {"-h", "--help"} & set(rest.split()) and getattr(handler, "parser", None) is not None:
-            print(_plain(handler.parser.format_help()) + ("\n" + workflow_help() if sub == "workflow" else ""))
+            print(
+                _plain(handler.parser.format_help()) + ("\n" + workflow_help() if sub == "workflow" else "")
+            )
             return None
         return handler(rest, cell)
 
@@ -172,8 +212,10 @@ class FlowdaptMagics(Magics, Configurable):
                 bare = {v.lstrip("-"): v for v in valid}
                 close = difflib.get_close_matches(unknown.group(1).lstrip("-"), list(bare), n=1, cutoff=0.7)
                 near = f"did you mean '{bare[close[0]]}'? " if close else ""
-            raise UsageError(f"%{handler.parser.prog}: {_one_line(exc)}; {near}"
-                             + (f"valid options: {', '.join(valid)}" if valid else "")) from None
+            raise UsageError(
+                f"%{handler.parser.prog}: {_one_line(exc)}; {near}"
+                + (f"valid options: {', '.join(valid)}" if valid else "")
+            ) from None
         except ValueError as exc:  # unbalanced quotes
             raise UsageError(f"%{handler.parser.prog}: {exc}") from None
         for key, value in vars(args).items():
@@ -194,12 +236,16 @@ class FlowdaptMagics(Magics, Configurable):
             try:  # started with --no-wait: wait for it here (its error, if it failed, is raised)
                 ex.wait_started()
             except Exception as exc:
-                raise UsageError(f"%flowdapt {what}: the {ex.kind} executor did not start: "
-                                 f"{type(exc).__name__}: {_one_line(exc)}") from None
+                raise UsageError(
+                    f"%flowdapt {what}: the {ex.kind} executor did not start: "
+                    f"{type(exc).__name__}: {_one_line(exc)}"
+                ) from None
         if ex is None or not ex.running:
-            raise UsageError(f"%flowdapt {what}: no executor yet; start one with "
-                             f"%flowdapt executor local (or {', '.join(registry.kinds()[1:])}) or a %%flowdapt "
-                             f"executor YAML cell")
+            raise UsageError(
+                f"%flowdapt {what}: no executor yet; start one with "
+                f"%flowdapt executor local (or {', '.join(registry.kinds()[1:])}) or a %%flowdapt "
+                f"executor YAML cell"
+            )
         return ex
 
     # --- display ----------------------------------------------------------------------------------
@@ -207,10 +253,12 @@ class FlowdaptMagics(Magics, Configurable):
         """Display ``flowdapt_nb.widgets.<widget>(executor)`` where a widget front end runs,
         else the executor's own HTML/text view; ``into``: in place of a start feedback."""
         from IPython.display import display
+
         shown = None
         if self.widgets and _has_kernel(self.shell):
             try:
                 from .. import widgets as widget_module
+
                 shown = getattr(widget_module, widget)(executor)
             except Exception:  # no widgets module, ipywidgets or comm: fall back to HTML/text
                 shown = None
@@ -236,13 +284,28 @@ class FlowdaptMagics(Magics, Configurable):
     @argument("--address", help="dask/ray: attach to the cluster at this address instead of starting one")
     @argument("--threads", action="store_true", help="local: a pool of threads")
     @argument("--processes", action="store_true", help="local: a pool of processes")
-    @argument("--resource", nargs="+", action="extend", metavar="NAME=N",
-              help="dask/ray: custom resources per worker/node, e.g. --resource hamster_wheels=2")
-    @argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE", dest="fields",
-              help="any other executor field, value read as YAML, e.g. --set include_dashboard=false")
-    @argument("--no-wait", action="store_true", dest="no_wait",
-              help="return at once: the output shows the start, then the card; the next magic that "
-                   "needs the executor (%%flowdapt run) waits for it")
+    @argument(
+        "--resource",
+        nargs="+",
+        action="extend",
+        metavar="NAME=N",
+        help="dask/ray: custom resources per worker/node, e.g. --resource hamster_wheels=2",
+    )
+    @argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        metavar="FIELD=VALUE",
+        dest="fields",
+        help="any other executor field, value read as YAML, e.g. --set include_dashboard=false",
+    )
+    @argument(
+        "--no-wait",
+        action="store_true",
+        dest="no_wait",
+        help="return at once: the output shows the start, then the card; the next magic that "
+        "needs the executor (%%flowdapt run) waits for it",
+    )
     def _cmd_executor(self, rest: str, cell: str | None = None):
         """Start an executor (or attach to a cluster) and show its card; replaces the current one.
         As a cell magic, the cell is YAML: a whole Flowdapt config or the executor mapping."""
@@ -266,6 +329,7 @@ class FlowdaptMagics(Magics, Configurable):
         feedback = None
         if self.progress and _has_kernel(self.shell):
             from .progress import StartProgress
+
             feedback = StartProgress(new)
         new.start(wait=False)
         self.current = new
@@ -282,14 +346,16 @@ class FlowdaptMagics(Magics, Configurable):
                 self._show("ExecutorCard", new, into=feedback)
             else:
                 error = new.start_error
-                feedback.finish(error=(f"{type(error).__name__}: {_one_line(error)}" if error is not None
-                                       else new.state))
+                feedback.finish(
+                    error=(f"{type(error).__name__}: {_one_line(error)}" if error is not None else new.state)
+                )
 
         threading.Thread(target=finish, name="flowdapt-nb-start-shown", daemon=True).start()
 
     def _executor_from_cell(self, cell: str):
         from ..config import executor_from_config
         from ..yamlsrc import parse_yaml
+
         try:
             return executor_from_config(parse_yaml(cell, line_offset=1))
         except ConfigError as exc:
@@ -298,12 +364,14 @@ class FlowdaptMagics(Magics, Configurable):
     def _executor_from_line(self, args):
         from ..config import executor_from_config
         from ..run_input import parse_assignments
+
         where = "%flowdapt executor"
         kind = (args.kind or self.executor).lower()
         kinds = registry.kinds()
         if kind not in kinds:
-            raise UsageError(f"{where}: unknown executor '{kind}'; {_nearest(kind, kinds)}"
-                             f"valid: {', '.join(kinds)}")
+            raise UsageError(
+                f"{where}: unknown executor '{kind}'; {_nearest(kind, kinds)}valid: {', '.join(kinds)}"
+            )
         cls = registry.get(kind)
         try:
             resources = parse_assignments(args.resource, "--resource")
@@ -326,31 +394,46 @@ class FlowdaptMagics(Magics, Configurable):
         """The executor fields the line's options give, for a kind that takes them (its
         class's ``magic_options``); a ValueError says which option this kind doesn't take."""
         takes = cls.magic_options
-        values = {"--cpus": args.cpus, "--gpus": args.gpus, "--memory": args.memory, "--address": args.address,
-                  "--resource": resources, "--threads": args.threads, "--processes": args.processes}
+        values = {
+            "--cpus": args.cpus,
+            "--gpus": args.gpus,
+            "--memory": args.memory,
+            "--address": args.address,
+            "--resource": resources,
+            "--threads": args.threads,
+            "--processes": args.processes,
+        }
         own = ", ".join(takes)
         pool = [flag for flag in ("--threads", "--processes") if values[flag] and flag not in takes]
         if pool:
             raise ValueError(f"--threads/--processes choose the local executor's pool; {kind} takes {own}")
         refused = [flag for flag, value in values.items() if value and flag not in takes]
         if refused:
-            raise ValueError(f"only {_takers(refused[0])} take {', '.join(refused)}; the {kind} executor "
-                             f"takes {own}")
+            raise ValueError(
+                f"only {_takers(refused[0])} take {', '.join(refused)}; the {kind} executor takes {own}"
+            )
         if args.threads and args.processes:
             raise ValueError("give --threads or --processes, not both")
         fields: dict = {}
         if "--threads" in takes or "--processes" in takes:
-            fields["use_processes"] = True if args.processes else False if args.threads else self.local_processes
+            fields["use_processes"] = (
+                True if args.processes else False if args.threads else self.local_processes
+            )
         if args.address and "--address" in takes:
             given = [flag for flag in ("--cpus", "--gpus", "--memory", "--resource") if values[flag]]
             if given:
-                raise ValueError(f"{', '.join(given)} can't be used with --address: they size a "
-                                 f"cluster we start; an attached cluster has its own resources")
+                raise ValueError(
+                    f"{', '.join(given)} can't be used with --address: they size a "
+                    f"cluster we start; an attached cluster has its own resources"
+                )
             fields["cluster_address"] = args.address
         else:  # what a given option (or a default trait) sizes, None where nothing is given
-            sized = {"--cpus": args.cpus or self.cpus or None, "--memory": args.memory or None,
-                     "--gpus": None if args.gpus is None else int(args.gpus) if args.gpus.isdigit() else args.gpus,
-                     "--resource": resources or None}
+            sized = {
+                "--cpus": args.cpus or self.cpus or None,
+                "--memory": args.memory or None,
+                "--gpus": None if args.gpus is None else int(args.gpus) if args.gpus.isdigit() else args.gpus,
+                "--resource": resources or None,
+            }
             for flag, value in sized.items():
                 if flag in takes and value is not None:
                     fields[_OPTION_FIELDS[flag]] = value
@@ -367,6 +450,7 @@ class FlowdaptMagics(Magics, Configurable):
         feedback = None
         if self.progress and _has_kernel(self.shell):
             from .progress import StartProgress
+
             feedback = StartProgress(new)
         try:
             try:
@@ -376,11 +460,14 @@ class FlowdaptMagics(Magics, Configurable):
                     feedback.finish(error=_one_line(exc) or type(exc).__name__)
                 raise
         except _START_ERRORS as exc:  # unreachable address, Ray already up, a bad value
-            raise UsageError(f"%flowdapt executor: could not start the {new.kind} executor: "
-                             f"{_one_line(exc)}") from None
+            raise UsageError(
+                f"%flowdapt executor: could not start the {new.kind} executor: {_one_line(exc)}"
+            ) from None
         except Exception as exc:  # the engine itself failed to come up (e.g. Ray timed out)
-            raise UsageError(f"%flowdapt executor: could not start the {new.kind} executor: "
-                             f"{type(exc).__name__}: {_one_line(exc)}") from None
+            raise UsageError(
+                f"%flowdapt executor: could not start the {new.kind} executor: "
+                f"{type(exc).__name__}: {_one_line(exc)}"
+            ) from None
         self.current = new
         self._push(self.executor_variable, new)
         return feedback
@@ -405,17 +492,22 @@ class FlowdaptMagics(Magics, Configurable):
         """As a cell magic: the cell is a workflow resource (or just its list of stages), stored under
         its metadata.name or NAME and shown with its DAG. As a line magic: return a stored workflow."""
         from IPython.display import display
+
         args = self._args(self._cmd_workflow, rest)
         if cell is None:
             if not args.name:
-                raise UsageError("%flowdapt workflow: give the workflow as a cell (%%flowdapt workflow) "
-                                 "or the name of a stored one: %flowdapt workflow NAME")
+                raise UsageError(
+                    "%flowdapt workflow: give the workflow as a cell (%%flowdapt workflow) "
+                    "or the name of a stored one: %flowdapt workflow NAME"
+                )
             return self._workflow(args.name, "workflow")
         wf = self._workflow_from_cell(cell, args.name)
         self.workflows[wf.name] = wf
         try:
-            wf.resolve(self.shell.user_ns, allowed_targets=getattr(getattr(self.current, "config", None),
-                                                                   "allowed_targets", None))
+            wf.resolve(
+                self.shell.user_ns,
+                allowed_targets=getattr(getattr(self.current, "config", None), "allowed_targets", None),
+            )
         except ConfigError as exc:
             print(f"note: {_one_line(exc)} (needed before %flowdapt run {wf.name})", file=sys.stderr)
         display(wf)
@@ -423,13 +515,18 @@ class FlowdaptMagics(Magics, Configurable):
     def _workflow_from_cell(self, cell: str, name: str | None):
         from ..workflow import load_workflow
         from ..yamlsrc import Source, parse_yaml
+
         where = "%%flowdapt workflow"
         try:
             source = parse_yaml(cell, line_offset=1)
             data = source.data
             if isinstance(data, list):  # just the stages
-                source = Source({"stages": data}, {("stages",) + k: v for k, v in source.lines.items()},
-                                source.origin, source.line_offset)
+                source = Source(
+                    {"stages": data},
+                    {("stages",) + k: v for k, v in source.lines.items()},
+                    source.origin,
+                    source.line_offset,
+                )
                 data = source.data
             if name is not None and isinstance(data, dict):
                 if "spec" in data:
@@ -451,6 +548,7 @@ class FlowdaptMagics(Magics, Configurable):
         if name in self.workflows:
             return self.workflows[name]
         from ..workflow import Workflow, load_workflow
+
         value = self.shell.user_ns.get(name)
         if isinstance(value, Workflow):
             return value
@@ -460,19 +558,28 @@ class FlowdaptMagics(Magics, Configurable):
             except ConfigError as exc:
                 raise _usage(exc, f"%flowdapt {what}") from None
         stored = ", ".join(sorted(self.workflows)) or "none yet"
-        raise UsageError(f"%flowdapt {what}: unknown workflow '{name}'; {_nearest(name, self.workflows)}"
-                         f"stored: {stored} (define one with a %%flowdapt workflow cell)")
+        raise UsageError(
+            f"%flowdapt {what}: unknown workflow '{name}'; {_nearest(name, self.workflows)}"
+            f"stored: {stored} (define one with a %%flowdapt workflow cell)"
+        )
 
     def _cmd_workflows(self, rest: str, cell: str | None = None):
         """The stored workflows as a table: name, stages, terminal stages, DAG edges."""
         if rest.strip():
             raise UsageError("%flowdapt workflows takes no arguments")
         import pandas as pd
-        rows = [{"workflow": wf.name, "stages": len(wf.stages),
-                 "terminal": ", ".join(s.name for s in wf.terminal_stages()),
-                 "dag": "; ".join(f"{s.name}<-{'+'.join(s.depends_on)}" if s.depends_on else s.name
-                                  for s in wf.stages)}
-                for wf in self.workflows.values()]
+
+        rows = [
+            {
+                "workflow": wf.name,
+                "stages": len(wf.stages),
+                "terminal": ", ".join(s.name for s in wf.terminal_stages()),
+                "dag": "; ".join(
+                    f"{s.name}<-{'+'.join(s.depends_on)}" if s.depends_on else s.name for s in wf.stages
+                ),
+            }
+            for wf in self.workflows.values()
+        ]
         if not rows:
             print("no workflows yet; define one with a %%flowdapt workflow cell")
         return pd.DataFrame(rows, columns=["workflow", "stages", "terminal", "dag"])
@@ -480,16 +587,31 @@ class FlowdaptMagics(Magics, Configurable):
     # --- runs -------------------------------------------------------------------------------------
     @magic_arguments(name="flowdapt run")
     @argument("name", help="a workflow stored by %%flowdapt workflow (or a Workflow variable, a .yaml path)")
-    @argument("--input", "-i", nargs="+", action="extend", metavar="KEY=VALUE",
-              help="run input, values read as YAML: --input n=10 xs=[1,2]")
+    @argument(
+        "--input",
+        "-i",
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="run input, values read as YAML: --input n=10 xs=[1,2]",
+    )
     @argument("--input-json", metavar="JSON", help="run input as a JSON object (--input wins per key)")
     @argument("--namespace", "-n", help="cluster memory namespace of the run")
     @argument("--timeout", type=float, help="seconds before the run is failed")
-    @argument("--background", "-b", action="store_true",
-              help="return a RunHandle at once (pushed as _flowdapt_run) while the run goes on")
-    @argument("-o", "--output", metavar="VAR", help="also store the handle (--background) or the run under VAR")
-    @argument("--cache", action="store_true",
-              help="reuse stored outputs of stages whose fingerprint is unchanged (the stage cache)")
+    @argument(
+        "--background",
+        "-b",
+        action="store_true",
+        help="return a RunHandle at once (pushed as _flowdapt_run) while the run goes on",
+    )
+    @argument(
+        "-o", "--output", metavar="VAR", help="also store the handle (--background) or the run under VAR"
+    )
+    @argument(
+        "--cache",
+        action="store_true",
+        help="reuse stored outputs of stages whose fingerprint is unchanged (the stage cache)",
+    )
     def _cmd_run(self, rest: str, cell: str | None = None):
         """Run a stored workflow. Blocks with a live progress display and returns the WorkflowRun;
         Ctrl-C (interrupt the kernel) cancels the run. A failing stage raises StageError."""
@@ -501,8 +623,13 @@ class FlowdaptMagics(Magics, Configurable):
         wf = self._workflow(args.name, "run")
         run_input = self._run_input(args)
         try:
-            handle = ex.submit(wf, input=run_input, namespace=args.namespace or self.namespace or None,
-                               timeout=args.timeout, cache=True if args.cache else None)
+            handle = ex.submit(
+                wf,
+                input=run_input,
+                namespace=args.namespace or self.namespace or None,
+                timeout=args.timeout,
+                cache=True if args.cache else None,
+            )
         except ConfigError as exc:
             raise _usage(exc, "%flowdapt run") from None
         self.last_run = handle.run
@@ -510,6 +637,7 @@ class FlowdaptMagics(Magics, Configurable):
         if args.background:  # the handle is the cell's output; %flowdapt dashboard follows the run
             if self.progress and _has_kernel(self.shell):  # shown as its progress, live to the end
                 from .progress import register_live_handles
+
                 register_live_handles(self.shell)
             self._push(self.handle_variable, handle)
             if args.output:
@@ -519,6 +647,7 @@ class FlowdaptMagics(Magics, Configurable):
         try:
             if self.progress and _has_kernel(self.shell):
                 from .progress import RunProgress
+
                 progress = RunProgress(ex, handle)
             while not handle.done():
                 time.sleep(0.02)
@@ -538,6 +667,7 @@ class FlowdaptMagics(Magics, Configurable):
             return handle.wait(0)
         except Exception as exc:  # a failed run: StageError (its cause is the stage's own error)
             from .tracebacks import show_user_frames  # the user's frames first, ours one switch away
+
             # the same error, its own cause chain kept (from None would drop it)
             raise show_user_frames(exc, self.shell, self).with_traceback(None)  # noqa: B904
 
@@ -553,6 +683,7 @@ class FlowdaptMagics(Magics, Configurable):
     @staticmethod
     def _run_input(args) -> dict:
         from ..run_input import input_from_args  # the one run-input parser (CLI, magic, StageMapper)
+
         try:
             return input_from_args(args.input, args.input_json)
         except ConfigError as exc:
@@ -565,7 +696,9 @@ class FlowdaptMagics(Magics, Configurable):
             raise UsageError("%flowdapt status takes no arguments")
         ex = self.current
         if ex is None or not ex.running:
-            print(f"no executor; start one with %flowdapt executor local (or {', '.join(registry.kinds()[1:])})")
+            print(
+                f"no executor; start one with %flowdapt executor local (or {', '.join(registry.kinds()[1:])})"
+            )
             return None
         self._show("ExecutorCard", ex)
         history = ex.history[-10:]
@@ -573,9 +706,15 @@ class FlowdaptMagics(Magics, Configurable):
             print("no runs yet")
             return None
         import pandas as pd
-        rows = [{k: v for k, v in r.summary().items() if k in ("name", "state", "namespace", "started_at",
-                                                               "duration", "failures", "error")}
-                for r in history]
+
+        rows = [
+            {
+                k: v
+                for k, v in r.summary().items()
+                if k in ("name", "state", "namespace", "started_at", "duration", "failures", "error")
+            }
+            for r in history
+        ]
         return pd.DataFrame(rows)
 
     def _cmd_dashboard(self, rest: str, cell: str | None = None):
@@ -583,22 +722,35 @@ class FlowdaptMagics(Magics, Configurable):
         if rest.strip():
             raise UsageError("%flowdapt dashboard takes no arguments")
         from IPython.display import display
+
         ex = self._require_executor("dashboard")
         url = ex.info().get("dashboard_url")
         if url:
             import html
-            display({"text/plain": f"{ex.kind} dashboard: {url}",
-                     "text/html": f'<a href="{html.escape(url)}" target="_blank">{ex.kind} dashboard: '
-                                  f'{html.escape(url)}</a>'}, raw=True)
+
+            display(
+                {
+                    "text/plain": f"{ex.kind} dashboard: {url}",
+                    "text/html": f'<a href="{html.escape(url)}" target="_blank">{ex.kind} dashboard: '
+                    f"{html.escape(url)}</a>",
+                },
+                raw=True,
+            )
         else:
-            print(f"the {ex.kind} executor has no native dashboard" +
-                  (" (started with include_dashboard: false)" if ex.kind == "ray" else ""))
+            print(
+                f"the {ex.kind} executor has no native dashboard"
+                + (" (started with include_dashboard: false)" if ex.kind == "ray" else "")
+            )
         self._show("Dashboard", ex)
 
     @magic_arguments(name="flowdapt memory")
     @argument("namespace", nargs="?", help="only this namespace (default: all)")
-    @argument("--artifacts", "-a", action="store_true",
-              help="also list the object store's artifacts on storage (column 'where')")
+    @argument(
+        "--artifacts",
+        "-a",
+        action="store_true",
+        help="also list the object store's artifacts on storage (column 'where')",
+    )
     def _cmd_memory(self, rest: str, cell: str | None = None):
         """What cluster memory holds: namespace, key, type, size, time put (with --artifacts, the
         object store's artifacts too)."""
@@ -607,8 +759,10 @@ class FlowdaptMagics(Magics, Configurable):
         ex.make_current()  # the notebook-level stores below mean this executor
         if args.artifacts:
             from .. import object_store
+
             return object_store.listing(args.namespace, storage=ex.storage)
         from .. import cluster_memory
+
         return cluster_memory.listing(args.namespace)
 
     def _cmd_stop(self, rest: str, cell: str | None = None):
@@ -629,15 +783,24 @@ class FlowdaptMagics(Magics, Configurable):
 
     @magic_arguments(name="flowdapt runs")
     @argument("--workflow", "-w", help="only this workflow's runs")
-    @argument("--failed", action="store_true", help="only failed runs (and lost ones: their process ended mid-run)")
-    @argument("--limit", "-n", type=int, default=20, help="at most this many, newest first (default 20; 0: all)")
+    @argument(
+        "--failed", action="store_true", help="only failed runs (and lost ones: their process ended mid-run)"
+    )
+    @argument(
+        "--limit", "-n", type=int, default=20, help="at most this many, newest first (default 20; 0: all)"
+    )
     def _cmd_runs(self, rest: str, cell: str | None = None):
         """Stored runs, newest first, of this kernel and earlier ones (the run store)."""
         args = self._args(self._cmd_runs, rest)
         from ..run_history import runs
+
         try:
-            return runs(workflow=args.workflow, state=("failed", "lost") if args.failed else None,
-                        store=self._run_store(), limit=args.limit or None)
+            return runs(
+                workflow=args.workflow,
+                state=("failed", "lost") if args.failed else None,
+                store=self._run_store(),
+                limit=args.limit or None,
+            )
         except ValueError as exc:
             raise UsageError(f"%flowdapt runs: {exc}") from None
 
@@ -648,19 +811,26 @@ class FlowdaptMagics(Magics, Configurable):
         """Two stored runs side by side: input, config, workflow diff, per-stage durations."""
         args = self._args(self._cmd_compare, rest)
         from ..run_history import compare
+
         try:
             return compare(args.a, args.b, store=self._run_store())
         except (KeyError, ValueError) as exc:
             raise UsageError(f"%flowdapt compare: {exc.args[0] if exc.args else exc}") from None
 
     @magic_arguments(name="flowdapt cache")
-    @argument("action", nargs="?", choices=["list", "clear"], default="list",
-              help="list (default) the stage cache's stored outputs, or clear them")
+    @argument(
+        "action",
+        nargs="?",
+        choices=["list", "clear"],
+        default="list",
+        help="list (default) the stage cache's stored outputs, or clear them",
+    )
     @argument("--namespace", "-n", help="only this namespace (default: all)")
     def _cmd_cache(self, rest: str, cell: str | None = None):
         """The stage cache: its stored outputs (namespace, key, size, time), or clear them."""
         args = self._args(self._cmd_cache, rest)
         from .. import stage_cache
+
         storage = getattr(self.current, "storage", None)
         if args.action == "clear":
             count = stage_cache.clear(args.namespace, storage=storage)
@@ -674,8 +844,10 @@ class FlowdaptMagics(Magics, Configurable):
         sub = rest.strip().lower()
         parser = getattr(getattr(self, f"_cmd_{sub}", None), "parser", None) if sub in SUBCOMMANDS else None
         if sub and sub not in SUBCOMMANDS:
-            raise UsageError(f"%flowdapt help: unknown subcommand '{sub}'; {_nearest(sub, SUBCOMMANDS)}"
-                             f"valid: {', '.join(SUBCOMMANDS)}")
+            raise UsageError(
+                f"%flowdapt help: unknown subcommand '{sub}'; {_nearest(sub, SUBCOMMANDS)}"
+                f"valid: {', '.join(SUBCOMMANDS)}"
+            )
         if sub == "workflow":
             print(_plain(parser.format_help()) + "\n" + workflow_help())
             return
@@ -772,15 +944,17 @@ def workflow_help() -> str:
     try:
         from ..workflow import TARGETS_ARE_CODE as code_note
     except ImportError:  # pragma: no cover - older workflow module
-        code_note = ("A workflow file is code: each target names a Python callable that is imported "
-                     "and called. Run only workflow files you trust.")
+        code_note = (
+            "A workflow file is code: each target names a Python callable that is imported "
+            "and called. Run only workflow files you trust."
+        )
     return WORKFLOW_FIELDS + "\n" + textwrap.fill(code_note, 96) + "\n"
 
 
 def help_text() -> str:
     """The text of %flowdapt help and %flowdapt? (plain text, no markup)."""
     doc = _plain(__doc__.strip().split("Load with")[0].strip())
-    names = _plain(__doc__[__doc__.index("Names pushed"):].strip())
+    names = _plain(__doc__[__doc__.index("Names pushed") :].strip())
     return f"{doc}\n\n{HELP}\n{names}"
 
 

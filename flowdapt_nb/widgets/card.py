@@ -36,15 +36,19 @@ class ExecutorCard(FeedWidget):
         super().__init__(**kwargs)
         self.executor = executor
         self._body = html_widget()
-        self.stop_button = widgets.Button(description="Stop", icon="stop", button_style="",
-                                          tooltip="Close the executor (and the cluster it started)",
-                                          layout=widgets.Layout(width="90px"))
+        self.stop_button = widgets.Button(
+            description="Stop",
+            icon="stop",
+            button_style="",
+            tooltip="Close the executor (and the cluster it started)",
+            layout=widgets.Layout(width="90px"),
+        )
         self.stop_button.on_click(lambda _: self.stop())
-        self.refresh_button = widgets.Button(description="Refresh", icon="refresh",
-                                             layout=widgets.Layout(width="100px"))
+        self.refresh_button = widgets.Button(
+            description="Refresh", icon="refresh", layout=widgets.Layout(width="100px")
+        )
         self.refresh_button.on_click(lambda _: self.refresh())
-        self.children = [style_widget(), self._body,
-                         widgets.HBox([self.stop_button, self.refresh_button])]
+        self.children = [style_widget(), self._body, widgets.HBox([self.stop_button, self.refresh_button])]
         self.add_class("fnb-executor-card")
         self.add_class("fnb-box")
         self._info: dict = {}
@@ -59,8 +63,12 @@ class ExecutorCard(FeedWidget):
                 self._info = self.executor.info()
                 self.error = ""
             except Exception as exc:  # a cluster gone away: say so on the card
-                self._info = {"kind": self.executor.kind, "state": "stopped" if not self.executor.running
-                              else "unreachable", "workers": [], "resources": {}}
+                self._info = {
+                    "kind": self.executor.kind,
+                    "state": "stopped" if not self.executor.running else "unreachable",
+                    "workers": [],
+                    "resources": {},
+                }
                 self.error = f"{type(exc).__name__}: {exc}"
             self._apply_info()
             self._redraw()
@@ -135,27 +143,39 @@ class ExecutorCard(FeedWidget):
 
     def _inner_html(self) -> str:
         title = getattr(type(self.executor), "title", "") or f"{self.kind} executor"  # the class says
-        state_colour = {"running": "finished", "stopping": "cancelled", "stopped": "skipped"}.get(self.state, "failed")
-        dash = (f'<a class="fnb-link" href="{esc(self.dashboard_url)}" target="_blank" rel="noopener">'
-                f'{esc(self.dashboard_url)} ↗</a>' if self.dashboard_url else '<span class="fnb-muted">none</span>')
+        state_colour = {"running": "finished", "stopping": "cancelled", "stopped": "skipped"}.get(
+            self.state, "failed"
+        )
+        dash = (
+            f'<a class="fnb-link" href="{esc(self.dashboard_url)}" target="_blank" rel="noopener">'
+            f"{esc(self.dashboard_url)} ↗</a>"
+            if self.dashboard_url
+            else '<span class="fnb-muted">none</span>'
+        )
         owner = self._info.get("owns_cluster")
         where = ("started here" if owner else "attached") if owner is not None else ""
-        totals = " ".join(
-            f'<span class="fnb-res"><span class="fnb-mono">{esc(k)}</span> <b>{fmt_amount(k, v)}</b></span>'
-            for k, v in sorted(self.resources.items()) if k != "object_store_memory"
-        ) or '<span class="fnb-muted">–</span>'
+        totals = (
+            " ".join(
+                f'<span class="fnb-res"><span class="fnb-mono">{esc(k)}</span> <b>{fmt_amount(k, v)}</b></span>'
+                for k, v in sorted(self.resources.items())
+                if k != "object_store_memory"
+            )
+            or '<span class="fnb-muted">–</span>'
+        )
         err = f'<div class="fnb-err" style="margin-top:6px">{esc(self.error)}</div>' if self.error else ""
-        return (f'<div class="fnb-card"><div class="fnb-head"><span class="fnb-title">{esc(title)}</span>'
-                f'{badge(state_colour, self.state)}<span class="fnb-muted">{esc(type(self.executor).__name__)}'
-                f'{" · " + where if where and self.state == "running" else ""}</span></div>'
-                '<div class="fnb-kv">'
-                f'<span>address</span><span class="fnb-mono">{esc(self.address or "–")}</span>'
-                f'<span>dashboard</span><span>{dash}</span>'
-                f'<span>workers</span><span><b class="fnb-card-workers">{self.n_workers}</b>{esc(self._pool_note())}'
-                '</span>'
-                f'<span>resources</span><span>{totals}</span>'
-                f'<span>runs</span><span>{self.runs} ({self.active_runs} active)</span>'
-                f'</div>{err}</div>')
+        return (
+            f'<div class="fnb-card"><div class="fnb-head"><span class="fnb-title">{esc(title)}</span>'
+            f'{badge(state_colour, self.state)}<span class="fnb-muted">{esc(type(self.executor).__name__)}'
+            f"{' · ' + where if where and self.state == 'running' else ''}</span></div>"
+            '<div class="fnb-kv">'
+            f'<span>address</span><span class="fnb-mono">{esc(self.address or "–")}</span>'
+            f"<span>dashboard</span><span>{dash}</span>"
+            f'<span>workers</span><span><b class="fnb-card-workers">{self.n_workers}</b>{esc(self._pool_note())}'
+            "</span>"
+            f"<span>resources</span><span>{totals}</span>"
+            f"<span>runs</span><span>{self.runs} ({self.active_runs} active)</span>"
+            f"</div>{err}</div>"
+        )
 
     def _pool_note(self) -> str:
         """What a local executor's workers are, so '1' next to 'threads x2' reads right: one
@@ -170,11 +190,19 @@ class ExecutorCard(FeedWidget):
         return f" worker process{'es' if self.n_workers != 1 else ''}"
 
     def __repr__(self) -> str:
-        totals = ", ".join(f"{k} {fmt_amount(k, v)}" for k, v in sorted(self.resources.items())
-                           if k != "object_store_memory") or "-"
-        return (f"{type(self.executor).__name__} ({self.kind}) {self.state}\n"
-                f"  address:   {self.address or '-'}\n"
-                f"  dashboard: {self.dashboard_url or '-'}\n"
-                f"  workers:   {self.n_workers}{self._pool_note()}\n"
-                f"  resources: {totals}\n"
-                f"  runs:      {self.runs} ({self.active_runs} active)")
+        totals = (
+            ", ".join(
+                f"{k} {fmt_amount(k, v)}"
+                for k, v in sorted(self.resources.items())
+                if k != "object_store_memory"
+            )
+            or "-"
+        )
+        return (
+            f"{type(self.executor).__name__} ({self.kind}) {self.state}\n"
+            f"  address:   {self.address or '-'}\n"
+            f"  dashboard: {self.dashboard_url or '-'}\n"
+            f"  workers:   {self.n_workers}{self._pool_note()}\n"
+            f"  resources: {totals}\n"
+            f"  runs:      {self.runs} ({self.active_runs} active)"
+        )

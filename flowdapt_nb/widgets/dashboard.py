@@ -53,14 +53,20 @@ class Dashboard(FeedWidget):
     def _header_html(self) -> str:
         kind = self.executor.kind
         native = getattr(type(self.executor), "native_dashboard", None)  # e.g. "Ray dashboard"
-        link = (f'<a class="fnb-link fnb-native-link" href="{esc(self.dashboard_url)}" target="_blank" '
-                f'rel="noopener">Open {native} ↗</a>' if self.dashboard_url and native else "")
+        link = (
+            f'<a class="fnb-link fnb-native-link" href="{esc(self.dashboard_url)}" target="_blank" '
+            f'rel="noopener">Open {native} ↗</a>'
+            if self.dashboard_url and native
+            else ""
+        )
         state = self.executor_state
-        return (f'<div class="fnb-head" style="margin:2px 2px 0"><span class="fnb-title">flowdapt · {esc(kind)}'
-                f'</span><span class="fnb-executor-state" data-state="{state}">'
-                f'{badge("finished" if state == "running" else "skipped", state)}</span>'
-                f'<span class="fnb-muted fnb-mono">{esc(self._address)}</span><span class="fnb-spacer"></span>'
-                f'{link}</div>')
+        return (
+            f'<div class="fnb-head" style="margin:2px 2px 0"><span class="fnb-title">flowdapt · {esc(kind)}'
+            f'</span><span class="fnb-executor-state" data-state="{state}">'
+            f"{badge('finished' if state == 'running' else 'skipped', state)}</span>"
+            f'<span class="fnb-muted fnb-mono">{esc(self._address)}</span><span class="fnb-spacer"></span>'
+            f"{link}</div>"
+        )
 
     def close(self) -> None:
         self.tasks.close()
@@ -71,6 +77,7 @@ class Dashboard(FeedWidget):
         return self._header_html() + self.tasks._static_html() + self.resources._static_html()
 
     def __repr__(self) -> str:
-        head = (f"Dashboard ({self.executor.kind}, {self.executor_state})"
-                + (f" · {self.dashboard_url}" if self.dashboard_url else ""))
+        head = f"Dashboard ({self.executor.kind}, {self.executor_state})" + (
+            f" · {self.dashboard_url}" if self.dashboard_url else ""
+        )
         return "\n".join([head, repr(self.tasks), repr(self.resources)])
