@@ -1,10 +1,12 @@
 """A script that forgets close(): at exit, executors it started stop their clusters and
-processes; an executor attached to someone else's cluster leaves that cluster running."""
+processes and clean up after themselves; an executor attached to someone else's cluster leaves
+that cluster running."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,7 +15,7 @@ import time
 import psutil
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, sys, threading, time
     import psutil
     import flowdapt_nb as fnb
 
@@ -26,8 +28,11 @@ SCRIPT = textwrap.dedent("""
         ex.start()
         assert ex.run(wf).result == 1
     pids = [p.pid for p in psutil.Process().children(recursive=True)]
-    print(json.dumps(pids), flush=True)
-    # no close(): the interpreter exits with the executors running
+    print(json.dumps({"pids": pids, "ship_dir": executors[0]._backend._ship_dir}), flush=True)
+    # A daemon thread still holds the executors (a watcher, a background job), so they are never
+    # garbage-collected and their __del__ never runs; and no close(): the interpreter exits with
+    # them running. Only the exit hook closes them.
+    threading.Thread(target=lambda held=executors: time.sleep(3600), daemon=True).start()
 """)
 
 
@@ -78,12 +83,17 @@ def test_exit_without_close_stops_owned_and_leaves_attached(tmp_path):
             env=_same_package_env(),
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        pids = json.loads(proc.stdout.strip().splitlines()[-1])
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        pids = report["pids"]
         # the local pool's workers, its memory manager, the LocalCluster's nanny and worker
         assert len(pids) >= 4, pids
         alive = _wait_gone(pids, 30)
         _kill(alive)
         assert alive == [], f"left running after the script exited: {alive}"
+        # closed, not just killed: the local backend removed the folder it ships functions through
+        left = os.path.exists(report["ship_dir"])
+        shutil.rmtree(report["ship_dir"], ignore_errors=True)
+        assert not left, "the local executor was not closed at exit (its temp folder is still there)"
         # the attached cluster was only disconnected: it still has its worker and computes
         assert len(cluster.scheduler.workers) == 1
         with Client(cluster.scheduler_address, timeout=30) as client:
