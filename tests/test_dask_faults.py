@@ -217,6 +217,66 @@ def test_a_killed_scheduler_fails_the_run_with_a_lost_cluster_error():
         _stop(sched)
 
 
+def test_attaching_before_any_worker_joined_waits_for_one():
+    """The executor's cluster memory is an actor on a worker: a start that comes before the
+    workers does not fail for want of one (here the scheduler gives up on a task after 1 s)."""
+    bindir = os.path.dirname(sys.executable)
+    port = _free_port()
+    env = dict(os.environ, DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT="1s")
+    dask_cmd = [f"{bindir}/dask"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    sched = subprocess.Popen(
+        [
+            *dask_cmd,
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-address",
+            "127.0.0.1:0",
+        ],
+        env=env,
+        **quiet,
+    )
+    worker = None
+    ex = fnb.DaskExecutor(cluster_address=f"tcp://127.0.0.1:{port}", connect_timeout=60)
+    try:
+        poll(lambda: _listening(port), 60, what="the dask scheduler listening")
+        ex.start(wait=False)
+        poll(lambda: ex.client is not None, 60, what="the executor's client connected")
+        worker = subprocess.Popen(
+            [
+                *dask_cmd,
+                "worker",
+                f"tcp://127.0.0.1:{port}",
+                "--nthreads",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+            ],
+            **quiet,
+        )
+        ex.wait_started(120)
+        assert ex.run(QUICK, input={"n": 2}).result == [0, 1]
+        ex.memory_store.put("default", "k", b"1", "bytes")
+        assert ex.memory_store.get("default", "k") == b"1"
+    finally:
+        close_bounded(ex)
+        for proc in (worker, sched):
+            if proc is not None:
+                _stop(proc)
+
+
+def _listening(port) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 # --- point 2: a timed-out or cancelled task gives its thread back -----------------------------
 
 

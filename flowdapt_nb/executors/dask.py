@@ -870,6 +870,14 @@ class DaskExecutor(Executor):
                         f"tls_client_cert and tls_client_key: the client certificate must be signed by a CA "
                         f"the scheduler trusts, and tls_ca_file must be the CA that signed the scheduler's"
                     ) from None
+            if not self.owns_cluster:
+                # the cluster memory's actor needs a worker: a scheduler whose workers are still
+                # joining (or one with a no-workers-timeout) would fail or hold the start here
+                self._step("waiting for a Dask worker to join")
+                try:
+                    self.client.wait_for_workers(1, timeout=c.connect_timeout)
+                except Exception:  # an adaptive cluster may start workers only once a task comes
+                    pass
             self._step("starting cluster memory (a Dask actor)")
             self._memory = self._new_memory_store()
             self.client.subscribe_topic(EVENT_TOPIC, self._on_task_event)
