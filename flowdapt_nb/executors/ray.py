@@ -5,242 +5,157 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
-import os
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from typing import Any
 
 import psutil
 
+from .. import arg_layout
 from ..config import RayConfig
-from ..engine import Backend, Outcome, items_of
-from ..errors import ClusterLostError, ConfigError, UnserializableResultError
+from ..engine import Backend, Outcome
+from ..errors import ClusterLostError, ConfigError, attach_remote_traceback
 from ..events import ResourceSample
 from ..memory_store import MemoryStore
 from ..units import parse_bytes, usable_cores
-from ..worker import TaskInfo, execute
-from ..worker_events import ChunkWatch, EventBatch
 from .base import Executor
 from .cluster import check_resource_request, ensure_reachable, free_port, gpu_count
-from .ray_node import (LOOPBACK, HeadMonitor, driver_outlives_head, ensure_private_token, loopback_node,
-                       tighten_token)
+from .ray_node import (
+    LOOPBACK,
+    HeadMonitor,
+    TokenRefusedError,
+    attach_with_token,
+    check_token,
+    driver_outlives_head,
+    ensure_private_token,
+    loopback_node,
+    tighten_token,
+    undo_attach_with_token,
+)
+from .ray_tasks import (
+    KV_NAMESPACE,
+    NODE_ID_CHARS,
+    EventSink,
+    RayMemory,
+    count_items,
+    node_of_worker,
+    ray_chunk,
+    ray_task,
+    split_items,
+)
 
 log = logging.getLogger("flowdapt_nb")
 # Seconds a cancelled (or timed-out) task gets to stop by itself before its worker process is
 # killed (Ray's plain cancel reaches a stage in time.sleep or C code only when that returns).
 CANCEL_GRACE = 2.0
+NODES_FRESH = 2.0  # seconds a run's resource check reuses the cluster's node list
 _remote: dict = {}  # the remote functions/actors, made on first use (import ray lazily)
-
-
-# --- on the worker ------------------------------------------------------------------------------
-
-_batch = EventBatch(0.05, leading=True)  # per worker process: 'running' reports, one actor call per batch
-_chunks = ChunkWatch(0.05)  # items of a chunk that run long are reported running all the same
-
-
-_MISSING = object()
-_cached: "OrderedDict[str, object]" = OrderedDict()  # per worker process: object id -> object
-_actors: dict = {}  # per worker process: actor name -> handle
-
-
-def _cached_get(ref):
-    """A stage function or run context, deserialized once per worker process. It comes as an
-    object ref nested in the task's first argument, which Ray leaves unresolved: each task then
-    carries a reference, not the object (a run context holds the whole run input, so it grows
-    with the number of items)."""
-    import ray
-    key = ref.hex()
-    obj = _cached.get(key, _MISSING)
-    if obj is _MISSING:
-        obj = _cached[key] = ray.get(ref)
-        if len(_cached) > 32:
-            _cached.popitem(last=False)
-    else:
-        _cached.move_to_end(key)
-    return obj
-
-
-def _actor(name: str):
-    """An actor by name, looked up once per worker process (a handle passed with every task
-    would be serialized and registered with every task)."""
-    handle = _actors.get(name)
-    if handle is None:
-        import ray
-        handle = _actors[name] = ray.get_actor(name)
-    return handle
-
-
-_run_keys: "OrderedDict[str, list]" = OrderedDict()  # per worker process: run key -> its refs
-
-
-def _run_refs(sink: str, key: str) -> list:
-    """A run's [context ref, function refs...], asked of the sink actor once per worker process
-    (the few most recent runs are kept: a worker lets go of older runs' objects)."""
-    import ray
-    refs = _run_keys.get(key)
-    if refs is None:
-        refs = ray.get(_actor(sink).lookup.remote(key))
-        if refs is None:
-            raise RuntimeError(f"run {key} is over: its context and functions are gone")
-        _run_keys[key] = refs
-        while len(_run_keys) > 4:
-            _run_keys.popitem(last=False)
-    else:
-        _run_keys.move_to_end(key)
-    return refs
-
-
-def _run_parts(sink: str, key: str, fn_index: int) -> tuple:
-    """A stage's function and the run's context, for a task of the run ``key``."""
-    refs = _run_refs(sink, key)
-    return _cached_get(refs[fn_index]), _cached_get(refs[0])
-
-
 _RAY_NAMES = {"cpus": "CPU", "gpus": "GPU"}  # our stage resource names -> Ray's
-
-
-def _worker_name() -> str:
-    name = _actors.get(None)  # cached beside the actor handles: one per worker process
-    if name is None:
-        import ray
-        name = _actors[None] = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
-    return name
-
-
-def _ray_task(head, *flat):
-    """One stage call. ``head`` is (event sink name, run key, stage function index, the TaskInfo
-    fields): plain values, which Ray serializes far faster than object refs or a dataclass (that
-    cost is paid per task, in the driver). ``flat`` are the dependency outputs Ray resolves."""
-    sink, key, fn_index, info = head
-    fn, ctx = _run_parts(sink, key, fn_index)
-    report = (lambda event: _batch.add(event, _actor(sink).push.remote)) if sink is not None else None
-    meta, value = execute(ctx, fn, TaskInfo(*info), flat, report, _worker_name())
-    if not meta["ok"]:
-        return meta, None
-    return _checked(meta, value)
-
-
-def _ray_chunk(head, *flat):
-    """Several calls of one stage, one after another: returns their metas, then each value as
-    an object of its own (the task runs with ``num_returns`` = items + 1), so items stay apart
-    in the object store exactly as if each had been a task."""
-    sink, key, fn_index, infos, counts = head
-    fn, ctx = _run_parts(sink, key, fn_index)
-    worker = _worker_name()
-    metas, values, pos = [], [], 0
-    report = _chunks.open(_actor(sink).push.remote) if sink is not None else None
-    for info, count in zip(infos, counts):
-        meta, value = execute(ctx, fn, TaskInfo(*info), flat[pos:pos + count], report, worker)
-        if meta["ok"]:
-            meta, value = _checked(meta, value)
-        pos += count
-        metas.append(meta)
-        values.append(value if meta["ok"] else None)
-    _chunks.close(report)
-    return (metas, *values)
-
-
-_PLAIN = (type(None), bool, int, float, complex, str, bytes)
-
-
-def _checked(meta: dict, value):
-    """(meta, value), or a failed meta when Ray can't serialize the value: Ray would store the
-    error in the value's object, and it would surface later, naming no stage (the run's result)
-    or blaming the stage that receives it. Ray's own serializer decides; arrays' buffers are
-    referenced out of band, not copied."""
-    if type(value) in _PLAIN:
-        return meta, value
-    import ray
-    try:
-        ray._private.worker.global_worker.get_serialization_context().serialize(value)
-        return meta, value
-    except Exception as exc:
-        meta = dict(meta, ok=False, error=UnserializableResultError(type(value).__name__, f"{type(exc).__name__}: {exc}"))
-        return meta, None
-
-
-def _ray_count(value):
-    """How many items a parameterized stage gets from this output (or why it can't map over it)."""
-    try:
-        return ("ok", len(items_of(value, "?", "its dependency's output")))
-    except Exception as exc:
-        return ("error", exc)
-
-
-def _ray_items(value):
-    """The items, each its own object (the task runs with ``num_returns`` = their count)."""
-    items = items_of(value, "?", "its dependency's output")
-    return items[0] if len(items) == 1 else tuple(items)
-
-
-class _EventSink:
-    """Per executor: collects workers' batched task events, and keeps each active run's context
-    and function refs for workers to look up (so tasks carry a short key, not refs)."""
-
-    def __init__(self):
-        self.events: list = []
-        self.runs: dict = {}
-
-    def register(self, key, refs):
-        self.runs[key] = refs
-
-    def lookup(self, key):
-        return self.runs.get(key)
-
-    def release(self, key):
-        self.runs.pop(key, None)
-
-    def push(self, batch):
-        self.events.extend(batch)
-
-    def drain(self):
-        out, self.events = self.events, []
-        return out
 
 
 def _remotes():
     if not _remote:
         import ray
-        _remote["task"] = ray.remote(_ray_task)
-        _remote["chunk"] = ray.remote(_ray_chunk)
-        _remote["count"] = ray.remote(_ray_count)
-        _remote["items"] = ray.remote(_ray_items)
-        _remote["sink"] = ray.remote(_EventSink)
+        _remote["task"] = ray.remote(ray_task)
+        _remote["chunk"] = ray.remote(ray_chunk)
+        _remote["count"] = ray.remote(count_items)
+        _remote["items"] = ray.remote(split_items)
+        _remote["sink"] = ray.remote(EventSink)
         _remote["store"] = ray.remote(MemoryStore)
     return _remote
 
 
-class _RayMemory:
-    """Cluster memory in the named actor; the same calls as MemoryStore, blocking. Travels to
-    workers as the actor's name (looked up there once per process, again after the actor was
-    replaced)."""
+class _Helpers:
+    """The executor's helper actors, seen from the driver: the event sink and the cluster memory.
 
-    def __init__(self, name: str, actor=None):
-        self.name = name
-        self.actor = actor
+    Made just after the first run's first tasks are sent (or at the driver's first use of cluster
+    memory), and never awaited: each actor needs a worker process of its own, and made before the
+    first task they would take the node's pre-started worker from it (the first result then came
+    1-3 s later on a loaded machine). Until the sink has answered once, a run's tasks carry the
+    run's refs themselves instead of a key to look up. A helper that died is replaced at the next
+    run: the sink under a new name (workers cache actors by name), the memory under the same one
+    (run contexts already sent name it)."""
 
-    def __reduce__(self):
-        return (_RayMemory, (self.name,))
+    def __init__(self, executor: RayExecutor):
+        self.executor = executor
+        self.lock = threading.Lock()
+        self.started = False
+        self.sink: Any = None  # actor handles (Ray's are untyped)
+        self.sink_name = _sink_name()
+        self.sink_state = "none"  # none | starting | ready | dead
+        self.memory: Any = None
+        self.memory_state = "none"
+        spec = executor.config.cluster_memory_actor
+        self.memory_name = spec.name if spec is not None else f"flowdapt_nb_memory_{uuid.uuid4().hex[:8]}"
 
-    def __getattr__(self, method_name):
-        if method_name.startswith("_") or method_name in ("actor", "name"):
-            raise AttributeError(method_name)
-        return lambda *args: self._call(method_name, args)
+    def start(self) -> None:
+        """Make both actors (once; returns at once)."""
+        if self.started:
+            return
+        with self.lock:
+            if self.started:
+                return
+            self.new_sink(self.sink_name)
+            self.new_memory()
+            self.started = True
 
-    def _call(self, method_name, args):
-        import ray
-        from ray.exceptions import RayActorError
-        for attempt in (1, 2):
+    def memory_actor(self):
+        """The memory actor's handle, made now if it wasn't yet."""
+        if self.memory is None:
+            self.start()
+        return self.memory
+
+    def new_sink(self, name: str | None = None) -> None:
+        """Collects workers' task reports and holds each run's refs. Restarted by Ray if its
+        process dies; a killed one is replaced at the next run, under a new name."""
+        self.sink_name = name or _sink_name()
+        self.sink = _remotes()["sink"].options(num_cpus=0, name=self.sink_name, max_restarts=-1,
+                                               max_task_retries=3, scheduling_strategy=_on_driver_node()).remote()
+        self.sink_state = "starting"
+        self._watch("sink", self.sink, self.sink.lookup.remote(""))
+
+    def new_memory(self) -> None:
+        spec = self.executor.config.cluster_memory_actor
+        if spec is None:
+            opts = dict(num_cpus=0, max_concurrency=1000, name=self.memory_name, scheduling_strategy=_on_driver_node())
+        else:
+            opts = dict(num_cpus=spec.num_cpus, max_concurrency=spec.max_concurrency, name=spec.name,
+                        resources=dict(spec.resources) or None, get_if_exists=True)
+        self.memory = _remotes()["store"].options(**opts).remote()
+        self.memory_state = "starting"
+        self._watch("memory", self.memory, self.memory.exists.remote("", ""))
+
+    def _watch(self, which: str, handle, probe) -> None:
+        """``<which>_state`` turns 'ready' (or 'dead') when the actor answers its first call."""
+        def done(fut):
+            if getattr(self, which) is not handle:  # replaced meanwhile
+                return
             try:
-                actor = self.actor if self.actor is not None else _actor(self.name)
-                return ray.get(getattr(actor, method_name).remote(*args))
-            except (RayActorError, ValueError) as exc:  # ValueError: no actor of that name now
-                _actors.pop(self.name, None)  # a new actor of that name may have replaced it
-                if self.actor is not None or attempt == 2:
-                    raise RuntimeError(
-                        f"the cluster memory actor '{self.name}' died ({type(exc).__name__}): what it "
-                        f"held is lost; the executor starts a new one at its next run") from None
+                fut.result()
+                setattr(self, f"{which}_state", "ready")
+            except BaseException as exc:
+                log.warning("the %s actor did not start: %s: %s", which, type(exc).__name__, exc)
+                setattr(self, f"{which}_state", "dead")
+        probe.future().add_done_callback(done)
+
+    def replace_memory(self, exc: BaseException) -> None:
+        """Before a run: a cluster memory actor that died is replaced, under the same name (what
+        it held is lost: said in the log here, and to any stage that called it while it was gone)."""
+        log.warning("the cluster memory actor '%s' died (%s): what it held is lost; starting a new one",
+                    self.memory_name, type(exc).__name__)
+        self.new_memory()
+
+    def replace_sink(self, exc: BaseException) -> None:
+        log.warning("the executor's event sink actor died (%s); starting a new one", type(exc).__name__)
+        self.new_sink()
+
+    def handles(self) -> list:
+        return [h for h in (self.memory, self.sink) if h is not None]
+
+
+def _sink_name() -> str:
+    return f"flowdapt_nb_events_{uuid.uuid4().hex[:8]}"
 
 
 # --- the backend --------------------------------------------------------------------------------
@@ -248,14 +163,14 @@ class _RayMemory:
 class _RayBackend(Backend):
     kind = "ray"
 
-    def __init__(self, executor: "RayExecutor", sink, sink_name: str):
+    def __init__(self, executor: RayExecutor, helpers: _Helpers):
         import ray
         self.ray = ray
         self.executor = executor
-        self.sink = sink
-        self.sink_name = sink_name
+        self.helpers = helpers
         self._task_fns: dict = {}
-        self._runs: dict = {}  # run key -> its context and function refs
+        self._runs: dict = {}  # run key -> (key or refs as tasks carry it, refs, sink name)
+        self._kv_prefixes: set[str] = set()  # sink names whose key-value reports are read
         # Tiny items go in chunks of about this much work (a Ray task costs ~0.5 ms to send).
         self.chunk_seconds = 0.02
         self.parallelism = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -299,10 +214,12 @@ class _RayBackend(Backend):
         self.executor._disconnecting = threading.current_thread()
         with self._pending_lock:
             pending, self._pending = list(self._pending.values()), {}
-        now = time.time()
         for on_done, chunk in pending:
             try:
-                on_done(self.lost if chunk else Outcome(False, error=self.lost, end=now))
+                if chunk:
+                    on_done.failed(self.lost)
+                else:
+                    on_done(Outcome.failure(self.lost))
             except Exception:
                 pass
         self.executor._head_lost(self.lost)
@@ -315,32 +232,40 @@ class _RayBackend(Backend):
     # --- runs and tasks ---
     def put_run(self, ctx, fns):
         """The run's context and functions go to the object store once; the sink actor holds
-        their refs under a key that every task of the run carries. A helper actor that died
-        (killed, its node lost) is replaced here, before the run needs it."""
+        their refs under a key that every task of the run carries (while the sink is still
+        starting, the tasks carry the refs). A helper actor that died (killed, its node lost) is
+        replaced here, before the run needs it."""
         from ray.exceptions import RayActorError
         self._check()
-        memory = self.executor._memory
-        probe = memory.actor.exists.remote("", "") if memory is not None else None  # alongside register
+        helpers = self.helpers
+        probe = None
+        if helpers.memory_state == "ready":  # asked alongside register: one wait for both
+            probe = helpers.memory.exists.remote("", "")
+        elif helpers.memory_state == "dead":
+            helpers.replace_memory(RuntimeError("it did not start"))
         key = uuid.uuid4().hex
         refs = [self.ray.put(ctx)] + [self.ray.put(fn) for fn in fns]
-        try:
-            self._get(self.sink.register.remote(key, refs))
-        except RayActorError as exc:
-            log.warning("the executor's event sink actor died (%s); starting a new one", type(exc).__name__)
-            self.sink, self.sink_name = self.executor._start_sink()
-            self._get(self.sink.register.remote(key, refs))
+        run = refs
+        if helpers.sink_state == "ready":
+            try:
+                self._get(helpers.sink.register.remote(key, refs))
+                run = key
+            except RayActorError as exc:
+                helpers.replace_sink(exc)
+        elif helpers.sink_state == "dead":
+            helpers.replace_sink(RuntimeError("it did not start"))
         if probe is not None:
             try:
                 self._get(probe)
             except RayActorError as exc:
-                self.executor._replace_memory_actor(exc)
-        self._runs[key] = refs  # the driver owns them until the run ends
+                helpers.replace_memory(exc)
+        self._runs[key] = (run, refs, helpers.sink_name)  # the driver owns the refs until the run ends
         return key, list(range(1, len(refs)))
 
     def release_run(self, ctx_handle, fn_handles) -> None:
-        self._runs.pop(ctx_handle, None)
-        if self.lost is None:
-            self.sink.release.remote(ctx_handle)
+        run, _, _ = self._runs.pop(ctx_handle, (None, None, None))
+        if self.lost is None and isinstance(run, str):
+            self.helpers.sink.release.remote(ctx_handle)
 
     def _task_fn(self, resources: dict):
         """The remote task with this stage's options, made once per distinct resources."""
@@ -351,9 +276,14 @@ class _RayBackend(Backend):
                 num_returns=2, **self.executor._task_options(resources))
         return task
 
+    def submit_many(self, ctx_handle, calls, refs) -> None:
+        super().submit_many(ctx_handle, calls, refs)
+        self.helpers.start()  # after the first tasks: they get the node's pre-started workers
+
     def submit(self, fn_handle, ctx_handle, info, flat_args, resources, on_done):
         self._check()
-        head = (self.sink_name, ctx_handle, fn_handle, (info.run, info.stage, info.item, info.layout, info.kwargs))
+        head = (self.helpers.sink_name, self._runs[ctx_handle][0], fn_handle,
+                (info.run, info.stage, info.item, info.layout, info.kwargs))
         meta_ref, value_ref = self._task_fn(resources).remote(head, *flat_args)
         with self._pending_lock:
             self._pending[meta_ref] = (on_done, False)
@@ -364,13 +294,14 @@ class _RayBackend(Backend):
     def submit_chunk(self, fn_handle, ctx_handle, tasks, resources, on_done):
         self._check()
         flat, counts = [], []
-        for info, args in tasks:
+        for _info, args in tasks:
             flat.extend(args)
             counts.append(len(args))
-        head = (self.sink_name, ctx_handle, fn_handle,
+        head = (self.helpers.sink_name, self._runs[ctx_handle][0], fn_handle,
                 [(i.run, i.stage, i.item, i.layout, i.kwargs) for i, _ in tasks], counts)
         refs = _remotes()["chunk"].options(num_returns=len(tasks) + 1,
                                            **self.executor._task_options(resources)).remote(head, *flat)
+        self.helpers.start()
         meta_ref, value_refs = refs[0], refs[1:]
         with self._pending_lock:
             self._pending[meta_ref] = (on_done, True)
@@ -383,11 +314,9 @@ class _RayBackend(Backend):
         try:
             metas = fut.result()
         except BaseException as exc:  # the chunk as a whole: the engine retries each item alone
-            on_done(_unwrap(exc))
+            on_done.failed(_unwrap(exc))
             return
-        on_done([Outcome(True, ref, None, m["start"], m["end"], m["worker"]) if m["ok"]
-                 else Outcome(False, None, m["error"], m["start"], m["end"], m["worker"])
-                 for m, ref in zip(metas, value_refs)])
+        on_done.done([Outcome.from_report(m, ref) for m, ref in zip(metas, value_refs)])
 
     def _done(self, fut, meta_ref, value_ref, on_done) -> None:
         if not self._claim(meta_ref) or self._stop.is_set() or fut.cancelled():
@@ -395,12 +324,9 @@ class _RayBackend(Backend):
         try:
             meta = fut.result()
         except BaseException as exc:  # failed at the system level (worker died, cancelled)
-            on_done(Outcome(False, error=_unwrap(exc), end=time.time()))
+            on_done(Outcome.failure(_unwrap(exc)))
             return
-        if meta["ok"]:
-            on_done(Outcome(True, value_ref, None, meta["start"], meta["end"], meta["worker"]))
-        else:
-            on_done(Outcome(False, None, meta["error"], meta["start"], meta["end"], meta["worker"]))
+        on_done(Outcome.from_report(meta, value_ref))
 
     def _poll_events(self) -> None:
         # Often while a run is active (a task's 'running' report reaches the driver within ~0.1 s
@@ -408,25 +334,52 @@ class _RayBackend(Backend):
         while not self._stop.wait(0.05 if self.executor._active else 0.5):
             if not self._connected():
                 return
-            try:
-                events = self.ray.get(self.sink.drain.remote(), timeout=5)
-            except Exception:
-                continue
+            events = self._read_kv_reports()
+            if self.helpers.sink_state == "ready":  # else not made yet, or starting: nothing to drain
+                try:
+                    events += self.ray.get(self.helpers.sink.drain.remote(), timeout=5)
+                except Exception:
+                    pass
             for event in events:
                 self.executor._on_worker_event(event)
+
+    def _read_kv_reports(self) -> list:
+        """Reports of runs sent while the sink was starting (see ray_tasks._sender), taken out of
+        the GCS's key-value store; once no such run is active, what is left there is cleared."""
+        import pickle
+
+        from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_list
+        events: list = []
+        try:
+            prefixes = {sink for run, _, sink in self._runs.copy().values() if not isinstance(run, str)}
+            if not prefixes and not self._kv_prefixes:
+                return events
+            for prefix in prefixes | self._kv_prefixes:
+                for key in _internal_kv_list(f"{prefix}:".encode(), namespace=KV_NAMESPACE):
+                    value = _internal_kv_get(key, namespace=KV_NAMESPACE)
+                    _internal_kv_del(key, namespace=KV_NAMESPACE)
+                    if value is not None:
+                        events.extend(pickle.loads(value))
+            self._kv_prefixes -= self._kv_prefixes - prefixes  # read once more after their runs
+            self._kv_prefixes |= prefixes
+        except Exception:  # reports are telemetry: a failed read never stops the poller
+            pass
+        return events
 
     def split(self, handle):
         """Count the items, then one task returns them as that many objects: two round trips
         (a streaming generator took one per item)."""
         self._check()
         remotes = _remotes()
-        status, count = self._get(remotes["count"].options(num_cpus=0).remote(handle))
+        counted = remotes["count"].options(num_cpus=0).remote(handle)
+        self.helpers.start()
+        status, count = self._get(counted)
         if status == "error":
             raise count
         if count == 0:
             return []
         refs = remotes["items"].options(num_cpus=0, num_returns=count).remote(handle)
-        return [(("v",), ref) for ref in ([refs] if count == 1 else refs)]
+        return [(arg_layout.value(), ref) for ref in ([refs] if count == 1 else refs)]
 
     def fetch(self, handle):
         return self._get(handle)
@@ -486,7 +439,7 @@ def _unwrap(exc: BaseException) -> BaseException:
     """Ray wraps errors; keep the original type and the worker's traceback."""
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException):
-        cause.remote_traceback = getattr(exc, "traceback_str", None) or str(exc)
+        attach_remote_traceback(cause, getattr(exc, "traceback_str", None) or str(exc))
         return cause
     return exc
 
@@ -494,11 +447,14 @@ def _unwrap(exc: BaseException) -> BaseException:
 def _on_driver_node():
     """Our helper actors (event sink, cluster memory) live on the driver's node: on a
     multi-node cluster, losing a worker node must not take the run's refs and the cluster
-    memory with it (a restarted sink elsewhere would come back empty). Soft: a node that
-    can't host them never blocks the start."""
+    memory with it (a restarted sink elsewhere would come back empty). Hard: a soft affinity
+    let Ray place them on another node now and then (seen on a loaded machine, every node on
+    127.0.0.1). The driver's node can always host them (no CPU asked), and if it is lost the
+    driver has lost its own raylet anyway. (A driver attaching to nodes that share its IP
+    joins the head's.)"""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
 class RayExecutor(Executor):
@@ -513,18 +469,19 @@ class RayExecutor(Executor):
 
     kind = "ray"
     Config = RayConfig
+    config: RayConfig
 
     def __init__(self, _config=None, _compute=None, **fields):
         super().__init__(_config, _compute, **fields)
         self._ctx = None
         self._memory = None
-        self._sink = None
-        self._memory_actor_name = None
+        self._helpers: _Helpers | None = None
+        self._offered_cache: tuple[float, list[dict]] | None = None  # (when read, per node)
         self._lost: ClusterLostError | None = None  # why the executor disconnected by itself
         self._disconnecting: threading.Thread | None = None  # disconnecting after a lost head
 
     # --- lifecycle ---
-    def start(self, wait: bool = True) -> "RayExecutor":
+    def start(self, wait: bool = True) -> RayExecutor:
         """Start a local Ray node (on 127.0.0.1 only), or attach to ``cluster_address``;
         returns self. Also re-attaches after the executor lost its cluster. ``wait=False``:
         see :meth:`Executor.start`."""
@@ -638,15 +595,7 @@ class RayExecutor(Executor):
         else:
             ensure_reachable("Ray", c.cluster_address, 6379, c.connect_timeout)
             init_kwargs["address"] = c.cluster_address
-            # Ray turns token authentication on by itself only when it starts a cluster; a driver
-            # attaching by address must be told, or the head refuses it (InvalidAuthToken).
-            if "RAY_AUTH_MODE" not in os.environ and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
-                os.environ["RAY_AUTH_MODE"] = "token"
-                try:  # Ray caches its config at import: refresh it, as Ray itself does
-                    from ray._raylet import Config
-                    Config.initialize("")
-                except Exception:
-                    pass
+        token_mode_set = not self.owns_cluster and attach_with_token()
         children_before = _child_pids()
         self._step("starting the Ray node (GCS, raylet)" if self.owns_cluster
                    else f"connecting to the Ray cluster at {c.cluster_address}")
@@ -657,47 +606,45 @@ class RayExecutor(Executor):
             tighten_token()
             if not self.owns_cluster:
                 self._check_memory_actor(ray.cluster_resources())
-            self._step("starting the event sink and cluster memory (Ray actors)")
-            sink, sink_name = self._start_sink()
-            actor = self._start_memory_actor(_remotes()["store"])
-            self._memory = _RayMemory(self._memory_actor_name, actor)
+            # The helper actors (event sink, cluster memory) are made after the first run's first
+            # tasks are sent: see _Helpers.
+            self._helpers = helpers = _Helpers(self)
+            self._memory = RayMemory(helpers.memory_name, helpers)
+            backend = _RayBackend(self, helpers)
         except BaseException:
-            self._memory = self._sink = None
+            self._memory = self._helpers = None
             _shutdown_and_reap(children_before)  # never leave a half-started Ray behind
+            if token_mode_set:
+                undo_attach_with_token()
             raise
-        return _RayBackend(self, sink, sink_name)
+        return backend
 
-    def _start_sink(self):
-        """The actor that collects workers' task reports and holds each run's refs (a new name
-        each time: workers cache actors by name). Restarted by Ray if its process dies; a killed
-        one is replaced at the next run."""
-        name = f"flowdapt_nb_events_{uuid.uuid4().hex[:8]}"
-        self._sink = _remotes()["sink"].options(num_cpus=0, name=name, max_restarts=-1, max_task_retries=3,
-                                                scheduling_strategy=_on_driver_node()).remote()
-        return self._sink, name
-
-    def _replace_memory_actor(self, exc: BaseException) -> None:
-        """Before a run: a cluster memory actor that died is replaced, under the same name (what
-        it held is lost: said in the log here, and to any stage that called it while it was gone)."""
-        log.warning("the cluster memory actor '%s' died (%s): what it held is lost; starting a new one",
-                    self._memory_actor_name, type(exc).__name__)
-        actor = self._start_memory_actor(_remotes()["store"])
-        self._memory = _RayMemory(self._memory_actor_name, actor)
+    @property
+    def _sink(self):
+        """The event sink actor's handle (None until the first run made it)."""
+        return self._helpers.sink if self._helpers is not None else None
 
     def _init_with_retry(self, init_kwargs: dict, children_before: set[int]):
         """ray.init; a local start that timed out (Ray waits a fixed 30 s for its raylet, too short
         on a busy machine) is cleaned up and tried once more."""
         import ray
         if not self.owns_cluster:  # a head that listens may still be starting: retry until the deadline
+            address = self.config.cluster_address or ""
             deadline = time.monotonic() + self.config.connect_timeout
             while True:
                 try:
-                    return ray.init(**init_kwargs)
+                    # a refused token is a clear error at once (ray.init would retry ~20 s, then
+                    # fail without naming it); a GCS that doesn't answer yet is tried again
+                    if "://" in address or check_token(address, max(0.5, min(5.0, deadline - time.monotonic()))):
+                        return ray.init(**init_kwargs)
+                    raise ConnectionError("its GCS did not answer")
+                except TokenRefusedError:
+                    raise
                 except ConnectionError as exc:
                     if time.monotonic() > deadline:
                         raise ConnectionError(f"can't attach to the Ray cluster at cluster_address "
-                                              f"'{self.config.cluster_address}' within "
-                                              f"{self.config.connect_timeout:g} s: {exc}") from None
+                                              f"'{address}' within {self.config.connect_timeout:g} s: "
+                                              f"{exc}") from None
                     ray.shutdown()
                     time.sleep(1)
         try:
@@ -709,37 +656,19 @@ class RayExecutor(Executor):
             _shutdown_and_reap(children_before)
             return ray.init(**init_kwargs)
 
-    def _start_memory_actor(self, store_cls):
-        import ray
-        spec = self.config.cluster_memory_actor
-        if spec is None:  # a replacement keeps the name: run contexts already sent name it
-            name = self._memory_actor_name or f"flowdapt_nb_memory_{uuid.uuid4().hex[:8]}"
-            opts = dict(num_cpus=0, max_concurrency=1000, name=name, scheduling_strategy=_on_driver_node())
-        else:
-            opts = dict(num_cpus=spec.num_cpus, max_concurrency=spec.max_concurrency, name=spec.name,
-                        resources=dict(spec.resources) or None, get_if_exists=True)
-        self._memory_actor_name = opts["name"]
-        actor = store_cls.options(**opts).remote()
-        try:
-            ray.get(actor.exists.remote("", ""), timeout=60)
-        except Exception as exc:
-            raise RuntimeError(f"the cluster memory actor '{opts['name']}' did not start within 60 s: {exc}") from exc
-        return actor
-
     def _shutdown(self):
         import ray
         backend = self._backend
         if backend is not None:
             backend.close()
         lost = backend is not None and backend.lost is not None
-        if not self.owns_cluster and not lost:  # leave nothing of ours on a cluster we only visited
-            for handle in (self._memory.actor if self._memory else None, self._sink):
-                if handle is not None:
-                    try:
-                        ray.kill(handle)
-                    except Exception:
-                        pass
-        self._memory = self._sink = self._ctx = None
+        if not self.owns_cluster and not lost and self._helpers is not None:
+            for handle in self._helpers.handles():  # leave nothing of ours on a cluster we only visited
+                try:
+                    ray.kill(handle)
+                except Exception:
+                    pass
+        self._memory = self._helpers = self._ctx = self._offered_cache = None
         ray.shutdown()
 
     # --- resources ---
@@ -756,6 +685,18 @@ class RayExecutor(Executor):
         return [n for n in ray.nodes() if n.get("Alive")]
 
     def _check_stage_resources(self, stage):
+        try:
+            check_resource_request(stage, self._offered(), "Ray")
+        except ConfigError:  # a node may have joined since the list was read: ask once more
+            check_resource_request(stage, self._offered(fresh=True), "Ray")
+
+    def _offered(self, fresh: bool = False) -> list[dict]:
+        """What each live node offers, in stage resource names. Read from the GCS at most every
+        ``NODES_FRESH`` s: every stage of every run is checked, and a GCS round trip per stage
+        was most of a tiny run's fixed cost."""
+        cached = self._offered_cache
+        if not fresh and cached is not None and time.monotonic() - cached[0] < NODES_FRESH:
+            return cached[1]
         offered = []
         for node in self._nodes():
             res = dict(node.get("Resources") or {})
@@ -764,7 +705,8 @@ class RayExecutor(Executor):
                                                                        "object_store_memory")
                            and not k.startswith("node:") and not k.startswith("accelerator_type")})
             offered.append(mapped)
-        check_resource_request(stage, offered, "Ray")
+        self._offered_cache = (time.monotonic(), offered)
+        return offered
 
     def _task_options(self, resources: dict) -> dict:
         opts: dict = {"num_cpus": resources.get("cpus", 1)}
@@ -790,7 +732,7 @@ class RayExecutor(Executor):
         return url if url.startswith("http") else f"http://{url}"
 
     def _workers(self):
-        return [{"name": n["NodeID"][:12], "address": n.get("NodeManagerAddress"),
+        return [{"name": n["NodeID"][:NODE_ID_CHARS], "address": n.get("NodeManagerAddress"),
                  "resources": {k: v for k, v in (n.get("Resources") or {}).items() if not k.startswith("node:")}}
                 for n in self._nodes()]
 
@@ -807,25 +749,23 @@ class RayExecutor(Executor):
         from ..telemetry import add_up, running_requests
         local_ip = ray.util.get_node_ip_address()
         nodes = self._nodes()
-        # What our running tasks hold, by node (a worker is named ip:pid; where several nodes
-        # share an IP, only Ray's own view can tell them apart). Ray's view lags 1-3 s behind:
-        # while we run something it can only add to ours; with no run of ours on a cluster we
-        # own, nothing of ours is in use.
-        by_ip: dict[str, list] = {}
+        # What our running tasks hold, by node (a worker's name carries its node id: see
+        # ray_tasks.worker_name). Ray's view lags 1-3 s behind: while we run something it can
+        # only add to ours; with no run of ours on a cluster we own, nothing of ours is in use.
+        by_node: dict[str | None, list] = {}
         for worker, request in running_requests(self):
-            by_ip.setdefault(str(worker or "").rsplit(":", 1)[0], []).append((worker, request))
-        ips = [n.get("NodeManagerAddress") for n in nodes]
+            by_node.setdefault(node_of_worker(worker), []).append((worker, request))
         trust_ours = self.owns_cluster and not self._active and self.config.cluster_memory_actor is None
         out = []
         for node in nodes:
             total = {k: v for k, v in (node.get("Resources") or {}).items() if not k.startswith("node:")
                      and k != "object_store_memory"}
             avail = available.get(node["NodeID"], {})
-            ip = node.get("NodeManagerAddress")
-            mine = add_up(by_ip.get(ip, []) if ips.count(ip) == 1 else [], _RAY_NAMES)
+            short_id = node["NodeID"][:NODE_ID_CHARS]
+            mine = add_up(by_node.get(short_id, []), _RAY_NAMES)
             used = {k: (0.0 if trust_ours else max(v - avail.get(k, 0.0), 0.0)) for k, v in total.items()}
             used = {k: max(u, mine.get(k, 0.0)) for k, u in used.items()}
-            sample = ResourceSample(node["NodeID"][:12], now, resources_total=total,
+            sample = ResourceSample(short_id, now, resources_total=total,
                                     resources_available={k: max(0.0, total[k] - used[k]) for k in total})
             if node.get("NodeManagerAddress") == local_ip:  # this machine: measure it directly
                 vm = psutil.virtual_memory()

@@ -57,7 +57,7 @@ def driver_outlives_head() -> None:
         return
     os.environ[key] = DRIVER_RECONNECT_TIMEOUT_S
     try:  # Ray caches its config when imported: refresh it, as Ray itself does after such a change
-        from ray._raylet import Config
+        from ray._raylet import Config  # type: ignore[attr-defined]  # not in ray's stubs
         Config.initialize("")
     except Exception:
         pass
@@ -93,6 +93,85 @@ def ensure_private_token() -> None:
         f.write(generate_new_authentication_token())
 
 
+def token_source() -> str | None:
+    """Where this driver's token comes from, as the user would name it (None: no token)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "the RAY_AUTH_TOKEN environment variable"
+    path = token_path()
+    if path is not None and path.is_file():
+        return f"the token file {path}" + (" (RAY_AUTH_TOKEN_PATH)" if os.environ.get("RAY_AUTH_TOKEN_PATH") else "")
+    return None
+
+
+def attach_with_token() -> bool:
+    """Before attaching by address: when this driver has a token (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) and ``RAY_AUTH_MODE`` is unset, token auth
+    is turned on for this process (Ray turns it on by itself only when it starts a cluster; a
+    driver that attaches must be told, or it sends no token). True when it changed the setting."""
+    if "RAY_AUTH_MODE" in os.environ or token_source() is None:
+        return False
+    os.environ["RAY_AUTH_MODE"] = "token"
+    _refresh_ray_config()
+    return True
+
+
+def undo_attach_with_token() -> None:
+    """An attach that failed leaves the process's Ray settings as they were."""
+    os.environ.pop("RAY_AUTH_MODE", None)
+    _refresh_ray_config()
+
+
+def _refresh_ray_config() -> None:
+    try:  # Ray caches its config (and the token) when imported: refresh them, as Ray itself does
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # not in ray's stubs
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except Exception:
+        pass
+
+
+class TokenRefusedError(ConnectionError):
+    """The Ray cluster refused this driver's auth token, or wants one the driver lacks."""
+
+
+_TOKEN_SETTINGS = ("set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file that holds "
+                   "it (default ~/.ray/auth_token); `ray get-auth-token` on the head node prints it")
+
+
+def check_token(address: str, timeout: float) -> bool:
+    """Ask the head's GCS at ``address`` (host:port) one cheap question with this driver's token:
+    a token it refuses (or none, where it wants one) is a TokenRefusedError at once that says
+    which setting to fix. Ray itself would retry ~20 s and then fail without naming the token. True
+    when the GCS answered; False when it can't be reached yet (still starting, or gone)."""
+    import grpc  # type: ignore[import-untyped]  # installed with ray, no stubs
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    metadata: tuple = ()
+    source = token_source()
+    if source is not None:
+        from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]  # not in ray's stubs
+        loader = AuthenticationTokenLoader.instance()
+        loader.reset_cache()
+        if loader.has_token(ignore_auth_mode=True):
+            metadata = tuple(loader.get_token_for_http_header().items())
+    from .cluster import host_port
+    host, port = host_port(address, 6379)
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            request = gcs_service_pb2.GetClusterIdRequest()  # type: ignore[attr-defined]  # generated code
+            stub.GetClusterId(request, metadata=metadata, timeout=timeout)
+            return True
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+                return False
+    if metadata:
+        raise TokenRefusedError(f"the Ray cluster at cluster_address '{address}' refused this driver's auth "
+                              f"token (from {source}): it was started with token auth and another token; "
+                              f"{_TOKEN_SETTINGS}")
+    raise TokenRefusedError(f"the Ray cluster at cluster_address '{address}' requires an auth token (it was "
+                          f"started with token auth) and this driver has none: {_TOKEN_SETTINGS}")
+
+
 def tighten_token() -> None:
     """A token file of ours that others may read (an older Ray wrote it 0644) becomes 0600."""
     path = token_path()
@@ -102,7 +181,7 @@ def tighten_token() -> None:
         return
     if st is None or st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode):
         return
-    if st.st_mode & 0o077:
+    if path is not None and st.st_mode & 0o077:
         os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
 
 
@@ -122,7 +201,7 @@ class HeadMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="flowdapt-nb-ray-head", daemon=True)
 
-    def start(self) -> "HeadMonitor":
+    def start(self) -> HeadMonitor:
         self._thread.start()
         return self
 
@@ -135,7 +214,7 @@ class HeadMonitor:
         """None when the head answered, else why not."""
         try:
             import ray
-            gcs = ray._private.worker.global_worker.gcs_client
+            gcs = ray._private.worker.global_worker.gcs_client  # type: ignore[attr-defined]  # not in ray's stubs
             gcs.internal_kv_get(b"flowdapt_nb_ping", None, timeout=self.timeout)
             return None
         except Exception as exc:

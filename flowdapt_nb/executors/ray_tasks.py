@@ -1,0 +1,272 @@
+"""What runs in Ray's worker processes for the Ray executor: the stage tasks, the event sink
+actor, cluster memory seen from a stage.
+
+Kept apart from ``ray.py`` and light on imports (no pydantic config, no engine): every new Ray
+worker process imports this module before its first task, and the executor's whole module cost
+the first result of a fresh cluster ~0.6 s on a loaded machine."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+
+from ..errors import UnserializableResultError
+from ..worker import TaskInfo, execute
+from ..worker_events import ChunkWatch, EventBatch
+
+_batch = EventBatch(0.05, leading=True)  # per worker process: 'running' reports, one actor call per batch
+_chunks = ChunkWatch(0.05)  # items of a chunk that run long are reported running all the same
+
+
+_MISSING = object()
+_cached: OrderedDict[str, object] = OrderedDict()  # per worker process: object id -> object
+_actors: dict = {}  # per worker process: actor name -> handle
+
+
+def _cached_get(ref):
+    """A stage function or run context, deserialized once per worker process. It comes as an
+    object ref nested in the task's first argument, which Ray leaves unresolved: each task then
+    carries a reference, not the object (a run context holds the whole run input, so it grows
+    with the number of items)."""
+    import ray
+    key = ref.hex()
+    obj = _cached.get(key, _MISSING)
+    if obj is _MISSING:
+        obj = _cached[key] = ray.get(ref)
+        if len(_cached) > 32:
+            _cached.popitem(last=False)
+    else:
+        _cached.move_to_end(key)
+    return obj
+
+
+def named_actor(name: str, wait: float = 0.0):
+    """An actor by name, looked up once per worker process (a handle passed with every task
+    would be serialized and registered with every task). ``wait``: seconds to keep looking for
+    a name not registered yet (the driver creates its helper actors just after a run's first
+    tasks are sent, so a task may start a moment before they exist)."""
+    handle = _actors.get(name)
+    if handle is None:
+        import ray
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                handle = _actors[name] = ray.get_actor(name)
+                break
+            except ValueError:  # no actor of that name (yet)
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+    return handle
+
+
+HELPER_WAIT = 30.0  # seconds a worker looks for a helper actor's name before giving up
+
+
+KV_NAMESPACE = "flowdapt_nb"  # where reports wait in the GCS's key-value store (see _sender)
+
+
+def _sender(sink: str, key):
+    """Sends a batch of reports to the event sink; the actor is looked up when the first batch
+    goes (in the batching thread, never in the task's). A run sent while the sink was still
+    starting (``key`` is then its refs) reports through the GCS's key-value store instead, under
+    ``<sink>:``, which the driver reads while such a run is active: the sink's own start (a worker
+    process of its own, seconds on a loaded machine) would hold the reports back."""
+    if isinstance(key, str):
+        return lambda batch: named_actor(sink, HELPER_WAIT).push.remote(batch)
+
+    def put(batch):
+        import pickle
+        import uuid
+
+        from ray.experimental.internal_kv import _internal_kv_put
+        _internal_kv_put(f"{sink}:{uuid.uuid4().hex}".encode(), pickle.dumps(batch), namespace=KV_NAMESPACE)
+    return put
+
+
+_run_keys: OrderedDict[str, list] = OrderedDict()  # per worker process: run key -> its refs
+
+
+def _run_refs(sink: str, key) -> list:
+    """A run's [context ref, function refs...], asked of the sink actor once per worker process
+    (the few most recent runs are kept: a worker lets go of older runs' objects). A run sent
+    while the sink was still starting carries the list itself in ``key``."""
+    import ray
+    if isinstance(key, list):
+        return key
+    refs = _run_keys.get(key)
+    if refs is None:
+        refs = ray.get(named_actor(sink).lookup.remote(key))
+        if refs is None:
+            raise RuntimeError(f"run {key} is over: its context and functions are gone")
+        _run_keys[key] = refs
+        while len(_run_keys) > 4:
+            _run_keys.popitem(last=False)
+    else:
+        _run_keys.move_to_end(key)
+    return refs
+
+
+def _run_parts(sink: str, key: str, fn_index: int) -> tuple:
+    """A stage's function and the run's context, for a task of the run ``key``."""
+    refs = _run_refs(sink, key)
+    return _cached_get(refs[fn_index]), _cached_get(refs[0])
+
+
+NODE_ID_CHARS = 12  # a Ray node id (56 hex characters) is shown by its first ones
+
+
+def worker_name(ip: str, pid: int, node_id: str) -> str:
+    """A Ray worker process as the worker column shows it: ``<node IP>:<pid>@<node id[:12]>``.
+    The node id tells nodes apart where several share an IP (nodes of one machine)."""
+    return f"{ip}:{pid}@{node_id[:NODE_ID_CHARS]}"
+
+
+def node_of_worker(worker) -> str | None:
+    """The short node id in a worker name made by ``worker_name`` (None for other names)."""
+    text = str(worker or "")
+    return text.rsplit("@", 1)[1] if "@" in text else None
+
+
+def _worker_name() -> str:
+    name = _actors.get(None)  # cached beside the actor handles: one per worker process
+    if name is None:
+        import ray
+        name = _actors[None] = worker_name(ray.util.get_node_ip_address(), os.getpid(),
+                                           ray.get_runtime_context().get_node_id())
+    return name
+
+
+def ray_task(head, *flat):
+    """One stage call. ``head`` is (event sink name, run key, stage function index, the TaskInfo
+    fields): plain values, which Ray serializes far faster than object refs or a dataclass (that
+    cost is paid per task, in the driver). ``flat`` are the dependency outputs Ray resolves."""
+    sink, key, fn_index, info = head
+    fn, ctx = _run_parts(sink, key, fn_index)
+    report = (lambda event: _batch.add(event, _sender(sink, key))) if sink is not None else None
+    meta, value = execute(ctx, fn, TaskInfo(*info), flat, report, _worker_name())
+    if not meta["ok"]:
+        return meta, None
+    return _checked(meta, value)
+
+
+def ray_chunk(head, *flat):
+    """Several calls of one stage, one after another: returns their metas, then each value as
+    an object of its own (the task runs with ``num_returns`` = items + 1), so items stay apart
+    in the object store exactly as if each had been a task."""
+    sink, key, fn_index, infos, counts = head
+    fn, ctx = _run_parts(sink, key, fn_index)
+    worker = _worker_name()
+    metas, values, pos = [], [], 0
+    report = _chunks.open(_sender(sink, key)) if sink is not None else None
+    for info, count in zip(infos, counts):
+        meta, value = execute(ctx, fn, TaskInfo(*info), flat[pos:pos + count], report, worker)
+        if meta["ok"]:
+            meta, value = _checked(meta, value)
+        pos += count
+        metas.append(meta)
+        values.append(value if meta["ok"] else None)
+    _chunks.close(report)
+    return (metas, *values)
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _checked(meta: dict, value):
+    """(meta, value), or a failed meta when Ray can't serialize the value: Ray would store the
+    error in the value's object, and it would surface later, naming no stage (the run's result)
+    or blaming the stage that receives it. Ray's own serializer decides; arrays' buffers are
+    referenced out of band, not copied."""
+    if type(value) in _PLAIN:
+        return meta, value
+    import ray
+    try:
+        ray._private.worker.global_worker.get_serialization_context().serialize(value)
+        return meta, value
+    except Exception as exc:
+        error = UnserializableResultError(type(value).__name__, f"{type(exc).__name__}: {exc}")
+        meta = dict(meta, ok=False, error=error)
+        return meta, None
+
+
+def count_items(value):
+    """How many items a parameterized stage gets from this output (or why it can't map over it)."""
+    from ..engine import items_of
+    try:
+        return ("ok", len(items_of(value, "?", "its dependency's output")))
+    except Exception as exc:
+        return ("error", exc)
+
+
+def split_items(value):
+    """The items, each its own object (the task runs with ``num_returns`` = their count)."""
+    from ..engine import items_of
+    items = items_of(value, "?", "its dependency's output")
+    return items[0] if len(items) == 1 else tuple(items)
+
+
+class EventSink:
+    """Per executor: collects workers' batched task events, and keeps each active run's context
+    and function refs for workers to look up (so tasks carry a short key, not refs)."""
+
+    def __init__(self):
+        self.events: list = []
+        self.runs: dict = {}
+
+    def register(self, key, refs):
+        self.runs[key] = refs
+
+    def lookup(self, key):
+        return self.runs.get(key)
+
+    def release(self, key):
+        self.runs.pop(key, None)
+
+    def push(self, batch):
+        self.events.extend(batch)
+
+    def drain(self):
+        out, self.events = self.events, []
+        return out
+
+
+class RayMemory:
+    """Cluster memory in the named actor; the same calls as MemoryStore, blocking. Travels to
+    workers as the actor's name (looked up there once per process, again after the actor was
+    replaced). In the driver, ``helpers`` (the executor's ``_Helpers``) makes the actor on first use."""
+
+    def __init__(self, name: str, helpers=None):
+        self.name = name
+        self.helpers = helpers
+
+    def __reduce__(self):
+        return (RayMemory, (self.name,))
+
+    @property
+    def actor(self):
+        """The actor's handle in the driver (None until it was made, and in workers)."""
+        return self.helpers.memory if self.helpers is not None else None
+
+    def __getattr__(self, method_name):
+        if method_name.startswith("_") or method_name in ("actor", "name", "helpers"):
+            raise AttributeError(method_name)
+        return lambda *args: self._call(method_name, args)
+
+    def _call(self, method_name, args):
+        import ray
+        from ray.exceptions import RayActorError
+        for attempt in (1, 2):
+            try:
+                if self.helpers is not None:
+                    actor = self.helpers.memory_actor()
+                else:
+                    actor = named_actor(self.name, HELPER_WAIT if attempt == 1 else 0.0)
+                return ray.get(getattr(actor, method_name).remote(*args))
+            except (RayActorError, ValueError) as exc:  # ValueError: no actor of that name now
+                _actors.pop(self.name, None)  # a new actor of that name may have replaced it
+                if self.helpers is not None or attempt == 2:
+                    raise RuntimeError(
+                        f"the cluster memory actor '{self.name}' died ({type(exc).__name__}): what it "
+                        f"held is lost; the executor starts a new one at its next run") from None
