@@ -140,50 +140,51 @@ def _stop(proc):
     proc.wait(10)
 
 
+def _dask_process(*args, env=None):
+    """A quiet ``dask scheduler`` / ``dask worker`` process of this environment."""
+    command = [os.path.join(os.path.dirname(sys.executable), "dask"), *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _scheduler(port, env=None):
+    """A ``dask scheduler`` on 127.0.0.1:``port``, once it listens."""
+    proc = _dask_process(
+        "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0", env=env
+    )
+    try:
+        poll(lambda: _listening(port), 60, what="the dask scheduler listening")
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc
+
+
+def _worker(port, threads=1):
+    return _dask_process(
+        "worker",
+        f"tcp://127.0.0.1:{port}",
+        "--nthreads",
+        str(threads),
+        "--host",
+        "127.0.0.1",
+        "--no-dashboard",
+    )
+
+
+def _listening(port) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def test_a_killed_scheduler_fails_the_run_with_a_lost_cluster_error():
-    bindir = os.path.dirname(sys.executable)
     port = _free_port()
-    sched = subprocess.Popen(
-        [
-            f"{bindir}/dask",
-            "scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dashboard-address",
-            "127.0.0.1:0",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    worker = subprocess.Popen(
-        [
-            f"{bindir}/dask",
-            "worker",
-            f"tcp://127.0.0.1:{port}",
-            "--nworkers",
-            "1",
-            "--nthreads",
-            "2",
-            "--host",
-            "127.0.0.1",
-            "--no-dashboard",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    sched = _scheduler(port)
+    worker = _worker(port, threads=2)
     ex = None
     try:
-
-        def listening():
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return True
-            except OSError:
-                return False
-
-        assert poll(listening, 60), "the dask scheduler never listened"
         ex = fnb.DaskExecutor(cluster_address=f"tcp://127.0.0.1:{port}", connect_timeout=15).start()
         ex.client.wait_for_workers(1, timeout=60)
         wf = Workflow("w", stages=[Stage("slow", slow, type="parameterized", options={"map_on": "xs"})])
@@ -220,44 +221,14 @@ def test_a_killed_scheduler_fails_the_run_with_a_lost_cluster_error():
 def test_attaching_before_any_worker_joined_waits_for_one():
     """The executor's cluster memory is an actor on a worker: a start that comes before the
     workers does not fail for want of one (here the scheduler gives up on a task after 1 s)."""
-    bindir = os.path.dirname(sys.executable)
     port = _free_port()
-    env = dict(os.environ, DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT="1s")
-    dask_cmd = [f"{bindir}/dask"]
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    sched = subprocess.Popen(
-        [
-            *dask_cmd,
-            "scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dashboard-address",
-            "127.0.0.1:0",
-        ],
-        env=env,
-        **quiet,
-    )
+    sched = _scheduler(port, env=dict(os.environ, DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT="1s"))
     worker = None
     ex = fnb.DaskExecutor(cluster_address=f"tcp://127.0.0.1:{port}", connect_timeout=60)
     try:
-        poll(lambda: _listening(port), 60, what="the dask scheduler listening")
         ex.start(wait=False)
         poll(lambda: ex.client is not None, 60, what="the executor's client connected")
-        worker = subprocess.Popen(
-            [
-                *dask_cmd,
-                "worker",
-                f"tcp://127.0.0.1:{port}",
-                "--nthreads",
-                "1",
-                "--host",
-                "127.0.0.1",
-                "--no-dashboard",
-            ],
-            **quiet,
-        )
+        worker = _worker(port)
         ex.wait_started(120)
         assert ex.run(QUICK, input={"n": 2}).result == [0, 1]
         ex.memory_store.put("default", "k", b"1", "bytes")
@@ -267,14 +238,6 @@ def test_attaching_before_any_worker_joined_waits_for_one():
         for proc in (worker, sched):
             if proc is not None:
                 _stop(proc)
-
-
-def _listening(port) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 # --- point 2: a timed-out or cancelled task gives its thread back -----------------------------
