@@ -81,21 +81,24 @@ def test_config_does_not_import_the_executors():
     assert out.stdout.strip() == "[]"
 
 
-class FakeExecutor(LocalExecutor):
-    """A new backend: a real Executor subclass (it runs stages on the local pool)."""
-
-    kind = "fake"
-    magic_options = ("--cpus", "--threads", "--processes")
-
-
 @pytest.fixture
 def fake():
-    registry.note_class(FakeExecutor)  # registered when defined; again here after another test's cleanup
+    """A new backend, defined (and so registered) only for the test that asks for it: the rest
+    of the suite never sees a 'fake' kind in its messages."""
+
+    class FakeExecutor(LocalExecutor):
+        """A real Executor subclass (it runs stages on the local pool); title, aliases and
+        native dashboard come from the base's defaults."""
+
+        kind = "fake"
+        magic_options = ("--cpus", "--threads", "--processes")
+
     yield FakeExecutor
     registry.unregister("fake")
 
 
 def test_a_registered_backend_shows_up_everywhere(fake, shell):
+    FakeExecutor = fake
     assert "fake" in registry.kinds() and FakeExecutor.title == "Fake executor"
     assert FakeExecutor.native_dashboard == "Fake dashboard"
     ex = fnb.executor_from_config("target: fake\nuse_processes: false\ncpus: 1")
@@ -132,3 +135,12 @@ def test_unregistered_backend_is_gone(fake):
         fnb.executor_from_config({"target": "fake"})
     registry.unregister("local")  # built-ins stay
     assert registry.get("local") is LocalExecutor
+
+
+def test_a_subclass_repeating_a_builtin_kind_does_not_take_its_name():
+    class MyLocal(LocalExecutor):
+        kind = "local"  # e.g. a user's subclass that keeps the kind for its runs' records
+
+    assert registry.get("local") is LocalExecutor
+    assert type(fnb.executor_from_config({"target": "local"})) is LocalExecutor
+    assert registry.is_executor_class(MyLocal) and "local" in registry.kinds()

@@ -35,12 +35,17 @@ _classes: weakref.WeakSet[type] = weakref.WeakSet()  # every Executor class, kin
 def note_class(cls: type) -> None:
     """Called for ``Executor`` and every subclass as it is defined: a class that sets its own
     ``kind`` becomes that kind (a class defined again, e.g. a notebook cell run twice, replaces
-    the earlier one)."""
+    the earlier one). A built-in kind's name stays with its built-in class: a subclass that
+    repeats ``kind = "local"`` is an executor class (a dotted target may name it), not "local"."""
     with _lock:
         _classes.add(cls)
         kind = cls.__dict__.get("kind")
-        if isinstance(kind, str) and kind and kind != "base":
-            _kinds[kind.lower()] = cls
+        if not isinstance(kind, str) or not kind or kind == "base":
+            return
+        name = kind.lower()
+        if name in _BUILTIN and _BUILTIN[name] != f"{cls.__module__}.{cls.__qualname__}":
+            return
+        _kinds[name] = cls
 
 
 def unregister(kind: str) -> None:

@@ -193,9 +193,7 @@ class FlowdaptMagics(Magics, Configurable):
             )
         handler = getattr(self, f"_cmd_{sub}")
         if {"-h", "--help"} & set(rest.split()) and getattr(handler, "parser", None) is not None:
-            print(
-                _plain(handler.parser.format_help()) + ("\n" + workflow_help() if sub == "workflow" else "")
-            )
+            print(_help_of(handler.parser) + ("\n" + workflow_help() if sub == "workflow" else ""))
             return None
         return handler(rest, cell)
 
@@ -849,9 +847,9 @@ class FlowdaptMagics(Magics, Configurable):
                 f"valid: {', '.join(SUBCOMMANDS)}"
             )
         if sub == "workflow":
-            print(_plain(parser.format_help()) + "\n" + workflow_help())
+            print(_help_of(parser) + "\n" + workflow_help())
             return
-        print(_plain(parser.format_help()) if parser is not None else help_text())
+        print(_help_of(parser) if parser is not None else help_text())
 
     # --- extension lifecycle ----------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -930,6 +928,14 @@ Just the list of stages works too (the cell's NAME is the workflow's name):
 
 A root stage's parameters come from the run input: %flowdapt run squares --input n=10.
 """
+
+
+def _help_of(parser) -> str:
+    """A subcommand's help as plain text; the executor kinds listed as registered now."""
+    for action in parser._actions:
+        if action.dest == "kind" and parser.prog == "flowdapt executor":
+            action.help = _kind_help()
+    return _plain(parser.format_help())
 
 
 def _plain(text: str) -> str:
