@@ -86,12 +86,12 @@ class _DriverThreads:
 _storage_default: dict = {}  # (environment it depends on) -> the default storage folder
 
 
-def _close_at_exit() -> None:
-    """At interpreter exit, close every executor still running: a cluster it started is
-    stopped, an attached one only disconnected (distributed and ipyparallel close their
-    clusters at exit the same way). ``__del__`` alone is not enough: at exit it may run late,
-    after the engines' own exit hooks, or never."""
-    for ex in list(_live):
+def _close_at_exit(executors=None) -> None:
+    """At interpreter exit, close every executor still running (``executors``: these only): a
+    cluster it started is stopped, an attached one only disconnected (distributed and
+    ipyparallel close their clusters at exit the same way). ``__del__`` alone is not enough:
+    at exit it may run late, after the engines' own exit hooks, or never."""
+    for ex in list(_live if executors is None else executors):
         try:
             if ex.running:
                 ex.close()
