@@ -83,6 +83,7 @@ class _Helpers:
         self.started = False
         self.sink: Any = None  # actor handles (Ray's are untyped)
         self.sink_name = _sink_name()
+        self.sink_names = {self.sink_name}  # every name used: the key-value reports' prefixes
         self.sink_state = "none"  # none | starting | ready | dead
         self.memory: Any = None
         self.memory_state = "none"
@@ -110,6 +111,7 @@ class _Helpers:
         """Collects workers' task reports and holds each run's refs. Restarted by Ray if its
         process dies; a killed one is replaced at the next run, under a new name."""
         self.sink_name = name or _sink_name()
+        self.sink_names.add(self.sink_name)
         self.sink = _remotes()["sink"].options(num_cpus=0, name=self.sink_name, max_restarts=-1,
                                                max_task_retries=3, scheduling_strategy=_on_driver_node()).remote()
         self.sink_state = "starting"
@@ -668,6 +670,7 @@ class RayExecutor(Executor):
                     ray.kill(handle)
                 except Exception:
                     pass
+            _clear_kv_reports(self._helpers.sink_names)
         self._memory = self._helpers = self._ctx = self._offered_cache = None
         ray.shutdown()
 
@@ -775,6 +778,16 @@ class RayExecutor(Executor):
                 add_gpu(sample)
             out.append(sample)
         return out
+
+
+def _clear_kv_reports(sink_names) -> None:
+    """Reports left in the GCS's key-value store (see ray_tasks._sender) go with the executor."""
+    from ray.experimental.internal_kv import _internal_kv_del
+    for name in sink_names:
+        try:
+            _internal_kv_del(f"{name}:".encode(), del_by_prefix=True, namespace=KV_NAMESPACE)
+        except Exception:
+            pass
 
 
 def _child_pids() -> set[int]:
