@@ -289,7 +289,9 @@ class Engine:
         t = t or time.time()
         with self.run._event_lock:
             reached_states = self.run._advance(stage, item, state, t, worker, error, start, end)
-            if worker is None and reached_states:  # the worker's own report may have named it
+            if not reached_states or not self.events.listening_for("task"):
+                return  # recorded on the run; nobody subscribes to task events
+            if worker is None:  # the worker's own report may have named it
                 worker = self.run._task_worker(stage, item)
             for reached in reached_states:
                 if reached == state:
@@ -493,7 +495,7 @@ class Engine:
         t = time.time()
         with self.run._event_lock:
             new = self.run._queue_tasks(name, [info.item for info, _ in tasks], t)
-            if self.events.listening:
+            if self.events.listening_for("task"):
                 for item in new:
                     self.publish(TaskEvent(self.run.uid, name, item, "queued", t))
 
@@ -702,7 +704,7 @@ class Engine:
             self._timed(sr, outcome)
         with self.run._event_lock:
             reached = self.run._finish_tasks(stage_name, done)
-            if self.events.listening:
+            if self.events.listening_for("task"):
                 uid = self.run.uid
                 for item, outcome, ran in reached:
                     if ran:  # went from queued to finished: its 'running' is implied

@@ -112,6 +112,8 @@ class EventBus:
     def __init__(self):
         self._subs: dict[int, _Subscription] = {}
         self._snapshot: tuple[_Subscription, ...] = ()
+        # kinds some subscription wants, or None when one wants every kind (see listening_for)
+        self._wanted: frozenset[str] | None = frozenset()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -123,7 +125,7 @@ class EventBus:
         token = next(self._ids)
         with self._lock:
             self._subs[token] = _Subscription(callback, kinds, throttle)
-            self._snapshot = tuple(self._subs.values())
+            self._swap_snapshot()
             if throttle and self._dispatcher is None and not self._closed:
                 self._start_dispatcher()
         return token
@@ -131,12 +133,29 @@ class EventBus:
     def unsubscribe(self, token: int) -> None:
         with self._lock:
             self._subs.pop(token, None)
-            self._snapshot = tuple(self._subs.values())
+            self._swap_snapshot()
+
+    def _swap_snapshot(self) -> None:
+        """(Under the lock.) What ``publish`` and ``listening_for`` read, replaced whole."""
+        subs = tuple(self._subs.values())
+        wanted: set[str] = set()
+        for sub in subs:
+            if sub.kinds is None:
+                self._wanted, self._snapshot = None, subs
+                return
+            wanted |= sub.kinds
+        self._wanted, self._snapshot = frozenset(wanted), subs
 
     @property
     def listening(self) -> bool:
         """Whether anyone subscribes now (publishers may skip building events when not)."""
         return bool(self._snapshot)
+
+    def listening_for(self, kind: str) -> bool:
+        """Whether a subscription wants events of ``kind`` ('task', 'run', ...) now: a publisher
+        skips building events nobody would get (the run store listens to runs only)."""
+        wanted = self._wanted
+        return wanted is None or kind in wanted
 
     def publish(self, event) -> None:
         for sub in self._snapshot:  # a tuple swapped whole on (un)subscribe: no lock per event
@@ -194,7 +213,7 @@ class EventBus:
         self.flush()
         with self._lock:
             self._subs.clear()
-            self._snapshot = ()
+            self._snapshot, self._wanted = (), frozenset()
         self._dispatcher = None
 
     @property

@@ -468,3 +468,48 @@ def test_a_backend_on_the_contract_alone_runs_chunks_and_retries_a_failed_chunk(
     assert chunked, backend.chunks  # the engine did send chunks
     failed = next(c for c in chunked if 3 in c)
     assert set(failed) <= set(backend.alone)  # the failed chunk's items went again, one by one
+
+
+# --- task events only for task listeners -------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_processes", [False, True])
+def test_task_events_are_built_only_when_someone_listens_for_tasks(monkeypatch, use_processes):
+    """A run-only subscriber (the run store) costs no task events; a task subscriber gets them
+    all. Every TaskEvent built is counted (the engine's and the executor's own)."""
+    from flowdapt_nb import engine
+    from flowdapt_nb.events import TaskEvent
+    from flowdapt_nb.executors import base
+
+    built: list = []
+
+    class CountedTaskEvent(TaskEvent):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(engine, "TaskEvent", CountedTaskEvent)
+    monkeypatch.setattr(base, "TaskEvent", CountedTaskEvent)
+    flow = wf(
+        Stage("numbers", st.numbers),
+        Stage("square", st.square, type="parameterized", depends_on=["numbers"]),
+        Stage("total", st.total, depends_on=["square"]),
+    )
+    with fnb.LocalExecutor(use_processes=use_processes, cpus=2, runs=False) as ex:
+        runs: list = []
+        token = ex.events.subscribe(runs.append, kinds=["run"])
+        assert not ex.events.listening_for("task") and ex.events.listening_for("run")
+        run = ex.run(flow, input={"n": 30})
+        assert run.result == sum(x * x for x in range(30)) and set(run.tasks.state) == {"finished"}
+        assert built == [] and {e.state for e in runs if e.run == run.uid} == {"running", "finished"}
+        ex.events.unsubscribe(token)
+
+        tasks: list = []
+        ex.events.subscribe(tasks.append, kinds=["task"])
+        assert ex.events.listening_for("task")
+        run = ex.run(flow, input={"n": 30})
+        mine = [e for e in tasks if e.run == run.uid]
+        assert len(run.tasks) == 32 and len({(e.stage, e.item) for e in mine}) == 32
+        for state in ("queued", "running", "finished"):  # each task's every state, once
+            assert sum(e.state == state for e in mine) == 32
+        assert len(built) >= len(mine)

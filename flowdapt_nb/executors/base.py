@@ -626,7 +626,8 @@ class Executor:
         # that was skipped (Dask drops it for a task that ended at once), its ending report.
         started = event["time"] if state == "running" else event.get("start")
         with run._event_lock:
-            if started is not None and run._record(stage, item, "running", started, worker=worker):
+            recorded = started is not None and run._record(stage, item, "running", started, worker=worker)
+            if recorded and started is not None and self.events.listening_for("task"):
                 self.events.publish(TaskEvent(run.uid, stage, item, "running", started, worker))
             if state != "running":  # the engine publishes how a task ended; this adds its timings
                 run._record(
