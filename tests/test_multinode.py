@@ -237,18 +237,27 @@ def test_ray_lost_worker_node_mid_run_is_retried_on_the_survivors(ray_cluster, t
             from ray._private.state import actors  # from the GCS: this head runs no dashboard
 
             ids = nodes.node_ids()
-            # Our helper actors may be made only with a run's first tasks: one tiny run first.
+            # Our helper actors are made with a run's first tasks, and start in the background.
             assert ex.run(Workflow("warm", stages=[Stage("one", lambda: 1)])).result == 1
-            helpers = {
-                a["Name"]: a["Address"]["NodeID"]
-                for a in actors(actor_state_name="ALIVE").values()
-                if (a.get("Name") or "").startswith("flowdapt_nb_")
-            }
+
+            def alive_helpers() -> dict[str, str]:
+                return {
+                    a["Name"]: a["Address"]["NodeID"]
+                    for a in actors(actor_state_name="ALIVE").values()
+                    if (a.get("Name") or "").startswith("flowdapt_nb_")
+                }
+
+            poll(
+                lambda: len(alive_helpers()) >= 2,
+                120,
+                1.0,
+                what="the event sink and cluster memory actors alive",
+            )
+            helpers = alive_helpers()
             # The node to lose: a worker node with neither the driver (every node is on
             # 127.0.0.1, so the driver may have joined any of them) nor our helper actors (event
-            # sink, cluster memory; pinned softly to the driver's node). Losing those is losing
+            # sink, cluster memory; pinned to the driver's node). Losing those is losing
             # the run's bookkeeping, not a worker.
-            assert len(helpers) >= 2, helpers  # the event sink and cluster memory
             busy = {ray.get_runtime_context().get_node_id(), *helpers.values()}
             spare = [name for name in ("a", "b") if ids[name] not in busy]
             assert spare, f"every worker node holds the driver or a helper: nodes {ids}, helpers {helpers}"
