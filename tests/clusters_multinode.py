@@ -73,19 +73,6 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(10)
 
 
-def ancestors(pid: int) -> set[int]:
-    """PIDs of a process's parents, up to init."""
-    out = set()
-    try:
-        p = psutil.Process(pid).parent()
-        while p is not None:
-            out.add(p.pid)
-            p = p.parent()
-    except psutil.Error:
-        pass
-    return out
-
-
 def wait_for_workers(ex, n: int, timeout: float = 120, logs=lambda: "") -> None:
     """Until an attached executor sees ``n`` workers (or Ray nodes); ``logs()`` goes into the error."""
     deadline = time.time() + timeout
@@ -253,14 +240,6 @@ class RayNodes(NodeProcesses):
             for n in ray.nodes()
             if n.get("Alive") and n.get("NodeManagerPort") in by_port
         }
-
-    def node_of_pid(self, pid: int) -> str | None:
-        """Which of our nodes a process belongs to (Ray workers are children of their node's raylet)."""
-        up = ancestors(pid)
-        for name, proc in self.procs.items():
-            if proc.pid in up:
-                return name
-        return None
 
 
 class DaskNodes(NodeProcesses):

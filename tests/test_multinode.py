@@ -79,13 +79,11 @@ def test_ray_stages_run_on_the_node_with_their_resources(ray_nodes):
             """Our node whose Ray node id (or its first 12 characters) a worker label carries."""
             return next((name for name, node_id in ids.items() if node_id[:12] in str(label)), None)
 
-        # The worker column: a Ray node id where it carries one; else ip:pid, and since every node
-        # here is on this one machine (Ray names it by the machine's routed IP, not 127.0.0.1),
-        # the pid tells the node: a Ray worker process descends from its node's `ray start`.
+        # The worker column reads ip:pid@node-id: every node here has the same IP (this machine's),
+        # so the node id is what tells them apart.
         for stage, node in (("on_gpu", "gpu"), ("on_big", "big")):
             workers = tasks[tasks["stage"] == stage]["worker"]
-            found = {node_of(w) or ray_nodes.node_of_pid(int(w.rsplit(":", 1)[1])) for w in workers}
-            assert found == {node}, (workers, ids)
+            assert {node_of(w) for w in workers} == {node}, (workers, ids)
         # One row per node in the resource table, named by its node id, each with its own
         # logical resources.
         frame = ex.resources()
@@ -258,7 +256,9 @@ def test_ray_lost_worker_node_mid_run_is_retried_on_the_survivors(ray_cluster, t
             # 127.0.0.1, so the driver may have joined any of them) nor our helper actors (event
             # sink, cluster memory; pinned to the driver's node). Losing those is losing
             # the run's bookkeeping, not a worker.
-            busy = {ray.get_runtime_context().get_node_id(), *helpers.values()}
+            driver = ray.get_runtime_context().get_node_id()
+            assert set(helpers.values()) == {driver}, (helpers, driver, ids)  # hard affinity (H2)
+            busy = {driver}
             spare = [name for name in ("a", "b") if ids[name] not in busy]
             assert spare, f"every worker node holds the driver or a helper: nodes {ids}, helpers {helpers}"
             victim = spare[0]
