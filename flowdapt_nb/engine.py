@@ -66,13 +66,6 @@ class ChunkReport:
     def failed(self, error: BaseException) -> None:
         self._put(_ChunkEnd(self._group, None, error))
 
-    def __call__(self, result: list[Outcome] | BaseException) -> None:
-        """The older one-callback form (a list of outcomes, or the exception): still accepted."""
-        if isinstance(result, BaseException):
-            self.failed(result)
-        else:
-            self.done(result)
-
 
 @dataclass
 class _ChunkEnd:
