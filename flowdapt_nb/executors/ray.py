@@ -637,9 +637,9 @@ class RayExecutor(Executor):
                 try:
                     # a refused token is a clear error at once (ray.init would retry ~20 s, then
                     # fail without naming it); a GCS that doesn't answer yet is tried again
-                    if "://" in address or check_token(address, max(0.5, min(5.0, deadline - time.monotonic()))):
-                        return ray.init(**init_kwargs)
-                    raise ConnectionError("its GCS did not answer")
+                    if "://" not in address:  # raises only for the token; anything else is ray.init's to judge
+                        check_token(address, max(0.5, min(5.0, deadline - time.monotonic())))
+                    return ray.init(**init_kwargs)
                 except TokenRefusedError:
                     raise
                 except ConnectionError as exc:

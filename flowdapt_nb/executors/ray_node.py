@@ -138,11 +138,11 @@ _TOKEN_SETTINGS = ("set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN
                    "it (default ~/.ray/auth_token); `ray get-auth-token` on the head node prints it")
 
 
-def check_token(address: str, timeout: float) -> bool:
+def check_token(address: str, timeout: float) -> str | None:
     """Ask the head's GCS at ``address`` (host:port) one cheap question with this driver's token:
     a token it refuses (or none, where it wants one) is a TokenRefusedError at once that says
-    which setting to fix. Ray itself would retry ~20 s and then fail without naming the token. True
-    when the GCS answered; False when it can't be reached yet (still starting, or gone)."""
+    which setting to fix. Ray itself would retry ~20 s and then fail without naming the token. None
+    when the GCS answered; else why it didn't (still starting, or gone)."""
     import grpc  # type: ignore[import-untyped]  # installed with ray, no stubs
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
     metadata: tuple = ()
@@ -160,10 +160,10 @@ def check_token(address: str, timeout: float) -> bool:
         try:
             request = gcs_service_pb2.GetClusterIdRequest()  # type: ignore[attr-defined]  # generated code
             stub.GetClusterId(request, metadata=metadata, timeout=timeout)
-            return True
+            return None
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
-                return False
+                return f"its GCS did not answer ({exc.code().name}: {' '.join(str(exc.details()).split())[:200]})"
     if metadata:
         raise TokenRefusedError(f"the Ray cluster at cluster_address '{address}' refused this driver's auth "
                               f"token (from {source}): it was started with token auth and another token; "

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict
 
 from ..errors import UnserializableResultError
+from ..lru import LRU
 from ..worker import TaskInfo, execute
 from ..worker_events import ChunkWatch, EventBatch
 
@@ -19,8 +19,7 @@ _batch = EventBatch(0.05, leading=True)  # per worker process: 'running' reports
 _chunks = ChunkWatch(0.05)  # items of a chunk that run long are reported running all the same
 
 
-_MISSING = object()
-_cached: OrderedDict[str, object] = OrderedDict()  # per worker process: object id -> object
+_cached: LRU[str, object] = LRU(32)  # per worker process: object id -> object
 _actors: dict = {}  # per worker process: actor name -> handle
 
 
@@ -30,15 +29,7 @@ def _cached_get(ref):
     carries a reference, not the object (a run context holds the whole run input, so it grows
     with the number of items)."""
     import ray
-    key = ref.hex()
-    obj = _cached.get(key, _MISSING)
-    if obj is _MISSING:
-        obj = _cached[key] = ray.get(ref)
-        if len(_cached) > 32:
-            _cached.popitem(last=False)
-    else:
-        _cached.move_to_end(key)
-    return obj
+    return _cached.get_or_load(ref.hex(), lambda: ray.get(ref))
 
 
 def named_actor(name: str, wait: float = 0.0):
@@ -85,7 +76,7 @@ def _sender(sink: str, key):
     return put
 
 
-_run_keys: OrderedDict[str, list] = OrderedDict()  # per worker process: run key -> its refs
+_run_keys: LRU[str, list] = LRU(4)  # per worker process: run key -> its refs
 
 
 def _run_refs(sink: str, key) -> list:
@@ -100,11 +91,7 @@ def _run_refs(sink: str, key) -> list:
         refs = ray.get(named_actor(sink).lookup.remote(key))
         if refs is None:
             raise RuntimeError(f"run {key} is over: its context and functions are gone")
-        _run_keys[key] = refs
-        while len(_run_keys) > 4:
-            _run_keys.popitem(last=False)
-    else:
-        _run_keys.move_to_end(key)
+        _run_keys.put(key, refs)
     return refs
 
 
