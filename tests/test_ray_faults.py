@@ -51,9 +51,9 @@ class _Head:
             try:
                 socket.create_connection(("127.0.0.1", self.port), 1).close()
                 return
-            except OSError:
+            except OSError as exc:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"our Ray head did not listen on {self.address}")
+                    raise RuntimeError(f"our Ray head did not listen on {self.address}") from exc
                 time.sleep(0.5)
 
     @property

@@ -9,7 +9,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any
+from typing import Any, Self
 
 from ..config import ExecutorFields, validate_fields
 from ..context import RunContext, RunInfo
@@ -166,7 +166,8 @@ class Executor:
         self._closing = False  # close() is under way: no new runs
         self._closed = False  # closed: run()/submit() refuse until start() is called again
         self._sampler: Any = None  # flowdapt_nb.telemetry.ResourceSampler while running
-        self._memory = None  # the cluster memory store (or a handle to it) while running
+        # the cluster memory store (or a handle to it) while running: each backend has its own kind
+        self._memory: Any = None
         self._started_at: float | None = None
         self._drivers = _DriverThreads()
         self._starting: threading.Event | None = None  # set while a start is under way
@@ -213,7 +214,7 @@ class Executor:
         """Say what the start is doing now (shown in ``state`` and the start feedback)."""
         self._start_phase = phase
 
-    def start(self, wait: bool = True) -> Executor:
+    def start(self, wait: bool = True) -> Self:
         """Start (or attach to) the engine; returns self. Starting twice is a no-op.
 
         ``wait=False`` returns at once and starts in a thread: ``state`` shows how far it got,

@@ -545,7 +545,12 @@ class RayExecutor(Executor):
     def _node_resources_planned(self) -> dict:
         c = self.config
         cpus = usable_cores() if c.cpus == "auto" else int(c.cpus)
-        gpus = {"disabled": 0, "auto": gpu_count()}.get(c.gpus, c.gpus)
+        if c.gpus == "disabled":
+            gpus = 0
+        elif c.gpus == "auto":
+            gpus = gpu_count()
+        else:
+            gpus = c.gpus
         return {"CPU": cpus, "GPU": gpus, **c.resources}
 
     def _check_memory_actor(self, offered: dict) -> None:
@@ -679,7 +684,7 @@ class RayExecutor(Executor):
         """Ray calls are safe: a call once disconnected would start a new local Ray."""
         import ray
         backend = self._backend
-        return backend is not None and backend.lost is None and ray.is_initialized()
+        return isinstance(backend, _RayBackend) and backend.lost is None and ray.is_initialized()
 
     def _nodes(self) -> list[dict]:
         import ray

@@ -29,6 +29,7 @@ import sys
 import textwrap
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
@@ -38,6 +39,9 @@ from traitlets.config import Configurable
 
 from ..errors import ConfigError
 from ..executors import registry
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
 
 CELL_SUBCOMMANDS = ("executor", "workflow")
 SUBCOMMANDS = (
@@ -57,7 +61,7 @@ SUBCOMMANDS = (
 _START_ERRORS = (ConfigError, ConnectionError, OSError, TimeoutError, RuntimeError)
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
@@ -224,9 +228,14 @@ class FlowdaptMagics(Magics, Configurable):
         return args
 
     # --- namespace --------------------------------------------------------------------------------
+    def _ipython(self) -> InteractiveShell:
+        """The IPython shell these magics belong to (IPython sets it when it registers them)."""
+        assert self.shell is not None, "the %flowdapt magics need an IPython shell"
+        return self.shell
+
     def _push(self, name: str, value) -> None:
         if name:
-            self.shell.push({name: value}, interactive=True)
+            self._ipython().push({name: value}, interactive=True)
 
     def _require_executor(self, what: str):
         ex = self.current
@@ -478,7 +487,7 @@ class FlowdaptMagics(Magics, Configurable):
         try:
             old.close()
         finally:
-            ns = self.shell.user_ns
+            ns = self._ipython().user_ns
             if self.executor_variable and ns.get(self.executor_variable) is old:
                 del ns[self.executor_variable]
         return was_running
@@ -503,7 +512,7 @@ class FlowdaptMagics(Magics, Configurable):
         self.workflows[wf.name] = wf
         try:
             wf.resolve(
-                self.shell.user_ns,
+                self._ipython().user_ns,
                 allowed_targets=getattr(getattr(self.current, "config", None), "allowed_targets", None),
             )
         except ConfigError as exc:
@@ -547,7 +556,7 @@ class FlowdaptMagics(Magics, Configurable):
             return self.workflows[name]
         from ..workflow import Workflow, load_workflow
 
-        value = self.shell.user_ns.get(name)
+        value = self._ipython().user_ns.get(name)
         if isinstance(value, Workflow):
             return value
         if name.lower().endswith((".yaml", ".yml")):
