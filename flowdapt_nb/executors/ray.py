@@ -695,8 +695,11 @@ class RayExecutor(Executor):
     def _check_stage_resources(self, stage):
         try:
             check_resource_request(stage, self._offered(), "Ray")
+            return
         except ConfigError:  # a node may have joined since the list was read: ask once more
-            check_resource_request(stage, self._offered(fresh=True), "Ray")
+            pass
+        # outside the except: the error a user sees has no chained "during handling" context
+        check_resource_request(stage, self._offered(fresh=True), "Ray")
 
     def _offered(self, fresh: bool = False) -> list[dict]:
         """What each live node offers, in stage resource names. Read from the GCS at most every
