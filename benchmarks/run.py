@@ -58,15 +58,48 @@ SECTIONS = ["overhead", "perrun", "throughput", "dag", "data", "startup", "watch
 # fresh 200 MB object now and then costs the object store a page-fault storm: more reps, steadier
 # medians) and of startup; the run-store rows' (tiny tasks per run, runs per timed batch).
 SIZES = {
-    "tiny": dict(overhead=[20], tp_items=8, tp_seconds=0.005, dag_items=6, dag_seconds=0.002, data_mb=8,
-                 reps=1, data_reps=1, startup_reps=1, watch_items=8, perrun=20,
-                 store_runs=[(20, 2), (100, 1)]),
-    "small": dict(overhead=[1000], tp_items=40, tp_seconds=0.02, dag_items=40, dag_seconds=0.005, data_mb=50,
-                  reps=3, data_reps=5, startup_reps=1, watch_items=40, perrun=100,
-                  store_runs=[(200, 20), (5000, 2)]),
-    "full": dict(overhead=[1000, 10000], tp_items=200, tp_seconds=0.02, dag_items=200, dag_seconds=0.005,
-                 data_mb=200, reps=5, data_reps=9, startup_reps=3, watch_items=200, perrun=200,
-                 store_runs=[(200, 50), (5000, 5)]),
+    "tiny": dict(
+        overhead=[20],
+        tp_items=8,
+        tp_seconds=0.005,
+        dag_items=6,
+        dag_seconds=0.002,
+        data_mb=8,
+        reps=1,
+        data_reps=1,
+        startup_reps=1,
+        watch_items=8,
+        perrun=20,
+        store_runs=[(20, 2), (100, 1)],
+    ),
+    "small": dict(
+        overhead=[1000],
+        tp_items=40,
+        tp_seconds=0.02,
+        dag_items=40,
+        dag_seconds=0.005,
+        data_mb=50,
+        reps=3,
+        data_reps=5,
+        startup_reps=1,
+        watch_items=40,
+        perrun=100,
+        store_runs=[(200, 20), (5000, 2)],
+    ),
+    "full": dict(
+        overhead=[1000, 10000],
+        tp_items=200,
+        tp_seconds=0.02,
+        dag_items=200,
+        dag_seconds=0.005,
+        data_mb=200,
+        reps=5,
+        data_reps=9,
+        startup_reps=3,
+        watch_items=200,
+        perrun=200,
+        store_runs=[(200, 50), (5000, 5)],
+    ),
 }
 
 CORES = 2  # workers every backend gets (the machine has 2 cores; see FACTS.md)
@@ -77,6 +110,7 @@ def log(msg: str) -> None:
 
 
 # --- measuring --------------------------------------------------------------------------------
+
 
 class TreeCPU:
     """CPU seconds (user + system) used by this process and every process it started (pool
@@ -124,7 +158,7 @@ def alternate(contenders: dict, reps: int, check=None) -> dict:
     out = {n: [] for n in names}
     out["cpu"] = {n: [] for n in names}
     for rep in range(reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             c = contenders[name]
             setup, run, teardown = c if isinstance(c, tuple) else (None, c, None)
@@ -216,9 +250,16 @@ class DashboardLike:
             counts: dict = defaultdict(Counter)
             for (_, stage, _), state in self.tasks.items():
                 counts[stage][state] += 1
-            self.html = "<table>" + "".join(
-                f"<tr><td>{stage}</td>" + "".join(f"<td>{s}: {n}</td>" for s, n in sorted(c.items())) + "</tr>"
-                for stage, c in counts.items()) + "</table>"
+            self.html = (
+                "<table>"
+                + "".join(
+                    f"<tr><td>{stage}</td>"
+                    + "".join(f"<td>{s}: {n}</td>" for s, n in sorted(c.items()))
+                    + "</tr>"
+                    for stage, c in counts.items()
+                )
+                + "</table>"
+            )
 
 
 # --- rows -------------------------------------------------------------------------------------
@@ -230,25 +271,56 @@ class Results:
     def __init__(self):
         self.rows: list[dict] = []
 
-    def add(self, section, case, backend, fnb, baseline, baseline_name, unit="s", target=None, note="",
-            samples=None, ratio=None, ok=None, target_text=None, cpu=None):
+    def add(
+        self,
+        section,
+        case,
+        backend,
+        fnb,
+        baseline,
+        baseline_name,
+        unit="s",
+        target=None,
+        note="",
+        samples=None,
+        ratio=None,
+        ok=None,
+        target_text=None,
+        cpu=None,
+    ):
         if ratio is NO_RATIO:
             ratio = None
         elif ratio is None and baseline:
             ratio = fnb / baseline
         if ok is None and target is not None and ratio is not None:
             ok = ratio <= target
-        row = dict(section=section, case=case, backend=backend, flowdapt_nb=fnb, baseline=baseline,
-                   baseline_name=baseline_name, unit=unit, ratio=ratio, target=target, ok=ok, note=note,
-                   target_text=target_text or (f"<= {target:.2f}" if target is not None else ""),
-                   cpu_flowdapt_nb=None, cpu_baseline=None, cpu_ratio=None, samples=samples or {})
+        row = dict(
+            section=section,
+            case=case,
+            backend=backend,
+            flowdapt_nb=fnb,
+            baseline=baseline,
+            baseline_name=baseline_name,
+            unit=unit,
+            ratio=ratio,
+            target=target,
+            ok=ok,
+            note=note,
+            target_text=target_text or (f"<= {target:.2f}" if target is not None else ""),
+            cpu_flowdapt_nb=None,
+            cpu_baseline=None,
+            cpu_ratio=None,
+            samples=samples or {},
+        )
         if cpu is not None:  # CPU seconds of the whole process tree, flowdapt_nb vs the baseline
             row["cpu_flowdapt_nb"], row["cpu_baseline"] = median(cpu[0]), median(cpu[1])
             if row["cpu_baseline"] > 0:
                 row["cpu_ratio"] = row["cpu_flowdapt_nb"] / row["cpu_baseline"]
         self.rows.append(row)
-        log(f"  {section:<11} {case:<34} {backend:<9} fnb {_fmt(fnb, unit):>9}  {baseline_name} "
-            f"{_fmt(baseline, unit):>9}  ratio {_fmt_ratio(ratio)}  cpu {_fmt_ratio(row['cpu_ratio'])}  {note}")
+        log(
+            f"  {section:<11} {case:<34} {backend:<9} fnb {_fmt(fnb, unit):>9}  {baseline_name} "
+            f"{_fmt(baseline, unit):>9}  ratio {_fmt_ratio(ratio)}  cpu {_fmt_ratio(row['cpu_ratio'])}  {note}"
+        )
         return row
 
 
@@ -265,6 +337,7 @@ def _fmt_ratio(r):
 
 
 # --- the backends, each with its raw-engine twin -------------------------------------------------
+
 
 class Bench:
     """One backend: a flowdapt_nb executor and the raw engine, on the same workers where the
@@ -306,6 +379,7 @@ class ThreadsBench(Bench):
 
     def start(self):
         import flowdapt_nb as fnb
+
         self.ex = fnb.LocalExecutor(use_processes=False, cpus=CORES).start()
         self.pool = cf.ThreadPoolExecutor(max_workers=CORES)
 
@@ -330,7 +404,6 @@ class ThreadsBench(Bench):
         reduced = self._submit(W.reduce_sum, [f.result() for f in lefts])
         return self._submit(W.combine, reduced.result(), [f.result() for f in rights]).result()
 
-
     def raw_tiny_dag(self, n):
         items = self._submit(W.tiny_source, n).result()
         incs = [self._submit(W.tiny_inc, x) for x in items]
@@ -344,6 +417,7 @@ class ProcessesBench(ThreadsBench):
 
     def start(self):
         import flowdapt_nb as fnb
+
         self.ex = fnb.LocalExecutor(use_processes=True, cpus=CORES).start()
         self.pool = cf.ProcessPoolExecutor(max_workers=CORES, mp_context=multiprocessing.get_context("spawn"))
         self._blobs: dict = {}
@@ -371,6 +445,7 @@ class DaskBench(Bench):
 
     def start(self):
         import flowdapt_nb as fnb
+
         self.ex = fnb.DaskExecutor(cpus=CORES, threads=1).start()
         self.client = self.ex.client  # the raw runs use the same cluster
 
@@ -393,8 +468,15 @@ class DaskBench(Bench):
 
     def start_raw(self):
         from distributed import Client, LocalCluster
-        cluster = LocalCluster(n_workers=CORES, threads_per_worker=1, host="127.0.0.1",
-                               dashboard_address="127.0.0.1:0", processes=True, silence_logs=logging.ERROR)
+
+        cluster = LocalCluster(
+            n_workers=CORES,
+            threads_per_worker=1,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            processes=True,
+            silence_logs=logging.ERROR,
+        )
         client = Client(cluster, set_as_default=False)
         return cluster, client
 
@@ -407,6 +489,7 @@ class RayBench(Bench):
         import ray
 
         import flowdapt_nb as fnb
+
         self.ray = ray
         self.ex = fnb.RayExecutor(cpus=CORES, logging_level="error").start()
         self._remotes: dict = {}
@@ -441,60 +524,92 @@ BENCHES = {"threads": ThreadsBench, "processes": ProcessesBench, "dask": DaskBen
 
 # --- workflows --------------------------------------------------------------------------------
 
+
 def map_workflow(name, fn):
     import flowdapt_nb as fnb
-    return fnb.Workflow(name, stages=[fnb.Stage(fn.__name__, fn, type="parameterized",
-                                                options={"map_on": "items"})])
+
+    return fnb.Workflow(
+        name, stages=[fnb.Stage(fn.__name__, fn, type="parameterized", options={"map_on": "items"})]
+    )
 
 
 def dag_workflow():
     import flowdapt_nb as fnb
-    return fnb.Workflow("dag5", stages=[
-        fnb.Stage("source", W.source),
-        fnb.Stage("left", W.left, type="parameterized", depends_on=["source"]),
-        fnb.Stage("right", W.right, type="parameterized", depends_on=["source"]),
-        fnb.Stage("reduce", W.reduce_sum, depends_on=["left"]),
-        fnb.Stage("combine", W.combine, depends_on=["reduce", "right"]),
-    ])
+
+    return fnb.Workflow(
+        "dag5",
+        stages=[
+            fnb.Stage("source", W.source),
+            fnb.Stage("left", W.left, type="parameterized", depends_on=["source"]),
+            fnb.Stage("right", W.right, type="parameterized", depends_on=["source"]),
+            fnb.Stage("reduce", W.reduce_sum, depends_on=["left"]),
+            fnb.Stage("combine", W.combine, depends_on=["reduce", "right"]),
+        ],
+    )
 
 
 def data_workflow():
     import flowdapt_nb as fnb
-    return fnb.Workflow("data3", stages=[
-        fnb.Stage("make", W.make_array),
-        fnb.Stage("scale", W.scale, depends_on=["make"]),
-        fnb.Stage("total", W.total, depends_on=["scale"]),
-    ])
+
+    return fnb.Workflow(
+        "data3",
+        stages=[
+            fnb.Stage("make", W.make_array),
+            fnb.Stage("scale", W.scale, depends_on=["make"]),
+            fnb.Stage("total", W.total, depends_on=["scale"]),
+        ],
+    )
 
 
 def expect(value):
     def check(name, got):
         if got != value:
             raise AssertionError(f"{name} returned {str(got)[:80]!r}, expected {str(value)[:80]!r}")
+
     return check
 
 
 # --- sections ---------------------------------------------------------------------------------
+
 
 def sec_overhead(b: Bench, res: Results, cfg):
     wf = map_workflow("overhead", W.inc)
     for n in cfg["overhead"]:
         items = list(range(n))
         want = [x + 1 for x in items]
-        s = alternate({"fnb": lambda items=items: b.run(wf, {"items": items}),
-                       "raw": lambda items=items: b.raw_map(W.inc, items)}, cfg["reps"], expect(want))
-        res.add("overhead", f"{n:,} tiny items", b.kind, median(s["fnb"]), median(s["raw"]), b.raw_name,
-                target=1.10, samples=s, cpu=(s["cpu"]["fnb"], s["cpu"]["raw"]))
+        s = alternate(
+            {
+                "fnb": lambda items=items: b.run(wf, {"items": items}),
+                "raw": lambda items=items: b.raw_map(W.inc, items),
+            },
+            cfg["reps"],
+            expect(want),
+        )
+        res.add(
+            "overhead",
+            f"{n:,} tiny items",
+            b.kind,
+            median(s["fnb"]),
+            median(s["raw"]),
+            b.raw_name,
+            target=1.10,
+            samples=s,
+            cpu=(s["cpu"]["fnb"], s["cpu"]["raw"]),
+        )
 
 
 def tiny_dag_workflow():
     import flowdapt_nb as fnb
-    return fnb.Workflow("tiny4", stages=[
-        fnb.Stage("source", W.tiny_source),
-        fnb.Stage("inc", W.tiny_inc, type="parameterized", depends_on=["source"]),
-        fnb.Stage("sum", W.tiny_sum, depends_on=["inc"]),
-        fnb.Stage("double", W.tiny_double, depends_on=["sum"]),
-    ])
+
+    return fnb.Workflow(
+        "tiny4",
+        stages=[
+            fnb.Stage("source", W.tiny_source),
+            fnb.Stage("inc", W.tiny_inc, type="parameterized", depends_on=["source"]),
+            fnb.Stage("sum", W.tiny_sum, depends_on=["inc"]),
+            fnb.Stage("double", W.tiny_double, depends_on=["sum"]),
+        ],
+    )
 
 
 def sec_perrun(b: Bench, res: Results, cfg):
@@ -513,22 +628,41 @@ def sec_perrun(b: Bench, res: Results, cfg):
             for _ in range(runs):
                 value = fn()
             return value
+
         return go
 
-    rows = [("4-stage tiny DAG, per run", dag, {"n": 4}, lambda: b.raw_tiny_dag(4), W.tiny_expected(4)),
-            ("1-stage tiny workflow, per run", one, {"x": 1}, lambda: b._submit(W.tiny_inc, 1).result(), 2)]
+    rows = [
+        ("4-stage tiny DAG, per run", dag, {"n": 4}, lambda: b.raw_tiny_dag(4), W.tiny_expected(4)),
+        ("1-stage tiny workflow, per run", one, {"x": 1}, lambda: b._submit(W.tiny_inc, 1).result(), 2),
+    ]
     for case, wf, run_input, raw, want in rows:
-        s = alternate({"fnb": batch(lambda wf=wf, run_input=run_input: b.run(wf, run_input)), "raw": batch(raw)},
-                      cfg["reps"], expect(want))
+        s = alternate(
+            {"fnb": batch(lambda wf=wf, run_input=run_input: b.run(wf, run_input)), "raw": batch(raw)},
+            cfg["reps"],
+            expect(want),
+        )
         per = {k: [t * 1000 / runs for t in s[k]] for k in ("fnb", "raw")}
         fnb_ms, raw_ms = median(per["fnb"]), median(per["raw"])
-        res.add("perrun", case, b.kind, fnb_ms, raw_ms, b.raw_name.split(".")[0].split("+")[0], unit="ms",
-                target=None, ok=fnb_ms - raw_ms <= 1.0, target_text="<= raw + 1 ms", samples=per,
-                cpu=(s["cpu"]["fnb"], s["cpu"]["raw"]), note=f"+{fnb_ms - raw_ms:.2f} ms a run over the raw pool")
+        res.add(
+            "perrun",
+            case,
+            b.kind,
+            fnb_ms,
+            raw_ms,
+            b.raw_name.split(".")[0].split("+")[0],
+            unit="ms",
+            target=None,
+            ok=fnb_ms - raw_ms <= 1.0,
+            target_text="<= raw + 1 ms",
+            samples=per,
+            cpu=(s["cpu"]["fnb"], s["cpu"]["raw"]),
+            note=f"+{fnb_ms - raw_ms:.2f} ms a run over the raw pool",
+        )
 
 
 def fnb_one_stage():
     import flowdapt_nb as fnb
+
     return fnb.Workflow("one", stages=[fnb.Stage("inc", W.tiny_inc)])
 
 
@@ -537,22 +671,48 @@ def sec_throughput(b: Bench, res: Results, cfg):
     ideal = n * t_item / CORES
     wf = map_workflow("throughput", W.burn)
     items = list(range(n))
-    s = alternate({"fnb": lambda: b.run(wf, {"items": items, "rounds": rounds}),
-                   "raw": lambda: b.raw_map(W.burn, items, rounds=rounds)}, cfg["reps"], expect(items))
+    s = alternate(
+        {
+            "fnb": lambda: b.run(wf, {"items": items, "rounds": rounds}),
+            "raw": lambda: b.raw_map(W.burn, items, rounds=rounds),
+        },
+        cfg["reps"],
+        expect(items),
+    )
     fnb, raw = median(s["fnb"]), median(s["raw"])
-    res.add("throughput", f"{n} x {t_item * 1000:.0f} ms CPU-bound", b.kind, fnb, ideal, "ideal N*t/cores",
-            target=1.10, samples=s, cpu=(s["cpu"]["fnb"], s["cpu"]["raw"]),
-            note=f"raw {_fmt(raw, 's')} = {raw / ideal:.2f}x ideal; "
-                                          f"flowdapt_nb/raw {fnb / raw:.2f}x")
+    res.add(
+        "throughput",
+        f"{n} x {t_item * 1000:.0f} ms CPU-bound",
+        b.kind,
+        fnb,
+        ideal,
+        "ideal N*t/cores",
+        target=1.10,
+        samples=s,
+        cpu=(s["cpu"]["fnb"], s["cpu"]["raw"]),
+        note=f"raw {_fmt(raw, 's')} = {raw / ideal:.2f}x ideal; flowdapt_nb/raw {fnb / raw:.2f}x",
+    )
 
 
 def sec_dag(b: Bench, res: Results, cfg):
     n, rounds = cfg["dag_items"], cfg["dag_rounds"]
     wf = dag_workflow()
-    s = alternate({"fnb": lambda: b.run(wf, {"n": n, "rounds": rounds}),
-                   "raw": lambda: b.raw_dag(n, rounds)}, cfg["reps"], expect(W.dag_expected(n)))
-    res.add("dag", f"5 stages, 2 fan-outs x {n}", b.kind, median(s["fnb"]), median(s["raw"]),
-            f"hand-written {b.kind}", target=1.10, samples=s, cpu=(s["cpu"]["fnb"], s["cpu"]["raw"]))
+    s = alternate(
+        {"fnb": lambda: b.run(wf, {"n": n, "rounds": rounds}), "raw": lambda: b.raw_dag(n, rounds)},
+        cfg["reps"],
+        expect(W.dag_expected(n)),
+    )
+    res.add(
+        "dag",
+        f"5 stages, 2 fan-outs x {n}",
+        b.kind,
+        median(s["fnb"]),
+        median(s["raw"]),
+        f"hand-written {b.kind}",
+        target=1.10,
+        samples=s,
+        cpu=(s["cpu"]["fnb"], s["cpu"]["raw"]),
+    )
 
 
 def sec_data(b: Bench, res: Results, cfg):
@@ -566,7 +726,7 @@ def sec_data(b: Bench, res: Results, cfg):
     cpus = {"fnb": [], "raw": []}
     runs = {"fnb": lambda: b.run(wf, {"mb": mb}), "raw": lambda: b.raw_data(mb)}
     for rep in range(max(cfg["reps"], cfg["data_reps"])):
-        for name in (["fnb", "raw"] if rep % 2 == 0 else ["raw", "fnb"]):
+        for name in ["fnb", "raw"] if rep % 2 == 0 else ["raw", "fnb"]:
             with PeakRSS() as peak:
                 dt, value = timed(runs[name])
             cpus[name].append(CPU.pop(id(runs[name]))[-1])
@@ -575,12 +735,33 @@ def sec_data(b: Bench, res: Results, cfg):
             times[name].append(dt)
             peaks[name].append(peak.mb)
     raw_label = "raw refs" if b.kind == "ray" else "raw futures"
-    res.add("data", f"{mb} MB array, 3 stages: time", b.kind, median(times["fnb"]), median(times["raw"]),
-            raw_label, target=1.10, samples=times, cpu=(cpus["fnb"], cpus["raw"]))
+    res.add(
+        "data",
+        f"{mb} MB array, 3 stages: time",
+        b.kind,
+        median(times["fnb"]),
+        median(times["raw"]),
+        raw_label,
+        target=1.10,
+        samples=times,
+        cpu=(cpus["fnb"], cpus["raw"]),
+    )
     fp, rp = max(peaks["fnb"]), max(peaks["raw"])
-    res.add("data", f"{mb} MB array: driver peak RSS", b.kind, fp, rp, raw_label, unit="MB", ratio=NO_RATIO,
-            ok=fp < mb * 0.25, target=None, samples=peaks, target_text=f"< {mb * 0.25:g} MB",
-            note="driver RSS above its start, max over reps: the array must stay in the cluster")
+    res.add(
+        "data",
+        f"{mb} MB array: driver peak RSS",
+        b.kind,
+        fp,
+        rp,
+        raw_label,
+        unit="MB",
+        ratio=NO_RATIO,
+        ok=fp < mb * 0.25,
+        target=None,
+        samples=peaks,
+        target_text=f"< {mb * 0.25:g} MB",
+        note="driver RSS above its start, max over reps: the array must stay in the cluster",
+    )
 
 
 def sec_watching(b: Bench, res: Results, cfg):
@@ -600,12 +781,14 @@ def sec_watching(b: Bench, res: Results, cfg):
     def watched(sampling: bool, watcher):
         """(setup, run, teardown): the watcher is attached before the timed run, as a dashboard
         shown before a run would be, and removed after it."""
+
         def setup():
             sampler.enabled = sampling
             if watcher == "subscriber":
                 return ex.events.subscribe(DashboardLike(), throttle=0.1)
             if watcher == "widgets":
                 from flowdapt_nb.widgets import Dashboard
+
                 return Dashboard(ex)
             return None
 
@@ -615,28 +798,57 @@ def sec_watching(b: Bench, res: Results, cfg):
             elif watcher == "widgets":
                 state.close()
             sampler.enabled = True
+
         return setup, run, teardown
 
-    contenders = {"off": watched(False, None), "sampling": watched(True, None),
-                  "subscriber": watched(True, "subscriber")}
+    contenders = {
+        "off": watched(False, None),
+        "sampling": watched(True, None),
+        "subscriber": watched(True, "subscriber"),
+    }
     try:
         from flowdapt_nb.widgets import Dashboard  # noqa: F401  (optional: the widgets package)
+
         contenders["widgets"] = watched(True, "widgets")
     except Exception as exc:
         log(f"  watching: widgets.Dashboard unavailable ({exc}); skipped")
     s = alternate(contenders, cfg["reps"], expect(items))
     off = median(s["off"])
     case = f"{n} x {cfg['t_item'] * 1000:.0f} ms"
-    res.add("watching", f"sampling on ({interval:g} s) vs off, {case}", b.kind, median(s["sampling"]), off,
-            "sampling off", target=1.05, samples={"fnb": s["sampling"], "baseline": s["off"]},
-            cpu=(s["cpu"]["sampling"], s["cpu"]["off"]))
-    res.add("watching", f"+ subscriber (throttle 0.1 s), {case}", b.kind, median(s["subscriber"]), off,
-            "unwatched, sampling off", target=1.05, samples={"fnb": s["subscriber"], "baseline": s["off"]},
-            cpu=(s["cpu"]["subscriber"], s["cpu"]["off"]))
+    res.add(
+        "watching",
+        f"sampling on ({interval:g} s) vs off, {case}",
+        b.kind,
+        median(s["sampling"]),
+        off,
+        "sampling off",
+        target=1.05,
+        samples={"fnb": s["sampling"], "baseline": s["off"]},
+        cpu=(s["cpu"]["sampling"], s["cpu"]["off"]),
+    )
+    res.add(
+        "watching",
+        f"+ subscriber (throttle 0.1 s), {case}",
+        b.kind,
+        median(s["subscriber"]),
+        off,
+        "unwatched, sampling off",
+        target=1.05,
+        samples={"fnb": s["subscriber"], "baseline": s["off"]},
+        cpu=(s["cpu"]["subscriber"], s["cpu"]["off"]),
+    )
     if "widgets" in s:
-        res.add("watching", f"+ widgets.Dashboard, {case}", b.kind, median(s["widgets"]), off,
-                "unwatched, sampling off", target=1.05, samples={"fnb": s["widgets"], "baseline": s["off"]},
-                cpu=(s["cpu"]["widgets"], s["cpu"]["off"]))
+        res.add(
+            "watching",
+            f"+ widgets.Dashboard, {case}",
+            b.kind,
+            median(s["widgets"]),
+            off,
+            "unwatched, sampling off",
+            target=1.05,
+            samples={"fnb": s["widgets"], "baseline": s["off"]},
+            cpu=(s["cpu"]["widgets"], s["cpu"]["off"]),
+        )
     _run_store_rows(b, res, cfg)
 
 
@@ -660,6 +872,7 @@ def _run_store_rows(b: Bench, res: Results, cfg):
                 store.flush()
                 store.detach(ex)
                 ex._run_store = None
+
         return setup
 
     for n, runs in cfg["store_runs"]:
@@ -676,30 +889,55 @@ def _run_store_rows(b: Bench, res: Results, cfg):
                     store.flush()
                     flushes.append(time.perf_counter() - t0)
                 return value
+
             return go
 
-        s = alternate({"off": (store_on(False), batch(False), None), "on": (store_on(True), batch(True), None)},
-                      cfg["reps"], expect([x + 1 for x in items]))
+        s = alternate(
+            {"off": (store_on(False), batch(False), None), "on": (store_on(True), batch(True), None)},
+            cfg["reps"],
+            expect([x + 1 for x in items]),
+        )
         store_on(True)()  # leave it as it was: attached
         per = {k: [t * 1000 / runs for t in s[k]] for k in ("on", "off")}
         on_ms, off_ms = median(per["on"]), median(per["off"])
-        res.add("watching", f"runs: on vs off, {n:,} tiny tasks, per run", b.kind, on_ms, off_ms, "runs: off",
-                unit="ms", target=1.05, samples={"fnb": per["on"], "baseline": per["off"]},
-                cpu=(s["cpu"]["on"], s["cpu"]["off"]),
-                note=f"run store {on_ms - off_ms:+.2f} ms a run ({runs} runs a batch, writes flushed inside "
-                     f"the timing; the flush at the batch's end {median(flushes) * 1000 / runs:.2f} ms a run)")
+        res.add(
+            "watching",
+            f"runs: on vs off, {n:,} tiny tasks, per run",
+            b.kind,
+            on_ms,
+            off_ms,
+            "runs: off",
+            unit="ms",
+            target=1.05,
+            samples={"fnb": per["on"], "baseline": per["off"]},
+            cpu=(s["cpu"]["on"], s["cpu"]["off"]),
+            note=f"run store {on_ms - off_ms:+.2f} ms a run ({runs} runs a batch, writes flushed inside "
+            f"the timing; the flush at the batch's end {median(flushes) * 1000 / runs:.2f} ms a run)",
+        )
 
 
 def sec_startup(kind: str, res: Results, cfg):
     """Executor start to ready vs the engine's own start, alternating, each fully stopped between."""
     import flowdapt_nb as fnb
+
     one = map_workflow("first", W.inc)
-    times = {"fnb start": [], "raw start": [], "fnb first": [], "raw first": [],
-             "nowait start": [], "nowait first": [], "magic start": [], "magic first": []}
+    times = {
+        "fnb start": [],
+        "raw start": [],
+        "fnb first": [],
+        "raw first": [],
+        "nowait start": [],
+        "nowait first": [],
+        "magic start": [],
+        "magic first": [],
+    }
 
     def make():
-        return (fnb.DaskExecutor(cpus=CORES, threads=1) if kind == "dask"
-                else fnb.RayExecutor(cpus=CORES, logging_level="error"))
+        return (
+            fnb.DaskExecutor(cpus=CORES, threads=1)
+            if kind == "dask"
+            else fnb.RayExecutor(cpus=CORES, logging_level="error")
+        )
 
     def nowait_once():
         """start(wait=False): the notebook is free again at t1; the first run waits for the start."""
@@ -732,8 +970,11 @@ def sec_startup(kind: str, res: Results, cfg):
 
     def fnb_once():
         t0 = time.perf_counter()
-        ex = (fnb.DaskExecutor(cpus=CORES, threads=1) if kind == "dask"
-              else fnb.RayExecutor(cpus=CORES, logging_level="error")).start()
+        ex = (
+            fnb.DaskExecutor(cpus=CORES, threads=1)
+            if kind == "dask"
+            else fnb.RayExecutor(cpus=CORES, logging_level="error")
+        ).start()
         try:
             t1 = time.perf_counter()
             assert ex.run(one, input={"items": [1]}).result == [2]
@@ -746,9 +987,16 @@ def sec_startup(kind: str, res: Results, cfg):
     def raw_once():
         if kind == "dask":
             from distributed import Client, LocalCluster
+
             t0 = time.perf_counter()
-            cluster = LocalCluster(n_workers=CORES, threads_per_worker=1, host="127.0.0.1",
-                                   dashboard_address="127.0.0.1:0", processes=True, silence_logs=logging.ERROR)
+            cluster = LocalCluster(
+                n_workers=CORES,
+                threads_per_worker=1,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",
+                processes=True,
+                silence_logs=logging.ERROR,
+            )
             client = Client(cluster, set_as_default=False)
             try:
                 t1 = time.perf_counter()
@@ -759,9 +1007,15 @@ def sec_startup(kind: str, res: Results, cfg):
                 cluster.close()
         else:
             import ray
+
             t0 = time.perf_counter()
-            ray.init(num_cpus=CORES, include_dashboard=True, dashboard_host="127.0.0.1",
-                     logging_level=logging.ERROR, namespace="bench-raw")
+            ray.init(
+                num_cpus=CORES,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                logging_level=logging.ERROR,
+                namespace="bench-raw",
+            )
             try:
                 t1 = time.perf_counter()
                 assert ray.get(ray.remote(W.inc).remote(1)) == 2
@@ -773,31 +1027,68 @@ def sec_startup(kind: str, res: Results, cfg):
 
     order = [fnb_once, raw_once, nowait_once, magic_once]
     for rep in range(cfg["startup_reps"]):
-        for f in order[rep % len(order):] + order[:rep % len(order)]:
+        for f in order[rep % len(order) :] + order[: rep % len(order)]:
             f()
             settle()
     engine = "LocalCluster()+Client()" if kind == "dask" else "ray.init()"
-    res.add("startup", "start(wait=False) returns", kind, median(times["nowait start"]),
-            median(times["raw start"]), engine, target=None,
-            samples={"fnb": times["nowait start"], "baseline": times["raw start"]},
-            note="time to interactive: the call returns, the start goes on in a thread")
-    res.add("startup", "%flowdapt executor --no-wait returns", kind, median(times["magic start"]),
-            median(times["raw start"]), engine, target=None,
-            samples={"fnb": times["magic start"], "baseline": times["raw start"]},
-            note="time to interactive of the magic (IPython shell, no kernel)")
-    res.add("startup", "start(wait=False) to first task result", kind, median(times["nowait first"]),
-            median(times["raw first"]), engine, target=1.05,
-            samples={"fnb": times["nowait first"], "baseline": times["raw first"]})
-    res.add("startup", "start() returns", kind, median(times["fnb start"]), median(times["raw start"]), engine,
-            target=None, samples={"fnb": times["fnb start"], "baseline": times["raw start"]})
-    res.add("startup", "start to first task result", kind, median(times["fnb first"]),
-            median(times["raw first"]), engine, target=None,
-            samples={"fnb": times["fnb first"], "baseline": times["raw first"]})
+    res.add(
+        "startup",
+        "start(wait=False) returns",
+        kind,
+        median(times["nowait start"]),
+        median(times["raw start"]),
+        engine,
+        target=None,
+        samples={"fnb": times["nowait start"], "baseline": times["raw start"]},
+        note="time to interactive: the call returns, the start goes on in a thread",
+    )
+    res.add(
+        "startup",
+        "%flowdapt executor --no-wait returns",
+        kind,
+        median(times["magic start"]),
+        median(times["raw start"]),
+        engine,
+        target=None,
+        samples={"fnb": times["magic start"], "baseline": times["raw start"]},
+        note="time to interactive of the magic (IPython shell, no kernel)",
+    )
+    res.add(
+        "startup",
+        "start(wait=False) to first task result",
+        kind,
+        median(times["nowait first"]),
+        median(times["raw first"]),
+        engine,
+        target=1.05,
+        samples={"fnb": times["nowait first"], "baseline": times["raw first"]},
+    )
+    res.add(
+        "startup",
+        "start() returns",
+        kind,
+        median(times["fnb start"]),
+        median(times["raw start"]),
+        engine,
+        target=None,
+        samples={"fnb": times["fnb start"], "baseline": times["raw start"]},
+    )
+    res.add(
+        "startup",
+        "start to first task result",
+        kind,
+        median(times["fnb first"]),
+        median(times["raw first"]),
+        engine,
+        target=None,
+        samples={"fnb": times["fnb first"], "baseline": times["raw first"]},
+    )
 
 
 def _ipython():
     """An IPython shell with the flowdapt_nb magics (made once per process)."""
     from IPython.core.interactiveshell import InteractiveShell
+
     shell = InteractiveShell.instance()
     if "flowdapt_nb" not in shell.extension_manager.loaded:
         shell.extension_manager.load_extension("flowdapt_nb")
@@ -805,6 +1096,7 @@ def _ipython():
 
 
 # --- processes we started ---------------------------------------------------------------------
+
 
 def _children():
     out = []
@@ -847,16 +1139,34 @@ def reap() -> list[str]:
 
 # --- output -----------------------------------------------------------------------------------
 
-HEADER = ["section", "case", "backend", "flowdapt_nb", "baseline", "baseline is", "ratio", "target", "cpu ratio"]
+HEADER = [
+    "section",
+    "case",
+    "backend",
+    "flowdapt_nb",
+    "baseline",
+    "baseline is",
+    "ratio",
+    "target",
+    "cpu ratio",
+]
 
 
 def table_rows(rows):
     for r in rows:
         target = r["target_text"]
         mark = "" if r["ok"] is None else (" ok" if r["ok"] else " MISS")
-        yield [r["section"], r["case"], r["backend"], _fmt(r["flowdapt_nb"], r["unit"]),
-               _fmt(r["baseline"], r["unit"]), r["baseline_name"], _fmt_ratio(r["ratio"]), target + mark,
-               _fmt_ratio(r["cpu_ratio"])]
+        yield [
+            r["section"],
+            r["case"],
+            r["backend"],
+            _fmt(r["flowdapt_nb"], r["unit"]),
+            _fmt(r["baseline"], r["unit"]),
+            r["baseline_name"],
+            _fmt_ratio(r["ratio"]),
+            target + mark,
+            _fmt_ratio(r["cpu_ratio"]),
+        ]
 
 
 def markdown(rows) -> str:
@@ -876,8 +1186,23 @@ def write(out: Path, size: str, meta: dict, rows: list) -> list[Path]:
     paths = [out / f"bench-{size}.json", out / f"bench-{size}.csv", out / f"bench-{size}.md"]
     paths[0].write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
     with paths[1].open("w", newline="") as f:
-        fields = ["section", "case", "backend", "flowdapt_nb", "baseline", "baseline_name", "unit", "ratio",
-                  "target", "target_text", "ok", "cpu_flowdapt_nb", "cpu_baseline", "cpu_ratio", "note"]
+        fields = [
+            "section",
+            "case",
+            "backend",
+            "flowdapt_nb",
+            "baseline",
+            "baseline_name",
+            "unit",
+            "ratio",
+            "target",
+            "target_text",
+            "ok",
+            "cpu_flowdapt_nb",
+            "cpu_baseline",
+            "cpu_ratio",
+            "note",
+        ]
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
@@ -887,21 +1212,31 @@ def write(out: Path, size: str, meta: dict, rows: list) -> list[Path]:
 
 
 def _meta_line(meta):
-    return (f"size {meta['size']}, {meta['reps']} reps (medians), {meta['cpus']} cores, {meta['memory_gb']} GB, "
-            f"Python {meta['python']}, ray {meta.get('ray')}, distributed {meta.get('distributed')}, "
-            f"load before {meta['load_before']}, {meta['date']}")
+    return (
+        f"size {meta['size']}, {meta['reps']} reps (medians), {meta['cpus']} cores, {meta['memory_gb']} GB, "
+        f"Python {meta['python']}, ray {meta.get('ray')}, distributed {meta.get('distributed')}, "
+        f"load before {meta['load_before']}, {meta['date']}"
+    )
 
 
 # --- main -------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--size", choices=list(SIZES), default="small")
-    p.add_argument("--backends", default=",".join(BACKENDS),
-                   help=f"comma-separated, from {','.join(BACKENDS)} (default: all)")
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help=f"comma-separated, from {','.join(SECTIONS)} (default: all)")
+    p.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help=f"comma-separated, from {','.join(BACKENDS)} (default: all)",
+    )
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated, from {','.join(SECTIONS)} (default: all)",
+    )
     p.add_argument("--reps", type=int, default=None, help="repetitions per row (default: by size)")
     p.add_argument("--out", default=str(HERE / "results"), help="directory for bench-SIZE.{csv,json,md}")
     args = p.parse_args(argv)
@@ -934,8 +1269,10 @@ def main(argv=None) -> int:
 
     cfg["rounds"], cfg["t_item"] = W.calibrate_rounds(cfg["tp_seconds"])
     cfg["dag_rounds"], cfg["dag_t_item"] = W.calibrate_rounds(cfg["dag_seconds"])
-    log(f"size {args.size}: {cfg['tp_seconds'] * 1000:.0f} ms of PBKDF2 = {cfg['rounds']} rounds "
-        f"(measured {cfg['t_item'] * 1000:.1f} ms); backends {','.join(args.backends)}")
+    log(
+        f"size {args.size}: {cfg['tp_seconds'] * 1000:.0f} ms of PBKDF2 = {cfg['rounds']} rounds "
+        f"(measured {cfg['t_item'] * 1000:.1f} ms); backends {','.join(args.backends)}"
+    )
 
     res = Results()
     failures = []
@@ -969,12 +1306,22 @@ def main(argv=None) -> int:
         leftovers = reap()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    meta = dict(size=args.size, reps=cfg["reps"], startup_reps=cfg["startup_reps"], backends=args.backends,
-                sections=args.sections, cpus=os.cpu_count(), memory_gb=round(psutil.virtual_memory().total / 2**30),
-                python=platform.python_version(), load_before=round(load_before, 2) if load_before else None,
-                load_after=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-                date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), config={k: v for k, v in cfg.items()},
-                failures=failures, leftovers=leftovers)
+    meta = dict(
+        size=args.size,
+        reps=cfg["reps"],
+        startup_reps=cfg["startup_reps"],
+        backends=args.backends,
+        sections=args.sections,
+        cpus=os.cpu_count(),
+        memory_gb=round(psutil.virtual_memory().total / 2**30),
+        python=platform.python_version(),
+        load_before=round(load_before, 2) if load_before else None,
+        load_after=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        config={k: v for k, v in cfg.items()},
+        failures=failures,
+        leftovers=leftovers,
+    )
     for mod in ("ray", "distributed"):
         if mod in sys.modules:
             meta[mod] = getattr(sys.modules[mod], "__version__", None)

@@ -30,6 +30,7 @@ def burn(x, rounds=1000):
 def calibrate_rounds(target_s: float, trials: int = 7) -> tuple[int, float]:
     """PBKDF2 rounds that take about ``target_s`` on one core here, and the measured seconds per
     call (the fastest of ``trials``: other load on the machine only ever adds time)."""
+
     def best(rounds, n):
         out = []
         for i in range(n):
@@ -95,6 +96,7 @@ def dag_expected(n: int) -> int:
 
 def make_array(mb=200):
     import numpy as np
+
     return np.ones(int(mb * 1e6) // 8, dtype=np.float64)
 
 
@@ -109,6 +111,7 @@ def total(a):
 def call_pickled(fn_blob, *args):
     """The raw process-pool baseline: a cloudpickled function shipped with each call."""
     import cloudpickle
+
     return cloudpickle.loads(fn_blob)(*args)
 
 

@@ -39,8 +39,16 @@ def _seconds(value: float | None) -> float | None:
 
 def _new_row(stage: str, item: int | None, state: str | None = None, queued: float | None = None) -> dict:
     """A task's row in ``WorkflowRun.tasks``, before anything else is known of it."""
-    return {"stage": stage, "item": item, "state": state, "worker": None, "queued": queued,
-            "start": None, "end": None, "error": None}
+    return {
+        "stage": stage,
+        "item": item,
+        "state": state,
+        "worker": None,
+        "queued": queued,
+        "start": None,
+        "end": None,
+        "error": None,
+    }
 
 
 def stage_summaries(run, rows: list[dict] | None = None) -> list[dict]:
@@ -68,9 +76,18 @@ def stage_summaries(run, rows: list[dict] | None = None) -> list[dict]:
         begin, end = (min(starts) if starts else None), (max(ends) if ends else None)
         active = counts["queued"] + counts["running"]
         state = stage_state(counts, run_state=run.state, failed_stage=run.failed_stage, stage=stage.name)
-        out.append({"stage": stage.name, "type": stage.type, "state": state, "tasks": len(mine), **counts,
-                    "start": begin, "end": end,
-                    "duration": (end - begin) if begin and end and not active else None})
+        out.append(
+            {
+                "stage": stage.name,
+                "type": stage.type,
+                "state": state,
+                "tasks": len(mine),
+                **counts,
+                "start": begin,
+                "end": end,
+                "duration": (end - begin) if begin and end and not active else None,
+            }
+        )
     return out
 
 
@@ -155,30 +172,55 @@ class WorkflowRun:
                     row["state"], row["worker"] = "finished", outcome.worker
                     row["start"], row["end"] = outcome.start or outcome.end, outcome.end
                     reached.append((item, outcome, True))
-                elif self._record_locked(stage, item, "finished", outcome.end, outcome.worker,
-                                         start=outcome.start, end=outcome.end):
+                elif self._record_locked(
+                    stage, item, "finished", outcome.end, outcome.worker, start=outcome.start, end=outcome.end
+                ):
                     reached.append((item, outcome, False))
         return reached
 
-    def _advance(self, stage: str, item: int | None, state: str, time_: float, worker=None, error=None,
-                 start=None, end=None) -> tuple:
+    def _advance(
+        self,
+        stage: str,
+        item: int | None,
+        state: str,
+        time_: float,
+        worker=None,
+        error=None,
+        start=None,
+        end=None,
+    ) -> tuple:
         """A task ended (or started): the states it newly reached, in order. A task that ends while
         still queued (its worker's 'running' report not in yet, or never sent) reaches 'running'
         first, at its worker's start time."""
         with self._lock:
             row = self._tasks.get((stage, item))
-            ran = (state in ("finished", "failed") and row is not None and row["state"] == "queued"
-                   and self._record_locked(stage, item, "running", start or time_, worker))
+            ran = (
+                state in ("finished", "failed")
+                and row is not None
+                and row["state"] == "queued"
+                and self._record_locked(stage, item, "running", start or time_, worker)
+            )
             now = self._record_locked(stage, item, state, time_, worker, error, start, end)
         return ("running", state) if ran and now else ("running",) if ran else (state,) if now else ()
 
-    def _record(self, stage: str, item: int | None, state: str | None, time_: float, worker=None, error=None,
-                start=None, end=None) -> bool:
+    def _record(
+        self,
+        stage: str,
+        item: int | None,
+        state: str | None,
+        time_: float,
+        worker=None,
+        error=None,
+        start=None,
+        end=None,
+    ) -> bool:
         """Update a task's row; ``state=None`` updates timings only. True if the state advanced."""
         with self._lock:
             return self._record_locked(stage, item, state, time_, worker, error, start, end)
 
-    def _record_locked(self, stage, item, state, time_, worker=None, error=None, start=None, end=None) -> bool:
+    def _record_locked(
+        self, stage, item, state, time_, worker=None, error=None, start=None, end=None
+    ) -> bool:
         row = self._tasks.get((stage, item))
         if row is None:
             row = self._tasks[(stage, item)] = _new_row(stage, item)
@@ -207,9 +249,16 @@ class WorkflowRun:
             return row["worker"] if row else None
 
     def _add_failure(self, stage: str, item: int | None, exc: BaseException) -> None:
-        self._failures.append(Failure(stage=stage, item=item, error=f"{type(exc).__name__}: {exc}",
-                                      error_type=type(exc).__name__,
-                                      traceback=getattr(exc, "remote_traceback", None), exception=exc))
+        self._failures.append(
+            Failure(
+                stage=stage,
+                item=item,
+                error=f"{type(exc).__name__}: {exc}",
+                error_type=type(exc).__name__,
+                traceback=getattr(exc, "remote_traceback", None),
+                exception=exc,
+            )
+        )
 
     # --- tables ---
     @property
@@ -222,6 +271,7 @@ class WorkflowRun:
         """pandas DataFrame, one row per task: stage, item, state, worker, queued, start, end
         (UTC datetimes to the millisecond), duration (seconds), error."""
         import pandas as pd
+
         with self._lock:
             rows = [dict(r) for r in self._tasks.values()]
         for r in rows:
@@ -237,21 +287,37 @@ class WorkflowRun:
         """pandas DataFrame, one row per stage: state (``states.stage_state``), task counts, started and
         finished_at (UTC datetimes), duration (seconds), throughput (finished tasks per second)."""
         import pandas as pd
+
         out = []
         for s in stage_summaries(self):
             begin, finish, duration = s.pop("start"), s.pop("end"), _seconds(s.pop("duration"))
             active = s["queued"] + s["running"]
-            out.append({**s, "started": _ts(begin), "finished_at": _ts(finish) if not active else None,
-                        "duration": duration,
-                        "throughput": (s["finished"] / duration) if duration else None})
+            out.append(
+                {
+                    **s,
+                    "started": _ts(begin),
+                    "finished_at": _ts(finish) if not active else None,
+                    "duration": duration,
+                    "throughput": (s["finished"] / duration) if duration else None,
+                }
+            )
         return pd.DataFrame(out)
 
     # --- display ---
     def summary(self) -> dict:
-        return {"uid": self.uid, "name": self.name, "workflow": self.workflow, "state": self.state,
-                "executor": self.executor, "namespace": self.namespace,
-                "started_at": self.started_at, "finished_at": self.finished_at,
-                "duration": self.duration, "error": self.error, "failures": len(self._failures)}
+        return {
+            "uid": self.uid,
+            "name": self.name,
+            "workflow": self.workflow,
+            "state": self.state,
+            "executor": self.executor,
+            "namespace": self.namespace,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "duration": self.duration,
+            "error": self.error,
+            "failures": len(self._failures),
+        }
 
     def __repr__(self) -> str:
         dur = f"{self.duration:.2f}s" if self.duration is not None else "-"
@@ -261,6 +327,7 @@ class WorkflowRun:
 
     def _repr_html_(self) -> str:
         from .render import run_html
+
         return run_html(self)
 
 

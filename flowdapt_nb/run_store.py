@@ -59,9 +59,11 @@ SIMPLE_ITEM = -1  # a simple stage's task (item None) in the tasks table's key
 
 # --- where ----------------------------------------------------------------------------------------
 
+
 def default_path() -> str:
     """``$FLOWDAPT_NB_RUNS`` when set, else ``<user data dir>/runs.sqlite``."""
     from .artifacts import user_data_dir
+
     return os.environ.get(ENV_VAR) or os.path.join(user_data_dir(), "runs.sqlite")
 
 
@@ -106,12 +108,17 @@ def attach_executor(executor) -> RunStore | None:
         return store
     except Exception as exc:
         import warnings
-        warnings.warn(f"run store not used ({type(exc).__name__}: {exc}); set runs: to a writable path, "
-                      f"or runs: off", RuntimeWarning, stacklevel=3)
+
+        warnings.warn(
+            f"run store not used ({type(exc).__name__}: {exc}); set runs: to a writable path, or runs: off",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
 
 
 # --- what goes in ---------------------------------------------------------------------------------
+
 
 def _jsonable(value, depth: int = 0):
     """A JSON-able stand-in for a run input: plain values as they are, others as a short repr."""
@@ -160,6 +167,7 @@ def _result_info(result) -> tuple[str | None, int | None]:
     if result is None:
         return None, None
     from .sizes import estimate_bytes
+
     kind = type(result)
     try:
         size = int(estimate_bytes(result))
@@ -172,6 +180,7 @@ def _failure_rows(run) -> list[tuple]:
     """Every failure: items dropped under allow_partial_failure, then the error that ended the run
     (``fatal`` 1)."""
     import traceback as tb
+
     rows = [(f.stage, f.item, f.error, f.error_type, f.traceback, 0) for f in run.failures]
     exc = run.exception
     if exc is not None:
@@ -179,23 +188,46 @@ def _failure_rows(run) -> list[tuple]:
         text = getattr(cause, "remote_traceback", None) or getattr(exc, "remote_traceback", None)
         if not text:
             text = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
-        rows.append((getattr(exc, "stage", None) or run.failed_stage, getattr(exc, "item", None),
-                     run.error or f"{type(exc).__name__}: {exc}", type(cause).__name__, text, 1))
+        rows.append(
+            (
+                getattr(exc, "stage", None) or run.failed_stage,
+                getattr(exc, "item", None),
+                run.error or f"{type(exc).__name__}: {exc}",
+                type(cause).__name__,
+                text,
+                1,
+            )
+        )
     return rows
 
 
 def _task_params(uid: str, rows) -> list[tuple]:
-    return [(uid, r["stage"], SIMPLE_ITEM if r["item"] is None else r["item"], r["state"], r["worker"],
-             r["queued"], r["start"], r["end"], r["error"]) for r in rows]
+    return [
+        (
+            uid,
+            r["stage"],
+            SIMPLE_ITEM if r["item"] is None else r["item"],
+            r["state"],
+            r["worker"],
+            r["queued"],
+            r["start"],
+            r["end"],
+            r["error"],
+        )
+        for r in rows
+    ]
 
 
-_TASK_UPSERT = ('INSERT INTO tasks (run_uid, stage, item, state, worker, queued, start, "end", error) '
-                'VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (run_uid, stage, item) DO UPDATE SET '
-                'state=excluded.state, worker=excluded.worker, queued=excluded.queued, '
-                'start=excluded.start, "end"=excluded."end", error=excluded.error')
+_TASK_UPSERT = (
+    'INSERT INTO tasks (run_uid, stage, item, state, worker, queued, start, "end", error) '
+    "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (run_uid, stage, item) DO UPDATE SET "
+    "state=excluded.state, worker=excluded.worker, queued=excluded.queued, "
+    'start=excluded.start, "end"=excluded."end", error=excluded.error'
+)
 
 
 # --- the store ------------------------------------------------------------------------------------
+
 
 class RunStore:
     """One SQLite database of runs: a writer thread for this process's runs, and readers."""
@@ -251,8 +283,11 @@ class RunStore:
             if os.path.exists(path + suffix):
                 os.replace(path + suffix, aside + suffix)
         import warnings
-        warnings.warn(f"run store {path} has another layout (version {version}): moved to {aside}, "
-                      "starting a new one", stacklevel=3)
+
+        warnings.warn(
+            f"run store {path} has another layout (version {version}): moved to {aside}, starting a new one",
+            stacklevel=3,
+        )
         return self._connect(path)
 
     # --- writing: called from the executor (cheap: a queue put) ---
@@ -269,11 +304,14 @@ class RunStore:
         with self._start_lock:
             self._attached += 1
             if self._thread is None:
-                self._thread = threading.Thread(target=self._write_loop, name="flowdapt-nb-run-store",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._write_loop, name="flowdapt-nb-run-store", daemon=True
+                )
                 self._thread.start()
-        tokens = (executor.events.subscribe(put, kinds=("run",)),  # the queue's own put: no wrapper
-                  executor.events.subscribe(lambda event: put(("executor", event, owner)), kinds=("executor",)))
+        tokens = (
+            executor.events.subscribe(put, kinds=("run",)),  # the queue's own put: no wrapper
+            executor.events.subscribe(lambda event: put(("executor", event, owner)), kinds=("executor",)),
+        )
         self._tokens[owner] = tokens
         return tokens[0]
 
@@ -325,7 +363,10 @@ class RunStore:
             except Exception:
                 self.errors += 1
                 import logging
-                logging.getLogger("flowdapt_nb").exception("run store: writing a batch to %s failed", self.path)
+
+                logging.getLogger("flowdapt_nb").exception(
+                    "run store: writing a batch to %s failed", self.path
+                )
             for entry in batch:
                 if _is_flush(entry):
                     entry[1].set()
@@ -356,7 +397,9 @@ class RunStore:
                 if event.state == "stopped":  # its bus closes: its runs' records end here
                     with self._start_lock:
                         self._attached -= 1
-                    ended.extend(r for uid, r in runs.items() if self._owner.get(uid) == owner and r not in ended)
+                    ended.extend(
+                        r for uid, r in runs.items() if self._owner.get(uid) == owner and r not in ended
+                    )
         return begins, ended
 
     def _write(self, batch: list, heartbeat: float | None) -> None:
@@ -374,15 +417,21 @@ class RunStore:
                     db.executemany(
                         "INSERT OR REPLACE INTO runs (uid, name, workflow, workflow_hash, workflow_yaml, "
                         "input_json, namespace, executor, config_json, state, created, pid, host, proc_start, "
-                        "heartbeat) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", begins)
+                        "heartbeat) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        begins,
+                    )
                 for params in progress:
                     if params:
                         db.executemany(_TASK_UPSERT, params)
                 for uid, run in runs.items():  # state and timings of every run in progress
-                    db.execute("UPDATE runs SET state=?, started=?, error=? WHERE uid=?",
-                               (run.state, run._started, run.error, uid))
+                    db.execute(
+                        "UPDATE runs SET state=?, started=?, error=? WHERE uid=?",
+                        (run.state, run._started, run.error, uid),
+                    )
                 if heartbeat is not None:
-                    db.executemany("UPDATE runs SET heartbeat=? WHERE uid=?", [(heartbeat, uid) for uid in runs])
+                    db.executemany(
+                        "UPDATE runs SET heartbeat=? WHERE uid=?", [(heartbeat, uid) for uid in runs]
+                    )
                 for run in ended:
                     self._end(db, run)
                 db.execute("COMMIT")
@@ -405,10 +454,23 @@ class RunStore:
 
     def _begin_row(self, run, config: dict) -> tuple:
         text, digest = _workflow_text(run.definition)
-        return (run.uid, run.name, run.workflow, digest, text,
-                json.dumps(_jsonable(run.input)), run.namespace, run.executor,
-                json.dumps(_jsonable(config)), run.state, time.time(), self._pid, self._host,
-                self._proc_start, time.time())
+        return (
+            run.uid,
+            run.name,
+            run.workflow,
+            digest,
+            text,
+            json.dumps(_jsonable(run.input)),
+            run.namespace,
+            run.executor,
+            json.dumps(_jsonable(config)),
+            run.state,
+            time.time(),
+            self._pid,
+            self._host,
+            self._proc_start,
+            time.time(),
+        )
 
     def _end(self, db, run) -> None:
         """A run ended: its final record from the run object (all rows with their timings)."""
@@ -419,13 +481,29 @@ class RunStore:
         db.executemany(_TASK_UPSERT, params)
         failures = _failure_rows(run)
         db.execute("DELETE FROM failures WHERE run_uid=?", (run.uid,))
-        db.executemany("INSERT INTO failures VALUES (?,?,?,?,?,?,?,?)",
-                       [(run.uid, i, *f) for i, f in enumerate(failures)])
+        db.executemany(
+            "INSERT INTO failures VALUES (?,?,?,?,?,?,?,?)",
+            [(run.uid, i, *f) for i, f in enumerate(failures)],
+        )
         rtype, rbytes = _result_info(run.result)
-        db.execute("UPDATE runs SET state=?, error=?, failed_stage=?, started=?, finished=?, result_type=?, "
-                   "result_bytes=?, stages_json=?, n_tasks=?, n_failures=?, heartbeat=? WHERE uid=?",
-                   (run.state, run.error, run.failed_stage, run._started, run._finished, rtype, rbytes,
-                    json.dumps(summaries), len(rows), len(run.failures), time.time(), run.uid))
+        db.execute(
+            "UPDATE runs SET state=?, error=?, failed_stage=?, started=?, finished=?, result_type=?, "
+            "result_bytes=?, stages_json=?, n_tasks=?, n_failures=?, heartbeat=? WHERE uid=?",
+            (
+                run.state,
+                run.error,
+                run.failed_stage,
+                run._started,
+                run._finished,
+                rtype,
+                rbytes,
+                json.dumps(summaries),
+                len(rows),
+                len(run.failures),
+                time.time(),
+                run.uid,
+            ),
+        )
 
     # --- reading ---
     def query(self, sql: str, params=()) -> list[dict]:
@@ -448,6 +526,7 @@ def _is_flush(entry) -> bool:
 def _process_start(pid: int) -> float | None:
     try:
         import psutil
+
         return psutil.Process(pid).create_time()
     except Exception:
         return None
@@ -470,8 +549,10 @@ def apply_lost(row: dict, here: str | None = None) -> dict:
     """A pending/running record whose writer is gone reads as 'lost', saying why."""
     if row.get("state") in ("pending", "running") and _writer_gone(row, here or socket.gethostname()):
         row["state"] = "lost"
-        row["error"] = (f"the process that ran it (pid {row['pid']} on {row['host']}) ended before the run "
-                        f"did: killed, or exited mid-run")
+        row["error"] = (
+            f"the process that ran it (pid {row['pid']} on {row['host']}) ended before the run "
+            f"did: killed, or exited mid-run"
+        )
     return row
 
 

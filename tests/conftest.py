@@ -74,6 +74,8 @@ def poll(predicate, timeout: float = 60.0, interval: float = 0.05, *, before=Non
                 raise AssertionError(f"{what} (waited {timeout:g} s)")
             return value
         time.sleep(interval)
+
+
 OUTPUT_DIR = ROOT / "test-output"
 
 
@@ -99,13 +101,22 @@ class SharedCluster:
 
 def _dask():
     import flowdapt_nb as fnb
-    return fnb.DaskExecutor(cpus=2, threads=1, resources={"hamster_wheels": 2}, env_vars={"FNB_TEST_ENV": "dask"})
+
+    return fnb.DaskExecutor(
+        cpus=2, threads=1, resources={"hamster_wheels": 2}, env_vars={"FNB_TEST_ENV": "dask"}
+    )
 
 
 def _ray():
     import flowdapt_nb as fnb
-    return fnb.RayExecutor(cpus=2, resources={"hamster_wheels": 2}, env_vars={"FNB_TEST_ENV": "ray"},
-                           logging_level="error", include_dashboard=True)
+
+    return fnb.RayExecutor(
+        cpus=2,
+        resources={"hamster_wheels": 2},
+        env_vars={"FNB_TEST_ENV": "ray"},
+        logging_level="error",
+        include_dashboard=True,
+    )
 
 
 _shared = {"dask": SharedCluster(_dask), "ray": SharedCluster(_ray)}
@@ -136,6 +147,7 @@ def ray_executor(ray_cluster):
 def make_executor(kind: str):
     """A started executor of ``kind``; local ones are fresh, Dask/Ray are the session's."""
     import flowdapt_nb as fnb
+
     if kind == "threads":
         return fnb.LocalExecutor(use_processes=False, cpus=2).start()
     if kind == "processes":
@@ -174,6 +186,7 @@ def pytest_sessionfinish(session, exitstatus):
         except Exception as exc:  # pragma: no cover
             warnings.warn(f"closing a shared cluster failed: {exc}", stacklevel=1)
     import shutil
+
     for folder in (_ARTIFACTS_TMP, _RAY_TMP, _RUNS_TMP):
         shutil.rmtree(folder, ignore_errors=True)
     # Nothing we started may outlive the suite: Ray, Dask, Jupyter or pool processes.

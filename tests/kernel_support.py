@@ -23,15 +23,27 @@ CLI = _cli()
 def cli(*args, cwd, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``flowdapt-nb ARGS`` in ``cwd`` and wait for it (``timeout`` seconds at most);
     ``env`` adds to this process's environment."""
-    return subprocess.run([*CLI, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*CLI, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def start_cli(*args, cwd, env: dict | None = None) -> subprocess.Popen:
     """Start ``flowdapt-nb ARGS`` in ``cwd`` with stdout and stderr piped (text); the caller
     ends it (kill + wait in a ``finally``)."""
-    return subprocess.Popen([*CLI, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [*CLI, *map(str, args)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @contextlib.contextmanager
@@ -40,9 +52,13 @@ def kernel(tmp_path: Path, ready_timeout: float = 60):
     yields its client, ready. Channels stopped and the kernel shut down at the end."""
     from jupyter_client import KernelManager
 
-    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
-               JUPYTER_DATA_DIR=str(tmp_path / "data"), JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
-               IPYTHONDIR=str(tmp_path / "ipython"))
+    env = dict(
+        os.environ,
+        JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
+        JUPYTER_DATA_DIR=str(tmp_path / "data"),
+        JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
+        IPYTHONDIR=str(tmp_path / "ipython"),
+    )
     km = KernelManager(kernel_name="python3")
     km.start_kernel(env=env, cwd=str(tmp_path))
     kc = km.client()

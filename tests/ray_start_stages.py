@@ -19,4 +19,5 @@ def held_until(path: str) -> list[str]:
 
 def read_memory(key: str):
     import flowdapt_nb as fnb
+
     return fnb.cluster_memory.get(key)

@@ -21,9 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_benchmark_runs_at_tiny_size(tmp_path):
     env = dict(os.environ)
     env.pop("RAY_TMPDIR", None)  # the script gives Ray its own temp dir and removes it
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--size", "tiny",
-                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=840)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--size", "tiny", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
 
     data = json.loads((tmp_path / "bench-tiny.json").read_text())

@@ -26,21 +26,29 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 NOTEBOOK_CELLS = [
-    _cell("# flowdapt_nb live dashboard\nA background run of slow items; the dashboard follows it.", "markdown"),
-    _cell("import time\nimport flowdapt_nb as fnb\n\nex = fnb.LocalExecutor(use_processes=False, cpus=2).start()\n"
-          "fnb.widgets.ExecutorCard(ex)"),
-    _cell("def numbers(n=10):\n    return list(range(n))\n\n"
-          "def featurize(x):\n    time.sleep(0.35)\n    if x == 13:\n"
-          "        raise ValueError(f'sensor {x} returned NaN')\n"
-          "    return x * x\n\n"
-          "def summarize(values):\n    return sum(values)\n\n"
-          "wf = fnb.Workflow('features', stages=[\n"
-          "    fnb.Stage('numbers', numbers),\n"
-          "    fnb.Stage('featurize', featurize, type='parameterized', depends_on=['numbers']),\n"
-          "    fnb.Stage('summarize', summarize, depends_on=['featurize']),\n])"),
+    _cell(
+        "# flowdapt_nb live dashboard\nA background run of slow items; the dashboard follows it.", "markdown"
+    ),
+    _cell(
+        "import time\nimport flowdapt_nb as fnb\n\nex = fnb.LocalExecutor(use_processes=False, cpus=2).start()\n"
+        "fnb.widgets.ExecutorCard(ex)"
+    ),
+    _cell(
+        "def numbers(n=10):\n    return list(range(n))\n\n"
+        "def featurize(x):\n    time.sleep(0.35)\n    if x == 13:\n"
+        "        raise ValueError(f'sensor {x} returned NaN')\n"
+        "    return x * x\n\n"
+        "def summarize(values):\n    return sum(values)\n\n"
+        "wf = fnb.Workflow('features', stages=[\n"
+        "    fnb.Stage('numbers', numbers),\n"
+        "    fnb.Stage('featurize', featurize, type='parameterized', depends_on=['numbers']),\n"
+        "    fnb.Stage('summarize', summarize, depends_on=['featurize']),\n])"
+    ),
     _cell("dash = fnb.widgets.Dashboard(ex)\ndash"),
-    _cell("handle = ex.submit(wf, input={'n': 40})   # returns at once: the cell is free, the dashboard moves\n"
-          "handle"),
+    _cell(
+        "handle = ex.submit(wf, input={'n': 40})   # returns at once: the cell is free, the dashboard moves\n"
+        "handle"
+    ),
     _cell("mapper = fnb.widgets.StageMapper(workflow=wf)\nmapper"),
 ]
 
@@ -97,7 +105,9 @@ def test_dashboard_renders_and_moves_in_jupyterlab(lab, output_dir):
             # the run finishes: 39 of 40 items done, the failing one listed with its error
             page.wait_for_function(
                 "() => { const b = document.querySelector('.fnb-dashboard .fnb-tasks .fnb-head .fnb-badge');"
-                " return b && b.textContent.toLowerCase() === 'finished'; }", timeout=120_000)
+                " return b && b.textContent.toLowerCase() === 'finished'; }",
+                timeout=120_000,
+            )
             final = tasks.locator(".fnb-stages tr[data-stage='featurize'] .fnb-count").inner_text()
             assert final == "39/40", final
             assert "sensor 13 returned NaN" in tasks.inner_text()
@@ -128,14 +138,18 @@ def test_dashboard_renders_and_moves_in_jupyterlab(lab, output_dir):
             mapper.locator("button[title='Run']").click()
             page.wait_for_function(
                 "() => { const s = document.querySelector('.fnb-stage-mapper .fnb-dag svg');"
-                " return s && (s.innerHTML.match(/#43a047/g) || []).length === 3; }", timeout=60_000)
+                " return s && (s.innerHTML.match(/#43a047/g) || []).length === 3; }",
+                timeout=60_000,
+            )
             assert "result: 506" in mapper.inner_text()
             mapper.scroll_into_view_if_needed()
             shot(page, "stage-mapper-ran", mapper)
             page.wait_for_function(
                 "() => { const d = document.querySelector("
                 "'.fnb-dashboard .fnb-stages tr[data-stage=featurize] .fnb-count');"
-                " return d && d.textContent === '12/12'; }", timeout=30_000)
+                " return d && d.textContent === '12/12'; }",
+                timeout=30_000,
+            )
             shot(page, "notebook")
         except Exception:
             save_failure(page, output_dir, "browser-failure")  # what the page showed when it went wrong
@@ -146,6 +160,7 @@ def test_dashboard_renders_and_moves_in_jupyterlab(lab, output_dir):
 
 
 # --- the notebook face (issue 15): saved outputs, Run All, live dashboards ------------------------
+
 
 class Notebook:
     """A notebook open in its own JupyterLab page, with the few actions a reader takes."""
@@ -174,10 +189,12 @@ class Notebook:
     def run_all(self):
         run_all(self.page)
 
-    _DONE_JS = ("() => { const ps = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')];"
-                " const idle = /\\| Idle/.test(document.body.innerText);"
-                " return idle && ps.length > 0 && /\\[\\d+\\]/.test(ps[0].textContent)"
-                " && !ps.some(p => p.textContent.includes('*')); }")
+    _DONE_JS = (
+        "() => { const ps = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')];"
+        " const idle = /\\| Idle/.test(document.body.innerText);"
+        " return idle && ps.length > 0 && /\\[\\d+\\]/.test(ps[0].textContent)"
+        " && !ps.some(p => p.textContent.includes('*')); }"
+    )
 
     def finished(self) -> bool:
         """Run All ended: no cell waiting or running ([*]) and the kernel idle (an error stops it)."""
@@ -196,18 +213,24 @@ class Notebook:
 
     def failure(self):
         try:
-            self.page.screenshot(path=str(self.output_dir / f"browser-failure-{self.name}.png"), full_page=True)
+            self.page.screenshot(
+                path=str(self.output_dir / f"browser-failure-{self.name}.png"), full_page=True
+            )
         except Exception:
             pass
 
     def errors(self) -> list[str]:
-        return self.page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']").all_inner_texts()
+        return self.page.locator(
+            ".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']"
+        ).all_inner_texts()
 
     def visible(self, selector) -> list:
         """Bounding boxes of the elements matching ``selector`` that are drawn with some size."""
         return self.page.evaluate(
             "(sel) => [...document.querySelectorAll(sel)].map(e => e.getBoundingClientRect())"
-            ".filter(r => r.width > 50 && r.height > 30).map(r => [r.width, r.height])", selector)
+            ".filter(r => r.width > 50 && r.height > 30).map(r => [r.width, r.height])",
+            selector,
+        )
 
     def text(self, selector) -> str | None:
         loc = self.page.locator(selector)
@@ -282,7 +305,9 @@ def test_untrusted_tutorial_reads_well_before_running(lab, chromium, output_dir)
         assert mapper.locator("svg").count() == 0 and mapper.locator("table").count() == 1
         framed = nb.page.evaluate(
             "(el) => [...el.querySelectorAll('div')].some(d => getComputedStyle(d).borderTopStyle === 'solid'"
-            " && d.textContent.includes('Stage mapper'))", mapper.element_handle())
+            " && d.textContent.includes('Stage mapper'))",
+            mapper.element_handle(),
+        )
         assert framed, "the mapper's panel lost its frame"
         nb.shot("untrusted-mapper", mapper)
     finally:
@@ -330,7 +355,9 @@ def test_run_all_04_dashboards_live_then_stopped(lab, chromium, output_dir):
             if used:
                 licences.append(used)
                 if used.split("/")[0] not in ("0", "") and len([x for x in licences if x[0] != "0"]) == 1:
-                    nb.shot("04-dashboard-licences-in-use", page.locator(".fnb-dashboard").first, passing=True)
+                    nb.shot(
+                        "04-dashboard-licences-in-use", page.locator(".fnb-dashboard").first, passing=True
+                    )
             run_now = nb.text(".fnb-dashboard .fnb-run-running")
             if run_now and run_now.isdigit():
                 running.append(int(run_now))
@@ -346,10 +373,16 @@ def test_run_all_04_dashboards_live_then_stopped(lab, chromium, output_dir):
         if not any(x.split("/")[0] not in ("0", "") for x in licences):
             problems.append(f"licences never shown in use: {sorted(set(licences))}")
         # every widget the tutorial shows is still drawn after Run All
-        for selector, least in ((".fnb-executor-card", 1), (".fnb-dashboard", 1), (".fnb-tasks", 2),
-                                (".fnb-resources", 2)):
+        for selector, least in (
+            (".fnb-executor-card", 1),
+            (".fnb-dashboard", 1),
+            (".fnb-tasks", 2),
+            (".fnb-resources", 2),
+        ):
             if len(nb.visible(selector)) < least:
-                problems.append(f"{selector}: {len(nb.visible(selector))} visible after Run All, want {least}")
+                problems.append(
+                    f"{selector}: {len(nb.visible(selector))} visible after Run All, want {least}"
+                )
         dash = page.locator(".fnb-dashboard").first
         state = page.locator(".fnb-dashboard .fnb-executor-state").first.get_attribute("data-state")
         if state != "stopped":
@@ -367,11 +400,15 @@ def test_run_all_04_dashboards_live_then_stopped(lab, chromium, output_dir):
 RAY_NOTEBOOK = [
     _cell("%load_ext flowdapt_nb"),
     _cell("%flowdapt executor ray --cpus 2"),
-    _cell("import time\n\ndef items(n):\n    return list(range(n))\n\n"
-          "def nap(x):\n    time.sleep(0.2)\n    return x\n\ndef total(xs):\n    return sum(xs)"),
-    _cell("%%flowdapt workflow naps\n- {name: items, target: items}\n"
-          "- {name: nap, target: nap, type: parameterized, depends_on: [items]}\n"
-          "- {name: total, target: total, depends_on: [nap]}"),
+    _cell(
+        "import time\n\ndef items(n):\n    return list(range(n))\n\n"
+        "def nap(x):\n    time.sleep(0.2)\n    return x\n\ndef total(xs):\n    return sum(xs)"
+    ),
+    _cell(
+        "%%flowdapt workflow naps\n- {name: items, target: items}\n"
+        "- {name: nap, target: nap, type: parameterized, depends_on: [items]}\n"
+        "- {name: total, target: total, depends_on: [nap]}"
+    ),
     _cell("%flowdapt run naps --input n=60 --background"),
     _cell("%flowdapt dashboard"),
     _cell("run = _flowdapt_run.wait(240)\nrun.state, run.result"),
@@ -381,9 +418,15 @@ RAY_NOTEBOOK = [
 
 def test_ray_dashboard_sees_200ms_tasks_running_then_stopped(lab, chromium, output_dir):
     name = "ray_dashboard.ipynb"
-    nb_json = {"cells": RAY_NOTEBOOK, "nbformat": 4, "nbformat_minor": 5,
-               "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)",
-                                           "language": "python"}, "language_info": {"name": "python"}}}
+    nb_json = {
+        "cells": RAY_NOTEBOOK,
+        "nbformat": 4,
+        "nbformat_minor": 5,
+        "metadata": {
+            "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
+            "language_info": {"name": "python"},
+        },
+    }
     (lab.root / name).write_text(json.dumps(nb_json, indent=1))
     nb = Notebook(chromium, lab, name, output_dir)
     page = nb.page
@@ -396,7 +439,9 @@ def test_ray_dashboard_sees_200ms_tasks_running_then_stopped(lab, chromium, outp
             if value and value.isdigit():
                 running.append(int(value))
                 if int(value) > 0 and not shot:
-                    shot = bool(nb.shot("ray-dashboard-running", page.locator(".fnb-dashboard").first, passing=True))
+                    shot = bool(
+                        nb.shot("ray-dashboard-running", page.locator(".fnb-dashboard").first, passing=True)
+                    )
                     after = nb.text(".fnb-dashboard .fnb-run-running")
                     if not (after and after.isdigit() and int(after) > 0):
                         shot = False  # the count moved on while the picture was taken: take another

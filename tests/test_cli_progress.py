@@ -78,7 +78,9 @@ ALL_FAIL = PARTIAL.replace("no_threes", "explode_item").replace("name: partial",
 
 @pytest.fixture
 def project(tmp_path):
-    (tmp_path / "progstages.py").write_text(STAGES + "\ndef explode_item(x):\n    raise KeyError(f'item {x}')\n")
+    (tmp_path / "progstages.py").write_text(
+        STAGES + "\ndef explode_item(x):\n    raise KeyError(f'item {x}')\n"
+    )
     (tmp_path / "wf.yaml").write_text(WORKFLOW % "total")
     (tmp_path / "bad.yaml").write_text(WORKFLOW % "explode")
     (tmp_path / "frame.yaml").write_text(WORKFLOW % "frame")
@@ -115,6 +117,7 @@ def read_until(proc, pattern: str, lines: list, timeout=WAIT) -> str:
 
 
 # --- live progress on stderr, clean stdout ------------------------------------------------------
+
 
 @pytest.mark.parametrize("config", ["threads.yaml", "procs.yaml"])
 def test_plain_progress_shows_while_the_run_goes_and_stdout_is_only_the_result(project, config):
@@ -163,6 +166,7 @@ def test_auto_progress_is_plain_when_stderr_is_not_a_terminal(project):
 
 # --- --output / --format --------------------------------------------------------------------------
 
+
 def test_output_file_formats(project):
     out = cli("run", "wf.yaml", "-c", "threads.yaml", "-i", "n=4", "--output", "r.json", cwd=project)
     assert out.returncode == 0 and out.stdout == "", out.stderr
@@ -173,10 +177,22 @@ def test_output_file_formats(project):
     out = cli("run", "frame.yaml", "-c", "threads.yaml", "-i", "n=3", "-o", "r.parquet", cwd=project)
     assert out.returncode == 0 and out.stdout == "", out.stderr
     import pandas as pd
+
     frame = pd.read_parquet(project / "r.parquet")
     assert frame["y"].tolist() == [0, 1, 4] and frame["x"].tolist() == [0, 1, 2]
-    out = cli("run", "frame.yaml", "-c", "threads.yaml", "-i", "n=3", "-o", "frame.out", "--format", "pickle",
-              cwd=project)
+    out = cli(
+        "run",
+        "frame.yaml",
+        "-c",
+        "threads.yaml",
+        "-i",
+        "n=3",
+        "-o",
+        "frame.out",
+        "--format",
+        "pickle",
+        cwd=project,
+    )
     assert out.returncode == 0, out.stderr
     assert pickle.loads((project / "frame.out").read_bytes())["y"].tolist() == [0, 1, 4]
 
@@ -189,10 +205,13 @@ def test_output_errors(project):
     # known only once the run finished: the result is not a DataFrame
     out = cli("run", "wf.yaml", "-c", "threads.yaml", "-i", "n=2", "-o", "r.parquet", cwd=project)
     assert out.returncode == 1 and not (project / "r.parquet").exists()
-    assert "--format parquet needs a pandas DataFrame (or Series) result; this run's result is int" in out.stderr
+    assert (
+        "--format parquet needs a pandas DataFrame (or Series) result; this run's result is int" in out.stderr
+    )
 
 
 # --- failures --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("config", ["threads.yaml", "procs.yaml"])
 def test_failed_stage_shows_the_users_frames_and_ours_with_verbose(project, config):
@@ -202,7 +221,9 @@ def test_failed_stage_shows_the_users_frames_and_ours_with_verbose(project, conf
     assert "error: run failed: stage 'total' failed: ValueError: the total exploded" in err
     assert 'progstages.py", line' in err and "in explode" in err
     assert 'raise ValueError("the total exploded")' in err
-    shown = err.split("error: run failed")[1].split("(flowdapt_nb's own frames are hidden; --verbose shows them)")
+    shown = err.split("error: run failed")[1].split(
+        "(flowdapt_nb's own frames are hidden; --verbose shows them)"
+    )
     assert len(shown) == 2 and "flowdapt_nb/" not in shown[0]  # the traceback holds none of our frames
     assert "total: failed 0/1 done, 0 running, 1 failed" in err
     verbose = cli("run", "bad.yaml", "-c", config, "-i", "n=3", "--verbose", cwd=project)
@@ -218,9 +239,10 @@ def test_dropped_items_are_a_table(project):
     err = out.stderr.splitlines()
     start = err.index("warning: 3 item(s) failed and were dropped (allow_partial_failure):")
     assert err[start + 1].split() == ["stage", "item", "error"]
-    rows = [line.split(None, 2) for line in err[start + 2:start + 5]]
-    assert [(r[0], r[1]) for r in rows] == [("keep", "0"), ("keep", "3"), ("keep", "6")] or \
-        sorted((r[0], r[1]) for r in rows) == [("keep", "0"), ("keep", "3"), ("keep", "6")]
+    rows = [line.split(None, 2) for line in err[start + 2 : start + 5]]
+    assert [(r[0], r[1]) for r in rows] == [("keep", "0"), ("keep", "3"), ("keep", "6")] or sorted(
+        (r[0], r[1]) for r in rows
+    ) == [("keep", "0"), ("keep", "3"), ("keep", "6")]
     assert all(r[2].startswith("ValueError: no multiples of 3") for r in rows)
 
 
@@ -230,14 +252,29 @@ def test_a_stage_whose_every_item_failed_lists_them(project):
     assert "error: run failed: stage 'keep'" in out.stderr
     assert "3 task(s) failed:" in out.stderr
     for item in range(3):
-        assert any(line.split()[:2] == ["keep", str(item)] and "KeyError" in line for line in out.stderr.splitlines())
+        assert any(
+            line.split()[:2] == ["keep", str(item)] and "KeyError" in line for line in out.stderr.splitlines()
+        )
 
 
 # --- exit codes ------------------------------------------------------------------------------------
 
+
 def test_exit_1_when_the_timeout_passes(project):
-    proc = start("run", "wf.yaml", "-c", "procs.yaml", "--progress", "plain", "-i", "n=2", "--timeout", "3",
-                 cwd=project, gate=project / "never")
+    proc = start(
+        "run",
+        "wf.yaml",
+        "-c",
+        "procs.yaml",
+        "--progress",
+        "plain",
+        "-i",
+        "n=2",
+        "--timeout",
+        "3",
+        cwd=project,
+        gate=project / "never",
+    )
     try:
         out, err = proc.communicate(timeout=WAIT)
     finally:
@@ -254,8 +291,10 @@ def test_exit_2_bad_usage_and_bad_files(project):
     out = cli("run", "wf.yaml", "--progress", "fancy", cwd=project)
     assert out.returncode == 2 and "invalid choice: 'fancy'" in out.stderr
     # a root stage whose required argument the run input lacks: found once the executor is up
-    (project / "needs.yaml").write_text("kind: workflow\nmetadata: {name: needs}\nspec:\n  stages:\n"
-                                        "    - {name: total, target: progstages.total}\n")
+    (project / "needs.yaml").write_text(
+        "kind: workflow\nmetadata: {name: needs}\nspec:\n  stages:\n"
+        "    - {name: total, target: progstages.total}\n"
+    )
     out = cli("run", "needs.yaml", "-c", "threads.yaml", cwd=project)
     assert out.returncode == 2 and "xs" in out.stderr and out.stdout == "", out.stderr
 
@@ -280,8 +319,13 @@ def test_exit_3_when_the_cluster_cannot_be_reached(project, kind):
 def test_help_lists_the_exit_codes(project):
     out = cli("run", "--help", cwd=project)
     text = " ".join(out.stdout.split())
-    for code, words in (("0", "the run finished"), ("1", "a stage failed"), ("2", "bad usage"),
-                        ("3", "the executor could not be reached or started"), ("130", "interrupted")):
+    for code, words in (
+        ("0", "the run finished"),
+        ("1", "a stage failed"),
+        ("2", "bad usage"),
+        ("3", "the executor could not be reached or started"),
+        ("130", "interrupted"),
+    ):
         assert f"{code} {words}" in text, out.stdout
 
 
@@ -304,7 +348,9 @@ def interrupt_when_running(proc, what: str):
 
 def test_ctrl_c_exits_130_after_cancelling_and_leaves_no_process(project):
     gate = project / "never"  # never created: the tasks wait until cancelled
-    proc = start("run", "wf.yaml", "-c", "procs.yaml", "--progress", "plain", "-i", "n=2", cwd=project, gate=gate)
+    proc = start(
+        "run", "wf.yaml", "-c", "procs.yaml", "--progress", "plain", "-i", "n=2", cwd=project, gate=gate
+    )
     out, err, children = interrupt_when_running(proc, "local process executor")
     assert proc.returncode == 130, err
     assert out == ""
@@ -317,8 +363,18 @@ def test_ctrl_c_exits_130_after_cancelling_and_leaves_no_process(project):
 
 def test_ctrl_c_on_a_dask_cluster_it_started_stops_the_workers(project):
     (project / "dask.yaml").write_text("target: dask\ncpus: 2\nthreads: 1\n")
-    proc = start("run", "wf.yaml", "-c", "dask.yaml", "--progress", "plain", "-i", "n=2", cwd=project,
-                 gate=project / "never")
+    proc = start(
+        "run",
+        "wf.yaml",
+        "-c",
+        "dask.yaml",
+        "--progress",
+        "plain",
+        "-i",
+        "n=2",
+        cwd=project,
+        gate=project / "never",
+    )
     out, err, children = interrupt_when_running(proc, "Dask executor")
     assert proc.returncode == 130, err
     assert out == "" and "error: interrupted; the run was cancelled and the executor stopped" in err
@@ -328,14 +384,21 @@ def test_ctrl_c_on_a_dask_cluster_it_started_stops_the_workers(project):
 
 # --- a terminal: the bar redrawn in place -------------------------------------------------------
 
+
 def test_bar_redraws_in_place_in_a_pseudo_terminal(project):
     gate = project / "gate"
     main, child = pty.openpty()
     fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "PROG_GATE": str(gate)}
     env.pop("NO_COLOR", None)
-    proc = subprocess.Popen([*CLI, "run", "wf.yaml", "-c", "threads.yaml", "-i", "n=4"],
-                            cwd=project, stdin=child, stdout=subprocess.PIPE, stderr=child, env=env)
+    proc = subprocess.Popen(
+        [*CLI, "run", "wf.yaml", "-c", "threads.yaml", "-i", "n=4"],
+        cwd=project,
+        stdin=child,
+        stdout=subprocess.PIPE,
+        stderr=child,
+        env=env,
+    )
     os.close(child)
     screen = b""
     deadline = time.monotonic() + WAIT
@@ -380,10 +443,12 @@ def test_bar_redraws_in_place_in_a_pseudo_terminal(project):
 
 def _strip_ansi(text: str) -> str:
     import re
+
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
 
 
 # --- flowdapt-nb status ADDRESS -----------------------------------------------------------------
+
 
 def test_status_lists_a_dask_clusters_workers_and_leaves_it_running(dask_executor, tmp_path):
     info = dask_executor.info()

@@ -20,8 +20,12 @@ from flowdapt_nb import widgets
 
 
 def slow_map(resources: dict) -> fnb.Workflow:
-    return fnb.Workflow("held", stages=[fnb.Stage("work", st.slow, type="parameterized",
-                                                  options={"map_on": "xs"}, resources=resources)])
+    return fnb.Workflow(
+        "held",
+        stages=[
+            fnb.Stage("work", st.slow, type="parameterized", options={"map_on": "xs"}, resources=resources)
+        ],
+    )
 
 
 def cpu_name(ex) -> str:
@@ -52,6 +56,7 @@ def watch_run(ex, dash, handle, names: list[str]) -> dict:
 
 # --- in use: cpus and custom resources ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["threads", "processes", "dask", "ray"])
 def test_resources_in_use_while_stages_hold_them(kind):
     ex = make_executor(kind)
@@ -72,8 +77,10 @@ def test_resources_in_use_while_stages_hold_them(kind):
             assert seen[f"trait:{n}"] <= totals[n] and seen[f"frame:{n}"] <= totals[n]
         assert seen["running"] >= 1
         # after the run: nothing of ours held any more, in both views
-        assert poll(lambda: all(dash.resources.in_use.get(n, 0) == 0 and frame_in_use(ex, n) == 0
-                                for n in names), timeout=30), (dash.resources.in_use, ex.resources())
+        assert poll(
+            lambda: all(dash.resources.in_use.get(n, 0) == 0 and frame_in_use(ex, n) == 0 for n in names),
+            timeout=30,
+        ), (dash.resources.in_use, ex.resources())
         stats = dash.resources._body.value
         for n in names:
             assert f'data-resource="{n}"' in stats and f"{n} in use" in stats
@@ -120,6 +127,7 @@ def test_dask_custom_resource_shown_in_use_per_worker(dask_executor):
 
 # --- tasks seen running ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["threads", "processes", "dask", "ray"])
 def test_tasks_of_200_ms_are_seen_running(kind):
     """A run of 200 ms tasks on 2 cpus: the task dashboard shows some running while it goes
@@ -147,12 +155,19 @@ def test_a_long_item_inside_a_chunk_is_seen_running(kind):
     """Tiny items go to workers in chunks, without a report each; one item among them that works
     for 1.5 s is still reported running while it runs, not only when its chunk comes back."""
     import live_stages
+
     ex = make_executor(kind)
     received = []
-    token = ex.events.subscribe(lambda e: received.append((time.monotonic(), e.item, e.state)), kinds={"task"})
+    token = ex.events.subscribe(
+        lambda e: received.append((time.monotonic(), e.item, e.state)), kinds={"task"}
+    )
     try:
-        wf = fnb.Workflow("chunky", stages=[fnb.Stage("work", live_stages.mostly_tiny, type="parameterized",
-                                                      options={"map_on": "x"})])
+        wf = fnb.Workflow(
+            "chunky",
+            stages=[
+                fnb.Stage("work", live_stages.mostly_tiny, type="parameterized", options={"map_on": "x"})
+            ],
+        )
         run = ex.run(wf, input={"x": list(range(600))})
         assert run.state == "finished"
         mine = {state: t for t, item, state in received if item == 300}
@@ -165,6 +180,7 @@ def test_a_long_item_inside_a_chunk_is_seen_running(kind):
 
 
 # --- the dashboard after its executor stopped ---------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["threads", "processes", "dask"])
 def test_dashboard_turns_stopped_with_nothing_in_use(kind, dask_cluster):
@@ -208,7 +224,7 @@ def test_dashboard_of_a_stopped_executor_says_so():
 
 # --- the notebook's live outputs, in a real kernel ---------------------------------------------
 
-KERNEL_SETUP = '''
+KERNEL_SETUP = """
 import time
 
 def numbers(n=4):
@@ -220,7 +236,7 @@ def nap(x):
 
 def long_nap():
     time.sleep(2.5)
-'''
+"""
 
 NAPS = """\
 - {name: numbers, target: numbers}
@@ -231,6 +247,7 @@ NAPS = """\
 def _iopub_until(kc, predicate, timeout):
     """iopub messages until ``predicate(messages)`` holds or ``timeout`` passes."""
     import queue
+
     msgs, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline and not predicate(msgs):
         try:
@@ -242,9 +259,12 @@ def _iopub_until(kc, predicate, timeout):
 
 def _outputs(msgs, msg_id=None):
     """(type, display_id, data) of the display messages (of one cell's ``msg_id``)."""
-    return [(m["msg_type"], m["content"].get("transient", {}).get("display_id"), m["content"]["data"])
-            for m in msgs if m["msg_type"] in ("display_data", "update_display_data", "execute_result")
-            and (msg_id is None or m["parent_header"].get("msg_id") == msg_id)]
+    return [
+        (m["msg_type"], m["content"].get("transient", {}).get("display_id"), m["content"]["data"])
+        for m in msgs
+        if m["msg_type"] in ("display_data", "update_display_data", "execute_result")
+        and (msg_id is None or m["parent_header"].get("msg_id") == msg_id)
+    ]
 
 
 @pytest.mark.timeout(300)
@@ -255,20 +275,27 @@ def test_kernel_start_feedback_then_card_and_a_live_background_run(tmp_path):
     import re
 
     with kernel(tmp_path) as kc:
-        reply = kc.execute_interactive(KERNEL_SETUP + "\nget_ipython().run_line_magic('load_ext', 'flowdapt_nb')\n"
-                                       f"get_ipython().run_cell_magic('flowdapt', 'workflow naps', {NAPS!r})\n"
-                                       "get_ipython().run_cell_magic('flowdapt', 'workflow long', "
-                                       "'- {name: long, target: long_nap}')\n",
-                                       timeout=60, output_hook=lambda m: None)
+        reply = kc.execute_interactive(
+            KERNEL_SETUP + "\nget_ipython().run_line_magic('load_ext', 'flowdapt_nb')\n"
+            f"get_ipython().run_cell_magic('flowdapt', 'workflow naps', {NAPS!r})\n"
+            "get_ipython().run_cell_magic('flowdapt', 'workflow long', "
+            "'- {name: long, target: long_nap}')\n",
+            timeout=60,
+            output_hook=lambda m: None,
+        )
         assert reply["content"]["status"] == "ok", reply["content"]
         # the executor start: feedback first, then the card in its place
         msgs = []
-        reply = kc.execute_interactive("%flowdapt executor dask --cpus 2", timeout=120, output_hook=msgs.append)
+        reply = kc.execute_interactive(
+            "%flowdapt executor dask --cpus 2", timeout=120, output_hook=msgs.append
+        )
         assert reply["content"]["status"] == "ok", reply["content"]
         shown = _outputs(msgs)
         first_type, feedback_id, first = shown[0]
         assert first_type == "display_data" and feedback_id
-        assert 'class="fnb-start"' in first["text/html"] and "Starting the Dask executor" in first["text/plain"]
+        assert (
+            'class="fnb-start"' in first["text/html"] and "Starting the Dask executor" in first["text/plain"]
+        )
         assert "starting" in first["text/plain"].splitlines()[1]  # what is happening, not only a clock
         updates = [data for kind, did, data in shown if kind == "update_display_data" and did == feedback_id]
         assert updates and "application/vnd.jupyter.widget-view+json" in updates[-1]  # the card replaced it
@@ -278,17 +305,30 @@ def test_kernel_start_feedback_then_card_and_a_live_background_run(tmp_path):
             assert seconds == sorted(seconds)
         # a background run: its output moves on after the cell ended
         msg_id = kc.execute("%flowdapt run naps --input n=6 --background")
-        msgs = _iopub_until(kc, lambda ms: any(
-            m["msg_type"] == "update_display_data" and "[finished" in m["content"]["data"]["text/plain"]
-            for m in ms), timeout=120)
+        msgs = _iopub_until(
+            kc,
+            lambda ms: any(
+                m["msg_type"] == "update_display_data" and "[finished" in m["content"]["data"]["text/plain"]
+                for m in ms
+            ),
+            timeout=120,
+        )
         shown = _outputs(msgs, msg_id)
-        idle_at = next(i for i, m in enumerate(msgs) if m["msg_type"] == "status"
-                       and m["content"]["execution_state"] == "idle" and m["parent_header"].get("msg_id") == msg_id)
+        idle_at = next(
+            i
+            for i, m in enumerate(msgs)
+            if m["msg_type"] == "status"
+            and m["content"]["execution_state"] == "idle"
+            and m["parent_header"].get("msg_id") == msg_id
+        )
         first_type, progress_id, first = shown[0]
         assert first_type == "display_data" and progress_id and "flowdapt-progress" in first["text/html"]
-        later = [m["content"]["data"]["text/plain"] for m in msgs[idle_at:]
-                 if m["msg_type"] == "update_display_data"
-                 and m["content"]["transient"]["display_id"] == progress_id]
+        later = [
+            m["content"]["data"]["text/plain"]
+            for m in msgs[idle_at:]
+            if m["msg_type"] == "update_display_data"
+            and m["content"]["transient"]["display_id"] == progress_id
+        ]
         assert len(set(later)) >= 2, later  # it changed after the cell returned
         assert "[finished" in later[-1] and "nap 6/6" in later[-1]
         assert not any(kind == "execute_result" for kind, _, _ in shown)  # no frozen snapshot beside it

@@ -37,26 +37,39 @@ def _bomb(levels: int = 9, indent: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-BOMB_WORKFLOW = ("kind: workflow\nmetadata:\n  name: w\n  annotations:\n" + _bomb(indent="    ")
-                 + "spec:\n  stages:\n    - {name: a, target: builtins.list}\n")
+BOMB_WORKFLOW = (
+    "kind: workflow\nmetadata:\n  name: w\n  annotations:\n"
+    + _bomb(indent="    ")
+    + "spec:\n  stages:\n    - {name: a, target: builtins.list}\n"
+)
 BOMB_CONFIG = "target: local\nuse_processes: false\nresources:\n" + _bomb(indent="  ")
-LATIN1_WORKFLOW = ("kind: workflow\nmetadata: {name: w, description: caf\xe9}\nspec:\n  stages:\n"
-                   "    - {name: a, target: builtins.list}\n").encode("latin-1")
+LATIN1_WORKFLOW = (
+    "kind: workflow\nmetadata: {name: w, description: caf\xe9}\nspec:\n  stages:\n"
+    "    - {name: a, target: builtins.list}\n"
+).encode("latin-1")
 
 
 def _deep(depth: int, what: str) -> str:
     value = "[" * depth + "]" * depth
     if what == "workflow":
-        return ("kind: workflow\nmetadata: {name: w}\nspec:\n  stages:\n"
-                f"    - {{name: a, target: builtins.list, description: {value}}}\n")
+        return (
+            "kind: workflow\nmetadata: {name: w}\nspec:\n  stages:\n"
+            f"    - {{name: a, target: builtins.list, description: {value}}}\n"
+        )
     return f"target: local\nuse_processes: {value}\n"
 
 
 def _python(code: str, timeout: float = 120, cwd=None, env=None) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter: a parser regression (minutes, gigabytes) fails this
     one test by its timeout instead of stalling the suite."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def cli(*args, cwd, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
@@ -72,19 +85,23 @@ def _one_error_line(proc) -> str:
 
 # --- 14: YAML alias bombs and large files -------------------------------------------------------
 
+
 @pytest.mark.parametrize("what", ["workflow", "config"])
 def test_alias_bomb_is_refused_at_once(what):
     """556 bytes that took 60 s and 6 GB: one ConfigError naming the anchor's line, in a fresh
     interpreter bounded by its timeout."""
     text = BOMB_WORKFLOW if what == "workflow" else BOMB_CONFIG
     call = "load_workflow" if what == "workflow" else "executor_from_config"
-    proc = _python(f"""
+    proc = _python(
+        f"""
         import flowdapt_nb as fnb
         try:
             fnb.{call}({text!r})
         except fnb.ConfigError as exc:
             print("ConfigError:", exc)
-        """, timeout=60)
+        """,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.strip()
     assert out.startswith("ConfigError: line ") and "\n" not in out, out
@@ -100,14 +117,17 @@ def test_alias_bomb_cli_and_magic(tmp_path):
         assert proc.returncode == code, proc.stderr
         assert "aliases expand" in _one_error_line(proc) and proc.stdout == ""
     cell = "%%flowdapt workflow\n" + BOMB_WORKFLOW
-    proc = _python(f"""
+    proc = _python(
+        f"""
         from IPython.core.interactiveshell import InteractiveShell
         shell = InteractiveShell.instance()
         shell.run_line_magic("load_ext", "flowdapt_nb")
         result = shell.run_cell({cell!r})
         err = result.error_in_exec
         print(type(err).__name__, "|", err)
-        """, timeout=60)
+        """,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("UsageError | %%flowdapt workflow: cell line "), proc.stdout
     assert "aliases expand" in proc.stdout and proc.stdout.count("\n") == 1, proc.stdout
@@ -140,14 +160,18 @@ def test_large_plausible_file_parses_once_with_the_c_loader(tmp_path):
     """A 1 MB workflow (a table of 30,000 rows in its metadata) loads to what safe_load gives.
     It is parsed once, with libyaml's loader when PyYAML has it."""
     import flowdapt_nb.yamlsrc as yamlsrc
+
     if yaml.__with_libyaml__:
         assert yamlsrc._LOADER is yaml.CSafeLoader
     path = tmp_path / "big.yaml"
-    path.write_text("kind: workflow\nmetadata:\n  name: w\n  annotations:\n    table:\n"
-                    + "".join(f"      - [{i}, {i * 2}, x{i}]\n" for i in range(30_000))
-                    + "spec:\n  stages:\n    - {name: a, target: builtins.list}\n")
+    path.write_text(
+        "kind: workflow\nmetadata:\n  name: w\n  annotations:\n    table:\n"
+        + "".join(f"      - [{i}, {i * 2}, x{i}]\n" for i in range(30_000))
+        + "spec:\n  stages:\n    - {name: a, target: builtins.list}\n"
+    )
     assert 0.8e6 < path.stat().st_size < 1e6
-    proc = _python(f"""
+    proc = _python(
+        f"""
         import yaml, flowdapt_nb as fnb
         from flowdapt_nb import yamlsrc
         text = open({str(path)!r}).read()
@@ -161,12 +185,15 @@ def test_large_plausible_file_parses_once_with_the_c_loader(tmp_path):
         wf = fnb.load_workflow({str(path)!r})
         assert wf.metadata["annotations"] == yaml.safe_load(text)["metadata"]["annotations"]
         print(len(parses), len(wf.metadata["annotations"]["table"]))
-        """, timeout=120)
+        """,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["1", "30000"]
 
 
 # --- 12: deep nesting, non-UTF-8 files -----------------------------------------------------------
+
 
 @pytest.mark.parametrize("depth", [MAX_DEPTH + 50, 1000, 5000])
 @pytest.mark.parametrize("what", ["workflow", "config"])
@@ -193,12 +220,15 @@ def test_not_utf8_files_are_one_config_error(tmp_path):
     for load, path, line in ((fnb.load_workflow, wf_path, 2), (fnb.executor_from_config, cfg_path, 2)):
         with pytest.raises(fnb.ConfigError) as info:
             load(path)
-        assert str(info.value) == (f"line {line}: {path}: the file is not UTF-8 text (byte 0xe9 cannot be "
-                                   f"decoded); save it as UTF-8")
+        assert str(info.value) == (
+            f"line {line}: {path}: the file is not UTF-8 text (byte 0xe9 cannot be decoded); save it as UTF-8"
+        )
         assert info.value.__context__ is None or info.value.__suppress_context__
     utf16 = tmp_path / "utf16.yaml"  # YAML allows UTF-16 with a byte order mark
-    utf16.write_bytes("kind: workflow\nmetadata: {name: w, description: café}\nspec:\n  stages:\n"
-                      "    - {name: a, target: builtins.list}\n".encode("utf-16"))
+    utf16.write_bytes(
+        "kind: workflow\nmetadata: {name: w, description: café}\nspec:\n  stages:\n"
+        "    - {name: a, target: builtins.list}\n".encode("utf-16")
+    )
     assert fnb.load_workflow(utf16).metadata["description"] == "café"
 
 
@@ -209,7 +239,8 @@ def test_magic_run_on_bad_file_is_one_usage_error(case, tmp_path):
         path.write_bytes(LATIN1_WORKFLOW)
     else:
         path.write_text(_deep(1000, "workflow"))
-    proc = _python(f"""
+    proc = _python(
+        f"""
         from IPython.core.interactiveshell import InteractiveShell
         shell = InteractiveShell.instance()
         shell.run_line_magic("load_ext", "flowdapt_nb")
@@ -220,7 +251,9 @@ def test_magic_run_on_bad_file_is_one_usage_error(case, tmp_path):
             print(type(err).__name__, "|", err)
         finally:
             shell.run_line_magic("flowdapt", "stop")
-        """, timeout=120)
+        """,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     first = next(line for line in proc.stdout.splitlines() if " | " in line)
     assert first.startswith("UsageError | %flowdapt run: line "), proc.stdout
@@ -274,12 +307,15 @@ def test_cli_stdout_is_only_the_json_result(kind, tmp_path):
     assert json.loads(proc.stdout, parse_constant=no_constants) == [1.5, None, None, None]
     assert "PRINTED-BY" not in proc.stdout
     assert "PRINTED-BY-numbers" in proc.stderr and "PRINTED-BY-odd 3" in proc.stderr
-    assert "note: the result holds NaN or infinite numbers; JSON has none, so they print as null" in proc.stderr
+    assert (
+        "note: the result holds NaN or infinite numbers; JSON has none, so they print as null" in proc.stderr
+    )
 
 
 def test_cli_result_that_is_not_json_prints_as_a_json_string(tmp_path):
-    (tmp_path / "wf.yaml").write_text("kind: workflow\nmetadata: {name: w}\nspec:\n  stages:\n"
-                                      "    - {name: a, target: builtins.object}\n")
+    (tmp_path / "wf.yaml").write_text(
+        "kind: workflow\nmetadata: {name: w}\nspec:\n  stages:\n    - {name: a, target: builtins.object}\n"
+    )
     (tmp_path / "cfg.yaml").write_text(CONFIGS["threads"])
     proc = cli("run", "wf.yaml", "-c", "cfg.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -289,8 +325,9 @@ def test_cli_result_that_is_not_json_prints_as_a_json_string(tmp_path):
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1", "NaN"])
 def test_cli_timeout_must_be_finite_and_positive(value, tmp_path):
-    (tmp_path / "wf.yaml").write_text("kind: workflow\nmetadata: {name: w}\nspec:\n  stages:\n"
-                                      "    - {name: a, target: builtins.list}\n")
+    (tmp_path / "wf.yaml").write_text(
+        "kind: workflow\nmetadata: {name: w}\nspec:\n  stages:\n    - {name: a, target: builtins.list}\n"
+    )
     proc = cli("run", "wf.yaml", f"--timeout={value}", cwd=tmp_path, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
     line = _one_error_line(proc)
@@ -314,8 +351,10 @@ def test_cli_on_bad_files_exits_with_one_line(case, tmp_path):
 
 # --- 16: a workflow file is code; allowed_targets ------------------------------------------------
 
+
 def test_help_says_a_workflow_file_is_code(tmp_path):
     from flowdapt_nb.workflow import TARGETS_ARE_CODE
+
     assert "A workflow file is code" in TARGETS_ARE_CODE and "allowed_targets" in TARGETS_ARE_CODE
     for args in (["--help"], ["run", "--help"], ["validate", "--help"]):
         proc = cli(*args, cwd=tmp_path, timeout=60)
@@ -345,8 +384,9 @@ def evil_project(tmp_path):
     (tmp_path / "evilmod_h1.py").write_text(EVIL_MODULE)
     (tmp_path / "evil.yaml").write_text(EVIL_WORKFLOW % "evilmod_h1.run")
     (tmp_path / "system.yaml").write_text(EVIL_WORKFLOW % "os.system")
-    (tmp_path / "allowed.yaml").write_text("target: local\nuse_processes: false\ncpus: 1\n"
-                                           "allowed_targets: [mypkg., __main__]\n")
+    (tmp_path / "allowed.yaml").write_text(
+        "target: local\nuse_processes: false\ncpus: 1\nallowed_targets: [mypkg., __main__]\n"
+    )
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     return tmp_path, env
 
@@ -358,8 +398,10 @@ def test_cli_validate_resolve_imports_unless_allowed_targets_refuses(evil_projec
     proc = cli("validate", "--resolve", "evil.yaml", "allowed.yaml", cwd=path, env=env, timeout=60)
     assert proc.returncode == 1
     line = _one_error_line(proc)
-    assert ("evil.yaml: stage 'report': target 'evilmod_h1.run' is not allowed: allowed_targets permits "
-            "only mypkg., __main__") in line
+    assert (
+        "evil.yaml: stage 'report': target 'evilmod_h1.run' is not allowed: allowed_targets permits "
+        "only mypkg., __main__"
+    ) in line
     assert "allowed.yaml: ok" in proc.stdout and not (path / "IMPORTED").exists()
     proc = cli("validate", "--resolve", "evil.yaml", cwd=path, env=env, timeout=60)
     assert proc.returncode == 0 and (path / "IMPORTED").exists(), proc.stderr
@@ -368,11 +410,23 @@ def test_cli_validate_resolve_imports_unless_allowed_targets_refuses(evil_projec
 def test_cli_run_refuses_targets_outside_allowed_targets(evil_project):
     path, env = evil_project
     marker = path / "PWNED"
-    proc = cli("run", "system.yaml", "-c", "allowed.yaml", "--input", f"steps=['touch {marker}']",
-               cwd=path, env=env, timeout=120)
+    proc = cli(
+        "run",
+        "system.yaml",
+        "-c",
+        "allowed.yaml",
+        "--input",
+        f"steps=['touch {marker}']",
+        cwd=path,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     line = _one_error_line(proc)
-    assert "stage 'report': target 'os.system' is not allowed: allowed_targets permits only mypkg., __main__" in line
+    assert (
+        "stage 'report': target 'os.system' is not allowed: allowed_targets permits only mypkg., __main__"
+        in line
+    )
     assert not marker.exists()
     proc = cli("run", "evil.yaml", "-c", "allowed.yaml", "--input", "steps=[x]", cwd=path, env=env)
     assert proc.returncode == 2 and not (path / "IMPORTED").exists() and not (path / "CALLED").exists()
@@ -382,13 +436,15 @@ def test_cli_run_refuses_targets_outside_allowed_targets(evil_project):
 def test_allowed_targets_is_a_field_of_every_executor(kind):
     ex = fnb.executor_from_config(f"target: {kind}\nallowed_targets: [mypkg., __main__]\n")
     assert ex.config.allowed_targets == ["mypkg.", "__main__"]
-    ex = fnb.executor_from_config("services:\n  compute:\n    allowed_targets: [stages.]\n"
-                                  f"    executor:\n      target: {kind}\n")
+    ex = fnb.executor_from_config(
+        f"services:\n  compute:\n    allowed_targets: [stages.]\n    executor:\n      target: {kind}\n"
+    )
     assert ex.config.allowed_targets == ["stages."]
     with pytest.raises(fnb.ConfigError) as info:
         fnb.executor_from_config(f"target: {kind}\nallowed_targets: [os system]\n")
-    assert str(info.value).startswith("line 2: 'allowed_targets': allowed_targets holds 'os system': each "
-                                      "entry is an import-path prefix")
+    assert str(info.value).startswith(
+        "line 2: 'allowed_targets': allowed_targets holds 'os system': each entry is an import-path prefix"
+    )
 
 
 def test_allowed_targets_on_every_executor(executor, tmp_path, monkeypatch):
@@ -396,19 +452,26 @@ def test_allowed_targets_on_every_executor(executor, tmp_path, monkeypatch):
     imported (no import-time code runs), one inside runs."""
     (tmp_path / "evilmod_h1_run.py").write_text(EVIL_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    evil = Workflow("evil", stages=[Stage("numbers", st.numbers),
-                                    Stage("report", "evilmod_h1_run.run", type="parameterized",
-                                          depends_on=["numbers"])])
-    good = Workflow("good", stages=[Stage("numbers", "stages.numbers"),
-                                    Stage("total", st.total, depends_on=["numbers"])])
+    evil = Workflow(
+        "evil",
+        stages=[
+            Stage("numbers", st.numbers),
+            Stage("report", "evilmod_h1_run.run", type="parameterized", depends_on=["numbers"]),
+        ],
+    )
+    good = Workflow(
+        "good", stages=[Stage("numbers", "stages.numbers"), Stage("total", st.total, depends_on=["numbers"])]
+    )
     before = executor.config.allowed_targets
     executor.config.allowed_targets = ["stages."]
     try:
         with pytest.raises(fnb.ConfigError) as info:
             executor.run(evil, input={"n": 2})
-        assert str(info.value) == ("stage 'report': target 'evilmod_h1_run.run' is not allowed: allowed_targets "
-                                   "permits only stages.; add a prefix of it to allowed_targets in the executor "
-                                   "config if you trust that code")
+        assert str(info.value) == (
+            "stage 'report': target 'evilmod_h1_run.run' is not allowed: allowed_targets "
+            "permits only stages.; add a prefix of it to allowed_targets in the executor "
+            "config if you trust that code"
+        )
         assert "evilmod_h1_run" not in sys.modules and not (tmp_path / "IMPORTED").exists()
         assert executor.run(good, input={"n": 4}).result == 6
     finally:
@@ -417,6 +480,7 @@ def test_allowed_targets_on_every_executor(executor, tmp_path, monkeypatch):
 
 def test_allowed_targets_prefix_rules():
     from flowdapt_nb.workflow import is_allowed, target_path
+
     assert is_allowed("mypkg.models.train", ["mypkg."]) and is_allowed("mypkg.train", ["mypkg"])
     assert not is_allowed("mypkg_evil.train", ["mypkg"]) and not is_allowed("mypkg_evil.x", ["mypkg."])
     assert is_allowed("__main__.f", ["__main__"]) and not is_allowed("os.system", ["__main__"])
@@ -427,7 +491,8 @@ def test_allowed_targets_prefix_rules():
 def test_notebook_targets_and_allowed_targets_in_ipython():
     """In a real IPython shell with allowed_targets [__main__]: a function defined in the notebook
     runs; an imported os.system under a notebook name, or an import path, is refused."""
-    proc = _python("""
+    proc = _python(
+        """
         from IPython.core.interactiveshell import InteractiveShell
         shell = InteractiveShell.instance()
         shell.run_line_magic("load_ext", "flowdapt_nb")
@@ -445,16 +510,23 @@ def test_notebook_targets_and_allowed_targets_in_ipython():
         cell("%flowdapt run sneaky")
         cell("%flowdapt run imported")
         shell.run_line_magic("flowdapt", "stop")
-        """, timeout=120)
+        """,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if " | " in line]
-    assert lines[-2].startswith("UsageError | %flowdapt run: stage 's': target 'system' in the notebook is "
-                                "posix.system, which is not allowed: allowed_targets permits only __main__"), lines
-    assert lines[-1].startswith("UsageError | %flowdapt run: stage 'g': target 'os.getcwd' is not allowed"), lines
+    assert lines[-2].startswith(
+        "UsageError | %flowdapt run: stage 's': target 'system' in the notebook is "
+        "posix.system, which is not allowed: allowed_targets permits only __main__"
+    ), lines
+    assert lines[-1].startswith("UsageError | %flowdapt run: stage 'g': target 'os.getcwd' is not allowed"), (
+        lines
+    )
     assert "ok | 10" in lines, lines
 
 
 # --- 13: names -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["s\n", "s\r", "a b", "a/b", "", "ünï"])
 def test_names_are_matched_whole(name):
@@ -473,13 +545,16 @@ def test_cluster_memory_namespace_must_be_a_string(namespace):
     """Refused with one clear error, on the notebook side and inside a stage; the listing and
     %flowdapt memory keep working."""
     with fnb.LocalExecutor(use_processes=False, cpus=1) as ex:
-        for call in (lambda: fnb.cluster_memory.put("k", 1, namespace=namespace),
-                     lambda: fnb.cluster_memory.get("k", namespace=namespace),
-                     lambda: fnb.cluster_memory.listing(namespace=namespace)):
+        for call in (
+            lambda: fnb.cluster_memory.put("k", 1, namespace=namespace),
+            lambda: fnb.cluster_memory.get("k", namespace=namespace),
+            lambda: fnb.cluster_memory.listing(namespace=namespace),
+        ):
             with pytest.raises(TypeError) as info:
                 call()
-            assert str(info.value) == ("cluster memory namespaces are non-empty strings (None means the "
-                                       f"default), got {namespace!r}")
+            assert str(info.value) == (
+                f"cluster memory namespaces are non-empty strings (None means the default), got {namespace!r}"
+            )
         with pytest.raises(TypeError, match="object store namespaces are non-empty strings"):
             fnb.object_store.put("k", 1, namespace=namespace)
         wf = Workflow("w", stages=[Stage("put", put_in_namespace)])
@@ -492,6 +567,7 @@ def test_cluster_memory_namespace_must_be_a_string(namespace):
 
 
 # --- 12, 17: object-store paths ------------------------------------------------------------------
+
 
 def test_long_key_is_a_clear_error(tmp_path):
     store = ArtifactStore(str(tmp_path / "store"))
@@ -525,7 +601,9 @@ def test_tampered_meta_never_reads_or_deletes_outside(data, tmp_path):
         store.get("default", "model")
     assert "has a meta.json whose data file is" in str(info.value) and "refusing to use it" in str(info.value)
     store.put("default", "model", 3)  # the next put replaces the tampered meta.json...
-    assert victim.read_text() == "precious" and store.get("default", "model2") == 2  # ...deleting nothing else
+    assert (
+        victim.read_text() == "precious" and store.get("default", "model2") == 2
+    )  # ...deleting nothing else
     assert store.get("default", "model") == 3
     meta_path.write_text(json.dumps(meta))
     assert store.delete("default", "model") and victim.read_text() == "precious"
@@ -627,6 +705,7 @@ def test_gpus_null_means_what_flowdapt_meant():
 
 # --- 19: callables as targets in workflow dicts ---------------------------------------------------
 
+
 class Scaler:
     @staticmethod
     def twice(xs):
@@ -634,24 +713,40 @@ class Scaler:
 
 
 def test_workflow_dict_with_callables_runs_and_round_trips():
-    wf = fnb.load_workflow({"kind": "workflow", "metadata": {"name": "calls"},
-                            "spec": {"stages": [{"name": "numbers", "target": st.numbers},
-                                                {"name": "twice", "target": Scaler.twice, "depends_on": ["numbers"]},
-                                                {"name": "total", "target": st.total, "depends_on": ["twice"]}]}})
+    wf = fnb.load_workflow(
+        {
+            "kind": "workflow",
+            "metadata": {"name": "calls"},
+            "spec": {
+                "stages": [
+                    {"name": "numbers", "target": st.numbers},
+                    {"name": "twice", "target": Scaler.twice, "depends_on": ["numbers"]},
+                    {"name": "total", "target": st.total, "depends_on": ["twice"]},
+                ]
+            },
+        }
+    )
     with fnb.LocalExecutor(use_processes=False, cpus=1) as ex:
         assert ex.run(wf, input={"n": 4}).result == 12
     text = wf.to_yaml()
     stages_out = yaml.safe_load(text)["spec"]["stages"]
-    assert [s["target"] for s in stages_out] == ["stages.numbers", "test_hostile_input:Scaler.twice", "stages.total"]
+    assert [s["target"] for s in stages_out] == [
+        "stages.numbers",
+        "test_hostile_input:Scaler.twice",
+        "stages.total",
+    ]
     again = fnb.load_workflow(text).resolve()
     assert again == {"numbers": st.numbers, "twice": Scaler.twice, "total": st.total}
-    with pytest.raises(fnb.ConfigError, match="target must be an import path, a notebook function's name or a "
-                                              "callable, not int"):
+    with pytest.raises(
+        fnb.ConfigError,
+        match="target must be an import path, a notebook function's name or a callable, not int",
+    ):
         fnb.load_workflow({"name": "w", "stages": [{"name": "a", "target": 3}]})
 
 
 def test_notebook_function_target_serializes_to_its_name():
-    proc = _python("""
+    proc = _python(
+        """
         from IPython.core.interactiveshell import InteractiveShell
         shell = InteractiveShell.instance()
         shell.run_cell("import flowdapt_nb as fnb\\ndef make(n=3):\\n    return list(range(n))\\n"
@@ -659,7 +754,9 @@ def test_notebook_function_target_serializes_to_its_name():
         print(shell.user_ns["wf"].to_yaml())
         again = shell.user_ns["fnb"].load_workflow(shell.user_ns["wf"].to_yaml())
         print(again.resolve()["a"] is shell.user_ns["make"])
-        """, timeout=60)
+        """,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "target: make\n" in proc.stdout and proc.stdout.strip().endswith("True")
 
@@ -673,9 +770,11 @@ def test_nan_is_not_a_stage_timeout():
 def test_control_characters_are_one_config_error_with_a_line(char):
     with pytest.raises(fnb.ConfigError) as info:
         fnb.load_workflow(f"kind: workflow\nmetadata: {{name: w}}\n{char}: 1\n")
-    assert str(info.value) == (f"line 3: invalid YAML: unacceptable character #x{ord(char):04x}: control "
-                               "characters are not allowed; remove the control character "
-                               "(YAML text may not hold them)")
+    assert str(info.value) == (
+        f"line 3: invalid YAML: unacceptable character #x{ord(char):04x}: control "
+        "characters are not allowed; remove the control character "
+        "(YAML text may not hold them)"
+    )
 
 
 @pytest.mark.parametrize("depth", [MAX_DEPTH + 50, 1000, 5000])
@@ -683,6 +782,7 @@ def test_pure_python_loader_gives_the_same_errors(depth, monkeypatch):
     """Where PyYAML lacks libyaml, its own loader recurses once per level: a RecursionError
     becomes the same one-line ConfigError; the bomb is refused the same way."""
     import flowdapt_nb.yamlsrc as yamlsrc
+
     monkeypatch.setattr(yamlsrc, "_LOADER", yaml.SafeLoader)
     with pytest.raises(fnb.ConfigError) as info:
         fnb.executor_from_config(_deep(depth, "config"))
@@ -704,6 +804,8 @@ def test_run_namespace_must_be_a_non_empty_string(namespace):
 @pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -1, True, "10"])
 def test_run_timeout_must_be_positive_and_finite(timeout):
     wf = fnb.Workflow("to", stages=[fnb.Stage("one", lambda: 1)])
-    with fnb.LocalExecutor(use_processes=False, cpus=1) as ex, \
-            pytest.raises(fnb.ConfigError, match="timeout must be a positive number of seconds"):
+    with (
+        fnb.LocalExecutor(use_processes=False, cpus=1) as ex,
+        pytest.raises(fnb.ConfigError, match="timeout must be a positive number of seconds"),
+    ):
         ex.run(wf, timeout=timeout)

@@ -89,10 +89,12 @@ def test_owned_ray_listens_on_loopback_only_and_keeps_its_token_private():
     home = tempfile.mkdtemp(prefix="fnb-home-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env["HOME"] = home
-    proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=480, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=480, env=env
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
     assert lines, proc.stdout + proc.stderr[-4000:]
-    report = json.loads(lines[-1][len("REPORT "):])
+    report = json.loads(lines[-1][len("REPORT ") :])
     for round_, seen in report.items():
         names = {name for _, _, name in seen["listeners"]}
         # the node's services were found (the check would pass vacuously otherwise)

@@ -97,7 +97,11 @@ def test_input_box_takes_every_form_and_runs(threads):
             assert mapper._handle is not None, status_text(mapper)
             run = mapper._handle.wait(30)
             assert run.input == {"n": 2, "max_degree": 6} and run.result == 64, text
-            poll(lambda: mapper.run_state == "finished", before=threads.events.flush, what="the mapper run finished")
+            poll(
+                lambda: mapper.run_state == "finished",
+                before=threads.events.flush,
+                what="the mapper run finished",
+            )
         # a bad token: one line naming it and the forms, and no run
         mapper.input_w.value = "n=2 oops"
         mapper.run_w.click()
@@ -191,7 +195,11 @@ def test_status_is_only_the_current_run(threads):
         mapper.input_w.value = "n=4"
         mapper.run_w.click()
         mapper._handle.wait(30)
-        poll(lambda: mapper.run_state == "finished", before=threads.events.flush, what="the mapper run finished")
+        poll(
+            lambda: mapper.run_state == "finished",
+            before=threads.events.flush,
+            what="the mapper run finished",
+        )
         assert ">finished<" in mapper.status_w.value and "[0, 1, 2, 3]" in status_text(mapper)
         # a bad input after a finished run: the error alone, the old FINISHED line is gone
         mapper.input_w.value = "n=4 oops"
@@ -203,7 +211,11 @@ def test_status_is_only_the_current_run(threads):
         mapper.input_w.value = "n=4"
         mapper.run_w.click()
         mapper._handle.wait(30)
-        poll(lambda: mapper.run_state == "finished", before=threads.events.flush, what="the mapper run finished")
+        poll(
+            lambda: mapper.run_state == "finished",
+            before=threads.events.flush,
+            what="the mapper run finished",
+        )
         mapper.input_w.value = "fail=true"
         mapper.run_w.click()
         try:
@@ -308,7 +320,11 @@ def test_finished_run_stays_shown_until_the_stages_change(threads):
         mapper.add_stage("numbers", "numbers")
         mapper.run_w.click()
         mapper._handle.wait(30)
-        poll(lambda: mapper.run_state == "finished", before=threads.events.flush, what="the mapper run finished")
+        poll(
+            lambda: mapper.run_state == "finished",
+            before=threads.events.flush,
+            what="the mapper run finished",
+        )
         mapper._post_run_cell()  # what IPython calls after any later cell
         assert mapper.run_state == "finished" and mapper.stages["numbers"].state_w.value != ""
         assert ">finished<" in mapper.status_w.value

@@ -19,12 +19,14 @@ pytestmark = NEEDS_CHROMIUM
 VIEWPORT = {"width": 1440, "height": 900}
 
 MAPPER_CELLS = [
-    _cell("import pandas as pd\nimport flowdapt_nb as fnb\n\n"
-          "mapper_ex = fnb.LocalExecutor(use_processes=False, cpus=2).start()\n\n"
-          "def load(n, max_degree=1):\n"
-          "    return pd.DataFrame({'x': range(n), 'power': [i ** max_degree for i in range(n)]})\n\n"
-          "def square(load):\n"
-          "    return load.assign(square=load.x ** 2)"),
+    _cell(
+        "import pandas as pd\nimport flowdapt_nb as fnb\n\n"
+        "mapper_ex = fnb.LocalExecutor(use_processes=False, cpus=2).start()\n\n"
+        "def load(n, max_degree=1):\n"
+        "    return pd.DataFrame({'x': range(n), 'power': [i ** max_degree for i in range(n)]})\n\n"
+        "def square(load):\n"
+        "    return load.assign(square=load.x ** 2)"
+    ),
     _cell("stage_mapper = fnb.widgets.StageMapper(executor=mapper_ex)\nstage_mapper"),
 ]
 
@@ -67,16 +69,27 @@ def check_stage_mapper(page, output_dir: Path) -> list[Path]:
     proposal = mapper.locator(".fnb-proposal")
     # "load" first: nothing to depend on, a root
     functions.select_option(value=functions.locator("option", has_text="load(").get_attribute("value"))
-    poll(lambda: "a root" in proposal.inner_text(), 20, interval=0.1, what="no root proposed for load(n, max_degree=1)")
+    poll(
+        lambda: "a root" in proposal.inner_text(),
+        20,
+        interval=0.1,
+        what="no root proposed for load(n, max_degree=1)",
+    )
     add.click()
     mapper.locator(".fnb-stage-row").first.wait_for(timeout=15_000)
     # "square(load)": proposed to depend on the stage named like its parameter
     functions.select_option(value=functions.locator("option", has_text="square(").get_attribute("value"))
-    page.wait_for_function("(el) => el.innerText.includes('load ← load (same name)')",
-                           arg=mapper.element_handle(), timeout=15_000)
+    page.wait_for_function(
+        "(el) => el.innerText.includes('load ← load (same name)')",
+        arg=mapper.element_handle(),
+        timeout=15_000,
+    )
     add.click()
-    page.wait_for_function("(el) => el.querySelectorAll('.fnb-stage-row').length === 2",
-                           arg=mapper.element_handle(), timeout=15_000)
+    page.wait_for_function(
+        "(el) => el.querySelectorAll('.fnb-stage-row').length === 2",
+        arg=mapper.element_handle(),
+        timeout=15_000,
+    )
     rows = mapper.locator(".fnb-stage-row")
     assert "load" in rows.nth(1).locator("div.jupyter-widget-tag").first.inner_text()
 
@@ -102,8 +115,9 @@ def check_stage_mapper(page, output_dir: Path) -> list[Path]:
     box.fill("n=200 oops")
     box.press("Enter")
     mapper.get_by_role("button", name="Run").click()
-    page.wait_for_function("(el) => el.innerText.includes(\"got 'oops'\")", arg=mapper.element_handle(),
-                           timeout=15_000)
+    page.wait_for_function(
+        "(el) => el.innerText.includes(\"got 'oops'\")", arg=mapper.element_handle(), timeout=15_000
+    )
     text = mapper.inner_text()
     assert "result: DataFrame" not in text and table.count() == 0
     assert rows.locator(".fnb-badge").count() == 0
@@ -117,9 +131,15 @@ def check_stage_mapper(page, output_dir: Path) -> list[Path]:
     adder = second.locator("input[placeholder='+ stage, Enter']")
     adder.fill("load")
     adder.press("Enter")
-    poll(lambda: tags.count() == 1 and "load" in tags.first.inner_text(), 20, interval=0.1,
-         what="Enter did not add 'load'")
-    poll(lambda: adder.input_value() == "", 20, interval=0.1, what="the box was not cleared for the next name")
+    poll(
+        lambda: tags.count() == 1 and "load" in tags.first.inner_text(),
+        20,
+        interval=0.1,
+        what="Enter did not add 'load'",
+    )
+    poll(
+        lambda: adder.input_value() == "", 20, interval=0.1, what="the box was not cleared for the next name"
+    )
     shot("enter-added", mapper)
     return shots
 

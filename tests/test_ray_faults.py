@@ -40,10 +40,27 @@ class _Head:
         self.port = _free_port()
         self.tmp = tempfile.mkdtemp(prefix="fnbh", dir="/tmp")  # Ray's socket paths must stay short
         self.proc = subprocess.Popen(
-            [f"{BIN}/ray", "start", "--head", "--port", str(self.port), "--node-ip-address", "127.0.0.1",
-             "--num-cpus", str(cpus), "--include-dashboard", "false", "--temp-dir", self.tmp, "--block",
-             "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
+            [
+                f"{BIN}/ray",
+                "start",
+                "--head",
+                "--port",
+                str(self.port),
+                "--node-ip-address",
+                "127.0.0.1",
+                "--num-cpus",
+                str(cpus),
+                "--include-dashboard",
+                "false",
+                "--temp-dir",
+                self.tmp,
+                "--block",
+                "--disable-usage-stats",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def wait_listening(self, seconds: float = 180) -> None:
         deadline = time.monotonic() + seconds
@@ -72,7 +89,7 @@ class _Head:
 # The driver: attach, run once, start a slow fan-out, SIGKILL the head's GCS and raylet (by
 # PID), then report how the run ended, whether close() returned, and that the process is still
 # alive well past the 60 s after which Ray would have ended it.
-_DRIVER = textwrap.dedent('''
+_DRIVER = textwrap.dedent("""
     import sys, time, psutil
     import flowdapt_nb as fnb
 
@@ -113,16 +130,20 @@ _DRIVER = textwrap.dedent('''
     while time.monotonic() - killed_at < 70:  # Ray would end a driver it still holds at 60 s
         time.sleep(1)
     print("ALIVE", flush=True)
-''')
+""")
 
 
 def test_killed_head_fails_the_run_and_the_driver_lives_on():
     head = _Head()
     try:
         head.wait_listening()
-        proc = subprocess.run([sys.executable, "-c", _DRIVER, head.address, str(head.proc.pid)],
-                              capture_output=True, text=True, timeout=480,
-                              env={**os.environ, "RAY_TMPDIR": head.tmp})
+        proc = subprocess.run(
+            [sys.executable, "-c", _DRIVER, head.address, str(head.proc.pid)],
+            capture_output=True,
+            text=True,
+            timeout=480,
+            env={**os.environ, "RAY_TMPDIR": head.tmp},
+        )
     finally:
         head.stop()
     out = proc.stdout
@@ -142,6 +163,7 @@ def test_killed_head_fails_the_run_and_the_driver_lives_on():
 
 
 # --- a timed-out task gives its CPU back --------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def own_ray(ray_cluster):
@@ -173,7 +195,11 @@ def test_timed_out_task_gives_its_cpu_back(own_ray):
     stuck_stage = fnb.Workflow("stuck2", stages=[fnb.Stage("stuck", _slow, options={"timeout": 3})])
     with pytest.raises(fnb.RunTimeoutError):
         own_ray.run(stuck_stage)
-    assert own_ray.submit(fnb.Workflow("quick", stages=[fnb.Stage("quick", _quick)])).wait(120).result == [0, 1, 2]
+    assert own_ray.submit(fnb.Workflow("quick", stages=[fnb.Stage("quick", _quick)])).wait(120).result == [
+        0,
+        1,
+        2,
+    ]
 
 
 def test_cancelled_run_gives_its_cpu_back(own_ray):
@@ -183,13 +209,19 @@ def test_cancelled_run_gives_its_cpu_back(own_ray):
     handle.cancel()
     handle._finished.wait(60)
     assert handle.run.state == "cancelled"
-    assert own_ray.submit(fnb.Workflow("quick", stages=[fnb.Stage("quick", _quick)])).wait(120).result == [0, 1, 2]
+    assert own_ray.submit(fnb.Workflow("quick", stages=[fnb.Stage("quick", _quick)])).wait(120).result == [
+        0,
+        1,
+        2,
+    ]
 
 
 # --- a result that can't leave its worker ---------------------------------------------------------
 
+
 def _make_lock():
     import threading
+
     return threading.Lock()
 
 
@@ -197,10 +229,14 @@ def _describe(x):
     return repr(x)
 
 
-@pytest.mark.parametrize("stages", [
-    [fnb.Stage("make", _make_lock)],
-    [fnb.Stage("make", _make_lock), fnb.Stage("use", _describe, depends_on=["make"])],
-], ids=["terminal", "upstream"])
+@pytest.mark.parametrize(
+    "stages",
+    [
+        [fnb.Stage("make", _make_lock)],
+        [fnb.Stage("make", _make_lock), fnb.Stage("use", _describe, depends_on=["make"])],
+    ],
+    ids=["terminal", "upstream"],
+)
 def test_unserializable_result_names_the_stage_that_returned_it(own_ray, stages):
     with pytest.raises(StageError) as info:
         own_ray.run(fnb.Workflow("unpicklable", stages=stages))
@@ -211,18 +247,29 @@ def test_unserializable_result_names_the_stage_that_returned_it(own_ray, stages)
 
 def _maybe_lock(x):
     import threading
+
     return threading.Lock() if x == 2 else x
 
 
 def test_fan_out_item_with_unserializable_result_fails_alone(own_ray):
-    wf = fnb.Workflow("fan", stages=[fnb.Stage("maybe", _maybe_lock, type="parameterized",
-                                               options={"map_on": "xs", "allow_partial_failure": True})])
+    wf = fnb.Workflow(
+        "fan",
+        stages=[
+            fnb.Stage(
+                "maybe",
+                _maybe_lock,
+                type="parameterized",
+                options={"map_on": "xs", "allow_partial_failure": True},
+            )
+        ],
+    )
     run = own_ray.run(wf, input={"xs": [0, 1, 2, 3]})
     assert run.result == [0, 1, 3]
     assert len(run.failures) == 1 and "can't be serialized" in run.failures[0].error
 
 
 # --- helper actors that die ----------------------------------------------------------------------
+
 
 def _remember():
     fnb.cluster_memory.put("k", 1)
@@ -231,6 +278,7 @@ def _remember():
 
 def test_dead_helper_actors_are_replaced(own_ray):
     import ray
+
     numbers = fnb.Workflow("q", stages=[fnb.Stage("numbers", _quick)])
     assert own_ray.run(numbers).result == [0, 1, 2]
     own_ray.make_current()

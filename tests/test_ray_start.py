@@ -18,8 +18,12 @@ pytestmark = pytest.mark.timeout(600)
 
 def _helper_actors() -> list[str]:
     import ray
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith("flowdapt_nb_"))
+
+    return sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("flowdapt_nb_")
+    )
 
 
 def test_first_run_waits_on_no_helper_actor_and_is_reported_live(ray_cluster, tmp_path):
@@ -34,8 +38,11 @@ def test_first_run_waits_on_no_helper_actor_and_is_reported_live(ray_cluster, tm
         handle = ex.submit(wf, input={"path": str(release)})
         # the first run's task is seen running while it runs (its report waits for the sink actor
         # that its own start made, then travels as usual)
-        poll(lambda: [e for e in running if e.run == handle.run.uid and e.stage == "held"], timeout=300,
-             what="a 'running' report of the first run's task while it ran")
+        poll(
+            lambda: [e for e in running if e.run == handle.run.uid and e.stage == "held"],
+            timeout=300,
+            what="a 'running' report of the first run's task while it ran",
+        )
         assert not handle.done()
         release.touch()
         run = handle.wait(300)
@@ -43,7 +50,9 @@ def test_first_run_waits_on_no_helper_actor_and_is_reported_live(ray_cluster, tm
         # the worker imported the light worker-side module, not the executor's (pydantic config, engine)
         modules = run.result
         assert "flowdapt_nb.executors.ray_tasks" in modules, modules
-        assert not {"flowdapt_nb.config", "flowdapt_nb.engine", "flowdapt_nb.executors.ray"} & set(modules), modules
+        assert not {"flowdapt_nb.config", "flowdapt_nb.engine", "flowdapt_nb.executors.ray"} & set(modules), (
+            modules
+        )
         # the helpers exist now, and later runs go through the sink as before
         names = _helper_actors()
         assert any(n.startswith("flowdapt_nb_events_") for n in names), names
@@ -77,12 +86,17 @@ def test_worker_column_and_resource_rows_name_the_ray_node(ray_cluster):
     from ray._private.state import actors
 
     ex = ray_cluster.get()
-    run = ex.run(fnb.Workflow("w", stages=[fnb.Stage("held", st.held_until)]), input={"path": "/"}, timeout=300)
+    run = ex.run(
+        fnb.Workflow("w", stages=[fnb.Stage("held", st.held_until)]), input={"path": "/"}, timeout=300
+    )
     node = ray.get_runtime_context().get_node_id()
     (worker,) = run.tasks["worker"]
     address, short = worker.rsplit("@", 1)
     assert short == node[:12] and address.rsplit(":", 1)[1].isdigit(), worker
     assert list(ex.resources()["worker"]) == [node[:12]]
-    helpers = {a["Name"]: a["Address"]["NodeID"] for a in actors(actor_state_name="ALIVE").values()
-               if (a.get("Name") or "").startswith("flowdapt_nb_")}
+    helpers = {
+        a["Name"]: a["Address"]["NodeID"]
+        for a in actors(actor_state_name="ALIVE").values()
+        if (a.get("Name") or "").startswith("flowdapt_nb_")
+    }
     assert helpers and set(helpers.values()) == {node}, helpers

@@ -17,7 +17,7 @@ from clusters_multinode import RayNodes
 
 pytestmark = pytest.mark.timeout(900)
 
-_DRIVER = textwrap.dedent('''
+_DRIVER = textwrap.dedent("""
     import json, os, sys
     import psutil
     import flowdapt_nb as fnb
@@ -38,7 +38,7 @@ _DRIVER = textwrap.dedent('''
     out["auth_mode"] = os.environ.get("RAY_AUTH_MODE")
     out["children"] = [" ".join(p.cmdline())[:200] for p in psutil.Process().children(recursive=True)]
     print("OUT " + json.dumps(out), flush=True)
-''')
+""")
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +64,18 @@ def _attach(address: str, tmp_path, **env) -> dict:
     """Run the driver with a home of its own (no ~/.ray/auth_token) and ``env``; its report."""
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, address], capture_output=True, text=True, timeout=600,
-                          env={**base, "HOME": str(home), **env})
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _DRIVER, address],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**base, "HOME": str(home), **env},
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("OUT ")]
     assert lines, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads(lines[-1][4:])
@@ -88,7 +96,10 @@ def test_wrong_token_is_one_clear_error_at_once(token_head, tmp_path):
     out = _attach(address, tmp_path, RAY_AUTH_TOKEN=secrets.token_hex(16))
     kind, message = out["error"]
     assert kind == "TokenRefusedError", out  # from the token check, not the connect_timeout retry loop
-    assert f"'{address}' refused this driver's auth token (from the RAY_AUTH_TOKEN environment variable)" in message
+    assert (
+        f"'{address}' refused this driver's auth token (from the RAY_AUTH_TOKEN environment variable)"
+        in message
+    )
     assert "RAY_AUTH_TOKEN_PATH" in message and "ray get-auth-token" in message
     # nothing half-started: not connected, no Ray process of ours, auth mode as it was
     assert not out["ray_connected"] and out["children"] == [] and out["auth_mode"] is None, out

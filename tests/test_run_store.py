@@ -21,14 +21,27 @@ from flowdapt_nb.run_store import get_store
 
 TESTS_DIR = Path(__file__).resolve().parent
 
-PARTIAL = {"name": "store_partial", "stages": [
-    {"name": "numbers", "target": "stages.numbers"},
-    {"name": "checked", "target": "stages.fail_on_three", "type": "parameterized", "depends_on": ["numbers"],
-     "options": {"allow_partial_failure": True}},
-    {"name": "total", "target": "stages.total", "depends_on": ["checked"]}]}
-FAILING = {"name": "store_boom", "stages": [
-    {"name": "numbers", "target": "stages.numbers"},
-    {"name": "explode", "target": "stages.boom", "depends_on": ["numbers"]}]}
+PARTIAL = {
+    "name": "store_partial",
+    "stages": [
+        {"name": "numbers", "target": "stages.numbers"},
+        {
+            "name": "checked",
+            "target": "stages.fail_on_three",
+            "type": "parameterized",
+            "depends_on": ["numbers"],
+            "options": {"allow_partial_failure": True},
+        },
+        {"name": "total", "target": "stages.total", "depends_on": ["checked"]},
+    ],
+}
+FAILING = {
+    "name": "store_boom",
+    "stages": [
+        {"name": "numbers", "target": "stages.numbers"},
+        {"name": "explode", "target": "stages.boom", "depends_on": ["numbers"]},
+    ],
+}
 
 # Reads runs back in a fresh interpreter: nothing of the writing process is shared but the file.
 READER = """
@@ -53,8 +66,13 @@ print(json.dumps(out))
 
 
 def read_back(db, *uids) -> dict:
-    out = subprocess.run([sys.executable, "-c", READER, str(db), *uids], capture_output=True, text=True,
-                         timeout=120, cwd=TESTS_DIR)
+    out = subprocess.run(
+        [sys.executable, "-c", READER, str(db), *uids],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=TESTS_DIR,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -162,8 +180,16 @@ with fnb.LocalExecutor(use_processes=False, cpus=2, runs=db) as ex:
 
 def test_two_processes_write_at_once(tmp_path):
     db = str(tmp_path / "shared.sqlite")
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, db, "15"], cwd=TESTS_DIR, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, db, "15"],
+            cwd=TESTS_DIR,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [w.communicate(timeout=300) for w in writers]
     for w, (out, err) in zip(writers, outs):
         assert w.returncode == 0, err
@@ -171,7 +197,9 @@ def test_two_processes_write_at_once(tmp_path):
         assert "locked" not in err
     con = sqlite3.connect(db)
     try:
-        states = con.execute("SELECT state, count(*), count(DISTINCT pid) FROM runs GROUP BY state").fetchall()
+        states = con.execute(
+            "SELECT state, count(*), count(DISTINCT pid) FROM runs GROUP BY state"
+        ).fetchall()
         per_run = con.execute("SELECT count(*) FROM tasks GROUP BY run_uid").fetchall()
         mode = con.execute("PRAGMA journal_mode").fetchone()[0]
     finally:
@@ -196,8 +224,13 @@ time.sleep(600)
 
 def test_driver_killed_mid_run_reads_back_lost(tmp_path):
     db = str(tmp_path / "killed.sqlite")
-    driver = subprocess.Popen([sys.executable, "-c", KILLED, db, str(tmp_path / "pid.txt")], cwd=TESTS_DIR,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", KILLED, db, str(tmp_path / "pid.txt")],
+        cwd=TESTS_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         uid = driver.stdout.readline().strip()
         assert uid, driver.stderr.read() if driver.poll() is not None else "no uid printed"
@@ -206,8 +239,10 @@ def test_driver_killed_mid_run_reads_back_lost(tmp_path):
         deadline = time.monotonic() + 120  # a bound for a hang, not a timing assertion
         while time.monotonic() < deadline:  # the record arrives while the run goes on
             rows = store.query("SELECT state FROM runs WHERE uid = ?", (uid,))
-            tasks = {t["stage"]: t["state"] for t in store.query("SELECT stage, state FROM tasks WHERE run_uid = ?",
-                                                                 (uid,))}
+            tasks = {
+                t["stage"]: t["state"]
+                for t in store.query("SELECT stage, state FROM tasks WHERE run_uid = ?", (uid,))
+            }
             if rows and rows[0]["state"] == "running" and tasks == {"numbers": "finished", "nap": "running"}:
                 break
             time.sleep(0.1)
@@ -239,8 +274,9 @@ with fnb.LocalExecutor(use_processes=False, cpus=1, runs=sys.argv[1]) as ex:
 
 def earlier_process_run(db) -> str:
     """A run written by another process (an earlier kernel)."""
-    out = subprocess.run([sys.executable, "-c", EARLIER, db], cwd=TESTS_DIR, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", EARLIER, db], cwd=TESTS_DIR, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -248,6 +284,7 @@ def earlier_process_run(db) -> str:
 @pytest.fixture
 def shell():
     from IPython.core.interactiveshell import InteractiveShell
+
     sh = InteractiveShell.instance()
     sh.extension_manager.load_extension("flowdapt_nb")
     yield sh
@@ -258,13 +295,17 @@ def shell():
 
 def test_magics_runs_and_compare_in_ipython(shell, tmp_path):
     from IPython.core.error import UsageError
+
     db = str(tmp_path / "magic.sqlite")
     earlier = earlier_process_run(db)
     line = lambda text: shell.run_line_magic("flowdapt", text)  # noqa: E731
     line(f"executor local --threads --cpus 2 --set runs={db}")
-    shell.run_cell_magic("flowdapt", "workflow store_magic",
-                         "- {name: numbers, target: stages.numbers}\n"
-                         "- {name: square, target: stages.square, type: parameterized, depends_on: [numbers]}\n")
+    shell.run_cell_magic(
+        "flowdapt",
+        "workflow store_magic",
+        "- {name: numbers, target: stages.numbers}\n"
+        "- {name: square, target: stages.square, type: parameterized, depends_on: [numbers]}\n",
+    )
     first = line("run store_magic --input n=3")
     second = line("run store_magic --input n=5")
     listed = line("runs --workflow store_magic")
@@ -302,7 +343,11 @@ def test_cli_runs_and_show(tmp_path):
     assert "dropped item 3 of stage 'checked': ValueError: item 3 is bad" in shown.stdout
     assert "fail_on_three" in shown.stdout  # its traceback
     record = json.loads(cli("show", bad.uid, "--db", db, "--json").stdout)
-    assert record["state"] == "failed" and record["failures"] == [] and "boom happened" in record["error_traceback"]
+    assert (
+        record["state"] == "failed"
+        and record["failures"] == []
+        and "boom happened" in record["error_traceback"]
+    )
     assert len(record["tasks"]) == 2 and record["input"] == {}
     missing = cli("show", "nope", "--db", db)
     assert missing.returncode == 2 and "no stored run 'nope'" in missing.stderr
@@ -310,8 +355,10 @@ def test_cli_runs_and_show(tmp_path):
 
 def test_cli_run_is_recorded(tmp_path):
     db = str(tmp_path / "clirun.sqlite")
-    (tmp_path / "wf.yaml").write_text("kind: workflow\nmetadata: {name: clirec}\nspec:\n  stages:\n"
-                                      "    - {name: numbers, target: stages.numbers}\n")
+    (tmp_path / "wf.yaml").write_text(
+        "kind: workflow\nmetadata: {name: clirec}\nspec:\n  stages:\n"
+        "    - {name: numbers, target: stages.numbers}\n"
+    )
     env = {"FLOWDAPT_NB_RUNS": db}
     out = run_cli("run", tmp_path / "wf.yaml", "--input", "n=2", cwd=TESTS_DIR, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -364,11 +411,14 @@ def test_a_database_of_another_layout_is_set_aside(tmp_path):
     import sqlite3
 
     from flowdapt_nb.run_store import SCHEMA_VERSION, RunStore
+
     path = tmp_path / "runs.sqlite"
     old = sqlite3.connect(path)
     old.execute("CREATE TABLE runs (uid TEXT PRIMARY KEY, state TEXT)")
-    old.execute("CREATE TABLE failures (run_uid TEXT, seq INTEGER, stage TEXT, item INTEGER, error TEXT, "
-                "error_type TEXT, traceback TEXT)")
+    old.execute(
+        "CREATE TABLE failures (run_uid TEXT, seq INTEGER, stage TEXT, item INTEGER, error TEXT, "
+        "error_type TEXT, traceback TEXT)"
+    )
     old.execute("INSERT INTO runs VALUES ('old-run', 'finished')")
     old.commit()
     old.close()
@@ -376,8 +426,11 @@ def test_a_database_of_another_layout_is_set_aside(tmp_path):
         store = RunStore(str(path))
     assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert store._db.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
-    aside = [p for p in tmp_path.iterdir()
-             if p.name.startswith("runs.sqlite.v0-") and not p.name.endswith(("-wal", "-shm"))]
+    aside = [
+        p
+        for p in tmp_path.iterdir()
+        if p.name.startswith("runs.sqlite.v0-") and not p.name.endswith(("-wal", "-shm"))
+    ]
     assert aside, list(tmp_path.iterdir())
     kept = sqlite3.connect(aside[0])
     assert kept.execute("SELECT uid FROM runs").fetchall() == [("old-run",)]

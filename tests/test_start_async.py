@@ -22,8 +22,11 @@ QUICK = Workflow("quick", stages=[Stage("numbers", st.numbers)])
 
 
 def _children():
-    return {p.pid for p in psutil.Process().children(recursive=True)
-            if "resource_tracker" not in " ".join(p.cmdline())}
+    return {
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        if "resource_tracker" not in " ".join(p.cmdline())
+    }
 
 
 def _dead_address() -> str:
@@ -57,7 +60,9 @@ def test_start_without_waiting_then_run_waits(kind, ray_cluster):
         assert returned is ex
         if kind in ("dask", "ray"):  # a cluster takes far longer to start than a call to return
             assert not ex.running and seen[0].startswith("starting"), seen
-        watcher = threading.Thread(target=lambda: poll(lambda: seen.append(ex.state) or ex.running, 240, interval=0.02))
+        watcher = threading.Thread(
+            target=lambda: poll(lambda: seen.append(ex.state) or ex.running, 240, interval=0.02)
+        )
         watcher.start()
         run = ex.run(QUICK, input={"n": 3})  # waits for the start
         assert run.result == [0, 1, 2] and ex.state == "running"
@@ -110,11 +115,13 @@ def test_close_during_a_start_is_bounded_and_leaves_no_process(kind):
 def worker_loads():
     """Files the worker process has unpickled so far (functions and run contexts)."""
     from flowdapt_nb.executors import local
+
     return local._loads
 
 
 def worker_loads_again():
     from flowdapt_nb.executors import local
+
     return local._loads
 
 
@@ -141,13 +148,16 @@ def test_kernel_executor_magic_no_wait_returns_then_the_card_replaces_the_start(
     import queue
 
     with kernel(tmp_path) as kc:
-        setup = ("def numbers(n=4):\n    return list(range(n))\n"
-                 "get_ipython().run_line_magic('load_ext', 'flowdapt_nb')\n"
-                 "get_ipython().run_cell_magic('flowdapt', 'workflow nums', '- {name: numbers, target: numbers}')\n")
+        setup = (
+            "def numbers(n=4):\n    return list(range(n))\n"
+            "get_ipython().run_line_magic('load_ext', 'flowdapt_nb')\n"
+            "get_ipython().run_cell_magic('flowdapt', 'workflow nums', '- {name: numbers, target: numbers}')\n"
+        )
         reply = kc.execute_interactive(setup, timeout=60, output_hook=lambda m: None)
         assert reply["content"]["status"] == "ok", reply["content"]
-        msg_id = kc.execute("%flowdapt executor dask --cpus 1 --no-wait\n"
-                            "print('cell done:', flowdapt_executor.state)")
+        msg_id = kc.execute(
+            "%flowdapt executor dask --cpus 1 --no-wait\nprint('cell done:', flowdapt_executor.state)"
+        )
         msgs, deadline, card_at, idle_at = [], time.monotonic() + 240, None, None
         while time.monotonic() < deadline and card_at is None:
             try:
@@ -155,15 +165,24 @@ def test_kernel_executor_magic_no_wait_returns_then_the_card_replaces_the_start(
             except queue.Empty:
                 continue
             msgs.append(m)
-            if (m["msg_type"] == "status" and m["content"]["execution_state"] == "idle"
-                    and m["parent_header"].get("msg_id") == msg_id):
+            if (
+                m["msg_type"] == "status"
+                and m["content"]["execution_state"] == "idle"
+                and m["parent_header"].get("msg_id") == msg_id
+            ):
                 idle_at = len(msgs) - 1
-            if (m["msg_type"] == "update_display_data"
-                    and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]):
+            if (
+                m["msg_type"] == "update_display_data"
+                and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]
+            ):
                 card_at = len(msgs) - 1
         assert card_at is not None, [m["msg_type"] for m in msgs]
-        displays = [m for m in msgs if m["msg_type"] == "display_data"
-                    and "Starting the Dask executor" in m["content"]["data"].get("text/plain", "")]
+        displays = [
+            m
+            for m in msgs
+            if m["msg_type"] == "display_data"
+            and "Starting the Dask executor" in m["content"]["data"].get("text/plain", "")
+        ]
         assert displays, "no start feedback"
         feedback_id = displays[0]["content"]["transient"]["display_id"]
         assert msgs[card_at]["content"]["transient"]["display_id"] == feedback_id
@@ -171,8 +190,9 @@ def test_kernel_executor_magic_no_wait_returns_then_the_card_replaces_the_start(
         assert "cell done: starting" in printed  # the cell ended before the executor was up
         assert idle_at is not None and idle_at < card_at  # ... and the card came after it
         out = []
-        reply = kc.execute_interactive("r = %flowdapt run nums --input n=3\nprint(r.result)", timeout=120,
-                                       output_hook=out.append)
+        reply = kc.execute_interactive(
+            "r = %flowdapt run nums --input n=3\nprint(r.result)", timeout=120, output_hook=out.append
+        )
         assert reply["content"]["status"] == "ok", reply["content"]
         assert "[0, 1, 2]" in "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
         reply = kc.execute_interactive("%flowdapt stop", timeout=60, output_hook=lambda m: None)

@@ -24,9 +24,11 @@ def ensure_reachable(kind: str, address: str, default_port: int, timeout: float)
         with socket.create_connection((host, port), timeout=timeout):
             pass
     except OSError as exc:
-        raise ConnectionError(f"can't reach the {kind} cluster at cluster_address '{address}' "
-                              f"({host}:{port}) within {timeout:g} s: {exc.strerror or exc}; "
-                              f"is it running? (connect_timeout sets the wait)") from None
+        raise ConnectionError(
+            f"can't reach the {kind} cluster at cluster_address '{address}' "
+            f"({host}:{port}) within {timeout:g} s: {exc.strerror or exc}; "
+            f"is it running? (connect_timeout sets the wait)"
+        ) from None
 
 
 def check_resource_request(stage, offered: list[dict], where: str, soft: dict | None = None) -> None:
@@ -42,19 +44,29 @@ def check_resource_request(stage, offered: list[dict], where: str, soft: dict | 
         if name not in names:
             if name in soft:
                 if value > soft[name]:
-                    raise ConfigError(f"asks for {name}: {amount} but the largest {where} worker has "
-                                      f"{soft[name]:g}", stage=stage.name, key=f"resources.{name}")
+                    raise ConfigError(
+                        f"asks for {name}: {amount} but the largest {where} worker has {soft[name]:g}",
+                        stage=stage.name,
+                        key=f"resources.{name}",
+                    )
                 continue
             near = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
             have = ", ".join(f"{n}" for n in names) or "none"
             hint = f"the nearest it has is '{near[0]}'" if near else f"it offers: {have}"
-            raise ConfigError(f"asks for resource '{name}', which no {where} worker has", stage=stage.name,
-                              key=f"resources.{name}", hint=hint)
+            raise ConfigError(
+                f"asks for resource '{name}', which no {where} worker has",
+                stage=stage.name,
+                key=f"resources.{name}",
+                hint=hint,
+            )
         best = max(w.get(name, 0) for w in offered)
         if value > best:
             shown = f"{best / 1e9:.2f} GB" if name == "memory" else f"{best:g}"
-            raise ConfigError(f"asks for {name}: {amount} but the largest {where} worker offers {shown}",
-                              stage=stage.name, key=f"resources.{name}")
+            raise ConfigError(
+                f"asks for {name}: {amount} but the largest {where} worker offers {shown}",
+                stage=stage.name,
+                key=f"resources.{name}",
+            )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -74,6 +86,7 @@ def apply_env(env: dict) -> None:
 def gpu_count() -> int:
     try:
         import pynvml  # optional
+
         pynvml.nvmlInit()
         return pynvml.nvmlDeviceGetCount()
     except Exception:

@@ -57,6 +57,7 @@ _RAY_NAMES = {"cpus": "CPU", "gpus": "GPU"}  # our stage resource names -> Ray's
 def _remotes():
     if not _remote:
         import ray
+
         _remote["task"] = ray.remote(ray_task)
         _remote["chunk"] = ray.remote(ray_chunk)
         _remote["count"] = ray.remote(count_items)
@@ -112,24 +113,41 @@ class _Helpers:
         process dies; a killed one is replaced at the next run, under a new name."""
         self.sink_name = name or _sink_name()
         self.sink_names.add(self.sink_name)
-        self.sink = _remotes()["sink"].options(num_cpus=0, name=self.sink_name, max_restarts=-1,
-                                               max_task_retries=3, scheduling_strategy=_on_driver_node()).remote()
+        self.sink = (
+            _remotes()["sink"]
+            .options(
+                num_cpus=0,
+                name=self.sink_name,
+                max_restarts=-1,
+                max_task_retries=3,
+                scheduling_strategy=_on_driver_node(),
+            )
+            .remote()
+        )
         self.sink_state = "starting"
         self._watch("sink", self.sink, self.sink.lookup.remote(""))
 
     def new_memory(self) -> None:
         spec = self.executor.config.cluster_memory_actor
         if spec is None:
-            opts = dict(num_cpus=0, max_concurrency=1000, name=self.memory_name, scheduling_strategy=_on_driver_node())
+            opts = dict(
+                num_cpus=0, max_concurrency=1000, name=self.memory_name, scheduling_strategy=_on_driver_node()
+            )
         else:
-            opts = dict(num_cpus=spec.num_cpus, max_concurrency=spec.max_concurrency, name=spec.name,
-                        resources=dict(spec.resources) or None, get_if_exists=True)
+            opts = dict(
+                num_cpus=spec.num_cpus,
+                max_concurrency=spec.max_concurrency,
+                name=spec.name,
+                resources=dict(spec.resources) or None,
+                get_if_exists=True,
+            )
         self.memory = _remotes()["store"].options(**opts).remote()
         self.memory_state = "starting"
         self._watch("memory", self.memory, self.memory.exists.remote("", ""))
 
     def _watch(self, which: str, handle, probe) -> None:
         """``<which>_state`` turns 'ready' (or 'dead') when the actor answers its first call."""
+
         def done(fut):
             if getattr(self, which) is not handle:  # replaced meanwhile
                 return
@@ -139,13 +157,17 @@ class _Helpers:
             except BaseException as exc:
                 log.warning("the %s actor did not start: %s: %s", which, type(exc).__name__, exc)
                 setattr(self, f"{which}_state", "dead")
+
         probe.future().add_done_callback(done)
 
     def replace_memory(self, exc: BaseException) -> None:
         """Before a run: a cluster memory actor that died is replaced, under the same name (what
         it held is lost: said in the log here, and to any stage that called it while it was gone)."""
-        log.warning("the cluster memory actor '%s' died (%s): what it held is lost; starting a new one",
-                    self.memory_name, type(exc).__name__)
+        log.warning(
+            "the cluster memory actor '%s' died (%s): what it held is lost; starting a new one",
+            self.memory_name,
+            type(exc).__name__,
+        )
         self.new_memory()
 
     def replace_sink(self, exc: BaseException) -> None:
@@ -162,11 +184,13 @@ def _sink_name() -> str:
 
 # --- the backend --------------------------------------------------------------------------------
 
+
 class _RayBackend(Backend):
     kind = "ray"
 
     def __init__(self, executor: RayExecutor, helpers: _Helpers):
         import ray
+
         self.ray = ray
         self.executor = executor
         self.helpers = helpers
@@ -185,8 +209,9 @@ class _RayBackend(Backend):
         self._poller = threading.Thread(target=self._poll_events, name="flowdapt-nb-ray-events", daemon=True)
         self._poller.start()
         c = executor.config
-        self._monitor = HeadMonitor(self._on_lost, c.connection_monitor_interval, c.ping_timeout,
-                                    c.ping_failure_threshold).start()
+        self._monitor = HeadMonitor(
+            self._on_lost, c.connection_monitor_interval, c.ping_timeout, c.ping_failure_threshold
+        ).start()
 
     # --- a lost head ---
     def _check(self) -> None:
@@ -198,6 +223,7 @@ class _RayBackend(Backend):
     def _get(self, refs):
         """ray.get that gives up when the head is lost (a plain one would wait for ever)."""
         from ray.exceptions import GetTimeoutError
+
         while True:
             self._check()
             try:
@@ -211,7 +237,8 @@ class _RayBackend(Backend):
             f"lost the Ray cluster at {self.executor.config.cluster_address or self.executor._address()}: "
             f"{reason}. The run can't "
             f"finish: its tasks and data were on that cluster. The executor disconnected (this "
-            f"process keeps running); once the cluster is back, start() the executor again")
+            f"process keeps running); once the cluster is back, start() the executor again"
+        )
         log.error("%s", self.lost)
         self.executor._disconnecting = threading.current_thread()
         with self._pending_lock:
@@ -238,6 +265,7 @@ class _RayBackend(Backend):
         starting, the tasks carry the refs). A helper actor that died (killed, its node lost) is
         replaced here, before the run needs it."""
         from ray.exceptions import RayActorError
+
         self._check()
         helpers = self.helpers
         probe = None
@@ -275,7 +303,8 @@ class _RayBackend(Backend):
         task = self._task_fns.get(key)
         if task is None:
             task = self._task_fns[key] = _remotes()["task"].options(
-                num_returns=2, **self.executor._task_options(resources))
+                num_returns=2, **self.executor._task_options(resources)
+            )
         return task
 
     def submit_many(self, ctx_handle, calls, refs) -> None:
@@ -284,8 +313,12 @@ class _RayBackend(Backend):
 
     def submit(self, fn_handle, ctx_handle, info, flat_args, resources, on_done):
         self._check()
-        head = (self.helpers.sink_name, self._runs[ctx_handle][0], fn_handle,
-                (info.run, info.stage, info.item, info.layout, info.kwargs))
+        head = (
+            self.helpers.sink_name,
+            self._runs[ctx_handle][0],
+            fn_handle,
+            (info.run, info.stage, info.item, info.layout, info.kwargs),
+        )
         meta_ref, value_ref = self._task_fn(resources).remote(head, *flat_args)
         with self._pending_lock:
             self._pending[meta_ref] = (on_done, False)
@@ -299,10 +332,18 @@ class _RayBackend(Backend):
         for _info, args in tasks:
             flat.extend(args)
             counts.append(len(args))
-        head = (self.helpers.sink_name, self._runs[ctx_handle][0], fn_handle,
-                [(i.run, i.stage, i.item, i.layout, i.kwargs) for i, _ in tasks], counts)
-        refs = _remotes()["chunk"].options(num_returns=len(tasks) + 1,
-                                           **self.executor._task_options(resources)).remote(head, *flat)
+        head = (
+            self.helpers.sink_name,
+            self._runs[ctx_handle][0],
+            fn_handle,
+            [(i.run, i.stage, i.item, i.layout, i.kwargs) for i, _ in tasks],
+            counts,
+        )
+        refs = (
+            _remotes()["chunk"]
+            .options(num_returns=len(tasks) + 1, **self.executor._task_options(resources))
+            .remote(head, *flat)
+        )
         self.helpers.start()
         meta_ref, value_refs = refs[0], refs[1:]
         with self._pending_lock:
@@ -351,6 +392,7 @@ class _RayBackend(Backend):
         import pickle
 
         from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_list
+
         events: list = []
         try:
             prefixes = {sink for run, _, sink in self._runs.copy().values() if not isinstance(run, str)}
@@ -399,8 +441,9 @@ class _RayBackend(Backend):
         with self._pending_lock:  # nobody listens for these any more
             for ref in refs:
                 self._pending.pop(ref, None)
-        threading.Thread(target=self._stop_tasks, args=(refs,), name="flowdapt-nb-ray-cancel",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._stop_tasks, args=(refs,), name="flowdapt-nb-ray-cancel", daemon=True
+        ).start()
 
     def _connected(self) -> bool:
         """Ray calls from a background thread are safe: once closing or disconnected, one would
@@ -456,6 +499,7 @@ def _on_driver_node():
     joins the head's.)"""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
@@ -561,35 +605,58 @@ class RayExecutor(Executor):
         for name, amount in actor.resources.items():
             if name not in offered:
                 near = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-                hint = f"the nearest the cluster has is '{near[0]}'" if near else \
-                    f"the cluster offers: {', '.join(names)}"
-                raise ConfigError(f"cluster_memory_actor.resources asks for '{name}', which no Ray node has; "
-                                  f"the actor could never start", key=f"cluster_memory_actor.resources.{name}",
-                                  hint=hint)
+                hint = (
+                    f"the nearest the cluster has is '{near[0]}'"
+                    if near
+                    else f"the cluster offers: {', '.join(names)}"
+                )
+                raise ConfigError(
+                    f"cluster_memory_actor.resources asks for '{name}', which no Ray node has; "
+                    f"the actor could never start",
+                    key=f"cluster_memory_actor.resources.{name}",
+                    hint=hint,
+                )
             if amount > offered[name]:
-                raise ConfigError(f"cluster_memory_actor.resources asks for {name}: {amount} but the cluster "
-                                  f"has {offered[name]:g}", key=f"cluster_memory_actor.resources.{name}")
+                raise ConfigError(
+                    f"cluster_memory_actor.resources asks for {name}: {amount} but the cluster "
+                    f"has {offered[name]:g}",
+                    key=f"cluster_memory_actor.resources.{name}",
+                )
         if actor.num_cpus > offered.get("CPU", 0):
-            raise ConfigError(f"cluster_memory_actor.num_cpus is {actor.num_cpus} but the cluster has "
-                              f"{offered.get('CPU', 0):g} CPU", key="cluster_memory_actor.num_cpus")
+            raise ConfigError(
+                f"cluster_memory_actor.num_cpus is {actor.num_cpus} but the cluster has "
+                f"{offered.get('CPU', 0):g} CPU",
+                key="cluster_memory_actor.num_cpus",
+            )
 
     def _open(self):
         import ray
+
         c = self.config
         if not self.owns_cluster:  # an unreachable address is the error to report, whatever else runs
             ensure_reachable("Ray", c.cluster_address, 6379, c.connect_timeout)
         if ray.is_initialized():
-            raise RuntimeError("Ray is already initialized in this process (another RayExecutor or "
-                               "ray.init()); close it first: one Ray connection per process")
-        init_kwargs = dict(log_to_driver=c.log_to_driver, logging_level=_level(c.logging_level),
-                           runtime_env=self._runtime_env() or None, namespace="flowdapt_nb",
-                           configure_logging=True)
+            raise RuntimeError(
+                "Ray is already initialized in this process (another RayExecutor or "
+                "ray.init()); close it first: one Ray connection per process"
+            )
+        init_kwargs = dict(
+            log_to_driver=c.log_to_driver,
+            logging_level=_level(c.logging_level),
+            runtime_env=self._runtime_env() or None,
+            namespace="flowdapt_nb",
+            configure_logging=True,
+        )
         if self.owns_cluster:
             planned = self._node_resources_planned()
             self._check_memory_actor({k: v for k, v in planned.items() if v} | {"CPU": planned["CPU"]})
-            init_kwargs.update(num_cpus=planned["CPU"], num_gpus=planned["GPU"],
-                               resources=dict(c.resources) or None, include_dashboard=c.include_dashboard,
-                               dashboard_host=c.dashboard_host)
+            init_kwargs.update(
+                num_cpus=planned["CPU"],
+                num_gpus=planned["GPU"],
+                resources=dict(c.resources) or None,
+                include_dashboard=c.include_dashboard,
+                dashboard_host=c.dashboard_host,
+            )
             # Ray's fixed default port would collide with any other Ray on the machine.
             init_kwargs["dashboard_port"] = c.dashboard_port if c.dashboard_port is not None else free_port()
             if c.memory != "auto":
@@ -604,8 +671,11 @@ class RayExecutor(Executor):
             init_kwargs["address"] = c.cluster_address
         token_mode_set = not self.owns_cluster and attach_with_token()
         children_before = _child_pids()
-        self._step("starting the Ray node (GCS, raylet)" if self.owns_cluster
-                   else f"connecting to the Ray cluster at {c.cluster_address}")
+        self._step(
+            "starting the Ray node (GCS, raylet)"
+            if self.owns_cluster
+            else f"connecting to the Ray cluster at {c.cluster_address}"
+        )
         try:
             driver_outlives_head()
             with loopback_node() if self.owns_cluster else contextlib.nullcontext():
@@ -635,6 +705,7 @@ class RayExecutor(Executor):
         """ray.init; a local start that timed out (Ray waits a fixed 30 s for its raylet, too short
         on a busy machine) is cleaned up and tried once more."""
         import ray
+
         if not self.owns_cluster:  # a head that listens may still be starting: retry until the deadline
             address = self.config.cluster_address or ""
             deadline = time.monotonic() + self.config.connect_timeout
@@ -642,16 +713,19 @@ class RayExecutor(Executor):
                 try:
                     # a refused token is a clear error at once (ray.init would retry ~20 s, then
                     # fail without naming it); a GCS that doesn't answer yet is tried again
-                    if "://" not in address:  # raises only for the token; anything else is ray.init's to judge
+                    # raises only for the token; anything else is ray.init's to judge
+                    if "://" not in address:
                         check_token(address, max(0.5, min(5.0, deadline - time.monotonic())))
                     return ray.init(**init_kwargs)
                 except TokenRefusedError:
                     raise
                 except ConnectionError as exc:
                     if time.monotonic() > deadline:
-                        raise ConnectionError(f"can't attach to the Ray cluster at cluster_address "
-                                              f"'{address}' within {self.config.connect_timeout:g} s: "
-                                              f"{exc}") from None
+                        raise ConnectionError(
+                            f"can't attach to the Ray cluster at cluster_address "
+                            f"'{address}' within {self.config.connect_timeout:g} s: "
+                            f"{exc}"
+                        ) from None
                     ray.shutdown()
                     time.sleep(1)
         try:
@@ -665,6 +739,7 @@ class RayExecutor(Executor):
 
     def _shutdown(self):
         import ray
+
         backend = self._backend
         if backend is not None:
             backend.close()
@@ -683,11 +758,13 @@ class RayExecutor(Executor):
     def _connected(self) -> bool:
         """Ray calls are safe: a call once disconnected would start a new local Ray."""
         import ray
+
         backend = self._backend
         return isinstance(backend, _RayBackend) and backend.lost is None and ray.is_initialized()
 
     def _nodes(self) -> list[dict]:
         import ray
+
         if not self._connected():
             return []
         return [n for n in ray.nodes() if n.get("Alive")]
@@ -712,9 +789,15 @@ class RayExecutor(Executor):
         for node in self._nodes():
             res = dict(node.get("Resources") or {})
             mapped = {"cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0), "memory": res.get("memory", 0)}
-            mapped.update({k: v for k, v in res.items() if k not in ("CPU", "GPU", "memory",
-                                                                       "object_store_memory")
-                           and not k.startswith("node:") and not k.startswith("accelerator_type")})
+            mapped.update(
+                {
+                    k: v
+                    for k, v in res.items()
+                    if k not in ("CPU", "GPU", "memory", "object_store_memory")
+                    and not k.startswith("node:")
+                    and not k.startswith("accelerator_type")
+                }
+            )
             offered.append(mapped)
         self._offered_cache = (time.monotonic(), offered)
         return offered
@@ -743,13 +826,21 @@ class RayExecutor(Executor):
         return url if url.startswith("http") else f"http://{url}"
 
     def _workers(self):
-        return [{"name": n["NodeID"][:NODE_ID_CHARS], "address": n.get("NodeManagerAddress"),
-                 "resources": {k: v for k, v in (n.get("Resources") or {}).items() if not k.startswith("node:")}}
-                for n in self._nodes()]
+        return [
+            {
+                "name": n["NodeID"][:NODE_ID_CHARS],
+                "address": n.get("NodeManagerAddress"),
+                "resources": {
+                    k: v for k, v in (n.get("Resources") or {}).items() if not k.startswith("node:")
+                },
+            }
+            for n in self._nodes()
+        ]
 
     def _sample(self):
         import ray
         from ray._private import state as ray_state
+
         if not self._connected():
             return []
         now = time.time()
@@ -758,6 +849,7 @@ class RayExecutor(Executor):
         except Exception:
             available = {}
         from ..telemetry import add_up, running_requests
+
         local_ip = ray.util.get_node_ip_address()
         nodes = self._nodes()
         # What our running tasks hold, by node (a worker's name carries its node id: see
@@ -769,20 +861,28 @@ class RayExecutor(Executor):
         trust_ours = self.owns_cluster and not self._active and self.config.cluster_memory_actor is None
         out = []
         for node in nodes:
-            total = {k: v for k, v in (node.get("Resources") or {}).items() if not k.startswith("node:")
-                     and k != "object_store_memory"}
+            total = {
+                k: v
+                for k, v in (node.get("Resources") or {}).items()
+                if not k.startswith("node:") and k != "object_store_memory"
+            }
             avail = available.get(node["NodeID"], {})
             short_id = node["NodeID"][:NODE_ID_CHARS]
             mine = add_up(by_node.get(short_id, []), _RAY_NAMES)
             used = {k: (0.0 if trust_ours else max(v - avail.get(k, 0.0), 0.0)) for k, v in total.items()}
             used = {k: max(u, mine.get(k, 0.0)) for k, u in used.items()}
-            sample = ResourceSample(short_id, now, resources_total=total,
-                                    resources_available={k: max(0.0, total[k] - used[k]) for k in total})
+            sample = ResourceSample(
+                short_id,
+                now,
+                resources_total=total,
+                resources_available={k: max(0.0, total[k] - used[k]) for k in total},
+            )
             if node.get("NodeManagerAddress") == local_ip:  # this machine: measure it directly
                 vm = psutil.virtual_memory()
                 sample.cpu_percent = psutil.cpu_percent(None)
                 sample.memory_used, sample.memory_limit = vm.total - vm.available, vm.total
                 from ..telemetry import add_gpu
+
                 add_gpu(sample)
             out.append(sample)
         return out
@@ -791,6 +891,7 @@ class RayExecutor(Executor):
 def _clear_kv_reports(sink_names) -> None:
     """Reports left in the GCS's key-value store (see ray_tasks._sender) go with the executor."""
     from ray.experimental.internal_kv import _internal_kv_del
+
     for name in sink_names:
         try:
             _internal_kv_del(f"{name}:".encode(), del_by_prefix=True, namespace=KV_NAMESPACE)
@@ -806,6 +907,7 @@ def _shutdown_and_reap(children_before: set[int]) -> None:
     """ray.shutdown(), then end any process our own failed ray.init started (ray.shutdown
     doesn't know a node whose start-up timed out)."""
     import ray
+
     try:
         ray.shutdown()
     except Exception:

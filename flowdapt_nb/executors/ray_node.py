@@ -27,6 +27,7 @@ PING_FAILURES = 3
 
 # --- an owned node: loopback only ---------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def loopback_node():
     """While a ``ray.init`` that starts a node runs inside this block, every service of that
@@ -38,6 +39,7 @@ def loopback_node():
     that switch is read at call time, so flipping it for the start keeps the node on loopback.
     Pass ``_node_ip_address=LOOPBACK`` to ray.init as well."""
     from ray._private import ray_constants
+
     before = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
@@ -58,12 +60,14 @@ def driver_outlives_head() -> None:
     os.environ[key] = DRIVER_RECONNECT_TIMEOUT_S
     try:  # Ray caches its config when imported: refresh it, as Ray itself does after such a change
         from ray._raylet import Config  # type: ignore[attr-defined]  # not in ray's stubs
+
         Config.initialize("")
     except Exception:
         pass
 
 
 # --- the auth token: readable by its owner only --------------------------------------------------
+
 
 def token_path() -> Path | None:
     """The token file Ray uses (``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``); None when the
@@ -84,6 +88,7 @@ def ensure_private_token() -> None:
     if path is None or path.exists():
         return
     from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -99,7 +104,9 @@ def token_source() -> str | None:
         return "the RAY_AUTH_TOKEN environment variable"
     path = token_path()
     if path is not None and path.is_file():
-        return f"the token file {path}" + (" (RAY_AUTH_TOKEN_PATH)" if os.environ.get("RAY_AUTH_TOKEN_PATH") else "")
+        return f"the token file {path}" + (
+            " (RAY_AUTH_TOKEN_PATH)" if os.environ.get("RAY_AUTH_TOKEN_PATH") else ""
+        )
     return None
 
 
@@ -124,6 +131,7 @@ def undo_attach_with_token() -> None:
 def _refresh_ray_config() -> None:
     try:  # Ray caches its config (and the token) when imported: refresh them, as Ray itself does
         from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # not in ray's stubs
+
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
     except Exception:
@@ -134,8 +142,10 @@ class TokenRefusedError(ConnectionError):
     """The Ray cluster refused this driver's auth token, or wants one the driver lacks."""
 
 
-_TOKEN_SETTINGS = ("set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file that holds "
-                   "it (default ~/.ray/auth_token); `ray get-auth-token` on the head node prints it")
+_TOKEN_SETTINGS = (
+    "set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file that holds "
+    "it (default ~/.ray/auth_token); `ray get-auth-token` on the head node prints it"
+)
 
 
 def check_token(address: str, timeout: float) -> str | None:
@@ -145,15 +155,18 @@ def check_token(address: str, timeout: float) -> str | None:
     when the GCS answered; else why it didn't (still starting, or gone)."""
     import grpc  # type: ignore[import-untyped]  # installed with ray, no stubs
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
     metadata: tuple = ()
     source = token_source()
     if source is not None:
         from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]  # not in ray's stubs
+
         loader = AuthenticationTokenLoader.instance()
         loader.reset_cache()
         if loader.has_token(ignore_auth_mode=True):
             metadata = tuple(loader.get_token_for_http_header().items())
     from .cluster import host_port
+
     host, port = host_port(address, 6379)
     with grpc.insecure_channel(f"{host}:{port}") as channel:
         stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
@@ -165,11 +178,15 @@ def check_token(address: str, timeout: float) -> str | None:
             if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
                 return f"its GCS did not answer ({exc.code().name}: {' '.join(str(exc.details()).split())[:200]})"
     if metadata:
-        raise TokenRefusedError(f"the Ray cluster at cluster_address '{address}' refused this driver's auth "
-                              f"token (from {source}): it was started with token auth and another token; "
-                              f"{_TOKEN_SETTINGS}")
-    raise TokenRefusedError(f"the Ray cluster at cluster_address '{address}' requires an auth token (it was "
-                          f"started with token auth) and this driver has none: {_TOKEN_SETTINGS}")
+        raise TokenRefusedError(
+            f"the Ray cluster at cluster_address '{address}' refused this driver's auth "
+            f"token (from {source}): it was started with token auth and another token; "
+            f"{_TOKEN_SETTINGS}"
+        )
+    raise TokenRefusedError(
+        f"the Ray cluster at cluster_address '{address}' requires an auth token (it was "
+        f"started with token auth) and this driver has none: {_TOKEN_SETTINGS}"
+    )
 
 
 def tighten_token() -> None:
@@ -187,13 +204,19 @@ def tighten_token() -> None:
 
 # --- the head monitor ------------------------------------------------------------------------------
 
+
 class HeadMonitor:
     """Pings the Ray head (its GCS) from a thread every ``interval`` s, each ping bounded by
     ``timeout`` s; after ``failures`` pings in a row go unanswered, calls ``on_lost(reason)`` once
     and stops. Ray alone would report nothing for a minute and then end the process."""
 
-    def __init__(self, on_lost, interval: float | None = None, timeout: float | None = None,
-                 failures: int | None = None):
+    def __init__(
+        self,
+        on_lost,
+        interval: float | None = None,
+        timeout: float | None = None,
+        failures: int | None = None,
+    ):
         self.on_lost = on_lost
         self.interval = MONITOR_INTERVAL if interval is None else max(0.05, float(interval))
         self.timeout = PING_TIMEOUT if timeout is None else max(0.1, float(timeout))
@@ -214,6 +237,7 @@ class HeadMonitor:
         """None when the head answered, else why not."""
         try:
             import ray
+
             gcs = ray._private.worker.global_worker.gcs_client  # type: ignore[attr-defined]  # not in ray's stubs
             gcs.internal_kv_get(b"flowdapt_nb_ping", None, timeout=self.timeout)
             return None
@@ -231,10 +255,17 @@ class HeadMonitor:
                 missed = 0
                 continue
             missed += 1
-            log.warning("the Ray head did not answer a ping (%d of %d, %.1f s): %s", missed, self.failures,
-                        time.monotonic() - t0, why)
+            log.warning(
+                "the Ray head did not answer a ping (%d of %d, %.1f s): %s",
+                missed,
+                self.failures,
+                time.monotonic() - t0,
+                why,
+            )
             if missed >= self.failures:
                 self._stop.set()
-                self.on_lost(f"its head (GCS) did not answer {missed} pings in a row "
-                             f"({self.timeout:g} s each, every {self.interval:g} s; last: {why})")
+                self.on_lost(
+                    f"its head (GCS) did not answer {missed} pings in a row "
+                    f"({self.timeout:g} s each, every {self.interval:g} s; last: {why})"
+                )
                 return

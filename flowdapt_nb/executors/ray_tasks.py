@@ -29,6 +29,7 @@ def _cached_get(ref):
     carries a reference, not the object (a run context holds the whole run input, so it grows
     with the number of items)."""
     import ray
+
     return _cached.get_or_load(ref.hex(), lambda: ray.get(ref))
 
 
@@ -40,6 +41,7 @@ def named_actor(name: str, wait: float = 0.0):
     handle = _actors.get(name)
     if handle is None:
         import ray
+
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -72,7 +74,9 @@ def _sender(sink: str, key):
         import uuid
 
         from ray.experimental.internal_kv import _internal_kv_put
+
         _internal_kv_put(f"{sink}:{uuid.uuid4().hex}".encode(), pickle.dumps(batch), namespace=KV_NAMESPACE)
+
     return put
 
 
@@ -84,6 +88,7 @@ def _run_refs(sink: str, key) -> list:
     (the few most recent runs are kept: a worker lets go of older runs' objects). A run sent
     while the sink was still starting carries the list itself in ``key``."""
     import ray
+
     if isinstance(key, list):
         return key
     refs = _run_keys.get(key)
@@ -120,8 +125,10 @@ def _worker_name() -> str:
     name = _actors.get(None)  # cached beside the actor handles: one per worker process
     if name is None:
         import ray
-        name = _actors[None] = worker_name(ray.util.get_node_ip_address(), os.getpid(),
-                                           ray.get_runtime_context().get_node_id())
+
+        name = _actors[None] = worker_name(
+            ray.util.get_node_ip_address(), os.getpid(), ray.get_runtime_context().get_node_id()
+        )
     return name
 
 
@@ -148,7 +155,7 @@ def ray_chunk(head, *flat):
     metas, values, pos = [], [], 0
     report = _chunks.open(_sender(sink, key)) if sink is not None else None
     for info, count in zip(infos, counts):
-        meta, value = execute(ctx, fn, TaskInfo(*info), flat[pos:pos + count], report, worker)
+        meta, value = execute(ctx, fn, TaskInfo(*info), flat[pos : pos + count], report, worker)
         if meta["ok"]:
             meta, value = _checked(meta, value)
         pos += count
@@ -169,6 +176,7 @@ def _checked(meta: dict, value):
     if type(value) in _PLAIN:
         return meta, value
     import ray
+
     try:
         ray._private.worker.global_worker.get_serialization_context().serialize(value)
         return meta, value
@@ -181,6 +189,7 @@ def _checked(meta: dict, value):
 def count_items(value):
     """How many items a parameterized stage gets from this output (or why it can't map over it)."""
     from ..engine import items_of
+
     try:
         return ("ok", len(items_of(value, "?", "its dependency's output")))
     except Exception as exc:
@@ -190,6 +199,7 @@ def count_items(value):
 def split_items(value):
     """The items, each its own object (the task runs with ``num_returns`` = their count)."""
     from ..engine import items_of
+
     items = items_of(value, "?", "its dependency's output")
     return items[0] if len(items) == 1 else tuple(items)
 
@@ -244,6 +254,7 @@ class RayMemory:
     def _call(self, method_name, args):
         import ray
         from ray.exceptions import RayActorError
+
         for attempt in (1, 2):
             try:
                 if self.helpers is not None:
@@ -256,4 +267,5 @@ class RayMemory:
                 if self.helpers is not None or attempt == 2:
                     raise RuntimeError(
                         f"the cluster memory actor '{self.name}' died ({type(exc).__name__}): what it "
-                        f"held is lost; the executor starts a new one at its next run") from None
+                        f"held is lost; the executor starts a new one at its next run"
+                    ) from None
