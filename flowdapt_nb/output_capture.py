@@ -20,7 +20,6 @@ FLUSH_BYTES = 64 * 1024  # a block goes out once this much waits...
 FLUSH_SECONDS = 0.2  # ...or once its oldest line waited this long
 
 _local = threading.local()
-_installed = False
 _install_lock = threading.Lock()
 
 
@@ -61,12 +60,13 @@ class _Router(io.TextIOBase):
 
 
 def install() -> None:
-    global _installed
+    """Route sys.stdout/stderr through a _Router, again if someone swapped them since (pytest,
+    a kernel): a process-wide 'done' flag would leave a later capture writing past its sink."""
     with _install_lock:
-        if not _installed:
+        if not isinstance(sys.stdout, _Router):
             sys.stdout = _Router(sys.stdout, "stdout")
+        if not isinstance(sys.stderr, _Router):
             sys.stderr = _Router(sys.stderr, "stderr")
-            _installed = True
 
 
 # One thread per process sends what captures left waiting (a stage that prints a line and then

@@ -369,6 +369,24 @@ def test_output_budget_forgets_old_runs():
     assert list(budget.used) == ["b", "c"]
 
 
+def test_capture_still_captures_after_someone_swapped_sys_stdout(monkeypatch):
+    """pytest and kernels swap sys.stdout; a capture made after that must still see the prints
+    (a process-wide 'installed' flag once left them going past the capture, to the new stdout)."""
+    import io
+
+    from flowdapt_nb.output_capture import capture
+
+    got = []
+    with capture(lambda stream, text: got.append(text)):
+        print("before the swap")
+    swapped_in = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", swapped_in)
+    with capture(lambda stream, text: got.append(text)):
+        print("after the swap")
+    assert got == ["before the swap", "after the swap"]
+    assert swapped_in.getvalue() == ""  # went to the capture, not past it
+
+
 def test_capture_sends_whole_lines_in_order_up_to_its_limit_then_one_note():
     from flowdapt_nb.output_capture import capture
 

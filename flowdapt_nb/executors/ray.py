@@ -82,6 +82,7 @@ class _Helpers:
         self.executor = executor
         self.lock = threading.Lock()
         self.started = False
+        self.closing = False  # the executor is closing: a probe cut short by it is no news
         self.sink: Any = None  # actor handles (Ray's are untyped)
         self.sink_name = _sink_name()
         self.sink_names = {self.sink_name}  # every name used: the key-value reports' prefixes
@@ -149,7 +150,7 @@ class _Helpers:
         """``<which>_state`` turns 'ready' (or 'dead') when the actor answers its first call."""
 
         def done(fut):
-            if getattr(self, which) is not handle:  # replaced meanwhile
+            if self.closing or getattr(self, which) is not handle:  # closing, or replaced meanwhile
                 return
             try:
                 fut.result()
@@ -741,6 +742,8 @@ class RayExecutor(Executor):
         import ray
 
         backend = self._backend
+        if self._helpers is not None:
+            self._helpers.closing = True
         if backend is not None:
             backend.close()
         lost = backend is not None and backend.lost is not None
