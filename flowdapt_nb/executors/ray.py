@@ -83,6 +83,7 @@ class _Helpers:
         self.lock = threading.Lock()
         self.started = False
         self.closing = False  # the executor is closing: a probe cut short by it is no news
+        self.probes: dict[str, Any] = {}  # which -> the first call still unanswered
         self.sink: Any = None  # actor handles (Ray's are untyped)
         self.sink_name = _sink_name()
         self.sink_names = {self.sink_name}  # every name used: the key-value reports' prefixes
@@ -150,6 +151,8 @@ class _Helpers:
         """``<which>_state`` turns 'ready' (or 'dead') when the actor answers its first call."""
 
         def done(fut):
+            if self.probes.get(which) is probe:
+                self.probes.pop(which, None)
             if self.closing or getattr(self, which) is not handle:  # closing, or replaced meanwhile
                 return
             try:
@@ -159,7 +162,19 @@ class _Helpers:
                 log.warning("the %s actor did not start: %s: %s", which, type(exc).__name__, exc)
                 setattr(self, f"{which}_state", "dead")
 
+        self.probes[which] = probe
         probe.future().add_done_callback(done)
+
+    def settle(self, ray, timeout: float = 2.0) -> None:
+        """Before killing the actors: let first calls still in flight end (bounded). Killed under
+        one, Ray logs '(raylet) Task EventSink.lookup failed. There are 3 retries remaining' into
+        the notebook after a quick run then `%flowdapt stop`."""
+        pending = list(self.probes.values())
+        if pending:
+            try:
+                ray.wait(pending, num_returns=len(pending), timeout=timeout, fetch_local=False)
+            except Exception:
+                pass
 
     def replace_memory(self, exc: BaseException) -> None:
         """Before a run: a cluster memory actor that died is replaced, under the same name (what
@@ -748,6 +763,7 @@ class RayExecutor(Executor):
             backend.close()
         lost = backend is not None and backend.lost is not None
         if not self.owns_cluster and not lost and self._helpers is not None:
+            self._helpers.settle(ray)
             for handle in self._helpers.handles():  # leave nothing of ours on a cluster we only visited
                 try:
                     ray.kill(handle)
