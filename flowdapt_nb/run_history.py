@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from .errors import RemoteError
 from .run import Failure, WorkflowRun, _ts
-from .run_store import SIMPLE_ITEM, apply_lost, get_store
+from .run_store import apply_lost, get_store
 
 if TYPE_CHECKING:
     from .workflow import Workflow
@@ -249,14 +249,10 @@ def load_run(uid: str, store=None) -> StoredRun:
     run.result_type, run.result_bytes = rec["result_type"], rec["result_bytes"]
     run.stage_summaries = summaries
     run.pid, run.host = rec["pid"], rec["host"]
-    for t in db.query(
-        'SELECT stage, item, state, worker, queued, start, "end", error FROM tasks WHERE run_uid = ?',
-        (rec["uid"],),
-    ):
-        item = None if t["item"] == SIMPLE_ITEM else t["item"]
+    for t in db.task_rows(rec["uid"]):
         if run.state == "lost" and t["state"] in ("queued", "running"):
             t["state"] = "cancelled"  # its process is gone: it will never end
-        run._tasks[(t["stage"], item)] = {**t, "item": item}
+        run._tasks[(t["stage"], t["item"])] = t
     run.error_traceback = None
     for f in db.query(
         "SELECT stage, item, error, error_type, traceback, fatal FROM failures WHERE run_uid = ? "

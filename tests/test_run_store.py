@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import poll
 from kernel_support import cli as run_cli
 
 import flowdapt_nb as fnb
-from flowdapt_nb.run_store import get_store
+from flowdapt_nb.run_store import decode_task_log, get_store
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -104,6 +105,48 @@ def test_runs_on_each_executor_read_back_in_a_new_process(executor):
     assert "in boom" in b["error_traceback"] and "KeyError: 'boom happened'" in b["error_traceback"]
     assert b["result_type"] is None
     assert seen["listed"][good.uid] == "finished" and seen["listed"][bad.uid] == "failed"
+
+
+SLOW_FAN = {
+    "name": "store_slow_fan",
+    "stages": [
+        {"name": "numbers", "target": "stages.numbers"},
+        {"name": "slow", "target": "stages.slow", "type": "parameterized", "depends_on": ["numbers"]},
+    ],
+}
+
+
+def test_a_run_in_progress_has_live_rows_and_an_ended_one_a_task_log(tmp_path):
+    """While a run goes on, its task rows are in live_tasks (another process can follow it); when
+    it ends, one task log holds them all, with their times, and the live rows are gone."""
+    db = str(tmp_path / "live.sqlite")
+    with fnb.LocalExecutor(use_processes=False, cpus=2, runs=db) as ex:
+        store = ex._run_store
+        handle = ex.submit(SLOW_FAN, input={"n": 6, "delay": 0.5})
+        uid = handle.run.uid
+
+        def some_finished_while_running():
+            store.flush()
+            rows = store.task_rows(uid)
+            done = [r for r in rows if r["state"] == "finished"]
+            return rows if handle.run.state == "running" and done else None
+
+        live = poll(some_finished_while_running, timeout=60, what="live rows of the running run")
+        assert any(r["stage"] == "numbers" and r["item"] is None for r in live)
+        handle.wait(60)
+        assert store.flush()
+        counts = store.query(
+            "SELECT (SELECT count(*) FROM live_tasks WHERE run_uid = ?) AS live, "
+            "(SELECT n FROM task_logs WHERE run_uid = ?) AS logged",
+            (uid, uid),
+        )[0]
+        assert counts == {"live": 0, "logged": 7}
+        rows = {(r["stage"], r["item"]): r for r in store.task_rows(uid)}
+        assert rows == handle.run._tasks  # every field as the run holds it, times to the bit
+        for row in rows.values():
+            assert row["state"] == "finished" and row["worker"]
+            assert row["queued"] <= row["start"] <= row["end"]
+    assert fnb.load_run(uid, store=db).tasks["state"].tolist() == ["finished"] * 7
 
 
 def test_store_off_and_in_memory(tmp_path):
@@ -200,12 +243,21 @@ def test_two_processes_write_at_once(tmp_path):
         states = con.execute(
             "SELECT state, count(*), count(DISTINCT pid) FROM runs GROUP BY state"
         ).fetchall()
-        per_run = con.execute("SELECT count(*) FROM tasks GROUP BY run_uid").fetchall()
+        per_run = con.execute("SELECT n FROM task_logs").fetchall()
+        live = con.execute("SELECT count(*) FROM live_tasks").fetchone()[0]
+        logs = con.execute("SELECT columns, times FROM task_logs").fetchall()
         mode = con.execute("PRAGMA journal_mode").fetchone()[0]
     finally:
         con.close()
     assert states == [("finished", 30, 2)]
     assert per_run == [(22,)] * 30  # numbers, 20 squares, total: every task row of every run
+    assert live == 0  # an ended run's rows are in its log only
+    for log in logs:  # each log reads back whole: every task finished, with its times
+        rows = decode_task_log(*log)
+        assert sorted((r["stage"], r["item"]) for r in rows) == sorted(
+            [("numbers", None), ("total", None)] + [("square", i) for i in range(20)]
+        )
+        assert all(r["state"] == "finished" and r["start"] <= r["end"] for r in rows)
     assert mode == "wal"
 
 
@@ -239,10 +291,7 @@ def test_driver_killed_mid_run_reads_back_lost(tmp_path):
         deadline = time.monotonic() + 120  # a bound for a hang, not a timing assertion
         while time.monotonic() < deadline:  # the record arrives while the run goes on
             rows = store.query("SELECT state FROM runs WHERE uid = ?", (uid,))
-            tasks = {
-                t["stage"]: t["state"]
-                for t in store.query("SELECT stage, state FROM tasks WHERE run_uid = ?", (uid,))
-            }
+            tasks = {t["stage"]: t["state"] for t in store.task_rows(uid)}
             if rows and rows[0]["state"] == "running" and tasks == {"numbers": "finished", "nap": "running"}:
                 break
             time.sleep(0.1)
