@@ -50,6 +50,14 @@ def start_cli(*args, cwd, env: dict | None = None) -> subprocess.Popen:
 def kernel(tmp_path: Path, ready_timeout: float = 60):
     """A started python3 kernel whose Jupyter and IPython dirs are under ``tmp_path`` (its cwd);
     yields its client, ready. Channels stopped and the kernel shut down at the end."""
+    with kernel_manager(tmp_path, ready_timeout) as (_, kc):
+        yield kc
+
+
+@contextlib.contextmanager
+def kernel_manager(tmp_path: Path, ready_timeout: float = 60):
+    """As ``kernel``, yielding ``(manager, client)``: the manager interrupts the kernel and
+    knows its process (``manager.provisioner.process.pid``)."""
     from jupyter_client import KernelManager
 
     env = dict(
@@ -65,7 +73,7 @@ def kernel(tmp_path: Path, ready_timeout: float = 60):
     kc.start_channels()
     try:
         kc.wait_for_ready(timeout=ready_timeout)
-        yield kc
+        yield km, kc
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)

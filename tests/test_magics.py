@@ -9,7 +9,6 @@ and lets the magic start its own.
 from __future__ import annotations
 
 import _thread
-import os
 import re
 import threading
 import time
@@ -19,6 +18,7 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
+from kernel_support import kernel_manager
 
 import flowdapt_nb as fnb
 
@@ -636,22 +636,8 @@ def _stdout(msgs):
 
 
 def test_kernel_interrupt_cancels_the_run(tmp_path):
-    from jupyter_client import KernelManager
-
-    env = dict(
-        os.environ,
-        JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
-        JUPYTER_DATA_DIR=str(tmp_path / "data"),
-        JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
-        IPYTHONDIR=str(tmp_path / "ipython"),
-    )
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel(env=env, cwd=str(tmp_path))
-    kernel_pid = km.provisioner.process.pid
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=60)
+    with kernel_manager(tmp_path) as (km, kc):
+        kernel_pid = km.provisioner.process.pid
         setup = (
             NOTEBOOK + "\nget_ipython().run_line_magic('load_ext', 'flowdapt_nb')\n"
             "get_ipython().run_line_magic('flowdapt', 'executor local --threads --cpus 2')\n"
@@ -709,7 +695,4 @@ def test_kernel_interrupt_cancels_the_run(tmp_path):
         assert "no native dashboard" in _stdout(msgs)
         content, msgs = _execute(kc, "%flowdapt stop\nprint('flowdapt_executor' in globals())")
         assert content["status"] == "ok" and _stdout(msgs).endswith("stopped\nFalse\n")
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=False)
     assert not psutil.pid_exists(kernel_pid) or psutil.Process(kernel_pid).status() == psutil.STATUS_ZOMBIE

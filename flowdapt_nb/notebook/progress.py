@@ -111,11 +111,11 @@ class RunProgress:
             if self._done:
                 return
 
-    def _redraw(self, final: bool = False) -> None:
+    def _redraw(self, final: bool = False, again: bool = False) -> None:
         with self._lock:
-            if self._done:
+            if self._done and not again:
                 return
-            if final:
+            if final and not self._done:
                 self._done = True
                 self._stop.set()
                 if self._token is not None:
@@ -132,8 +132,11 @@ class RunProgress:
         return not self._done
 
     def finish(self) -> None:
-        """Draw the final state and stop listening (safe to call more than once)."""
-        self._redraw(final=True)
+        """Draw the final state and stop listening (safe to call more than once). Drawn again
+        even when a listening thread drew it already: the kernel may send a thread's update
+        under another cell's header (ipykernel 7 keeps a parent per context), and a blocking
+        run's cell must end with its own final drawing."""
+        self._redraw(final=True, again=True)
 
 
 def show_live_handle(handle) -> None:
