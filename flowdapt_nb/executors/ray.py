@@ -20,6 +20,7 @@ from ..events import ResourceSample
 from ..memory_store import MemoryStore
 from ..units import parse_bytes, usable_cores
 from .base import Executor
+from .call_gate import CallGate, GateClosed
 from .cluster import check_resource_request, ensure_reachable, free_port, gpu_count
 from .ray_node import (
     LOOPBACK,
@@ -92,6 +93,7 @@ class _Helpers:
         self.memory_state = "none"
         spec = executor.config.cluster_memory_actor
         self.memory_name = spec.name if spec is not None else f"flowdapt_nb_memory_{uuid.uuid4().hex[:8]}"
+        self.gate = CallGate()  # every Ray call off the closing thread goes through it
 
     def start(self) -> None:
         """Make both actors (once; returns at once)."""
@@ -115,26 +117,27 @@ class _Helpers:
         process dies; a killed one is replaced at the next run, under a new name."""
         self.sink_name = name or _sink_name()
         self.sink_names.add(self.sink_name)
-        self.sink = (
-            _remotes()["sink"]
-            .options(
-                num_cpus=0,
-                name=self.sink_name,
-                max_restarts=-1,
-                max_task_retries=3,
-                scheduling_strategy=_on_driver_node(),
+        with self.gate:
+            self.sink = (
+                _remotes()["sink"]
+                .options(
+                    num_cpus=0,
+                    name=self.sink_name,
+                    max_restarts=-1,
+                    max_task_retries=3,
+                    scheduling_strategy=_on_driver_node(),
+                )
+                .remote()
             )
-            .remote()
-        )
-        self.sink_state = "starting"
-        self._watch("sink", self.sink, self.sink.lookup.remote(""))
+            self.sink_state = "starting"
+            self._watch("sink", self.sink, self.sink.lookup.remote(""))
 
     def new_memory(self) -> None:
         spec = self.executor.config.cluster_memory_actor
         if spec is None:
-            opts = dict(
-                num_cpus=0, max_concurrency=1000, name=self.memory_name, scheduling_strategy=_on_driver_node()
-            )
+            with self.gate:  # _on_driver_node asks Ray for the node id
+                strategy = _on_driver_node()
+            opts = dict(num_cpus=0, max_concurrency=1000, name=self.memory_name, scheduling_strategy=strategy)
         else:
             opts = dict(
                 num_cpus=spec.num_cpus,
@@ -143,9 +146,10 @@ class _Helpers:
                 resources=dict(spec.resources) or None,
                 get_if_exists=True,
             )
-        self.memory = _remotes()["store"].options(**opts).remote()
-        self.memory_state = "starting"
-        self._watch("memory", self.memory, self.memory.exists.remote("", ""))
+        with self.gate:
+            self.memory = _remotes()["store"].options(**opts).remote()
+            self.memory_state = "starting"
+            self._watch("memory", self.memory, self.memory.exists.remote("", ""))
 
     def _watch(self, which: str, handle, probe) -> None:
         """``<which>_state`` turns 'ready' (or 'dead') when the actor answers its first call."""
@@ -222,11 +226,16 @@ class _RayBackend(Backend):
         self._pending_lock = threading.Lock()
         self.lost: ClusterLostError | None = None
         self._stop = threading.Event()
+        self.gate = helpers.gate
         self._poller = threading.Thread(target=self._poll_events, name="flowdapt-nb-ray-events", daemon=True)
         self._poller.start()
         c = executor.config
         self._monitor = HeadMonitor(
-            self._on_lost, c.connection_monitor_interval, c.ping_timeout, c.ping_failure_threshold
+            self._on_lost,
+            c.connection_monitor_interval,
+            c.ping_timeout,
+            c.ping_failure_threshold,
+            gate=self.gate,
         ).start()
 
     # --- a lost head ---
@@ -243,7 +252,8 @@ class _RayBackend(Backend):
         while True:
             self._check()
             try:
-                return self.ray.get(refs, timeout=1.0)
+                with self.gate:
+                    return self.ray.get(refs, timeout=1.0)
             except GetTimeoutError:
                 continue
 
@@ -285,16 +295,19 @@ class _RayBackend(Backend):
         self._check()
         helpers = self.helpers
         probe = None
-        if helpers.memory_state == "ready":  # asked alongside register: one wait for both
-            probe = helpers.memory.exists.remote("", "")
-        elif helpers.memory_state == "dead":
-            helpers.replace_memory(RuntimeError("it did not start"))
-        key = uuid.uuid4().hex
-        refs = [self.ray.put(ctx)] + [self.ray.put(fn) for fn in fns]
+        with self.gate:
+            if helpers.memory_state == "ready":  # asked alongside register: one wait for both
+                probe = helpers.memory.exists.remote("", "")
+            elif helpers.memory_state == "dead":
+                helpers.replace_memory(RuntimeError("it did not start"))
+            key = uuid.uuid4().hex
+            refs = [self.ray.put(ctx)] + [self.ray.put(fn) for fn in fns]
         run = refs
         if helpers.sink_state == "ready":
             try:
-                self._get(helpers.sink.register.remote(key, refs))
+                with self.gate:
+                    registered = helpers.sink.register.remote(key, refs)
+                self._get(registered)
                 run = key
             except RayActorError as exc:
                 helpers.replace_sink(exc)
@@ -311,7 +324,11 @@ class _RayBackend(Backend):
     def release_run(self, ctx_handle, fn_handles) -> None:
         run, _, _ = self._runs.pop(ctx_handle, (None, None, None))
         if self.lost is None and isinstance(run, str):
-            self.helpers.sink.release.remote(ctx_handle)
+            try:
+                with self.gate:
+                    self.helpers.sink.release.remote(ctx_handle)
+            except GateClosed:  # closing: the sink goes with the executor
+                pass
 
     def _task_fn(self, resources: dict):
         """The remote task with this stage's options, made once per distinct resources."""
@@ -335,11 +352,12 @@ class _RayBackend(Backend):
             fn_handle,
             (info.run, info.stage, info.item, info.layout, info.kwargs),
         )
-        meta_ref, value_ref = self._task_fn(resources).remote(head, *flat_args)
-        with self._pending_lock:
-            self._pending[meta_ref] = (on_done, False)
-        # Ray calls back when the (small) meta object is ready: no polling, no added latency.
-        meta_ref.future().add_done_callback(lambda fut: self._done(fut, meta_ref, value_ref, on_done))
+        with self.gate:
+            meta_ref, value_ref = self._task_fn(resources).remote(head, *flat_args)
+            with self._pending_lock:
+                self._pending[meta_ref] = (on_done, False)
+            # Ray calls back when the (small) meta object is ready: no polling, no added latency.
+            meta_ref.future().add_done_callback(lambda fut: self._done(fut, meta_ref, value_ref, on_done))
         return meta_ref
 
     def submit_chunk(self, fn_handle, ctx_handle, tasks, resources, on_done):
@@ -355,16 +373,19 @@ class _RayBackend(Backend):
             [(i.run, i.stage, i.item, i.layout, i.kwargs) for i, _ in tasks],
             counts,
         )
-        refs = (
-            _remotes()["chunk"]
-            .options(num_returns=len(tasks) + 1, **self.executor._task_options(resources))
-            .remote(head, *flat)
-        )
-        self.helpers.start()
-        meta_ref, value_refs = refs[0], refs[1:]
-        with self._pending_lock:
-            self._pending[meta_ref] = (on_done, True)
-        meta_ref.future().add_done_callback(lambda fut: self._chunk_done(fut, meta_ref, value_refs, on_done))
+        with self.gate:
+            refs = (
+                _remotes()["chunk"]
+                .options(num_returns=len(tasks) + 1, **self.executor._task_options(resources))
+                .remote(head, *flat)
+            )
+            self.helpers.start()
+            meta_ref, value_refs = refs[0], refs[1:]
+            with self._pending_lock:
+                self._pending[meta_ref] = (on_done, True)
+            meta_ref.future().add_done_callback(
+                lambda fut: self._chunk_done(fut, meta_ref, value_refs, on_done)
+            )
         return meta_ref
 
     def _chunk_done(self, fut, meta_ref, value_refs, on_done) -> None:
@@ -393,12 +414,16 @@ class _RayBackend(Backend):
         while not self._stop.wait(0.05 if self.executor._active else 0.5):
             if not self._connected():
                 return
-            events = self._read_kv_reports()
-            if self.helpers.sink_state == "ready":  # else not made yet, or starting: nothing to drain
-                try:
-                    events += self.ray.get(self.helpers.sink.drain.remote(), timeout=5)
-                except Exception:
-                    pass
+            try:
+                with self.gate:
+                    events = self._read_kv_reports()
+                    if self.helpers.sink_state == "ready":  # else not made yet, or starting
+                        try:
+                            events += self.ray.get(self.helpers.sink.drain.remote(), timeout=2)
+                        except Exception:
+                            pass
+            except GateClosed:
+                return
             for event in events:
                 self.executor._on_worker_event(event)
 
@@ -431,14 +456,16 @@ class _RayBackend(Backend):
         (a streaming generator took one per item)."""
         self._check()
         remotes = _remotes()
-        counted = remotes["count"].options(num_cpus=0).remote(handle)
+        with self.gate:
+            counted = remotes["count"].options(num_cpus=0).remote(handle)
         self.helpers.start()
         status, count = self._get(counted)
         if status == "error":
             raise count
         if count == 0:
             return []
-        refs = remotes["items"].options(num_cpus=0, num_returns=count).remote(handle)
+        with self.gate:
+            refs = remotes["items"].options(num_cpus=0, num_returns=count).remote(handle)
         return [(arg_layout.value(), ref) for ref in ([refs] if count == 1 else refs)]
 
     def fetch(self, handle):
@@ -468,32 +495,42 @@ class _RayBackend(Backend):
         return not self._stop.is_set() and self.lost is None and self.ray.is_initialized()
 
     def _stop_tasks(self, refs) -> None:
+        try:
+            self._cancel_each(refs, force=False)
+            deadline = time.monotonic() + CANCEL_GRACE
+            while refs and time.monotonic() < deadline and self._connected():
+                try:
+                    with self.gate:
+                        _, refs = self.ray.wait(refs, num_returns=len(refs), timeout=0.2, fetch_local=False)
+                except GateClosed:
+                    raise
+                except Exception:
+                    return
+            self._cancel_each(refs, force=True)
+        except GateClosed:  # the executor is closing: Ray ends this driver's tasks
+            pass
+
+    def _cancel_each(self, refs, force: bool) -> None:
         for ref in refs:  # one call per task: thousands of them must not hold up the engine
             if not self._connected():
                 return
             try:
-                self.ray.cancel(ref, force=False, recursive=True)
-            except Exception:
-                pass
-        deadline = time.monotonic() + CANCEL_GRACE
-        while refs and time.monotonic() < deadline and self._connected():
-            try:
-                _, refs = self.ray.wait(refs, num_returns=len(refs), timeout=0.2, fetch_local=False)
-            except Exception:
-                return
-        for ref in refs:
-            if not self._connected():
-                return
-            try:
-                self.ray.cancel(ref, force=True, recursive=True)
+                with self.gate:
+                    self.ray.cancel(ref, force=force, recursive=True)
+            except GateClosed:
+                raise
             except Exception:
                 pass
 
     def close(self) -> None:
+        """Stop the threads, then shut the call gate: once this returns no thread of ours is
+        inside a Ray call, and ray.shutdown() is safe (see call_gate)."""
         self._stop.set()
         self._monitor.stop()
         if self._poller is not threading.current_thread():
             self._poller.join(timeout=5)
+        if not self.gate.close(timeout=10):
+            log.warning("a Ray call of this executor still runs after 10 s; shutting Ray down anyway")
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -786,7 +823,11 @@ class RayExecutor(Executor):
 
         if not self._connected():
             return []
-        return [n for n in ray.nodes() if n.get("Alive")]
+        try:
+            with self._backend.gate:  # type: ignore[union-attr]  # _connected: a _RayBackend
+                return [n for n in ray.nodes() if n.get("Alive")]
+        except GateClosed:
+            return []
 
     def _check_stage_resources(self, stage):
         try:

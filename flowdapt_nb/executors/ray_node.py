@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+from .call_gate import GateClosed
+
 log = logging.getLogger("flowdapt_nb")
 
 LOOPBACK = "127.0.0.1"
@@ -216,8 +218,10 @@ class HeadMonitor:
         interval: float | None = None,
         timeout: float | None = None,
         failures: int | None = None,
+        gate=None,
     ):
         self.on_lost = on_lost
+        self.gate = gate if gate is not None else contextlib.nullcontext()  # see call_gate
         self.interval = MONITOR_INTERVAL if interval is None else max(0.05, float(interval))
         self.timeout = PING_TIMEOUT if timeout is None else max(0.1, float(timeout))
         self.failures = PING_FAILURES if failures is None else max(1, int(failures))
@@ -238,8 +242,11 @@ class HeadMonitor:
         try:
             import ray
 
-            gcs = ray._private.worker.global_worker.gcs_client  # type: ignore[attr-defined]  # not in ray's stubs
-            gcs.internal_kv_get(b"flowdapt_nb_ping", None, timeout=self.timeout)
+            with self.gate:
+                gcs = ray._private.worker.global_worker.gcs_client  # type: ignore[attr-defined]  # not in ray's stubs
+                gcs.internal_kv_get(b"flowdapt_nb_ping", None, timeout=self.timeout)
+            return None
+        except GateClosed:  # closing: not a missed ping
             return None
         except Exception as exc:
             return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"

@@ -257,10 +257,11 @@ class RayMemory:
 
         for attempt in (1, 2):
             try:
-                if self.helpers is not None:
-                    actor = self.helpers.memory_actor()
-                else:
-                    actor = named_actor(self.name, HELPER_WAIT if attempt == 1 else 0.0)
+                if self.helpers is not None:  # the driver: clear of the executor closing (call_gate)
+                    with self.helpers.gate:
+                        actor = self.helpers.memory_actor()
+                        return ray.get(getattr(actor, method_name).remote(*args))
+                actor = named_actor(self.name, HELPER_WAIT if attempt == 1 else 0.0)
                 return ray.get(getattr(actor, method_name).remote(*args))
             except (RayActorError, ValueError) as exc:  # ValueError: no actor of that name now
                 _actors.pop(self.name, None)  # a new actor of that name may have replaced it
