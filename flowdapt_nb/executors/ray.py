@@ -821,13 +821,19 @@ class RayExecutor(Executor):
     def _nodes(self) -> list[dict]:
         import ray
 
-        if not self._connected():
-            return []
         try:
-            with self._backend.gate:  # type: ignore[union-attr]  # _connected: a _RayBackend
-                return [n for n in ray.nodes() if n.get("Alive")]
+            with self._ray_gate():
+                return [n for n in ray.nodes() if n.get("Alive")] if ray.is_initialized() else []
         except GateClosed:
             return []
+
+    def _ray_gate(self) -> CallGate:
+        """The connected backend's call gate (see call_gate): Ray calls made from dashboards'
+        and samplers' threads go through it. GateClosed when not connected."""
+        backend = self._backend
+        if not isinstance(backend, _RayBackend) or backend.lost is not None:
+            raise GateClosed("the executor is not connected to Ray")
+        return backend.gate
 
     def _check_stage_resources(self, stage):
         try:
@@ -901,17 +907,21 @@ class RayExecutor(Executor):
         import ray
         from ray._private import state as ray_state
 
-        if not self._connected():
-            return []
         now = time.time()
         try:
-            available = ray_state.available_resources_per_node()
-        except Exception:
-            available = {}
+            with self._ray_gate():  # the state API re-reads Ray's global state: never mid-shutdown
+                if not ray.is_initialized():
+                    return []
+                try:
+                    available = ray_state.available_resources_per_node()
+                except Exception:
+                    available = {}
+                local_ip = ray.util.get_node_ip_address()
+                nodes = self._nodes()
+        except GateClosed:
+            return []
         from ..telemetry import add_up, running_requests
 
-        local_ip = ray.util.get_node_ip_address()
-        nodes = self._nodes()
         # What our running tasks hold, by node (a worker's name carries its node id: see
         # ray_tasks.worker_name). Ray's view lags 1-3 s behind: while we run something it can
         # only add to ours; with no run of ours on a cluster we own, nothing of ours is in use.
