@@ -239,8 +239,8 @@ def encode_task_log(rows) -> tuple[bytes, bytes]:
     floats because turning 15,000 of them into JSON text took longer than everything else."""
     columns = {name: [r[name] for r in rows] for name in TEXT_COLUMNS}
     columns["item"] = [SIMPLE_ITEM if i is None else i for i in columns["item"]]
-    nan = math.nan
-    times = array("d", [nan if v is None else v for r in rows for v in (r["queued"], r["start"], r["end"])])
+    nan = math.nan  # no time yet ("or": a time is a Unix time, never 0.0)
+    times = array("d", [v for r in rows for v in (r["queued"] or nan, r["start"] or nan, r["end"] or nan)])
     if sys.byteorder != "little":
         times.byteswap()
     text = json.dumps(columns, separators=(",", ":")).encode()

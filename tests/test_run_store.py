@@ -489,3 +489,23 @@ def test_a_database_of_another_layout_is_set_aside(tmp_path):
     store2._db.execute("INSERT INTO runs (uid, state) VALUES ('r1', 'finished')")
     reopened = RunStore(str(tmp_path / "fresh.sqlite"))
     assert reopened._db.execute("SELECT uid FROM runs").fetchall() == [("r1",)]
+
+
+def test_task_log_round_trip_keeps_missing_times_items_and_errors():
+    """A task never started (no start/end), a simple stage's task (item None), an error text and
+    a worker name read back exactly as written, times to the bit."""
+    from flowdapt_nb.run_store import encode_task_log
+
+    now = time.time()
+    rows = [
+        {"stage": "root", "item": None, "state": "finished", "worker": "MainThread", "queued": now,
+         "start": now + 0.001, "end": now + 0.002, "error": None},
+        {"stage": "each", "item": 0, "state": "failed", "worker": "w-1", "queued": now + 0.0031,
+         "start": now + 0.0042, "end": now + 0.0053, "error": "ValueError: item 0 is bad"},
+        {"stage": "each", "item": 1, "state": "cancelled", "worker": None, "queued": now + 0.0064,
+         "start": None, "end": None, "error": None},
+        {"stage": "never", "item": None, "state": None, "worker": None, "queued": None,
+         "start": None, "end": None, "error": None},
+    ]  # fmt: skip
+    assert decode_task_log(*encode_task_log(rows)) == rows
+    assert decode_task_log(*encode_task_log([])) == []
