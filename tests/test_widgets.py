@@ -345,10 +345,16 @@ def test_executor_card_stop_button_closes_the_executor(kind):
     try:
         card = widgets.ExecutorCard(ex)
         assert card.state == "running"
+        dashboard = card.dashboard_url
         card.stop_button.click()
         assert not ex.running
         assert card.state == "stopped" and card.stop_button.disabled
         assert "stopped" in card._body.value and "stopped" in repr(card)
+        # nothing of the stopped cluster is shown as if still there: no workers, no live link
+        assert card.n_workers == 0 and card.resources == {} and card.active_runs == 0
+        assert "workers:   0" in repr(card)
+        if dashboard:  # the Dask cluster it started is gone, and its dashboard with it
+            assert card.dashboard_url == "" and dashboard not in card._body.value
         card.close()
     finally:
         ex.close()
@@ -362,6 +368,7 @@ def test_executor_card_turns_stopped_when_the_executor_is_closed_elsewhere():
         ex.close()  # not through the card: %flowdapt stop, another cell, a script
         assert card.state == "stopped" and card.stop_button.disabled
         assert "stopped" in card._body.value
+        assert card.n_workers == 0 and "workers:   0" in repr(card)
         ex.start()  # started again, its event stream delivers again
         seen = []
         token = ex.events.subscribe(seen.append, kinds=("run",), throttle=0.05)

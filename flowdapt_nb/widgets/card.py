@@ -104,7 +104,7 @@ class ExecutorCard(FeedWidget):
             self.runs = len(self.executor.history)
             changed = True
         if not self.executor.running and self.state == "running":
-            self.state = "stopped"
+            self._show_stopped()
             changed = True
         if changed:
             self._redraw()
@@ -113,7 +113,7 @@ class ExecutorCard(FeedWidget):
         """Close the executor (cancelling its runs; a cluster it started is shut down)."""
         with self._draw_lock:
             if not self.executor.running:
-                self.state = "stopped"
+                self._show_stopped()
                 self._redraw()
                 return
             self.state = "stopping"
@@ -128,8 +128,19 @@ class ExecutorCard(FeedWidget):
             self.state = "running" if self.executor.running else "stopped"
             self.stop_button.disabled = self.executor.running is False
             if not self.executor.running:
-                self.active_runs = 0
+                self._show_stopped()
             self._redraw()
+
+    def _show_stopped(self) -> None:
+        """A stopped executor has no workers or runs here any more, and a cluster it started is
+        gone with its dashboard (the card said 'workers 2' and linked a dead dashboard). An
+        attached cluster's address and dashboard stay: that cluster is still up."""
+        self.state = "stopped"
+        self.n_workers = 0
+        self.resources = {}
+        self.active_runs = 0
+        if self.executor.owns_cluster:
+            self.dashboard_url = ""
 
     def stop_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self.stop, name="flowdapt-nb-card-stop", daemon=True)
