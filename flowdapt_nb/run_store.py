@@ -64,7 +64,7 @@ SCHEMA_VERSION = 2  # PRAGMA user_version of a database this code wrote; bump wh
 # states change (another process can follow it). A run that ended: one ``task_logs`` row, its
 # columns encoded (``encode_task_log``), and its live rows deleted. Writing 5,000 rows one by one
 # cost ~18 ms of SQLite at a tiny run's end, longer than a quarter of the run; the log costs ~3 ms.
-SIMPLE_ITEM = -1  # a simple stage's task (item None) in the tasks table's key
+SIMPLE_ITEM = -1  # a simple stage's task (item None) in live_tasks' key and in task logs
 
 
 # --- where ----------------------------------------------------------------------------------------
@@ -229,7 +229,6 @@ def _task_params(uid: str, rows) -> list[tuple]:
 
 
 TEXT_COLUMNS = ("stage", "item", "state", "worker", "error")
-TIME_COLUMNS = ("queued", "start", "end")
 
 
 def encode_task_log(rows) -> tuple[bytes, bytes]:

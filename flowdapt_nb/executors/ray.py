@@ -811,13 +811,6 @@ class RayExecutor(Executor):
         ray.shutdown()
 
     # --- resources ---
-    def _connected(self) -> bool:
-        """Ray calls are safe: a call once disconnected would start a new local Ray."""
-        import ray
-
-        backend = self._backend
-        return isinstance(backend, _RayBackend) and backend.lost is None and ray.is_initialized()
-
     def _nodes(self) -> list[dict]:
         import ray
 

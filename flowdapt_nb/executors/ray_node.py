@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from .call_gate import GateClosed
+from .call_gate import CallGate, GateClosed
 
 log = logging.getLogger("flowdapt_nb")
 
@@ -218,10 +218,11 @@ class HeadMonitor:
         interval: float | None = None,
         timeout: float | None = None,
         failures: int | None = None,
-        gate=None,
+        *,
+        gate: CallGate,
     ):
         self.on_lost = on_lost
-        self.gate = gate if gate is not None else contextlib.nullcontext()  # see call_gate
+        self.gate = gate  # pings stay clear of ray.shutdown(): see call_gate
         self.interval = MONITOR_INTERVAL if interval is None else max(0.05, float(interval))
         self.timeout = PING_TIMEOUT if timeout is None else max(0.1, float(timeout))
         self.failures = PING_FAILURES if failures is None else max(1, int(failures))

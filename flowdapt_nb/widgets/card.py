@@ -125,11 +125,11 @@ class ExecutorCard(FeedWidget):
         except Exception as exc:
             self.error = f"stopping failed: {type(exc).__name__}: {exc}"
         with self._draw_lock:
-            self.state = "running" if self.executor.running else "stopped"
-            self.stop_button.disabled = self.executor.running is False
-            if not self.executor.running:
+            if self.executor.running:  # closing failed: still running
+                self.state = "running"
+            else:
                 self._show_stopped()
-            self._redraw()
+            self._redraw()  # sets the buttons from the state
 
     def _show_stopped(self) -> None:
         """A stopped executor has no workers or runs here any more, and a cluster it started is
