@@ -35,21 +35,23 @@ from .ray_node import (
     undo_attach_with_token,
 )
 from .ray_tasks import (
+    CANCEL_GRACE,
     KV_NAMESPACE,
     NODE_ID_CHARS,
     EventSink,
     RayMemory,
+    cancel_key,
     count_items,
     node_of_worker,
     ray_chunk,
     ray_task,
     split_items,
+    stuck_prefix,
+    task_label,
 )
 
 log = logging.getLogger("flowdapt_nb")
-# Seconds a cancelled (or timed-out) task gets to stop by itself before its worker process is
-# killed (Ray's plain cancel reaches a stage in time.sleep or C code only when that returns).
-CANCEL_GRACE = 2.0
+CANCEL_FLAG_TTL = 300.0  # seconds a cancelled run's flag stays for its tasks still queued (task_cancel)
 NODES_FRESH = 2.0  # seconds a run's resource check reuses the cluster's node list
 _remote: dict = {}  # the remote functions/actors, made on first use (import ray lazily)
 _RAY_NAMES = {"cpus": "CPU", "gpus": "GPU"}  # our stage resource names -> Ray's
@@ -221,8 +223,11 @@ class _RayBackend(Backend):
         self.chunk_seconds = 0.02
         self.parallelism = max(1, int(ray.cluster_resources().get("CPU", 1)))
         # Tasks sent whose outcome hasn't reached the engine: a lost head fails them all at once
-        # (Ray itself would report nothing). meta ref -> (on_done, whether it is a chunk)
+        # (Ray itself would report nothing). meta ref -> (on_done, whether it is a chunk, run uid,
+        # task label)
         self._pending: dict = {}
+        self._cancel_flags: dict[str, float] = {}  # run uid -> when its cancel flag was raised
+        self._cancelled: dict[str, dict] = {}  # run uid -> {task label: meta ref} (task_cancel)
         self._pending_lock = threading.Lock()
         self.lost: ClusterLostError | None = None
         self._stop = threading.Event()
@@ -269,7 +274,7 @@ class _RayBackend(Backend):
         self.executor._disconnecting = threading.current_thread()
         with self._pending_lock:
             pending, self._pending = list(self._pending.values()), {}
-        for on_done, chunk in pending:
+        for on_done, chunk, _run, _label in pending:
             try:
                 if chunk:
                     on_done.failed(self.lost)
@@ -355,7 +360,7 @@ class _RayBackend(Backend):
         with self.gate:
             meta_ref, value_ref = self._task_fn(resources).remote(head, *flat_args)
             with self._pending_lock:
-                self._pending[meta_ref] = (on_done, False)
+                self._pending[meta_ref] = (on_done, False, info.run, task_label(info.stage, info.item))
             # Ray calls back when the (small) meta object is ready: no polling, no added latency.
             meta_ref.future().add_done_callback(lambda fut: self._done(fut, meta_ref, value_ref, on_done))
         return meta_ref
@@ -382,7 +387,8 @@ class _RayBackend(Backend):
             self.helpers.start()
             meta_ref, value_refs = refs[0], refs[1:]
             with self._pending_lock:
-                self._pending[meta_ref] = (on_done, True)
+                first = tasks[0][0]
+                self._pending[meta_ref] = (on_done, True, first.run, task_label(first.stage, first.item))
             meta_ref.future().add_done_callback(
                 lambda fut: self._chunk_done(fut, meta_ref, value_refs, on_done)
             )
@@ -411,12 +417,15 @@ class _RayBackend(Backend):
     def _poll_events(self) -> None:
         # Often while a run is active (a task's 'running' report reaches the driver within ~0.1 s
         # of its start: 0.05 s in the worker's batch, then up to 0.05 s here), rarely when idle.
-        while not self._stop.wait(0.05 if self.executor._active else 0.5):
+        while not self._stop.wait(0.05 if self.executor._active or self._cancelling() else 0.5):
             if not self._connected():
                 return
             try:
                 with self.gate:
                     events = self._read_kv_reports()
+                    if self._cancel_flags:
+                        self._force_stuck()
+                        self._expire_cancel_flags()
                     if self.helpers.sink_state == "ready":  # else not made yet, or starting
                         try:
                             events += self.ray.get(self.helpers.sink.drain.remote(), timeout=2)
@@ -475,18 +484,22 @@ class _RayBackend(Backend):
         return self._get(list(handles))
 
     def cancel(self, task_refs):
-        """Cancel at once (a stage in Python code gets KeyboardInterrupt); what still runs after
-        ``CANCEL_GRACE`` s (time.sleep, C code) has its worker process killed, so its CPU goes
-        back to Ray. The engine never waits: the second step runs in a thread."""
-        refs = [ref for ref in task_refs if ref is not None]
-        if not refs or self.lost is not None:
+        """Raise the runs' cancel flags; the worker processes stop the tasks (see task_cancel:
+        ``ray.cancel`` can abort this process in Ray 2.60). The engine never waits: the flag is
+        written from a thread."""
+        if self.lost is not None:
             return
+        runs = set()
         with self._pending_lock:  # nobody listens for these any more
-            for ref in refs:
-                self._pending.pop(ref, None)
-        threading.Thread(
-            target=self._stop_tasks, args=(refs,), name="flowdapt-nb-ray-cancel", daemon=True
-        ).start()
+            for ref in task_refs:
+                entry = self._pending.pop(ref, None) if ref is not None else None
+                if entry is not None:
+                    runs.add(entry[2])
+                    self._cancelled.setdefault(entry[2], {})[entry[3]] = ref
+        if runs:
+            threading.Thread(
+                target=self._flag_cancelled, args=(runs,), name="flowdapt-nb-ray-cancel", daemon=True
+            ).start()
 
     def _connected(self) -> bool:
         """Ray calls from a background thread are safe: once closing or disconnected, one would
@@ -494,33 +507,63 @@ class _RayBackend(Backend):
         ends this driver's tasks anyway."""
         return not self._stop.is_set() and self.lost is None and self.ray.is_initialized()
 
-    def _stop_tasks(self, refs) -> None:
-        try:
-            self._cancel_each(refs, force=False)
-            deadline = time.monotonic() + CANCEL_GRACE
-            while refs and time.monotonic() < deadline and self._connected():
-                try:
-                    with self.gate:
-                        _, refs = self.ray.wait(refs, num_returns=len(refs), timeout=0.2, fetch_local=False)
-                except GateClosed:
-                    raise
-                except Exception:
-                    return
-            self._cancel_each(refs, force=True)
-        except GateClosed:  # the executor is closing: Ray ends this driver's tasks
-            pass
+    def _flag_cancelled(self, runs) -> None:
+        from ray.experimental.internal_kv import _internal_kv_put
 
-    def _cancel_each(self, refs, force: bool) -> None:
-        for ref in refs:  # one call per task: thousands of them must not hold up the engine
+        for run in runs:
             if not self._connected():
                 return
             try:
                 with self.gate:
-                    self.ray.cancel(ref, force=force, recursive=True)
-            except GateClosed:
-                raise
+                    _internal_kv_put(cancel_key(run), b"1", overwrite=True, namespace=KV_NAMESPACE)
+                self._cancel_flags[run] = time.monotonic()
+            except GateClosed:  # the executor is closing: Ray ends this driver's tasks
+                return
+            except Exception as exc:  # the run is cancelled all the same; its tasks run to their end
+                log.warning("could not tell Ray's workers that run %s is cancelled: %s", run, exc)
+
+    def _cancelling(self) -> bool:
+        """A run was cancelled moments ago: its stuck tasks may soon need a force-cancel."""
+        flags = self._cancel_flags
+        return bool(flags) and time.monotonic() - max(flags.values(), default=0.0) < 3 * CANCEL_GRACE
+
+    def _force_stuck(self) -> None:
+        """Force-cancel the tasks their workers report stuck after their interrupt (see
+        task_cancel: stuck for seconds, they are not completing, so Ray's cancel race can't
+        strike). Called under the gate."""
+        from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_list
+
+        for run, refs in list(self._cancelled.items()):
+            prefix = stuck_prefix(run)
+            try:
+                keys = _internal_kv_list(prefix, namespace=KV_NAMESPACE)
             except Exception:
-                pass
+                continue
+            for key in keys:
+                ref = refs.pop(key[len(prefix) :].decode(), None)
+                try:
+                    _internal_kv_del(key, namespace=KV_NAMESPACE)
+                    if ref is not None:
+                        self.ray.cancel(ref, force=True)
+                except Exception:  # already ended: nothing to stop
+                    pass
+
+    def _expire_cancel_flags(self, every_flag: bool = False) -> None:
+        """Flags of runs cancelled long ago (their queued tasks have all started and stopped)
+        leave the key-value store; all of them when the executor closes (under the gate, or once
+        it is shut, from the closing thread)."""
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        now = time.monotonic()
+        for run, raised in list(self._cancel_flags.items()):
+            if every_flag or now - raised > CANCEL_FLAG_TTL:
+                self._cancel_flags.pop(run, None)
+                self._cancelled.pop(run, None)
+                try:
+                    _internal_kv_del(cancel_key(run), namespace=KV_NAMESPACE)
+                    _internal_kv_del(stuck_prefix(run), del_by_prefix=True, namespace=KV_NAMESPACE)
+                except Exception:
+                    pass
 
     def close(self) -> None:
         """Stop the threads, then shut the call gate: once this returns no thread of ours is
@@ -807,6 +850,8 @@ class RayExecutor(Executor):
                 except Exception:
                     pass
             _clear_kv_reports(self._helpers.sink_names)
+            if backend is not None:
+                backend._expire_cancel_flags(every_flag=True)
         self._memory = self._helpers = self._ctx = self._offered_cache = None
         ray.shutdown()
 

@@ -14,6 +14,7 @@ from ..errors import UnserializableResultError
 from ..lru import LRU
 from ..worker import TaskInfo, execute
 from ..worker_events import ChunkWatch, EventBatch
+from .task_cancel import CancelWatch
 
 _batch = EventBatch(0.05, leading=True)  # per worker process: 'running' reports, one actor call per batch
 _chunks = ChunkWatch(0.05)  # items of a chunk that run long are reported running all the same
@@ -58,6 +59,37 @@ HELPER_WAIT = 30.0  # seconds a worker looks for a helper actor's name before gi
 
 
 KV_NAMESPACE = "flowdapt_nb"  # where reports wait in the GCS's key-value store (see _sender)
+CANCEL_GRACE = 2.0  # seconds a cancelled task may take to stop before it is force-cancelled
+
+
+def cancel_key(run: str) -> bytes:
+    """The key-value key whose presence says the run ``run`` (its uid) is cancelled."""
+    return f"cancel:{run}".encode()
+
+
+def stuck_prefix(run: str) -> bytes:
+    """Keys ``<this><task label>`` name the cancelled run's tasks that did not stop (task_cancel)."""
+    return f"stuck:{run}:".encode()
+
+
+def task_label(stage: str, item: int | None) -> str:
+    """A task (or a chunk, by its first item) as the driver and its worker both name it."""
+    return stage if item is None else f"{stage}[{item}]"
+
+
+def _flagged(run: str) -> bool:
+    from ray.experimental.internal_kv import _internal_kv_exists
+
+    return bool(_internal_kv_exists(cancel_key(run), namespace=KV_NAMESPACE))
+
+
+def _report_stuck(run: str, task: str) -> None:
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(stuck_prefix(run) + task.encode(), b"", namespace=KV_NAMESPACE)
+
+
+_cancels = CancelWatch(_flagged, _report_stuck, poll=0.1, grace=CANCEL_GRACE)  # per worker process
 
 
 def _sender(sink: str, key):
@@ -83,10 +115,11 @@ def _sender(sink: str, key):
 _run_keys: LRU[str, list] = LRU(4)  # per worker process: run key -> its refs
 
 
-def _run_refs(sink: str, key) -> list:
+def _run_refs(sink: str, key) -> list | None:
     """A run's [context ref, function refs...], asked of the sink actor once per worker process
     (the few most recent runs are kept: a worker lets go of older runs' objects). A run sent
-    while the sink was still starting carries the list itself in ``key``."""
+    while the sink was still starting carries the list itself in ``key``. None: the run is over
+    (only a cancelled or failed run ends with tasks still queued; nobody waits for them)."""
     import ray
 
     if isinstance(key, list):
@@ -95,15 +128,16 @@ def _run_refs(sink: str, key) -> list:
     if refs is None:
         refs = ray.get(named_actor(sink).lookup.remote(key))
         if refs is None:
-            raise RuntimeError(f"run {key} is over: its context and functions are gone")
+            return None
         _run_keys.put(key, refs)
     return refs
 
 
-def _run_parts(sink: str, key: str, fn_index: int) -> tuple:
-    """A stage's function and the run's context, for a task of the run ``key``."""
+def _run_parts(sink: str, key: str, fn_index: int) -> tuple | None:
+    """A stage's function and the run's context, for a task of the run ``key`` (None: the run
+    is over)."""
     refs = _run_refs(sink, key)
-    return _cached_get(refs[fn_index]), _cached_get(refs[0])
+    return None if refs is None else (_cached_get(refs[fn_index]), _cached_get(refs[0]))
 
 
 NODE_ID_CHARS = 12  # a Ray node id (56 hex characters) is shown by its first ones
@@ -137,9 +171,21 @@ def ray_task(head, *flat):
     fields): plain values, which Ray serializes far faster than object refs or a dataclass (that
     cost is paid per task, in the driver). ``flat`` are the dependency outputs Ray resolves."""
     sink, key, fn_index, info = head
-    fn, ctx = _run_parts(sink, key, fn_index)
+    run = info[0]
+    parts = None if _cancels.cancelled(run) else _run_parts(sink, key, fn_index)
+    if parts is None:
+        return _cancelled_meta(), None
+    fn, ctx = parts
     report = (lambda event: _batch.add(event, _sender(sink, key))) if sink is not None else None
-    meta, value = execute(ctx, fn, TaskInfo(*info), flat, report, _worker_name())
+    try:
+        try:
+            _cancels.enter(run, task_label(info[1], info[2]))
+            meta, value = execute(ctx, fn, TaskInfo(*info), flat, report, _worker_name())
+        finally:
+            _cancels.leave()
+    except KeyboardInterrupt:  # the run was cancelled (see task_cancel)
+        _cancels.leave()
+        return _cancelled_meta(), None
     if not meta["ok"]:
         return meta, None
     return _checked(meta, value)
@@ -148,21 +194,48 @@ def ray_task(head, *flat):
 def ray_chunk(head, *flat):
     """Several calls of one stage, one after another: returns their metas, then each value as
     an object of its own (the task runs with ``num_returns`` = items + 1), so items stay apart
-    in the object store exactly as if each had been a task."""
+    in the object store exactly as if each had been a task. Items after a cancel are not run."""
     sink, key, fn_index, infos, counts = head
-    fn, ctx = _run_parts(sink, key, fn_index)
+    run = infos[0][0]
+    done: list[tuple] = []  # (meta, value) per item run
+    parts = None if _cancels.cancelled(run) else _run_parts(sink, key, fn_index)
+    if parts is not None:
+        fn, ctx = parts
+        report = _chunks.open(_sender(sink, key)) if sink is not None else None
+        try:
+            try:
+                _cancels.enter(run, task_label(infos[0][1], infos[0][2]))
+                _run_chunk(ctx, fn, infos, counts, flat, report, done)
+            finally:
+                _cancels.leave()
+        except KeyboardInterrupt:  # the run was cancelled (see task_cancel)
+            _cancels.leave()
+        _chunks.close(report)
+    done += [(_cancelled_meta(), None)] * (len(infos) - len(done))
+    return ([meta for meta, _ in done], *(value for _, value in done))
+
+
+def _run_chunk(ctx, fn, infos, counts, flat, report, done: list) -> None:
     worker = _worker_name()
-    metas, values, pos = [], [], 0
-    report = _chunks.open(_sender(sink, key)) if sink is not None else None
+    pos = 0
     for info, count in zip(infos, counts):
+        if _cancels.cancelled(info[0]):
+            return
         meta, value = execute(ctx, fn, TaskInfo(*info), flat[pos : pos + count], report, worker)
         if meta["ok"]:
             meta, value = _checked(meta, value)
         pos += count
-        metas.append(meta)
-        values.append(value if meta["ok"] else None)
-    _chunks.close(report)
-    return (metas, *values)
+        done.append((meta, value if meta["ok"] else None))
+
+
+def _cancelled_meta() -> dict:
+    """What a task of a cancelled run reports (the driver has stopped listening for it)."""
+    now = time.time()
+    return {"ok": False, "start": now, "end": now, "worker": None, "error": RunCancelledInWorker()}
+
+
+class RunCancelledInWorker(Exception):
+    """A cancelled run's task stopped in its worker (the driver already marked it cancelled)."""
 
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
