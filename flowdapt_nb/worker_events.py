@@ -34,15 +34,20 @@ class EventBatch:
         self.thread: threading.Thread | None = None
         self.wake = threading.Event()
 
+    def start(self) -> None:
+        """Start the sending thread now if it isn't running (``add`` would at its first call)."""
+        if self.thread is None:
+            with self.lock:
+                if self.thread is None:
+                    thread = threading.Thread(target=self._flush_loop, name="flowdapt-nb-events", daemon=True)
+                    thread.start()
+                    self.thread = thread
+
     def add(self, event: dict, send: Callable[[list], None]) -> None:
+        self.start()
         with self.lock:
             self.pending[_task_key(event)] = event
             self.send = send
-            if self.thread is None:
-                self.thread = threading.Thread(
-                    target=self._flush_loop, name="flowdapt-nb-events", daemon=True
-                )
-                self.thread.start()
         self.wake.set()
 
     def drop(self, event: dict) -> None:

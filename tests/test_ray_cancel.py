@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 
+import psutil
 import pytest
 from conftest import make_executor, poll
 
@@ -79,6 +80,56 @@ def test_a_running_stage_is_interrupted_and_its_cleanup_runs(tmp_path):
     assert ex.run(fnb.Workflow("after", stages=[fnb.Stage("one", lambda: 1)])).result == 1
 
 
+def _sleep_in_c(marker):
+    with open(marker, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(600)  # an interrupt waits for C code to return
+
+
+def test_a_stage_stuck_in_c_is_force_cancelled_by_the_driver(tmp_path):
+    """Its worker reports it stuck; the driver's force cancel ends that process in seconds (the
+    worker's own last resort would take 30 s, and Ray would then run the stage again)."""
+    ex = make_executor("ray")
+    marker = tmp_path / "pids"
+    handle = ex.submit(
+        fnb.Workflow("stuck", stages=[fnb.Stage("stuck", _sleep_in_c)]), input={"marker": str(marker)}
+    )
+    poll(marker.exists, what="the stage running")
+    pid = int(marker.read_text().split()[0])
+    handle.cancel()
+    assert handle.wait(timeout=60).state == "cancelled"
+    poll(lambda: not psutil.pid_exists(pid), timeout=20, what=f"worker {pid} ended by the force cancel")
+    time.sleep(2)
+    assert marker.read_text().split() == [str(pid)]  # not run again
+
+
+def _nap_and_count(x, marker):
+    with open(marker, "a") as f:
+        f.write(f"{x}\n")
+    time.sleep(0.3)
+    return x
+
+
+def test_a_cancelled_runs_queued_tasks_never_call_the_stage(tmp_path):
+    ex = make_executor("ray")
+    marker = tmp_path / "calls"
+    flow = fnb.Workflow(
+        "queued", stages=[fnb.Stage("nap", _nap_and_count, type="parameterized", options={"map_on": "items"})]
+    )
+    handle = ex.submit(flow, input={"items": list(range(40)), "marker": str(marker)})
+    poll(lambda: marker.exists() and len(marker.read_text().split()) >= 2, what="the first tasks running")
+    handle.cancel()
+    assert handle.wait(timeout=60).state == "cancelled"
+
+    def calls_once_settled():
+        before = len(marker.read_text().split())
+        time.sleep(1.5)
+        return before if len(marker.read_text().split()) == before else None
+
+    settled = poll(calls_once_settled, timeout=30, what="no more calls")
+    assert settled <= 8, settled  # those running, and a few starting before their worker saw the flag
+
+
 # --- the watch itself, without Ray -----------------------------------------------------------------
 
 
@@ -86,9 +137,13 @@ def _never_stuck(run, task):
     raise AssertionError(f"{task} of {run} reported stuck")
 
 
+def _never_asked(run, task):
+    raise AssertionError(f"asked whether {task} of {run} is still stuck")
+
+
 def test_the_watch_interrupts_only_the_task_of_a_flagged_run():
     flagged: set[str] = set()
-    watch = CancelWatch(lambda run: run in flagged, _never_stuck, poll=0.01, grace=60)
+    watch = CancelWatch(lambda run: run in flagged, _never_stuck, _never_asked, poll=0.01, grace=60)
     watch.enter("other", "t")  # a run nobody cancelled runs on
     time.sleep(0.1)
     watch.leave()
@@ -101,64 +156,124 @@ def test_the_watch_interrupts_only_the_task_of_a_flagged_run():
                 sum(range(100))
         finally:
             watch.leave()
+    assert watch.interrupted_last()
     assert watch.cancelled("doomed") and not watch.cancelled("other")
+
+
+def test_a_stages_own_keyboard_interrupt_is_not_taken_for_a_cancel():
+    watch = CancelWatch(lambda run: False, _never_stuck, _never_asked, poll=0.01, grace=60)
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            watch.enter("run", "t")
+            raise KeyboardInterrupt  # the stage's own
+        finally:
+            watch.leave()
+    assert not watch.interrupted_last()
 
 
 def test_an_interrupt_sent_as_the_task_ends_never_reaches_later_code():
     """Tasks of a flagged run that end just as the watch interrupts them: the interrupt is either
     raised inside the task (caught there, as ray_tasks does) or withdrawn by ``leave``."""
-    watch = CancelWatch(lambda run: True, _never_stuck, poll=0.001, grace=60)
+    watch = CancelWatch(lambda run: True, _never_stuck, _never_asked, poll=0.001, grace=60)
     caught = 0
-    for i in range(200):
-        watch.enter(f"run-{i}", "t")
-        try:
+    try:
+        for i in range(200):
             try:
-                end = time.monotonic() + 0.002 + (i % 10) * 0.003  # some outlast a GIL switch (5 ms)
-                while time.monotonic() < end:
-                    pass
-            finally:
+                try:
+                    watch.enter(f"run-{i}", "t")
+                    end = time.monotonic() + 0.002 + (i % 10) * 0.003  # some outlast a GIL switch (5 ms)
+                    while time.monotonic() < end:
+                        pass
+                finally:
+                    watch.leave()
+            except KeyboardInterrupt:
                 watch.leave()
-        except KeyboardInterrupt:
-            watch.leave()
-            caught += 1
-        for _ in range(1000):  # would raise here if an interrupt leaked past leave()
-            pass
-    assert caught > 0  # some were interrupted inside, none leaked (we are still here)
+                assert watch.interrupted_last()
+                caught += 1
+            for _ in range(1000):  # an interrupt that leaked past leave() would be raised here
+                pass
+    except KeyboardInterrupt:
+        pytest.fail("an interrupt reached the code after a task")
+    assert caught > 0
 
 
 _STUCK = textwrap.dedent("""
-    import time
+    import sys, time
     from flowdapt_nb.executors.task_cancel import CancelWatch
 
-    def report(run, task):
-        print("REPORTED", run, task, flush=True)
+    sleep, acked = float(sys.argv[1]), sys.argv[2] == "acked"
+    t0 = time.monotonic()
 
-    watch = CancelWatch(lambda run: True, report, poll=0.05, grace=0.5, last_resort=2.0)
-    watch.enter("run", "stage[3]")
-    for _ in range(3):
+    def say(what):
+        print(f"{time.monotonic() - t0:.2f} {what}", flush=True)
+
+    def still_stuck(run, task):
+        return not acked  # acked: the driver has force-cancelled it (here nobody kills it)
+
+    watch = CancelWatch(lambda run: True, lambda run, task: say(f"REPORTED {task}"), still_stuck,
+                        poll=0.05, grace=0.5, last_resort=2.0)
+    try:
         try:
-            print("STUCK", flush=True)
-            time.sleep(60)  # in C: an interrupt waits for it to return
-            print("SLEPT", flush=True)
-        except KeyboardInterrupt:  # it came before the sleep: a stage that swallows it is no better
-            print("SWALLOWED", flush=True)
+            watch.enter("run", "stage[3]")
+            end = time.monotonic() + sleep
+            while time.monotonic() < end:
+                try:
+                    time.sleep(end - time.monotonic())  # in C: an interrupt waits for it to return
+                except KeyboardInterrupt:  # it came before the sleep: a stage that swallows it
+                    say("SWALLOWED")
+            raise KeyboardInterrupt  # as if the interrupt came now, after the sleep
+        finally:
+            watch.leave()
+    except KeyboardInterrupt:
+        watch.leave()
+    say("LEFT")
+    time.sleep(3)  # the watch must not end the process now
+    say("DONE")
 """)
 
 
+def _stuck(sleep: float, acked: bool) -> tuple[int, dict]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _STUCK, str(sleep), "acked" if acked else "never"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    said = {}
+    for line in proc.stdout.splitlines():
+        at, what = line.split(" ", 1)
+        said.setdefault(what, []).append(float(at))
+    return proc.returncode, said
+
+
 def test_a_task_stuck_outside_python_is_reported_then_ends_its_process():
-    """Reported after the grace (the driver then force-cancels it); should nobody do that, the
-    process ends itself after ``last_resort`` s."""
-    started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", _STUCK], capture_output=True, text=True, timeout=60)
-    lines = proc.stdout.splitlines()
-    assert proc.returncode == -9 and "SLEPT" not in lines, (proc.returncode, lines)
-    assert lines.count("REPORTED run stage[3]") == 1 and lines[-1] == "REPORTED run stage[3]", lines
-    assert time.monotonic() - started < 50  # well before the sleep's end
+    """Reported after the grace (the driver then force-cancels it, which ends the process);
+    should nobody do that, the process ends itself after ``last_resort`` s."""
+    rc, said = _stuck(60, acked=False)
+    assert rc == -9 and "LEFT" not in said, (rc, said)
+    assert len(said["REPORTED stage[3]"]) == 1, said
+
+
+@pytest.mark.parametrize("acked", [True, False], ids=["driver-answers", "driver-silent"])
+def test_a_stuck_task_that_ends_after_its_report_waits_for_the_driver(acked):
+    """A stage that returns after it was reported stuck holds its reply until the driver has
+    force-cancelled it (the answer says so), or until the last resort's time has passed; either
+    way its process lives on."""
+    rc, said = _stuck(1.5, acked=acked)
+    assert rc == 0 and "DONE" in said, (rc, said)
+    (reported,) = said["REPORTED stage[3]"]
+    (left,) = said["LEFT"]
+    if acked:
+        assert left < reported + 2.0, said
+    else:
+        assert left >= reported + 2.0, said  # waited out the last resort's time
 
 
 def test_the_watch_reads_a_running_runs_flag_at_most_once_per_poll():
     reads: list[str] = []
-    watch = CancelWatch(lambda run: reads.append(run) or False, _never_stuck, poll=0.2, grace=60)
+    watch = CancelWatch(
+        lambda run: reads.append(run) or False, _never_stuck, _never_asked, poll=0.2, max_poll=0.2, grace=60
+    )
     watch.enter("r", "t")
     stop = time.monotonic() + 1.0
     while time.monotonic() < stop:

@@ -38,6 +38,7 @@ from .ray_tasks import (
     CANCEL_GRACE,
     KV_NAMESPACE,
     NODE_ID_CHARS,
+    STUCK,
     EventSink,
     RayMemory,
     cancel_key,
@@ -52,6 +53,7 @@ from .ray_tasks import (
 
 log = logging.getLogger("flowdapt_nb")
 CANCEL_FLAG_TTL = 300.0  # seconds a cancelled run's flag stays for its tasks still queued (task_cancel)
+CANCEL_REFS_FOR = 60.0  # seconds a cancelled run's task refs are kept for a force cancel (later: last resort)
 NODES_FRESH = 2.0  # seconds a run's resource check reuses the cluster's node list
 _remote: dict = {}  # the remote functions/actors, made on first use (import ray lazily)
 _RAY_NAMES = {"cpus": "CPU", "gpus": "GPU"}  # our stage resource names -> Ray's
@@ -496,6 +498,9 @@ class _RayBackend(Backend):
                 if entry is not None:
                     runs.add(entry[2])
                     self._cancelled.setdefault(entry[2], {})[entry[3]] = ref
+        now = time.monotonic()
+        for run in runs:  # from now on: expired with the flag, whether or not writing it works
+            self._cancel_flags[run] = now
         if runs:
             threading.Thread(
                 target=self._flag_cancelled, args=(runs,), name="flowdapt-nb-ray-cancel", daemon=True
@@ -516,7 +521,6 @@ class _RayBackend(Backend):
             try:
                 with self.gate:
                     _internal_kv_put(cancel_key(run), b"1", overwrite=True, namespace=KV_NAMESPACE)
-                self._cancel_flags[run] = time.monotonic()
             except GateClosed:  # the executor is closing: Ray ends this driver's tasks
                 return
             except Exception as exc:  # the run is cancelled all the same; its tasks run to their end
@@ -528,25 +532,31 @@ class _RayBackend(Backend):
         return bool(flags) and time.monotonic() - max(flags.values(), default=0.0) < 3 * CANCEL_GRACE
 
     def _force_stuck(self) -> None:
-        """Force-cancel the tasks their workers report stuck after their interrupt (see
-        task_cancel: stuck for seconds, they are not completing, so Ray's cancel race can't
-        strike). Called under the gate."""
+        """Force-cancel the tasks their workers report stuck after their interrupt, then delete
+        the report: the worker holds the task's reply until then (see task_cancel), so the
+        cancel finds it running, never completing, and Ray's cancel race can't strike. Reports
+        of other drivers' runs are left alone. Called under the gate."""
         from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_list
 
-        for run, refs in list(self._cancelled.items()):
-            prefix = stuck_prefix(run)
+        try:
+            keys = _internal_kv_list(STUCK, namespace=KV_NAMESPACE)
+        except Exception:
+            return
+        for key in keys:
+            run, _, label = key[len(STUCK) :].decode().partition(":")
+            refs = self._cancelled.get(run)
+            if refs is None and run not in self._cancel_flags:
+                continue  # another driver's run
+            ref = refs.pop(label, None) if refs is not None else None
             try:
-                keys = _internal_kv_list(prefix, namespace=KV_NAMESPACE)
+                if ref is not None:
+                    self.ray.cancel(ref, force=True)
+            except Exception:  # already ended: nothing to stop
+                pass
+            try:
+                _internal_kv_del(key, namespace=KV_NAMESPACE)
             except Exception:
-                continue
-            for key in keys:
-                ref = refs.pop(key[len(prefix) :].decode(), None)
-                try:
-                    _internal_kv_del(key, namespace=KV_NAMESPACE)
-                    if ref is not None:
-                        self.ray.cancel(ref, force=True)
-                except Exception:  # already ended: nothing to stop
-                    pass
+                pass
 
     def _expire_cancel_flags(self, every_flag: bool = False) -> None:
         """Flags of runs cancelled long ago (their queued tasks have all started and stopped)
@@ -556,6 +566,8 @@ class _RayBackend(Backend):
 
         now = time.monotonic()
         for run, raised in list(self._cancel_flags.items()):
+            if now - raised > CANCEL_REFS_FOR:  # a task stuck later ends by its own last resort
+                self._cancelled.pop(run, None)
             if every_flag or now - raised > CANCEL_FLAG_TTL:
                 self._cancel_flags.pop(run, None)
                 self._cancelled.pop(run, None)

@@ -67,9 +67,12 @@ def cancel_key(run: str) -> bytes:
     return f"cancel:{run}".encode()
 
 
+STUCK = b"stuck:"  # keys "stuck:<run uid>:<task label>": tasks that did not stop (task_cancel)
+
+
 def stuck_prefix(run: str) -> bytes:
-    """Keys ``<this><task label>`` name the cancelled run's tasks that did not stop (task_cancel)."""
-    return f"stuck:{run}:".encode()
+    """The keys of the cancelled run's tasks that did not stop: ``<this><task label>``."""
+    return STUCK + f"{run}:".encode()
 
 
 def task_label(stage: str, item: int | None) -> str:
@@ -89,7 +92,14 @@ def _report_stuck(run: str, task: str) -> None:
     _internal_kv_put(stuck_prefix(run) + task.encode(), b"", namespace=KV_NAMESPACE)
 
 
-_cancels = CancelWatch(_flagged, _report_stuck, poll=0.1, grace=CANCEL_GRACE)  # per worker process
+def _still_stuck(run: str, task: str) -> bool:
+    """The driver deletes the report once it has force-cancelled the task."""
+    from ray.experimental.internal_kv import _internal_kv_exists
+
+    return bool(_internal_kv_exists(stuck_prefix(run) + task.encode(), namespace=KV_NAMESPACE))
+
+
+_cancels = CancelWatch(_flagged, _report_stuck, _still_stuck, grace=CANCEL_GRACE)  # per worker process
 
 
 def _sender(sink: str, key):
@@ -115,11 +125,11 @@ def _sender(sink: str, key):
 _run_keys: LRU[str, list] = LRU(4)  # per worker process: run key -> its refs
 
 
-def _run_refs(sink: str, key) -> list | None:
+def _run_refs(sink: str, key, run: str) -> list | None:
     """A run's [context ref, function refs...], asked of the sink actor once per worker process
     (the few most recent runs are kept: a worker lets go of older runs' objects). A run sent
-    while the sink was still starting carries the list itself in ``key``. None: the run is over
-    (only a cancelled or failed run ends with tasks still queued; nobody waits for them)."""
+    while the sink was still starting carries the list itself in ``key``. None: the run ``run``
+    (its uid) was cancelled and is over; nobody waits for its tasks."""
     import ray
 
     if isinstance(key, list):
@@ -128,15 +138,17 @@ def _run_refs(sink: str, key) -> list | None:
     if refs is None:
         refs = ray.get(named_actor(sink).lookup.remote(key))
         if refs is None:
-            return None
+            if _flagged(run):
+                return None
+            raise RuntimeError(f"run {key} is over: its context and functions are gone")
         _run_keys.put(key, refs)
     return refs
 
 
-def _run_parts(sink: str, key: str, fn_index: int) -> tuple | None:
+def _run_parts(sink: str, key: str, fn_index: int, run: str) -> tuple | None:
     """A stage's function and the run's context, for a task of the run ``key`` (None: the run
-    is over)."""
-    refs = _run_refs(sink, key)
+    was cancelled and is over)."""
+    refs = _run_refs(sink, key, run)
     return None if refs is None else (_cached_get(refs[fn_index]), _cached_get(refs[0]))
 
 
@@ -172,20 +184,27 @@ def ray_task(head, *flat):
     cost is paid per task, in the driver). ``flat`` are the dependency outputs Ray resolves."""
     sink, key, fn_index, info = head
     run = info[0]
-    parts = None if _cancels.cancelled(run) else _run_parts(sink, key, fn_index)
+    parts = None if _cancels.cancelled(run) else _run_parts(sink, key, fn_index, run)
     if parts is None:
         return _cancelled_meta(), None
     fn, ctx = parts
-    report = (lambda event: _batch.add(event, _sender(sink, key))) if sink is not None else None
+    worker = _worker_name()
+    report = None
+    if sink is not None:
+        send = _sender(sink, key)
+        report = lambda event: _batch.add(event, send)  # noqa: E731
+        _batch.start()  # not inside the task: an interrupt could come at any line there
     try:
         try:
             _cancels.enter(run, task_label(info[1], info[2]))
-            meta, value = execute(ctx, fn, TaskInfo(*info), flat, report, _worker_name())
+            meta, value = execute(ctx, fn, TaskInfo(*info), flat, report, worker)
         finally:
             _cancels.leave()
-    except KeyboardInterrupt:  # the run was cancelled (see task_cancel)
+    except KeyboardInterrupt:
         _cancels.leave()
-        return _cancelled_meta(), None
+        if not _cancels.interrupted_last():
+            raise  # the stage's own
+        return _cancelled_meta(), None  # the run was cancelled (see task_cancel)
     if not meta["ok"]:
         return meta, None
     return _checked(meta, value)
@@ -198,34 +217,35 @@ def ray_chunk(head, *flat):
     sink, key, fn_index, infos, counts = head
     run = infos[0][0]
     done: list[tuple] = []  # (meta, value) per item run
-    parts = None if _cancels.cancelled(run) else _run_parts(sink, key, fn_index)
+    parts = None if _cancels.cancelled(run) else _run_parts(sink, key, fn_index, run)
     if parts is not None:
         fn, ctx = parts
+        worker = _worker_name()
         report = _chunks.open(_sender(sink, key)) if sink is not None else None
         try:
             try:
                 _cancels.enter(run, task_label(infos[0][1], infos[0][2]))
-                _run_chunk(ctx, fn, infos, counts, flat, report, done)
+                _run_chunk(ctx, fn, infos, counts, flat, report, worker, done)
             finally:
                 _cancels.leave()
-        except KeyboardInterrupt:  # the run was cancelled (see task_cancel)
+        except KeyboardInterrupt:
             _cancels.leave()
+            if not _cancels.interrupted_last():
+                raise  # the stage's own
         _chunks.close(report)
-    done += [(_cancelled_meta(), None)] * (len(infos) - len(done))
-    return ([meta for meta, _ in done], *(value for _, value in done))
+    # values are checked outside the task's window: Ray's serializer must not be interrupted
+    checked = [_checked(meta, value) if meta["ok"] else (meta, None) for meta, value in done]
+    checked += [(_cancelled_meta(), None)] * (len(infos) - len(done))
+    return ([meta for meta, _ in checked], *(value if meta["ok"] else None for meta, value in checked))
 
 
-def _run_chunk(ctx, fn, infos, counts, flat, report, done: list) -> None:
-    worker = _worker_name()
+def _run_chunk(ctx, fn, infos, counts, flat, report, worker, done: list) -> None:
     pos = 0
     for info, count in zip(infos, counts):
         if _cancels.cancelled(info[0]):
             return
-        meta, value = execute(ctx, fn, TaskInfo(*info), flat[pos : pos + count], report, worker)
-        if meta["ok"]:
-            meta, value = _checked(meta, value)
+        done.append(execute(ctx, fn, TaskInfo(*info), flat[pos : pos + count], report, worker))
         pos += count
-        done.append((meta, value if meta["ok"] else None))
 
 
 def _cancelled_meta() -> dict:
