@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from .errors import RemoteError
-from .run import Failure, WorkflowRun, _ts
+from .run import Failure, WorkflowRun, _ts, stage_summaries
 from .run_store import apply_lost, get_store
 
 if TYPE_CHECKING:
@@ -224,12 +224,12 @@ def load_run(uid: str, store=None) -> StoredRun:
 
     db = _store(store)
     rec = find_record(uid, db)
-    summaries = json.loads(rec["stages_json"] or "[]")
+    stages = json.loads(rec["stages_json"] or "[]")  # names and types (older records: summaries)
     definition: Workflow | _Definition
     try:
         definition = load_workflow(rec["workflow_yaml"])
     except Exception:
-        definition = _Definition(rec["workflow"], summaries)
+        definition = _Definition(rec["workflow"], stages)
     run = StoredRun(definition, json.loads(rec["input_json"] or "{}"), rec["namespace"], rec["executor"])
     run.uid, run.name, run.workflow = rec["uid"], rec["name"], rec["workflow"]
     run.state, run.error, run.failed_stage = rec["state"], rec["error"], rec["failed_stage"]
@@ -247,12 +247,12 @@ def load_run(uid: str, store=None) -> StoredRun:
     run.config = json.loads(rec["config_json"] or "{}")
     run.workflow_yaml, run.workflow_hash = rec["workflow_yaml"], rec["workflow_hash"]
     run.result_type, run.result_bytes = rec["result_type"], rec["result_bytes"]
-    run.stage_summaries = summaries
     run.pid, run.host = rec["pid"], rec["host"]
     for t in db.task_rows(rec["uid"]):
         if run.state == "lost" and t["state"] in ("queued", "running"):
             t["state"] = "cancelled"  # its process is gone: it will never end
         run._tasks[(t["stage"], t["item"])] = t
+    run.stage_summaries = stage_summaries(run)  # from the task log: the writer leaves them out
     run.error_traceback = None
     for f in db.query(
         "SELECT stage, item, error, error_type, traceback, fatal FROM failures WHERE run_uid = ? "

@@ -3,13 +3,15 @@
 Where: ``$FLOWDAPT_NB_RUNS`` when set, else ``<user data dir>/runs.sqlite`` (beside the
 ``artifacts`` folder); an executor's ``runs:`` field overrides it (a path, ``":memory:"``, or
 ``off``/``false``). What: workflow (YAML and its hash), input (a JSON-able repr), executor config,
-state, timings, per-stage summaries, every task row, every failure with its traceback, and the
-result's type and estimated size (never the result itself).
+state, timings, its stages (their summaries are drawn from the task rows when read), every task
+row, every failure with its traceback, and the result's type and estimated size (never the result
+itself).
 
 Why a writer thread: the executor hands a run to ``RunStore.begin`` and its event bus hands run
 events to a queue (a C queue put); one daemon thread per database writes in batches ~0.5 s apart,
 reading the task rows that changed from the runs themselves, so the engine's thread never waits on
-disk nor does anything per task for the store, and a killed process loses at most the last batch.
+disk nor does anything per task for the store, and a killed process loses at most the last second
+(see LIVE_AFTER).
 SQLite runs in WAL mode with a busy timeout, so two kernels writing the same file are safe.
 
 A run whose writer process is gone while its record still says pending/running reads back as
@@ -19,6 +21,7 @@ A run whose writer process is gone while its record still says pending/running r
 from __future__ import annotations
 
 import atexit
+import base64
 import hashlib
 import json
 import math
@@ -31,12 +34,16 @@ import threading
 import time
 import zlib
 from array import array
-
-from .run import stage_summaries
+from itertools import groupby
+from operator import itemgetter
 
 ENV_VAR = "FLOWDAPT_NB_RUNS"
 OFF = ("off", "false", "no", "none", "disabled")
 FLUSH_EVERY = 0.5  # seconds between batches: what a killed process can lose
+# A run's task rows are written while it runs once it has run this long (its begin row at once):
+# most runs end sooner, and their rows go straight into the task log. A killed process still
+# loses at most LIVE_AFTER + FLUSH_EVERY = 1 s of task records.
+LIVE_AFTER = 0.5
 HEARTBEAT_EVERY = 5.0  # seconds between 'still running' marks of active runs
 STALE_AFTER = 120.0  # a running record not marked for this long, from another host, reads as lost
 REPR_LIMIT = 2000  # characters kept of one input value's repr
@@ -173,16 +180,21 @@ def _workflow_text(definition) -> tuple[str, str]:
     return found
 
 
-def _result_info(result) -> tuple[str | None, int | None]:
+def _result_info(run) -> tuple[str | None, int | None]:
+    """The result's type and estimated size: the estimate the executor made for its history
+    budget when there is one (measuring a large result twice cost a tiny run ~0.1 ms)."""
+    result = run.result
     if result is None:
         return None, None
-    from .sizes import estimate_bytes
+    size = getattr(run, "_result_bytes", None)
+    if size is None:
+        from .sizes import estimate_bytes
 
+        try:
+            size = int(estimate_bytes(result))
+        except Exception:
+            size = None
     kind = type(result)
-    try:
-        size = int(estimate_bytes(result))
-    except Exception:
-        size = None
     return f"{kind.__module__}.{kind.__qualname__}", size
 
 
@@ -229,31 +241,159 @@ def _task_params(uid: str, rows) -> list[tuple]:
 
 
 TEXT_COLUMNS = ("stage", "item", "state", "worker", "error")
+_ROW_FIELDS = itemgetter("stage", "item", "state", "worker", "error", "queued", "start", "end")
+LOG_FORMAT = 2  # the task log's layout, kept in its columns (a log without "f" is format 1)
 
 
 def encode_task_log(rows) -> tuple[bytes, bytes]:
-    """A finished run's task rows as two compressed blobs: the text columns as one JSON object
-    of lists (``{"stage": [...], "item": [...], ...}``, item -1 for a simple stage's task), and the
-    times as little-endian float64 triples (queued, start, end; NaN for none). Times go as raw
-    floats because turning 15,000 of them into JSON text took longer than everything else."""
-    columns = {name: [r[name] for r in rows] for name in TEXT_COLUMNS}
-    columns["item"] = [SIMPLE_ITEM if i is None else i for i in columns["item"]]
-    nan = math.nan  # no time yet ("or": a time is a Unix time, never 0.0)
-    times = array("d", [v for r in rows for v in (r["queued"] or nan, r["start"] or nan, r["end"] or nan)])
-    if sys.byteorder != "little":
-        times.byteswap()
+    """An ended run's task rows as two blobs, built column by column in C loops (the writer
+    shares the GIL with the engine: its cost per task is what a tiny run pays):
+
+    - columns, JSON (zlib-compressed when over ``COMPRESS_OVER`` bytes): ``f`` format, ``n`` rows;
+      ``stage`` and ``state`` as runs ``[value, count]``; ``worker`` as ``[names, codes]`` (the
+      codes base64 bytes while there are at most 256 names);
+      ``item`` per stage run: ``["r", first]`` for consecutive items, ``None`` for a simple
+      stage's task, else the list (``SIMPLE_ITEM`` for None); ``error`` as ``[row, text]`` pairs;
+    - times: all queued times, then starts, then ends (NaN for none) as float64 bit patterns,
+      each XORed with the one before and stored byte plane by byte plane (``_pack_times``). As
+      JSON text 15,000 times took longer than everything else; as plain floats they cost SQLite
+      more (a 5 KB blob took ~50 us to write, 0.7 KB ~6 us) than packing them does."""
+    n = len(rows)
+    if n:
+        stage, item, state, worker, error, queued, start, end = zip(*map(_ROW_FIELDS, rows))
+    else:
+        stage = item = state = worker = error = queued = start = end = ()
+    stage_runs = _value_runs(stage)
+    names = list(dict.fromkeys(worker))
+    columns = {
+        "f": LOG_FORMAT,
+        "n": n,
+        "stage": stage_runs,
+        "item": _item_runs(item, stage_runs),
+        "state": _value_runs(state),
+        "worker": [names, _codes(map({w: i for i, w in enumerate(names)}.__getitem__, worker), len(names))],
+        "error": [] if error.count(None) == n else [[i, e] for i, e in enumerate(error) if e is not None],
+    }
     text = json.dumps(columns, separators=(",", ":")).encode()
-    return zlib.compress(text, 1), zlib.compress(times.tobytes(), 1)
+    if len(text) > COMPRESS_OVER:  # zlib costs ~30 us a call whatever the size
+        text = zlib.compress(text, 1)
+    return text, _pack_times(queued + start + end)
+
+
+COMPRESS_OVER = 2048
+
+
+def _codes(codes, distinct: int):
+    """Small ints as one base64 text of bytes when they fit (a JSON list of 5,000 ints took
+    ~0.15 ms to write), else the list."""
+    return base64.b64encode(bytes(codes)).decode() if distinct <= 256 else list(codes)
+
+
+def _pack_times(times: tuple) -> bytes:
+    """Times as float64 bits, each XORed with the previous one (consecutive times share their
+    high bytes: the XOR is mostly zeros), split into byte planes, deflated: ~1.2 bytes a time,
+    exact to the bit."""
+    import numpy as np
+
+    bits = _floats(times).astype("<f8", copy=False).view("<u8")  # little-endian on any machine
+    xored = bits.copy()
+    xored[1:] ^= bits[:-1]
+    planes = xored.view(np.uint8).reshape(-1, 8).T.tobytes()
+    packer = zlib.compressobj(1, zlib.DEFLATED, -15)
+    return packer.compress(planes) + packer.flush()
+
+
+def _unpack_times(blob: bytes) -> list:
+    import numpy as np
+
+    planes = np.frombuffer(zlib.decompress(blob, -15), dtype=np.uint8)
+    xored = np.ascontiguousarray(planes.reshape(8, -1).T).view("<u8").ravel()
+    values = np.bitwise_xor.accumulate(xored).view("<f8")
+    return [None if v != v else v for v in values.tolist()]  # NaN: no time
+
+
+def _value_runs(column) -> list:
+    return [[value, len(list(group))] for value, group in groupby(column)]
+
+
+def _item_runs(items: tuple, stage_runs: list) -> list:
+    out: list = []
+    at = 0
+    for _, count in stage_runs:
+        part = items[at : at + count]
+        first = part[0]
+        if first is not None and part == tuple(range(first, first + count)):
+            out.append(["r", first])
+        elif part.count(None) == count:
+            out.append(None)
+        else:
+            out.append([SIMPLE_ITEM if i is None else i for i in part])
+        at += count
+    return out
+
+
+def _floats(column):
+    """A column of times as a float64 array (NaN for None: a time is a Unix time, never NaN)."""
+    import numpy as np
+
+    try:
+        return np.array(column, dtype=np.float64)
+    except TypeError:
+        return np.array([math.nan if v is None else v for v in column], dtype=np.float64)
 
 
 def decode_task_log(columns: bytes, times: bytes) -> list[dict]:
-    """The task rows ``encode_task_log`` wrote (item None again for a simple stage's task)."""
-    cols = json.loads(zlib.decompress(columns))
-    flat = array("d")
-    flat.frombytes(zlib.decompress(times))
-    if sys.byteorder != "little":
-        flat.byteswap()
-    values = [None if v != v else v for v in flat]  # NaN: no time
+    """The task rows ``encode_task_log`` wrote (item None again for a simple stage's task); reads
+    format 1 logs too (every column a list, times as (queued, start, end) per row)."""
+    cols = json.loads(columns if columns[:1] == b"{" else zlib.decompress(columns))
+    if "f" not in cols:
+        flat = array("d")
+        flat.frombytes(zlib.decompress(times))
+        if sys.byteorder != "little":
+            flat.byteswap()
+        return _decode_format_1(cols, [None if v != v else v for v in flat])
+    values = _unpack_times(times)
+    n = cols["n"]
+    stage = _expand_runs(cols["stage"])
+    item: list = []
+    for (_, count), part in zip(cols["stage"], cols["item"]):
+        if part is None:
+            item.extend([None] * count)
+        elif part[0] == "r":
+            item.extend(range(part[1], part[1] + count))
+        else:
+            item.extend(None if i == SIMPLE_ITEM else i for i in part)
+    names, codes = cols["worker"]
+    worker = [names[c] for c in (base64.b64decode(codes) if isinstance(codes, str) else codes)]
+    error: list = [None] * n
+    for i, text in cols["error"]:
+        error[i] = text
+    return [
+        dict(zip(_ROW_KEYS, row))
+        for row in zip(
+            stage,
+            item,
+            _expand_runs(cols["state"]),
+            worker,
+            values[:n],
+            values[n : 2 * n],
+            values[2 * n :],
+            error,
+        )
+    ]
+
+
+_ROW_KEYS = ("stage", "item", "state", "worker", "queued", "start", "end", "error")
+
+
+def _expand_runs(runs: list) -> list:
+    out: list = []
+    for value, count in runs:
+        out.extend([value] * count)
+    return out
+
+
+def _decode_format_1(cols: dict, values: list) -> list[dict]:
     rows = []
     for i, (stage, item, state, worker, error) in enumerate(zip(*(cols[name] for name in TEXT_COLUMNS))):
         queued, start, end = values[3 * i : 3 * i + 3]
@@ -271,6 +411,22 @@ def decode_task_log(columns: bytes, times: bytes) -> list[dict]:
         )
     return rows
 
+
+_BEGIN_COLUMNS = (
+    "uid, name, workflow, workflow_hash, workflow_yaml, input_json, namespace, executor, config_json, "
+    "created, pid, host, proc_start, state, heartbeat"
+)
+_BEGIN_INSERT = f"INSERT OR REPLACE INTO runs ({_BEGIN_COLUMNS}) VALUES ({','.join('?' * 15)})"
+_BEGIN_STATE = 13  # a begin row's values before its state and heartbeat
+_END_COLUMNS = (
+    "state, error, failed_stage, started, finished, result_type, result_bytes, stages_json, n_tasks, "
+    "n_failures, heartbeat"
+)
+_END_UPDATE = f"UPDATE runs SET ({_END_COLUMNS}) = ({','.join('?' * 11)}) WHERE uid=?"
+_WHOLE_INSERT = (
+    f"INSERT OR REPLACE INTO runs ({_BEGIN_COLUMNS[: _BEGIN_COLUMNS.index(', state')]}, {_END_COLUMNS}) "
+    f"VALUES ({','.join('?' * 24)})"
+)
 
 _TASK_UPSERT = (
     'INSERT INTO live_tasks (run_uid, stage, item, state, worker, queued, start, "end", error) '
@@ -305,6 +461,8 @@ class RunStore:
         self._attached = 0  # running executors subscribed: the writer thread ends when none is left
         self._tokens: dict = {}  # id() of an attached executor -> its event-bus subscriptions
         self._written: dict = {}  # uid of a run in progress -> {task key: the state last written}
+        self._begun: dict = {}  # uid of a run in progress -> when it reached the writer (monotonic)
+        self._configs: dict = {}  # id() of an executor -> (its config, as JSON)
         self._pid = os.getpid()
         self._host = socket.gethostname()
         self._proc_start = _process_start(self._pid)
@@ -429,9 +587,9 @@ class RunStore:
                     self._thread = None
                     return
 
-    def _sort_batch(self, batch: list) -> tuple[list, list]:
-        """Take in a batch: runs begun (their new records' rows) and runs that ended."""
-        begins: list = []
+    def _sort_batch(self, batch: list) -> tuple[dict, list]:
+        """Take in a batch: runs begun (uid -> their new records' rows) and runs that ended."""
+        begins: dict = {}
         ended: list = []
         runs = self._runs
         for entry in batch:
@@ -445,10 +603,12 @@ class RunStore:
                 runs[run.uid] = run
                 self._owner[run.uid] = owner
                 self._written[run.uid] = {}
-                begins.append(self._begin_row(run, config))
+                self._begun[run.uid] = time.monotonic()
+                begins[run.uid] = self._begin_row(run, self._config_text(owner, config))
             elif entry[0] == "executor":
                 event, owner = entry[1], entry[2]
                 if event.state == "stopped":  # its bus closes: its runs' records end here
+                    self._configs.pop(owner, None)
                     with self._start_lock:
                         self._attached -= 1
                     ended.extend(
@@ -462,32 +622,29 @@ class RunStore:
         ending = {run.uid for run in ended}
         # runs still going: the task rows that changed since the last batch (a run that ended
         # is written whole, once, by _end)
-        progress = [self._changed_rows(uid, run) for uid, run in runs.items() if uid not in ending]
+        live_before = time.monotonic() - LIVE_AFTER
+        going = [(uid, run) for uid, run in runs.items() if uid not in ending]
+        progress = [self._changed_rows(uid, run) for uid, run in going if self._begun[uid] <= live_before]
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
                 if begins:
-                    db.executemany(
-                        "INSERT OR REPLACE INTO runs (uid, name, workflow, workflow_hash, workflow_yaml, "
-                        "input_json, namespace, executor, config_json, state, created, pid, host, proc_start, "
-                        "heartbeat) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                        begins,
-                    )
+                    db.executemany(_BEGIN_INSERT, [row for uid, row in begins.items() if uid not in ending])
                 for params in progress:
                     if params:
                         db.executemany(_TASK_UPSERT, params)
-                for uid, run in runs.items():  # state and timings of every run in progress
+                for uid, run in going:  # state and timings of every run in progress
                     db.execute(
                         "UPDATE runs SET state=?, started=?, error=? WHERE uid=?",
                         (run.state, run._started, run.error, uid),
                     )
                 if heartbeat is not None:
                     db.executemany(
-                        "UPDATE runs SET heartbeat=? WHERE uid=?", [(heartbeat, uid) for uid in runs]
+                        "UPDATE runs SET heartbeat=? WHERE uid=?", [(heartbeat, uid) for uid, _ in going]
                     )
                 for run in ended:
-                    self._end(db, run)
+                    self._end(db, run, begins.get(run.uid))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -496,6 +653,7 @@ class RunStore:
             runs.pop(run.uid, None)
             self._owner.pop(run.uid, None)
             self._written.pop(run.uid, None)
+            self._begun.pop(run.uid, None)
 
     def _changed_rows(self, uid: str, run) -> list[tuple]:
         """The task rows of a run in progress whose state moved since they were last written."""
@@ -506,7 +664,15 @@ class RunStore:
                 written[(r["stage"], r["item"])] = r["state"]
             return _task_params(uid, changed)
 
-    def _begin_row(self, run, config: dict) -> tuple:
+    def _config_text(self, owner: int, config: dict) -> str:
+        """An executor's config as JSON, written once per config (every run of an executor
+        carries the same one: its JSON was a tenth of a tiny run's record)."""
+        known = self._configs.get(owner)
+        if known is None or known[0] != config:
+            known = self._configs[owner] = (config, json.dumps(_jsonable(config)))
+        return known[1]
+
+    def _begin_row(self, run, config: str) -> tuple:
         text, digest = _workflow_text(run.definition)
         return (
             run.uid,
@@ -517,52 +683,53 @@ class RunStore:
             json.dumps(_jsonable(run.input)),
             run.namespace,
             run.executor,
-            json.dumps(_jsonable(config)),
-            run.state,
+            config,
             time.time(),
             self._pid,
             self._host,
             self._proc_start,
+            run.state,  # the last two change as it goes (_BEGIN_STATE)
             time.time(),
         )
 
-    def _end(self, db, run) -> None:
-        """A run ended: its final record from the run object (all rows with their timings)."""
-        with run._lock:  # the final rows, and what is drawn from them, in one consistent read
+    def _end(self, db, run, begin_row: tuple | None) -> None:
+        """A run ended: its final record from the run object (all rows with their timings). A
+        run that began in this same batch (``begin_row``) is inserted whole, once."""
+        with run._lock:  # the final rows, in one consistent read
             rows = list(run._tasks.values())
             columns, times = encode_task_log(rows)
-            summaries = stage_summaries(run, rows)
         db.execute(
             "INSERT OR REPLACE INTO task_logs (run_uid, n, columns, times) VALUES (?,?,?,?)",
             (run.uid, len(rows), columns, times),
         )
         if self._written.get(run.uid):  # rows written while it ran: the log replaces them
             db.execute("DELETE FROM live_tasks WHERE run_uid=?", (run.uid,))
-        failures = _failure_rows(run)
-        db.execute("DELETE FROM failures WHERE run_uid=?", (run.uid,))
-        db.executemany(
-            "INSERT INTO failures VALUES (?,?,?,?,?,?,?,?)",
-            [(run.uid, i, *f) for i, f in enumerate(failures)],
+        failures = _failure_rows(run)  # written once: a run ends once
+        if failures:
+            db.executemany(
+                "INSERT OR REPLACE INTO failures VALUES (?,?,?,?,?,?,?,?)",
+                [(run.uid, i, *f) for i, f in enumerate(failures)],
+            )
+        rtype, rbytes = _result_info(run)
+        # the stages' names and types; their summaries are drawn from the task log when read
+        stages = json.dumps([{"stage": st.name, "type": st.type} for st in run.definition.stages])
+        final = (
+            run.state,
+            run.error,
+            run.failed_stage,
+            run._started,
+            run._finished,
+            rtype,
+            rbytes,
+            stages,
+            len(rows),
+            len(run.failures),
+            time.time(),
         )
-        rtype, rbytes = _result_info(run.result)
-        db.execute(
-            "UPDATE runs SET state=?, error=?, failed_stage=?, started=?, finished=?, result_type=?, "
-            "result_bytes=?, stages_json=?, n_tasks=?, n_failures=?, heartbeat=? WHERE uid=?",
-            (
-                run.state,
-                run.error,
-                run.failed_stage,
-                run._started,
-                run._finished,
-                rtype,
-                rbytes,
-                json.dumps(summaries),
-                len(rows),
-                len(run.failures),
-                time.time(),
-                run.uid,
-            ),
-        )
+        if begin_row is not None:
+            db.execute(_WHOLE_INSERT, (*begin_row[:_BEGIN_STATE], *final))
+        else:
+            db.execute(_END_UPDATE, (*final, run.uid))
 
     # --- reading ---
     def task_rows(self, uid: str) -> list[dict]:

@@ -509,3 +509,61 @@ def test_task_log_round_trip_keeps_missing_times_items_and_errors():
     ]  # fmt: skip
     assert decode_task_log(*encode_task_log(rows)) == rows
     assert decode_task_log(*encode_task_log([])) == []
+
+
+def test_task_log_round_trip_of_interleaved_stages_items_and_workers():
+    """Stages that interleave, items out of order or repeated in another stage, workers that
+    alternate, states that vary: the compact columns (runs, ranges, codes) give every row back."""
+    from flowdapt_nb.run_store import encode_task_log
+
+    now = time.time()
+    rows = []
+    for i in range(60):
+        stage = ("a", "b", "a", "c")[i % 4]
+        item = None if stage == "c" else (i * 7) % 13 if stage == "b" else i
+        rows.append(
+            {"stage": stage, "item": item, "state": ("finished", "failed", "cached")[i % 3],
+             "worker": f"w{i % 2}", "queued": now + i, "start": now + i + 0.5 if i % 5 else None,
+             "end": now + i + 0.75 if i % 5 else None, "error": "boom" if i % 3 == 0 else None}
+        )  # fmt: skip
+    rows += [
+        {"stage": "d", "item": k, "state": "finished", "worker": "w9", "queued": now, "start": now,
+         "end": now, "error": None}
+        for k in range(100, 400)
+    ]  # fmt: skip
+    assert decode_task_log(*encode_task_log(rows)) == rows
+
+
+def test_task_logs_of_the_first_layout_still_read_back():
+    """Logs written before the compact columns (every column a list, compressed times as
+    (queued, start, end) per row) read back as they did."""
+    import zlib
+    from array import array
+
+    columns = {"stage": ["root", "each"], "item": [-1, 0], "state": ["finished", "failed"],
+               "worker": ["MainThread", "w-1"], "error": [None, "ValueError: bad"]}  # fmt: skip
+    times = array("d", [1.0, 2.0, 3.0, 4.0, float("nan"), float("nan")])
+    if sys.byteorder != "little":
+        times.byteswap()
+    log = zlib.compress(json.dumps(columns).encode()), zlib.compress(times.tobytes())
+    assert decode_task_log(*log) == [
+        {"stage": "root", "item": None, "state": "finished", "worker": "MainThread", "queued": 1.0,
+         "start": 2.0, "end": 3.0, "error": None},
+        {"stage": "each", "item": 0, "state": "failed", "worker": "w-1", "queued": 4.0,
+         "start": None, "end": None, "error": "ValueError: bad"},
+    ]  # fmt: skip
+
+
+def test_stored_stage_summaries_match_the_runs_own(tmp_path):
+    """The writer keeps the stages' names and types only; summaries are drawn from the task log
+    when read, and equal the ones the run itself gave."""
+    from flowdapt_nb.run import stage_summaries
+
+    db = str(tmp_path / "runs.sqlite")
+    with fnb.LocalExecutor(use_processes=False, cpus=2, runs=db) as ex:
+        run = ex.run(fnb.load_workflow(PARTIAL), input={"n": 6})
+        ex._run_store.flush()
+    stored = fnb.load_run(run.uid, store=db)
+    assert stored.stage_summaries == stage_summaries(run)
+    assert [s["stage"] for s in stored.stage_summaries] == ["numbers", "checked", "total"]
+    assert stored.stage_summaries[1]["failed"] == 1
