@@ -39,7 +39,9 @@ def test_benchmark_runs_at_tiny_size(tmp_path):
     assert not data["meta"]["failures"]
     assert not data["meta"]["leftovers"], "the benchmark left processes running"
     for row in rows:
-        assert row["flowdapt_nb"] > 0 and row["baseline"] >= 0, row
+        # a time is never 0; memory above the start can be (the run reused pages the process had)
+        measured = row["flowdapt_nb"] >= 0 if row["unit"] == "MB" else row["flowdapt_nb"] > 0
+        assert measured and row["baseline"] >= 0, row
 
     with (tmp_path / "bench-tiny.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)

@@ -4,6 +4,7 @@ import time
 
 import pytest
 import stages as st
+from conftest import poll
 
 import flowdapt_nb as fnb
 from flowdapt_nb import Stage, Workflow
@@ -182,6 +183,13 @@ def test_stage_starts_as_soon_as_its_dependencies_finish(executor):
     def after_fast(x):
         return x
 
+    if isinstance(executor, fnb.DaskExecutor):  # a task an earlier test left running holds a
+        # worker's one thread; the roots would then queue on the other, one after the other
+        client = executor.client
+        poll(
+            lambda: len(client.scheduler_info()["workers"]) >= 2 and not any(client.processing().values()),
+            what="two idle Dask workers",
+        )
     run = executor.run(
         wf(
             Stage("slow", slow_root),
