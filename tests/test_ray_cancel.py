@@ -281,3 +281,24 @@ def test_the_watch_reads_a_running_runs_flag_at_most_once_per_poll():
         watch.enter("r", "t")  # thousands of tiny tasks of one run
     watch.leave()
     assert 2 <= len(reads) <= 8, len(reads)
+
+
+def test_watch_run_says_whether_the_call_was_cancelled():
+    flagged: set[str] = set()
+    watch = CancelWatch(lambda run: run in flagged, _never_stuck, _never_asked, poll=0.01, grace=60)
+    assert watch.run("fine", "t", lambda: 42) == (False, 42)
+
+    def own_interrupt():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        watch.run("fine", "t", own_interrupt)
+    flagged.add("doomed")
+
+    def spin():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            sum(range(100))
+        return "never interrupted"
+
+    assert watch.run("doomed", "t", spin) == (True, None)

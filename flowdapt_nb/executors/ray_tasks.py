@@ -194,17 +194,12 @@ def ray_task(head, *flat):
         send = _sender(sink, key)
         report = lambda event: _batch.add(event, send)  # noqa: E731
         _batch.start()  # not inside the task: an interrupt could come at any line there
-    try:
-        try:
-            _cancels.enter(run, task_label(info[1], info[2]))
-            meta, value = execute(ctx, fn, TaskInfo(*info), flat, report, worker)
-        finally:
-            _cancels.leave()
-    except KeyboardInterrupt:
-        _cancels.leave()
-        if not _cancels.interrupted_last():
-            raise  # the stage's own
-        return _cancelled_meta(), None  # the run was cancelled (see task_cancel)
+    cancelled, outcome = _cancels.run(
+        run, task_label(info[1], info[2]), lambda: execute(ctx, fn, TaskInfo(*info), flat, report, worker)
+    )
+    if cancelled:  # the run was cancelled (see task_cancel)
+        return _cancelled_meta(), None
+    meta, value = outcome
     if not meta["ok"]:
         return meta, None
     return _checked(meta, value)
@@ -222,16 +217,11 @@ def ray_chunk(head, *flat):
         fn, ctx = parts
         worker = _worker_name()
         report = _chunks.open(_sender(sink, key)) if sink is not None else None
-        try:
-            try:
-                _cancels.enter(run, task_label(infos[0][1], infos[0][2]))
-                _run_chunk(ctx, fn, infos, counts, flat, report, worker, done)
-            finally:
-                _cancels.leave()
-        except KeyboardInterrupt:
-            _cancels.leave()
-            if not _cancels.interrupted_last():
-                raise  # the stage's own
+        _cancels.run(  # cancelled: the items not done yet are not run
+            run,
+            task_label(infos[0][1], infos[0][2]),
+            lambda: _run_chunk(ctx, fn, infos, counts, flat, report, worker, done),
+        )
         _chunks.close(report)
     # values are checked outside the task's window: Ray's serializer must not be interrupted
     checked = [_checked(meta, value) if meta["ok"] else (meta, None) for meta, value in done]

@@ -27,6 +27,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 RECENT_RUNS = 64  # cancelled runs a worker process remembers
 
@@ -120,6 +121,25 @@ class CancelWatch:
                 continue
         if reported is not None:
             self._await_force_cancel(current[1], current[3], reported[1] + self.last_resort)
+
+    def run(self, run: str, task: str, call: Callable[[], Any]) -> tuple[bool, Any]:
+        """``call()`` as ``task`` of ``run``: (False, its result), or (True, None) when this watch
+        interrupted it (the run was cancelled). A stage's own KeyboardInterrupt goes on up. The
+        interrupt may land anywhere after ``enter``, even inside ``leave``: both levels catch it.
+
+        >>> cancelled, outcome = watch.run(run, "stage[3]", lambda: execute(...))  # doctest: +SKIP
+        """
+        try:
+            try:
+                self.enter(run, task)
+                return False, call()
+            finally:
+                self.leave()
+        except KeyboardInterrupt:
+            self.leave()
+            if not self.interrupted_last():
+                raise  # the stage's own
+            return True, None
 
     def interrupted_last(self) -> bool:
         """Whether this watch interrupted the task that last left (else a KeyboardInterrupt
