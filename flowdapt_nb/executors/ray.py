@@ -544,10 +544,9 @@ class _RayBackend(Backend):
             return
         for key in keys:
             run, _, label = key[len(STUCK) :].decode().partition(":")
-            refs = self._cancelled.get(run)
-            if refs is None and run not in self._cancel_flags:
+            if run not in self._cancel_flags:
                 continue  # another driver's run
-            ref = refs.pop(label, None) if refs is not None else None
+            ref = self._cancelled.get(run, {}).pop(label, None)  # none after CANCEL_REFS_FOR
             try:
                 if ref is not None:
                     self.ray.cancel(ref, force=True)

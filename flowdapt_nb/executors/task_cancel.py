@@ -89,19 +89,7 @@ class CancelWatch:
         """The calling thread's task is over. An interrupt sent to it and not raised yet is
         withdrawn: nothing reaches the code that runs after the task (Ray's own). A task reported
         stuck waits here for the driver's force cancel. Safe to call twice: call it again where
-        the interrupt is caught (it may come inside the first call).
-
-        >>> watch.enter(run, "stage[3]")  # doctest: +SKIP
-        >>> try:
-        ...     try:
-        ...         run_the_stage()
-        ...     finally:
-        ...         watch.leave()
-        ... except KeyboardInterrupt:
-        ...     watch.leave()
-        ...     if not watch.interrupted_last():
-        ...         raise  # the stage's own
-        """
+        the interrupt is caught (it may come inside the first call); ``run`` does both."""
         me = threading.get_ident()
         while True:
             try:
