@@ -71,6 +71,7 @@ SIZES = {
         watch_items=8,
         perrun=20,
         store_runs=[(20, 2), (100, 1)],
+        store_reps=1,
     ),
     "small": dict(
         overhead=[1000],
@@ -85,6 +86,7 @@ SIZES = {
         watch_items=40,
         perrun=100,
         store_runs=[(200, 20), (5000, 2)],
+        store_reps=3,
     ),
     "full": dict(
         overhead=[1000, 10000],
@@ -99,6 +101,7 @@ SIZES = {
         watch_items=200,
         perrun=200,
         store_runs=[(200, 50), (5000, 5)],
+        store_reps=11,  # the store's few percent against GC passes of ~15 ms: more samples
     ),
 }
 
@@ -854,8 +857,9 @@ def sec_watching(b: Bench, res: Results, cfg):
 
 def _run_store_rows(b: Bench, res: Results, cfg):
     """The run store's cost: the same runs of tiny tasks (a small and a large run) with ``runs:``
-    off and on, on the same executor (the store detached and attached again between batches).
-    The 'on' batch ends with a flush, so every write the runs caused is inside its timing."""
+    off and on, on the same executor (the store detached and attached again between batches),
+    ``store_reps`` batches each. The 'on' batch ends with a flush, so every write the runs caused
+    is inside its timing."""
     ex = b.ex
     store = ex._run_store
     if store is None:
@@ -872,6 +876,9 @@ def _run_store_rows(b: Bench, res: Results, cfg):
                 store.flush()
                 store.detach(ex)
                 ex._run_store = None
+            # each batch starts with no garbage-collector debt: a full pass (~15 ms on a heap
+            # holding 100 runs of 5,000 results) falls in whichever batch happens to pay it
+            gc.collect()
 
         return setup
 
@@ -894,7 +901,7 @@ def _run_store_rows(b: Bench, res: Results, cfg):
 
         s = alternate(
             {"off": (store_on(False), batch(False), None), "on": (store_on(True), batch(True), None)},
-            cfg["reps"],
+            cfg["store_reps"],
             expect([x + 1 for x in items]),
         )
         store_on(True)()  # leave it as it was: attached

@@ -18,7 +18,8 @@ from conftest import poll
 from kernel_support import cli as run_cli
 
 import flowdapt_nb as fnb
-from flowdapt_nb.run_store import decode_task_log, get_store
+from flowdapt_nb.run_store import get_store
+from flowdapt_nb.task_log import decode_task_log
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -494,7 +495,7 @@ def test_a_database_of_another_layout_is_set_aside(tmp_path):
 def test_task_log_round_trip_keeps_missing_times_items_and_errors():
     """A task never started (no start/end), a simple stage's task (item None), an error text and
     a worker name read back exactly as written, times to the bit."""
-    from flowdapt_nb.run_store import encode_task_log
+    from flowdapt_nb.task_log import encode_task_log
 
     now = time.time()
     rows = [
@@ -514,7 +515,7 @@ def test_task_log_round_trip_keeps_missing_times_items_and_errors():
 def test_task_log_round_trip_of_interleaved_stages_items_and_workers():
     """Stages that interleave, items out of order or repeated in another stage, workers that
     alternate, states that vary: the compact columns (runs, ranges, codes) give every row back."""
-    from flowdapt_nb.run_store import encode_task_log
+    from flowdapt_nb.task_log import encode_task_log
 
     now = time.time()
     rows = []
@@ -540,7 +541,7 @@ def test_encoding_a_large_task_log_does_not_set_off_the_garbage_collector():
     for a 5,000-task run tripled). Encoding 5,000 rows makes next to no tracked objects."""
     import gc
 
-    from flowdapt_nb.run_store import encode_task_log
+    from flowdapt_nb.task_log import encode_task_log
 
     now = time.time()
     rows = [

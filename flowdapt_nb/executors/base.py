@@ -28,6 +28,9 @@ CLOSE_WAIT = 3.0  # seconds close() gives cancelled runs to end before it shuts 
 # Seconds close() waits for a start under way (an engine's start can't be interrupted); a start
 # still going after that stops what it started when it ends.
 START_CLOSE_WAIT = 30.0
+# an ended run's rows are packed once it is this old (the run store writes a batch every 0.5 s:
+# by then its log is there to reuse) and not the newest
+PACK_AFTER = 1.0
 
 
 class _DriverThreads:
@@ -456,6 +459,17 @@ class Executor:
                 )
                 self._history[i] = record
 
+    def _pack_history(self) -> None:
+        """Pack the task rows of ended runs in the history (``WorkflowRun._pack``), all but the
+        newest and those that ended in the last ``PACK_AFTER`` seconds: by then the run store
+        has encoded their log, so packing reuses it, and a run just looked at stays unpacked."""
+        cutoff = time.time() - PACK_AFTER
+        with self._lock:
+            older = list(self._history)[:-1]
+        for run in older:
+            if run._packed is None and run.done and (run._finished or 0) < cutoff:
+                run._pack()
+
     # --- runs ---
     def _validate_run(self, workflow, run_input):
         wf = load_workflow(workflow)
@@ -554,6 +568,10 @@ class Executor:
                     self._trim_history()
                 finally:
                     handle._finished.set()
+                try:
+                    self._pack_history()  # after the caller has its run: it never waits for this
+                except Exception:  # housekeeping: a run's record stays as it was
+                    pass
 
         if self._run_store is not None:  # recorded as it goes, by the store's own thread
             self._run_store.begin(run, self)
