@@ -309,6 +309,34 @@ def test_cluster_memory_survives_a_restart_as_a_new_empty_store(own_dask):
     assert ex.memory_store.get("default", "k2") == b"2"
 
 
+def memory_round_trip(value="v"):
+    """A stage using cluster memory from its worker: put, then read back."""
+    fnb.cluster_memory.put("from-stage", value)
+    return fnb.cluster_memory.get("from-stage")
+
+
+def test_cluster_memory_on_a_killed_worker_is_replaced_before_the_next_run(caplog):
+    """The worker holding the cluster memory is SIGKILLed (its nanny starts a new one): the next
+    run gets a new, empty store, with a warning, instead of waiting forever on the dead actor
+    (a cached run's first artifact write waited on it until the test timed out)."""
+    ex = fnb.DaskExecutor(cpus=2, threads=1).start()
+    try:
+        ex.memory_store.put("default", "k", b"1", "bytes")
+        holder = ex._memory.actor._address
+        victim = ex.client.run(os.getpid, workers=[holder])[holder]
+        os.kill(victim, signal.SIGKILL)
+        assert poll(lambda: holder not in ex.client.scheduler_info()["workers"], 60), "worker still listed"
+        wf = Workflow("mem", stages=[Stage("mem", memory_round_trip)])
+        with caplog.at_level("WARNING", logger="flowdapt_nb"):
+            run = ex.submit(wf, input={"value": "after"}).wait(90)  # bounded: a hang fails here
+        assert run.result == "after"
+        assert f"the cluster memory was on departed Dask worker {holder}; it starts empty" in caplog.text
+        assert ex._memory.actor._address != holder
+        assert ex.memory_store.lookup("default", "k") is None  # a new store: what the old one held is gone
+    finally:
+        close_bounded(ex)
+
+
 # --- point 9: what stages print is bounded ----------------------------------------------------
 
 

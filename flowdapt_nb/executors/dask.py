@@ -370,6 +370,9 @@ class _QuietEndedWorkers(logging.Filter):
 logging.getLogger("distributed.scheduler").addFilter(_QuietEndedWorkers())
 
 
+MEMORY_CALL_TIMEOUT = 60.0  # seconds a cluster memory call may take (a large put over a slow link)
+
+
 class _DaskMemory:
     """Cluster memory through a Dask actor; the same calls as MemoryStore, blocking."""
 
@@ -380,7 +383,19 @@ class _DaskMemory:
         if name.startswith("_") or name == "actor":  # unpickling looks things up before __init__
             raise AttributeError(name)
         method = getattr(self.actor, name)
-        return lambda *args: method(*args).result()
+        return lambda *args: self._answer(method(*args), name)
+
+    def _answer(self, future, name: str):
+        """An actor call's answer, waited for at most MEMORY_CALL_TIMEOUT: a call to an actor
+        whose worker died never answers (Dask logs the lost connection, the caller waits on)."""
+        try:
+            return future.result(timeout=MEMORY_CALL_TIMEOUT)
+        except TimeoutError as exc:
+            raise ConnectionError(
+                f"cluster memory did not answer {name}() within {MEMORY_CALL_TIMEOUT:g} s: its Dask "
+                f"worker {getattr(self.actor, '_address', '?')} is gone or stuck (the next run gets "
+                f"a new, empty one when the worker has left)"
+            ) from exc
 
 
 # --- the backend --------------------------------------------------------------------------------
@@ -995,17 +1010,33 @@ class DaskExecutor(Executor):
             time.sleep(0.2)
         record["workers"].update(dict.fromkeys(nannied, "OK" if back else "timed out"))
         if actor_worker in nannied and memory is self._memory and self.client is client:
-            try:
-                self._memory = self._new_memory_store()
-                logger.warning(
-                    "the cluster memory was on restarted Dask worker %s; it starts empty", actor_worker
-                )
-            except Exception as exc:
-                logger.warning(
-                    "the cluster memory was on restarted Dask worker %s and could not be made again: %s",
-                    actor_worker,
-                    exc,
-                )
+            self._replace_memory(str(actor_worker), "restarted")
+
+    def _replace_memory(self, worker: str, what: str) -> None:
+        """A new, empty cluster memory in place of one whose worker is gone, said in a warning
+        (a call to an actor whose worker is gone never answers)."""
+        try:
+            self._memory = self._new_memory_store()
+            logger.warning("the cluster memory was on %s Dask worker %s; it starts empty", what, worker)
+        except Exception as exc:
+            logger.warning(
+                "the cluster memory was on %s Dask worker %s and could not be made again: %s",
+                what,
+                worker,
+                exc,
+            )
+
+    def _worker_memory_handle(self):
+        """The cluster memory a run's stages reach; one whose worker left the cluster (killed, out
+        of memory, scaled down) is replaced first, or the run's first call to it would wait forever.
+        The worker list is the one the run's resource check just read."""
+        memory = self._memory
+        worker = getattr(getattr(memory, "actor", None), "_address", None)
+        if worker is not None and self.client is not None:
+            infos = self._recent_worker_infos()
+            if infos and worker not in infos:
+                self._replace_memory(worker, "departed")
+        return self._memory
 
     def _new_memory_store(self) -> _DaskMemory:
         actor_future = self.client.submit(MemoryStore, actor=True, pure=False)
