@@ -147,12 +147,13 @@ class WorkflowRun:
     # --- task rows ---
     @property
     def _tasks(self) -> dict[tuple, dict]:
-        """The task rows by (stage, item); a packed run's rows come back from their log first."""
-        if self._packed is not None:
-            self._unpack()
-        return self._task_rows
+        """The task rows by (stage, item); a packed run's rows come back from their log first.
+        Read before the check: ``_pack`` sets ``_packed`` before it empties ``_task_rows``, so a
+        reader racing it gets the full rows either way."""
+        rows = self._task_rows
+        return rows if self._packed is None else self._unpack()
 
-    def _unpack(self) -> None:
+    def _unpack(self) -> dict[tuple, dict]:
         from .task_log import decode_task_log
 
         with self._pack_lock:
@@ -160,6 +161,7 @@ class WorkflowRun:
                 rows = decode_task_log(*self._packed)
                 self._task_rows = {(r["stage"], r["item"]): r for r in rows}
                 self._packed = None
+            return self._task_rows
 
     def _pack(self) -> bool:
         """Keep an ended run's task rows as their task log (``task_log``): two byte strings
@@ -186,8 +188,9 @@ class WorkflowRun:
 
     def _offer_log(self, n_rows: int, columns: bytes, times: bytes) -> None:
         """The run store encoded this ended run's rows (under ``_lock``): ``_pack`` takes that
-        log instead of encoding them again."""
-        if n_rows >= PACK_OVER:
+        log instead of encoding them again, unless a row changed since (a late worker report:
+        every update drops the offer)."""
+        if n_rows >= PACK_OVER and self.done:
             self._log_offer = (n_rows, columns, times)
 
     # --- updates from the engine ---
@@ -204,6 +207,7 @@ class WorkflowRun:
         """Rows for a stage's new tasks, all queued at ``time_``; returns the items that were new."""
         new = []
         with self._lock:
+            self._log_offer = None
             tasks = self._task_rows if self._packed is None else self._tasks
             for item in items:
                 if (stage, item) not in tasks:
@@ -217,6 +221,7 @@ class WorkflowRun:
         queued (its 'running' is implied)."""
         reached = []
         with self._lock:
+            self._log_offer = None
             tasks = self._task_rows if self._packed is None else self._tasks
             for item, outcome in done:
                 row = tasks.get((stage, item))
@@ -273,6 +278,8 @@ class WorkflowRun:
     def _record_locked(
         self, stage, item, state, time_, worker=None, error=None, start=None, end=None
     ) -> bool:
+        if self._log_offer is not None:  # a row changes: the store's log no longer matches
+            self._log_offer = None
         tasks = self._task_rows if self._packed is None else self._tasks
         row = tasks.get((stage, item))
         if row is None:

@@ -149,7 +149,7 @@ def _bounded_repr(value) -> str:
     """``repr(value)``, or for a long list/tuple the repr of a prefix long enough to fill
     REPR_LIMIT: the same first characters, without writing out all of 5,000 items (~0.25 ms) to
     keep 2,000 characters of them."""
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):  # a subclass may write its own repr
         take = 64
         while take < len(value):
             text = repr(value[:take])

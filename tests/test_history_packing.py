@@ -44,12 +44,18 @@ def snapshot(run):
 def test_older_runs_are_packed_and_read_back_the_same(packing_now):
     ex = fnb.LocalExecutor(cpus=2, runs="off").start()
     try:
-        big = ex.run(each(inc), input={"items": list(range(PACK_OVER + 44))})
-        partial = ex.run(
-            each(fails_on_seven, "partial", allow_partial_failure=True), input={"items": list(range(400))}
-        )
-        small = ex.run(each(inc, "small"), input={"items": list(range(PACK_OVER - 1))})
-        before = {run.uid: snapshot(run) for run in (big, partial, small)}
+        before = {}
+
+        def run_and_look(wf, items):
+            """A run, and its tables taken while it is the newest: from its own rows, unpacked."""
+            run = ex.run(wf, input={"items": items})
+            assert run._packed is None
+            before[run.uid] = snapshot(run)
+            return run
+
+        big = run_and_look(each(inc), list(range(PACK_OVER + 44)))
+        partial = run_and_look(each(fails_on_seven, "partial", allow_partial_failure=True), list(range(400)))
+        small = run_and_look(each(inc, "small"), list(range(PACK_OVER - 1)))
         newest = ex.run(each(inc, "newest"), input={"items": list(range(PACK_OVER + 1))})
         assert poll(lambda: big._packed is not None and partial._packed is not None, timeout=10)
         assert big._task_rows == {} and not gc.is_tracked(big._packed[0])  # nothing left to look through
@@ -66,13 +72,14 @@ def test_older_runs_are_packed_and_read_back_the_same(packing_now):
         ex.close()
 
 
-def test_a_run_ended_less_than_a_second_ago_stays_unpacked():
+def test_a_run_ended_less_than_pack_after_ago_stays_unpacked(monkeypatch):
+    monkeypatch.setattr(base, "PACK_AFTER", 3.0)  # room for a slow machine's tiny run
     ex = fnb.LocalExecutor(cpus=2, runs="off").start()
     try:
         first = ex.run(each(inc), input={"items": list(range(PACK_OVER))})
         ex.run(each(inc, "second"), input={"items": [1]})
         time.sleep(0.2)
-        assert first._packed is None  # just looked at, maybe: not packed before PACK_AFTER
+        assert first._packed is None  # ended under PACK_AFTER ago: maybe still looked at
         time.sleep(base.PACK_AFTER)
         ex.run(each(inc, "third"), input={"items": [1]})
         assert poll(lambda: first._packed is not None, timeout=10)
@@ -108,5 +115,23 @@ def test_a_packed_run_takes_an_update_after_unpacking(packing_now):
         run._record("each", 3, None, time.time(), error="noted later")
         assert run.tasks.loc[run.tasks["item"] == 3, "error"].iloc[0] == "noted later"
         assert run._pack() and run.tasks.loc[run.tasks["item"] == 3, "error"].iloc[0] == "noted later"
+    finally:
+        ex.close()
+
+
+def test_a_row_changed_after_the_store_wrote_its_log_is_packed_as_changed(packing_now, tmp_path):
+    """A late worker report (a cancelled task's timings) lands after the store encoded the run:
+    packing must not take the store's now stale log."""
+    ex = fnb.LocalExecutor(cpus=2, runs=str(tmp_path / "runs.sqlite")).start()
+    try:
+        run = ex.run(each(inc), input={"items": list(range(PACK_OVER))})
+        ex._run_store.flush()
+        assert run._log_offer is not None
+        late = time.time() + 100
+        run._record("each", 5, None, late, worker="late-worker", start=late, end=late + 1)
+        ex.run(each(inc, "next"), input={"items": [1]})
+        assert poll(lambda: run._packed is not None, timeout=10)
+        row = run.tasks.loc[run.tasks["item"] == 5].iloc[0]
+        assert row["worker"] == "late-worker" and row["duration"] == 1.0
     finally:
         ex.close()

@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -210,6 +211,7 @@ def test_filters_and_lookup(tmp_path):
 
 WRITER = """
 import sys
+import textwrap
 import flowdapt_nb as fnb
 db, n = sys.argv[1], int(sys.argv[2])
 with fnb.LocalExecutor(use_processes=False, cpus=2, runs=db) as ex:
@@ -315,6 +317,7 @@ def test_driver_killed_mid_run_reads_back_lost(tmp_path):
 
 EARLIER = """
 import sys
+import textwrap
 import flowdapt_nb as fnb
 with fnb.LocalExecutor(use_processes=False, cpus=1, runs=sys.argv[1]) as ex:
     print(ex.run({"name": "store_magic", "stages": [{"name": "numbers", "target": "stages.numbers"}]},
@@ -538,31 +541,29 @@ def test_task_log_round_trip_of_interleaved_stages_items_and_workers():
 def test_encoding_a_large_task_log_does_not_set_off_the_garbage_collector():
     """The writer shares the interpreter with the engine: a tracked object per row (a row tuple)
     set off a GC pass every 700 rows, each scanning the engine's young objects (the writer's CPU
-    for a 5,000-task run tripled). Encoding 5,000 rows makes next to no tracked objects."""
-    import gc
-
-    from flowdapt_nb.task_log import encode_task_log
-
-    now = time.time()
-    rows = [
-        {"stage": "each", "item": i, "state": "finished", "worker": f"w{i % 3}", "queued": now + i,
-         "start": now + i + 0.1, "end": now + i + 0.2, "error": None}
-        for i in range(5000)
-    ]  # fmt: skip
-    passes: list = []
-
-    def count(phase, info):
-        if phase == "start":
-            passes.append(info["generation"])
-
-    gc.collect()
-    gc.callbacks.append(count)
-    try:
+    for a 5,000-task run tripled). Encoding 5,000 rows makes next to no tracked objects. In a
+    fresh interpreter: GC callbacks see every thread's passes, and this one has many threads."""
+    script = textwrap.dedent("""
+        import gc, time
+        from flowdapt_nb.task_log import decode_task_log, encode_task_log
+        now = time.time()
+        rows = [
+            {"stage": "each", "item": i, "state": "finished", "worker": f"w{i % 3}", "queued": now + i,
+             "start": now + i + 0.1, "end": now + i + 0.2, "error": None}
+            for i in range(5000)
+        ]
+        encode_task_log(rows[:10])  # imports done
+        passes = []
+        gc.collect()
+        gc.callbacks.append(lambda phase, info: phase == "start" and passes.append(info["generation"]))
         columns, times = encode_task_log(rows)
-    finally:
-        gc.callbacks.remove(count)
-    assert passes == [], f"GC passes while encoding: {passes}"
-    assert decode_task_log(columns, times) == rows
+        gc.callbacks.clear()
+        assert decode_task_log(columns, times) == rows
+        print("passes", passes)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "passes []" in out.stdout, f"GC passes while encoding: {out.stdout}"
 
 
 def test_task_logs_of_the_first_layout_still_read_back():

@@ -817,6 +817,7 @@ class DaskExecutor(Executor):
         self.client = None
         self.cluster = None
         self._memory = None
+        self._memory_lock = threading.Lock()  # one replacement of a departed cluster memory at a time
         self._advertised: set[str] = set()
         self._output_budget = RunOutputBudget()
         self.restarts: list[dict] = []  # workers restarted to free cancelled tasks' threads
@@ -1009,38 +1010,45 @@ class DaskExecutor(Executor):
                 break
             time.sleep(0.2)
         record["workers"].update(dict.fromkeys(nannied, "OK" if back else "timed out"))
-        if actor_worker in nannied and memory is self._memory and self.client is client:
-            self._replace_memory(str(actor_worker), "restarted")
+        if actor_worker in nannied and self.client is client:
+            self._replace_memory(memory, str(actor_worker), "restarted")
 
-    def _replace_memory(self, worker: str, what: str) -> None:
-        """A new, empty cluster memory in place of one whose worker is gone, said in a warning
-        (a call to an actor whose worker is gone never answers)."""
-        try:
-            self._memory = self._new_memory_store()
-            logger.warning("the cluster memory was on %s Dask worker %s; it starts empty", what, worker)
-        except Exception as exc:
-            logger.warning(
-                "the cluster memory was on %s Dask worker %s and could not be made again: %s",
-                what,
-                worker,
-                exc,
-            )
+    def _replace_memory(self, old, worker: str, what: str) -> None:
+        """A new, empty cluster memory in place of ``old``, whose worker is gone, said in a
+        warning (a call to an actor whose worker is gone never answers). Once: a second caller
+        that saw the same ``old`` finds it replaced already."""
+        with self._memory_lock:
+            if self._memory is not old:
+                return
+            try:
+                self._memory = self._new_memory_store()
+                logger.warning("the cluster memory was on %s Dask worker %s; it starts empty", what, worker)
+            except Exception as exc:
+                logger.warning(
+                    "the cluster memory was on %s Dask worker %s and could not be made again: %s",
+                    what,
+                    worker,
+                    exc,
+                )
 
     def _worker_memory_handle(self):
         """The cluster memory a run's stages reach; one whose worker left the cluster (killed, out
-        of memory, scaled down) is replaced first, or the run's first call to it would wait forever.
-        The worker list is the one the run's resource check just read."""
+        of memory, scaled down) is replaced first, or the run's first call to it would wait (up to
+        MEMORY_CALL_TIMEOUT). The worker list is the one the run's resource check just read."""
         memory = self._memory
         worker = getattr(getattr(memory, "actor", None), "_address", None)
         if worker is not None and self.client is not None:
-            infos = self._recent_worker_infos()
+            try:
+                infos = self._recent_worker_infos()
+            except Exception:  # a scheduler not answering is the run's to find, not this check's
+                infos = {}
             if infos and worker not in infos:
-                self._replace_memory(worker, "departed")
+                self._replace_memory(memory, worker, "departed")
         return self._memory
 
     def _new_memory_store(self) -> _DaskMemory:
         actor_future = self.client.submit(MemoryStore, actor=True, pure=False)
-        actor = actor_future.result()
+        actor = actor_future.result(timeout=MEMORY_CALL_TIMEOUT)
         actor._client, actor._future = self.client, actor_future  # our client is not the default one
         return _DaskMemory(actor)
 
