@@ -119,7 +119,7 @@ class WorkflowRun:
         self._finished: float | None = None
         self._task_rows: dict[tuple, dict] = {}  # (stage, item) -> row; read through _tasks
         self._packed: tuple[bytes, bytes] | None = None  # the rows as a task log, once packed
-        self._log_offer: tuple | None = None  # (rows, columns, times) the run store encoded
+        self._log_offer: tuple | None = None  # (row count, columns, times) the run store encoded
         self._failures: list[Failure] = []
         self._lock = threading.Lock()
         self._pack_lock = threading.Lock()  # taken after _lock when both are
