@@ -160,6 +160,8 @@ class WorkflowRun:
             if self._packed is not None:
                 rows = decode_task_log(*self._packed)
                 self._task_rows = {(r["stage"], r["item"]): r for r in rows}
+                # the log still matches the rows: a later _pack reuses it unless a row changes
+                self._log_offer = (len(rows), *self._packed)
                 self._packed = None
             return self._task_rows
 
@@ -193,6 +195,14 @@ class WorkflowRun:
         if n_rows >= PACK_OVER and self.done:
             self._log_offer = (n_rows, columns, times)
 
+    def _rows_to_change(self) -> dict[tuple, dict]:
+        """The task rows, for an update under ``_lock``. The log offered for packing no longer
+        matches them, so the offer goes, after the read: an unpack (which offers its own log)
+        can't happen once the rows are read, so no stale offer is left behind."""
+        tasks = self._task_rows if self._packed is None else self._unpack()
+        self._log_offer = None
+        return tasks
+
     # --- updates from the engine ---
     def _set_state(self, state: str, error: str | None = None) -> None:
         self.state = state
@@ -207,8 +217,7 @@ class WorkflowRun:
         """Rows for a stage's new tasks, all queued at ``time_``; returns the items that were new."""
         new = []
         with self._lock:
-            self._log_offer = None
-            tasks = self._task_rows if self._packed is None else self._tasks
+            tasks = self._rows_to_change()
             for item in items:
                 if (stage, item) not in tasks:
                     tasks[(stage, item)] = _new_row(stage, item, state="queued", queued=time_)
@@ -221,8 +230,7 @@ class WorkflowRun:
         queued (its 'running' is implied)."""
         reached = []
         with self._lock:
-            self._log_offer = None
-            tasks = self._task_rows if self._packed is None else self._tasks
+            tasks = self._rows_to_change()
             for item, outcome in done:
                 row = tasks.get((stage, item))
                 if row is not None and row["state"] == "queued":
@@ -278,9 +286,7 @@ class WorkflowRun:
     def _record_locked(
         self, stage, item, state, time_, worker=None, error=None, start=None, end=None
     ) -> bool:
-        if self._log_offer is not None:  # a row changes: the store's log no longer matches
-            self._log_offer = None
-        tasks = self._task_rows if self._packed is None else self._tasks
+        tasks = self._rows_to_change()
         row = tasks.get((stage, item))
         if row is None:
             row = tasks[(stage, item)] = _new_row(stage, item)

@@ -104,6 +104,25 @@ def test_packing_takes_the_log_the_run_store_wrote(packing_now, tmp_path):
         ex.close()
 
 
+def test_a_run_read_after_packing_is_packed_again_from_the_same_log(packing_now):
+    """Reading a packed run unpacks it; the next pack takes the log it was read from instead
+    of encoding its rows again (nothing changed in between)."""
+    ex = fnb.LocalExecutor(cpus=2, runs="off").start()
+    try:
+        run = ex.run(each(inc), input={"items": list(range(PACK_OVER + 3))})
+        ex.run(each(inc, "next"), input={"items": [1]})
+        assert poll(lambda: run._packed is not None, timeout=10)
+        log = run._packed
+        table = run.tasks.copy()  # unpacks
+        assert run._packed is None and run._log_offer is not None
+        ex.run(each(inc, "third"), input={"items": [1]})
+        assert poll(lambda: run._packed is not None, timeout=10)
+        assert run._packed[0] is log[0] and run._packed[1] is log[1]
+        assert run.tasks.equals(table)
+    finally:
+        ex.close()
+
+
 def test_a_packed_run_takes_an_update_after_unpacking(packing_now):
     ex = fnb.LocalExecutor(cpus=2, runs="off").start()
     try:
@@ -112,7 +131,9 @@ def test_a_packed_run_takes_an_update_after_unpacking(packing_now):
         assert poll(lambda: run._packed is not None, timeout=10)
         worker = run._task_worker("each", 3)  # a read through the engine's own path unpacks
         assert worker and run._packed is None
+        assert run._log_offer is not None  # the log it was read from, offered again
         run._record("each", 3, None, time.time(), error="noted later")
+        assert run._log_offer is None  # the update dropped it
         assert run.tasks.loc[run.tasks["item"] == 3, "error"].iloc[0] == "noted later"
         assert run._pack() and run.tasks.loc[run.tasks["item"] == 3, "error"].iloc[0] == "noted later"
     finally:
