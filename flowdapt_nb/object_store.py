@@ -231,9 +231,10 @@ def list(namespace: str | None = None, strategy: str | None = None, *, storage=N
 LISTING_COLUMNS = ["namespace", "key", "where", "type", "bytes", "created", "run", "location"]
 
 
-def listing(namespace: str | None = None, *, storage=None):
+def listing(namespace: str | None = None, *, storage=None, with_stage: bool = False):
     """pandas DataFrame of what the object store holds, every namespace unless one is named:
-    namespace, key, where (``memory`` | ``artifact``), type, bytes, created, run, location.
+    namespace, key, where (``memory`` | ``artifact``), type, bytes, created, run (that stored
+    an artifact), location; ``with_stage``: and stage (the stage that stored it).
 
     Used by ``%flowdapt memory``; a key in both places has two rows (memory first).
     """
@@ -245,7 +246,7 @@ def listing(namespace: str | None = None, *, storage=None):
     rows = []
     for ns, key, type_name, size, put_at in _memory(scope, "fallback", "listing", namespace, default=()):
         rows.append(
-            (ns, key, "memory", type_name, size, pd.Timestamp(put_at, unit="s", tz="UTC"), None, None)
+            (ns, key, "memory", type_name, size, pd.Timestamp(put_at, unit="s", tz="UTC"), None, None, None)
         )
     for meta in scope.storage.listing(namespace):
         created = pd.Timestamp(meta["created"]) if meta.get("created") else pd.NaT
@@ -258,10 +259,13 @@ def listing(namespace: str | None = None, *, storage=None):
                 meta.get("size"),
                 created,
                 meta.get("run"),
+                meta.get("stage"),
                 meta.get("location"),
             )
         )
-    frame = pd.DataFrame(rows, columns=LISTING_COLUMNS)
+    frame = pd.DataFrame(rows, columns=[*LISTING_COLUMNS[:-1], "stage", LISTING_COLUMNS[-1]])
+    if not with_stage:
+        frame = frame.drop(columns="stage")
     if len(frame):
         frame["created"] = pd.to_datetime(frame["created"], utc=True)
         order = frame["where"].map({"memory": 0, "artifact": 1})

@@ -176,14 +176,32 @@ def prepare(
     return wrapped, hits
 
 
+CACHE_COLUMNS = ["namespace", "stage", "item", "type", "bytes", "created", "run", "key"]
+
+
 def listing(namespace: str | None = None, *, storage=None):
-    """pandas DataFrame of cached stage outputs: namespace, key, size, time stored."""
+    """pandas DataFrame of cached stage outputs, one row per task: namespace, stage, item (NA
+    for a simple stage's one task), type, bytes, created, run (the run that stored it), key.
+
+    >>> from flowdapt_nb import stage_cache
+    >>> stage_cache.listing("tutorial09")  # doctest: +SKIP
+    """
+    import pandas as pd
+
     from . import object_store
 
-    frame = object_store.listing(namespace, storage=storage)
+    frame = object_store.listing(namespace, storage=storage, with_stage=True)
     if frame.empty or "key" not in frame:
-        return frame
-    return frame[frame["key"].astype(str).str.startswith(PREFIX)].reset_index(drop=True)
+        return pd.DataFrame(columns=CACHE_COLUMNS)
+    frame = frame[frame["key"].astype(str).str.startswith(PREFIX)]
+    tail = frame["key"].astype(str).str.rsplit("-", n=1).str[-1]
+    frame = frame.assign(item=pd.to_numeric(tail.where(tail != "s"), errors="coerce").astype("Int64"))
+    # grouped by the run that stored them (oldest first), then stage and item
+    first = frame.groupby("run", dropna=False)["created"].transform("min")
+    frame = frame.assign(_first=first).sort_values(
+        ["namespace", "_first", "run", "stage", "item"], na_position="first"
+    )
+    return frame[CACHE_COLUMNS].reset_index(drop=True)
 
 
 def clear(namespace: str | None = None, *, storage=None) -> int:

@@ -9,6 +9,7 @@ import uuid
 from collections import Counter
 
 import cache_stages as cs
+import pandas as pd
 import pytest
 
 import flowdapt_nb as fnb
@@ -143,9 +144,18 @@ def test_cached_run_of_slow_stages_runs_none_of_them(threads, tmp_path):
 
 def test_listing_and_clearing(threads, tmp_path):
     ns = f"cache-{uuid.uuid4().hex[:8]}"
-    threads.run(workflow(), input={"n": 2}, namespace=ns, cache=True)
+    first = threads.run(workflow(), input={"n": 2}, namespace=ns, cache=True)
     listed = stage_cache.listing(ns)
     assert len(listed) == 4 and all(k.startswith(stage_cache.PREFIX) for k in listed["key"])  # 1 + 2 + 1
+    assert list(listed.columns) == stage_cache.CACHE_COLUMNS
+    # one row per task, named by its stage and item (NA: a simple stage's one task)
+    assert [(s, None if pd.isna(i) else int(i)) for s, i in zip(listed["stage"], listed["item"])] == [
+        ("numbers", None),
+        ("score", 0),
+        ("score", 1),
+        ("total", None),
+    ]
+    assert set(listed["run"]) == {first.uid}
     assert stage_cache.clear(ns) == 4 and stage_cache.listing(ns).empty
     run = threads.run(workflow(), input={"n": 2}, namespace=ns, cache=True)
     assert "cached" not in set(run.tasks["state"])

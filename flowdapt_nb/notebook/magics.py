@@ -834,7 +834,8 @@ class FlowdaptMagics(Magics, Configurable):
     )
     @argument("--namespace", "-n", help="only this namespace (default: all)")
     def _cmd_cache(self, rest: str, cell: str | None = None):
-        """The stage cache: its stored outputs (namespace, key, size, time), or clear them."""
+        """The stage cache: its stored outputs (namespace, stage, item, type, size, time, run, key), or
+        clear them."""
         args = self._args(self._cmd_cache, rest)
         from .. import stage_cache
 
