@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .units import fmt_duration
+
 NOT_FOUND = 2  # like a usage error: the uid (or the database) given is not there
 
 
@@ -66,6 +68,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         ["uid", "workflow", "state", "executor", "started_at", "duration", "tasks", "failures", "error"]
     ].copy()
     shown["uid"] = shown["uid"].str[:12]
+    shown["started_at"] = shown["started_at"].map(lambda t: _when(t if t == t else None))
+    shown["duration"] = shown["duration"].map(fmt_duration)
     shown["error"] = shown["error"].fillna("").str.slice(0, 60)
     print(shown.to_string(index=False))
     return 0
@@ -95,12 +99,15 @@ def cmd_show(args: argparse.Namespace) -> int:
         }
         print(json.dumps(record))
         return 0
-    print(repr(run))
+    took = fmt_duration(run.duration) if run.duration is not None else "–"
+    print(f"run {run.name}  {run.state}  (took {took})")
     print(
         f"uid {run.uid}  workflow {run.workflow} ({run.workflow_hash})  executor {run.executor}  "
         f"namespace {run.namespace}"
     )
-    print(f"started {run.started_at}  finished {run.finished_at}  input {json.dumps(run.input)}")
+    print(
+        f"started {_when(run.started_at)}  finished {_when(run.finished_at)}  input {json.dumps(run.input)}"
+    )
     if run.result_type:
         print(
             f"result: {run.result_type}" + (f", about {run.result_bytes} bytes" if run.result_bytes else "")
@@ -108,10 +115,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     if run.error:
         print(f"error: {run.error}")
     print()
-    print(run.stages.drop(columns=["throughput"]).to_string(index=False))
+    print(_stage_table(run.stages))
     if args.tasks:
         print()
-        print(run.tasks.to_string(index=False))
+        print(_task_table(run.tasks))
     for f in run.failures:
         print(f"\ndropped item {f.item} of stage '{f.stage}': {f.error}")
         if f.traceback:
@@ -119,6 +126,31 @@ def cmd_show(args: argparse.Namespace) -> int:
     if run.error_traceback:
         print(f"\nthe error that ended the run:\n{run.error_traceback.rstrip()}")
     return 0
+
+
+def _when(moment) -> str:
+    """A start or end time to the second, in UTC ('–' for none)."""
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment is not None else "–"
+
+
+def _stage_table(stages) -> str:
+    """The stages as a terminal-width table: task counts (queued and running only when a run
+    was cut off with some), and the time each took."""
+    counts = ["tasks", "queued", "running", "finished", "failed", "cancelled", "cached"]
+    shown = [c for c in counts if c in ("tasks", "finished", "failed") or stages[c].any()]
+    table = stages[["stage", "type", "state", *shown]].copy()
+    table["time"] = stages["duration"].map(fmt_duration)
+    return table.to_string(index=False)
+
+
+def _task_table(tasks) -> str:
+    """Every task: stage, item (blank for a simple stage's one task), state, worker, time, error."""
+    table = tasks[["stage", "item", "state", "worker"]].copy()
+    table["item"] = table["item"].astype(object).where(table["item"].notna(), "")
+    table["worker"] = table["worker"].fillna("")
+    table["time"] = tasks["duration"].map(fmt_duration)
+    table["error"] = tasks["error"].fillna("").str.slice(0, 60)
+    return table.to_string(index=False)
 
 
 def _plain(value):

@@ -1,4 +1,4 @@
-"""Parse sizes such as ``8GB`` and counts such as ``auto``."""
+"""Parse sizes such as ``8GB`` and counts such as ``auto``; write durations for people."""
 
 from __future__ import annotations
 
@@ -53,3 +53,19 @@ def usable_cores() -> int:
 def auto_cpus() -> int:
     """Flowdapt's ``cpus: auto``: usable cores - 1, but at least 1."""
     return max(1, usable_cores() - 1)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """A duration as people read it: ``<1 ms``, ``12 ms``, ``3.4 s``, ``2 m 05 s``, ``1 h 02 m``;
+    ``–`` for none (a task that never ran)."""
+    if seconds is None or seconds != seconds:  # None or NaN
+        return "–"
+    if seconds < 0.0005:  # a tiny task: "0 ms" read as if it took no time at all
+        return "<1 ms"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} m {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} m"

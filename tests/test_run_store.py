@@ -395,6 +395,11 @@ def test_cli_runs_and_show(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "dropped item 3 of stage 'checked': ValueError: item 3 is bad" in shown.stdout
     assert "fail_on_three" in shown.stdout  # its traceback
+    # the stage table fits a terminal: counts and each stage's time, no raw timestamps or floats
+    header = next(ln for ln in shown.stdout.splitlines() if ln.split()[:3] == ["stage", "type", "state"])
+    assert header.split()[-1] == "time" and "finished_at" not in shown.stdout
+    tasks = cli("show", good.uid[:8], "--db", db, "--tasks").stdout
+    assert any(ln.split()[:2] == ["stage", "item"] for ln in tasks.splitlines())
     record = json.loads(cli("show", bad.uid, "--db", db, "--json").stdout)
     assert (
         record["state"] == "failed"

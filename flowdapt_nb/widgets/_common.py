@@ -14,6 +14,7 @@ from html.parser import HTMLParser
 import ipywidgets as widgets
 
 from ..states import COLOURS as STATE_COLOURS
+from ..units import fmt_duration  # noqa: F401  (the widgets write durations with it)
 
 THROTTLE = 0.1  # seconds between redraws: at most ~10 a second
 
@@ -90,18 +91,6 @@ def badge(state: str | None, text: str | None = None) -> str:
     state = state or "pending"
     colour = COLOURS.get(state, "#757575")
     return f'<span class="fnb-badge" style="background:{colour}">{esc(text or state)}</span>'
-
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{int(seconds // 60)} m {int(seconds % 60):02d} s"
-    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} m"
 
 
 def fmt_bytes(n: float | None) -> str:
