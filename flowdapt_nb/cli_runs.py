@@ -99,8 +99,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         }
         print(json.dumps(record))
         return 0
-    took = fmt_duration(run.duration) if run.duration is not None else "–"
-    print(f"run {run.name}  {run.state}  (took {took})")
+    if run.state in ("finished", "failed", "cancelled"):
+        span = f"took {fmt_duration(run.duration)}"
+    elif run.state == "running":
+        span = f"running for {fmt_duration(run.duration)}"
+    else:  # lost (its process ended mid-run) or not begun: no end to measure to
+        span = "no end recorded"
+    print(f"run {run.name}  {run.state}  ({span})")
     print(
         f"uid {run.uid}  workflow {run.workflow} ({run.workflow_hash})  executor {run.executor}  "
         f"namespace {run.namespace}"
@@ -136,10 +141,13 @@ def _when(moment) -> str:
 def _stage_table(stages) -> str:
     """The stages as a terminal-width table: task counts (queued and running only when a run
     was cut off with some), and the time each took."""
+    if stages.empty or "stage" not in stages:
+        return "(no stages recorded)"
     counts = ["tasks", "queued", "running", "finished", "failed", "cancelled", "cached"]
-    shown = [c for c in counts if c in ("tasks", "finished", "failed") or stages[c].any()]
-    table = stages[["stage", "type", "state", *shown]].copy()
-    table["time"] = stages["duration"].map(fmt_duration)
+    shown = [c for c in counts if c in stages and (c in ("tasks", "finished", "failed") or stages[c].any())]
+    table = stages[[c for c in ("stage", "type", "state") if c in stages] + shown].copy()
+    if "duration" in stages:
+        table["time"] = stages["duration"].map(fmt_duration)
     return table.to_string(index=False)
 
 

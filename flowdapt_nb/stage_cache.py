@@ -193,13 +193,16 @@ def listing(namespace: str | None = None, *, storage=None):
     frame = object_store.listing(namespace, storage=storage, with_stage=True)
     if frame.empty or "key" not in frame:
         return pd.DataFrame(columns=CACHE_COLUMNS)
-    frame = frame[frame["key"].astype(str).str.startswith(PREFIX)]
+    keys = frame["key"].astype(str)
+    frame = frame[keys.str.startswith(PREFIX) & (frame["where"] == "artifact")]
     tail = frame["key"].astype(str).str.rsplit("-", n=1).str[-1]
-    frame = frame.assign(item=pd.to_numeric(tail.where(tail != "s"), errors="coerce").astype("Int64"))
-    # grouped by the run that stored them (oldest first), then stage and item
-    first = frame.groupby("run", dropna=False)["created"].transform("min")
-    frame = frame.assign(_first=first).sort_values(
-        ["namespace", "_first", "run", "stage", "item"], na_position="first"
+    # an item's index, or NA: a simple stage's one task ("s"), or a key this code didn't write
+    frame = frame.assign(item=pd.to_numeric(tail.where(tail.str.fullmatch(r"\d+"))).astype("Int64"))
+    # grouped by the run that stored them (oldest first), its stages in the order they ran
+    by_run = frame.groupby("run", dropna=False)["created"].transform("min")
+    by_stage = frame.groupby(["run", "stage"], dropna=False)["created"].transform("min")
+    frame = frame.assign(_run=by_run, _stage=by_stage).sort_values(
+        ["namespace", "_run", "run", "_stage", "stage", "item"], na_position="first"
     )
     return frame[CACHE_COLUMNS].reset_index(drop=True)
 

@@ -60,7 +60,7 @@ def fmt_duration(seconds: float | None) -> str:
     ``–`` for none (a task that never ran)."""
     if seconds is None or seconds != seconds:  # None or NaN
         return "–"
-    if seconds < 0.0005:  # a tiny task: "0 ms" read as if it took no time at all
+    if 0 <= seconds < 0.0005:  # a tiny task: "0 ms" read as if it took no time at all
         return "<1 ms"
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"

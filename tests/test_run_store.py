@@ -399,7 +399,9 @@ def test_cli_runs_and_show(tmp_path):
     header = next(ln for ln in shown.stdout.splitlines() if ln.split()[:3] == ["stage", "type", "state"])
     assert header.split()[-1] == "time" and "finished_at" not in shown.stdout
     tasks = cli("show", good.uid[:8], "--db", db, "--tasks").stdout
-    assert any(ln.split()[:2] == ["stage", "item"] for ln in tasks.splitlines())
+    assert any(
+        ln.split() == ["stage", "item", "state", "worker", "time", "error"] for ln in tasks.splitlines()
+    )
     record = json.loads(cli("show", bad.uid, "--db", db, "--json").stdout)
     assert (
         record["state"] == "failed"
@@ -409,6 +411,15 @@ def test_cli_runs_and_show(tmp_path):
     assert len(record["tasks"]) == 2 and record["input"] == {}
     missing = cli("show", "nope", "--db", db)
     assert missing.returncode == 2 and "no stored run 'nope'" in missing.stderr
+
+
+def test_cli_show_of_a_run_with_no_stages_recorded():
+    """A stored run whose workflow no longer loads and lists no stages still shows."""
+    import pandas as pd
+
+    from flowdapt_nb.cli_runs import _stage_table
+
+    assert _stage_table(pd.DataFrame()) == "(no stages recorded)"
 
 
 def test_cli_run_is_recorded(tmp_path):

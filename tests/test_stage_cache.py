@@ -161,6 +161,35 @@ def test_listing_and_clearing(threads, tmp_path):
     assert "cached" not in set(run.tasks["state"])
 
 
+def test_listing_orders_stages_as_they_ran_and_reads_any_key(threads):
+    """Stages in the order they ran (not by name), each run's rows together; a key under the
+    cache's prefix that no stage wrote still lists (item NA) and clears."""
+    ns = f"cache-{uuid.uuid4().hex[:8]}"
+    wf = fnb.Workflow(
+        "renamed",
+        stages=[
+            fnb.Stage("zeta", cs.numbers),
+            fnb.Stage("alpha", cs.score, type="parameterized", depends_on=["zeta"]),
+        ],
+    )
+    first = threads.run(wf, input={"n": 2}, namespace=ns, cache=True)
+    second = threads.run(wf, input={"n": 1}, namespace=ns, cache=True)  # zeta again (new input)
+    fnb.object_store.put(f"{stage_cache.PREFIX}x-1.5", 1, namespace=ns, strategy="artifact")
+    listed = stage_cache.listing(ns)
+    stray = listed[listed["stage"].isna()]
+    assert list(stray["key"]) == [f"{stage_cache.PREFIX}x-1.5"] and stray["item"].isna().all()
+    ran = listed[listed["stage"].notna()]
+    rows = [(r, s, None if pd.isna(i) else int(i)) for r, s, i in zip(ran["run"], ran["stage"], ran["item"])]
+    assert rows == [
+        (first.uid, "zeta", None),
+        (first.uid, "alpha", 0),
+        (first.uid, "alpha", 1),
+        (second.uid, "zeta", None),  # a new input: zeta and everything after it ran again
+        (second.uid, "alpha", 0),
+    ]
+    assert stage_cache.clear(ns) == 6 and stage_cache.listing(ns).empty
+
+
 @pytest.fixture
 def shell():
     from IPython.core.interactiveshell import InteractiveShell

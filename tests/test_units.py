@@ -15,6 +15,7 @@ from flowdapt_nb.units import fmt_duration, parse_bytes
         (0.0, "<1 ms"),  # a tiny task did take time: never "0 ms"
         (0.0003, "<1 ms"),
         (0.0006, "1 ms"),
+        (-0.003, "-3 ms"),  # clock skew between machines shows, not hidden as "<1 ms"
         (0.25, "250 ms"),
         (3.44, "3.4 s"),
         (125, "2 m 05 s"),
