@@ -4,6 +4,7 @@ its trait values (the same values the page draws)."""
 from __future__ import annotations
 
 import html
+import re
 import subprocess
 import sys
 import time
@@ -91,6 +92,8 @@ def test_task_dashboard_follows_a_run_and_matches_run_tasks(ex):
     assert dash.failed_tasks == []
     body = dash._body.value
     assert 'data-stage="square"' in body and "8/8" in body and "fnb-seg-done" in body
+    # an ended run's recent tasks carry clock times: "3 s ago" would be wrong once nothing redraws it
+    assert " ago<" not in body and re.search(r'fnb-muted">\d\d:\d\d:\d\d<', body), body[-2000:]
     text = repr(dash)
     assert "square" in text and "8/8 done" in text and run.name in text
     dash.close()

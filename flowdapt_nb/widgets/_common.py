@@ -215,6 +215,13 @@ def ago(t: float | None, now: float | None = None) -> str:
     return f"{delta / 60:.0f} min ago"
 
 
+def clock(t: float | None) -> str:
+    """A moment as the kernel's local wall-clock time (``14:03:27``): what an ended run's rows
+    show, since "3 s ago" is wrong as soon as nothing redraws it (a saved notebook, a run that
+    ended an hour ago)."""
+    return "–" if t is None else time.strftime("%H:%M:%S", time.localtime(t))
+
+
 def style_widget() -> widgets.HTML:
     """The style sheet, carried by a hidden HTML widget inside each top-level widget."""
     return widgets.HTML(CSS, layout=widgets.Layout(display="none"))

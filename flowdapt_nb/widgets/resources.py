@@ -13,6 +13,7 @@ from ._common import (
     FeedWidget,
     ago,
     badge,
+    clock,
     esc,
     fmt_amount,
     fmt_bytes,
@@ -166,7 +167,7 @@ class ResourceDashboard(FeedWidget):
         oldest = min(q[0].time for q in self._series.values())
         if stopped:  # the time axis ends at the last sample: nothing came after it
             now = newest
-            sampled = f"last sample {time.strftime('%H:%M:%S', time.localtime(newest))}, executor stopped"
+            sampled = f"last sample {clock(newest)}, executor stopped"
         else:
             sampled = f"sampled {ago(newest, now)}"
         t0 = max(now - self.window, min(oldest, now - 2))  # young series fill the width as they grow

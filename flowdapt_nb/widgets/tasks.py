@@ -12,6 +12,7 @@ from ._common import (
     FeedWidget,
     ago,
     badge,
+    clock,
     esc,
     fmt_duration,
     fmt_rate,
@@ -329,10 +330,12 @@ class TaskDashboard(FeedWidget):
         recent = tracker.recent_tasks(self.recent_limit)
         if recent:
             trs = []
+            # relative while the run is redrawn; clock times once it ended (nothing redraws it)
+            when = clock if run.done else (lambda t: ago(t, now))
             for r in recent:
                 err = (r["error"] or "").splitlines()[0][:140] if r["error"] else ""
                 trs.append(
-                    f'<tr><td class="fnb-muted">{ago(r["changed"], now)}</td>'
+                    f'<tr><td class="fnb-muted">{when(r["changed"])}</td>'
                     f'<td class="fnb-mono">{esc(task_label(r["stage"], r["item"]))}</td>'
                     f'<td>{badge(r["state"])}</td><td class="fnb-mono fnb-muted">{esc(r["worker"] or "–")}</td>'
                     f'<td class="fnb-num">{fmt_duration(r["duration"]) if r["duration"] is not None else "–"}</td>'
