@@ -208,6 +208,7 @@ def _start_and_run(ex, wf, run_input, args, view, pipe):
             finally:
                 if ex.kind == "ray":  # its workers' last lines come a moment later, from log files
                     view.wait_quiet(RAY_OUTPUT_QUIET, RAY_OUTPUT_WAIT)
+                pipe.drain()  # lines still in the pipe go out before the view's last one
                 view.close()
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED, None, "error: interrupted; the run was cancelled and the executor stopped"

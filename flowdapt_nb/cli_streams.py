@@ -121,6 +121,9 @@ def uninstall_stage_prefix() -> None:
 # --- descriptors 1 and 2 into one pipe ----------------------------------------------------------
 
 
+_DRAIN_MARK = b"\x00flowdapt-nb: drained\x00"  # a line no program prints: OutputPipe.drain's mark
+
+
 class OutputPipe:
     """``with OutputPipe(emit) as pipe:`` sends every line written to fd 1 or 2 meanwhile to
     ``emit(line)`` (from a reader thread); ``pipe.stderr`` is a text file on the real stderr for
@@ -134,6 +137,7 @@ class OutputPipe:
         self._read_fd: int | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._drained = threading.Event()
 
     def __enter__(self) -> OutputPipe:
         for stream in (sys.stdout, sys.stderr):
@@ -183,9 +187,30 @@ class OutputPipe:
             rest += chunk
             *lines, rest = rest.split(b"\n")
             for line in lines:
-                self._emit(line)
+                if line == _DRAIN_MARK:
+                    self._drained.set()
+                else:
+                    self._emit(line)
         if rest:
             self._emit(rest)
+
+    def drain(self, timeout: float = 2.0) -> bool:
+        """Wait until every line written to the pipe so far has gone to ``emit``: a stage's last
+        lines are printed before the view's final one, not after it. A mark written now comes
+        out of the pipe after them (a pipe keeps order). True if it came within ``timeout``."""
+        if not self._saved or self._thread is None:
+            return True
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+        self._drained.clear()
+        try:
+            os.write(1, _DRAIN_MARK + b"\n")
+        except OSError:
+            return False
+        return self._drained.wait(timeout)
 
     def _emit(self, raw: bytes) -> None:
         try:

@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import termios
 import time
 
@@ -479,3 +480,30 @@ def test_status_of_a_silent_ray_address_gives_up_with_3(tmp_path):
         out = cli("status", f"127.0.0.1:{port}", "--kind", "ray", "--timeout", "2", cwd=tmp_path, timeout=180)
     assert out.returncode == 3, out.stderr
     assert f"error: could not reach the ray cluster at 127.0.0.1:{port}" in out.stderr
+
+
+DRAIN_SCRIPT = """
+import sys, time
+from flowdapt_nb.cli_streams import OutputPipe
+
+got = []
+
+def slow_emit(line):  # a reader slower than the writer: lines pile up in the pipe
+    time.sleep(0.002)
+    got.append(line)
+
+with OutputPipe(slow_emit) as pipe:
+    for i in range(300):
+        print(f"line {i}")
+    drained = pipe.drain(timeout=30)
+    seen = len(got)
+    pipe.stderr.write(f"drained={drained} seen={seen} last={got[-1] if got else None}\\n")
+"""
+
+
+def test_output_pipe_drain_hands_on_every_line_written_before_it():
+    """The run's last printed lines reach the view before its final line: drain() returns only
+    once the reader has handed on everything written to the pipe before it (in order)."""
+    proc = subprocess.run([sys.executable, "-c", DRAIN_SCRIPT], capture_output=True, text=True, timeout=WAIT)
+    assert proc.returncode == 0, proc.stderr
+    assert "drained=True seen=300 last=line 299" in proc.stderr, proc.stderr
