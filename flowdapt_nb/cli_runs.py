@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .states import RUN_TERMINAL
 from .units import fmt_duration
 
 NOT_FOUND = 2  # like a usage error: the uid (or the database) given is not there
@@ -68,7 +69,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         ["uid", "workflow", "state", "executor", "started_at", "duration", "tasks", "failures", "error"]
     ].copy()
     shown["uid"] = shown["uid"].str[:12]
-    shown["started_at"] = shown["started_at"].map(lambda t: _when(t if t == t else None))
+    shown["started_at"] = shown["started_at"].map(_when)
     shown["duration"] = shown["duration"].map(fmt_duration)
     shown["error"] = shown["error"].fillna("").str.slice(0, 60)
     print(shown.to_string(index=False))
@@ -99,7 +100,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         }
         print(json.dumps(record))
         return 0
-    if run.state in ("finished", "failed", "cancelled"):
+    if run.state in RUN_TERMINAL:
         span = f"took {fmt_duration(run.duration)}"
     elif run.state == "running":
         span = f"running for {fmt_duration(run.duration)}"
@@ -134,8 +135,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _when(moment) -> str:
-    """A start or end time to the second, in UTC ('–' for none)."""
-    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment is not None else "–"
+    """A start or end time to the second, in UTC ('–' for none: None or pandas' NaT)."""
+    return "–" if moment is None or moment != moment else moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _stage_table(stages) -> str:

@@ -124,6 +124,15 @@ def uninstall_stage_prefix() -> None:
 _DRAIN_MARK = b"\x00flowdapt-nb: drained\x00"  # a line no program prints: OutputPipe.drain's mark
 
 
+def _flush_std_streams() -> None:
+    """What Python holds for stdout and stderr goes to their descriptors now (in write order)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # a replaced or closed stream
+            pass
+
+
 class OutputPipe:
     """``with OutputPipe(emit) as pipe:`` sends every line written to fd 1 or 2 meanwhile to
     ``emit(line)`` (from a reader thread); ``pipe.stderr`` is a text file on the real stderr for
@@ -140,11 +149,7 @@ class OutputPipe:
         self._drained = threading.Event()
 
     def __enter__(self) -> OutputPipe:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (AttributeError, OSError, ValueError):
-                pass
+        _flush_std_streams()
         try:
             saved = {fd: os.dup(fd) for fd in (1, 2)}
         except OSError:  # no stdout or stderr to move: print as we are
@@ -200,11 +205,7 @@ class OutputPipe:
         out of the pipe after them (a pipe keeps order). True if it came within ``timeout``."""
         if not self._saved or self._thread is None:
             return True
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (AttributeError, OSError, ValueError):
-                pass
+        _flush_std_streams()
         self._drained.clear()
         try:
             os.write(1, _DRAIN_MARK + b"\n")
@@ -221,11 +222,7 @@ class OutputPipe:
     def __exit__(self, *exc) -> None:
         if not self._saved:
             return
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (AttributeError, OSError, ValueError):
-                pass
+        _flush_std_streams()
         for fd, saved in self._saved.items():  # our write ends close here; children may keep theirs
             os.dup2(saved, fd)
             os.close(saved)

@@ -194,8 +194,9 @@ def listing(namespace: str | None = None, *, storage=None):
     if frame.empty or "key" not in frame:
         return pd.DataFrame(columns=CACHE_COLUMNS)
     keys = frame["key"].astype(str)
-    frame = frame[keys.str.startswith(PREFIX) & (frame["where"] == "artifact")]
-    tail = frame["key"].astype(str).str.rsplit("-", n=1).str[-1]
+    cached = keys.str.startswith(PREFIX) & (frame["where"] == "artifact")
+    frame = frame[cached]
+    tail = keys[cached].str.rsplit("-", n=1).str[-1]
     # an item's index, or NA: a simple stage's one task ("s"), or a key this code didn't write
     frame = frame.assign(item=pd.to_numeric(tail.where(tail.str.fullmatch(r"\d+"))).astype("Int64"))
     # grouped by the run that stored them (oldest first), its stages in the order they ran

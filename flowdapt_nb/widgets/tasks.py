@@ -338,7 +338,7 @@ class TaskDashboard(FeedWidget):
                     f'<tr><td class="fnb-muted">{when(r["changed"])}</td>'
                     f'<td class="fnb-mono">{esc(task_label(r["stage"], r["item"]))}</td>'
                     f'<td>{badge(r["state"])}</td><td class="fnb-mono fnb-muted">{esc(r["worker"] or "–")}</td>'
-                    f'<td class="fnb-num">{fmt_duration(r["duration"]) if r["duration"] is not None else "–"}</td>'
+                    f'<td class="fnb-num">{fmt_duration(r["duration"])}</td>'
                     f'<td class="fnb-err fnb-mono" style="white-space:normal">{esc(err)}</td></tr>'
                 )
             recent_html = (
